@@ -1,0 +1,26 @@
+"""ELBO-optimal inference schedules for pre-trained DDPMs (Watson et al. 2021)."""
+
+from .checkpoints import load_improved_diffusion
+from .cost_matrix import CostMatrix, estimate_cost_matrix
+from .diffusion import NoiseSchedule
+from .dp import optimal_paths, optimal_schedules
+from .evaluation import ScheduleResult, evaluate_schedules
+from .model import DiffusionModel
+from .schedules import Schedule, even_schedule, full_schedule, quadratic_schedule, respaced_schedule
+
+__all__ = [
+    "CostMatrix",
+    "DiffusionModel",
+    "NoiseSchedule",
+    "Schedule",
+    "ScheduleResult",
+    "estimate_cost_matrix",
+    "evaluate_schedules",
+    "even_schedule",
+    "full_schedule",
+    "load_improved_diffusion",
+    "optimal_paths",
+    "optimal_schedules",
+    "quadratic_schedule",
+    "respaced_schedule",
+]

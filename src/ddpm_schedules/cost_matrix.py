@@ -1,0 +1,180 @@
+"""Monte Carlo estimate of the cost matrix C[s, t] = E KL term (s, t), one forward pass per column.
+
+Sums live in a torchmetrics Metric (float64, sum reduction), so shards estimated by several
+processes combine into exactly the single-process matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from tqdm.auto import tqdm
+
+from .batches import example_noise, indexed_batches
+from .model import DiffusionModel
+from .schedules import Schedule
+
+
+class CostMatrixMetric(Metric):
+    """Per-pair sums of terms and squared terms, per-column example counts, and the prior's sums."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = False
+
+    def __init__(self, size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.size = size
+        f64 = torch.float64
+        self.add_state("total", torch.zeros(size, size, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("total_sq", torch.zeros(size, size, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(size, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("prior_total", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+        self.add_state("prior_total_sq", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+        self.add_state("prior_count", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+
+    def update(self, terms: Tensor, column: int, prior: Tensor | None = None) -> None:
+        """Add ``terms`` [B, column] (the pairs (grid[i], grid[column]) for i < column) of B examples."""
+        terms = terms.to(torch.float64)
+        if terms.ndim != 2 or terms.shape[1] != column:
+            raise ValueError(f"terms for column {column} must be [B, {column}], got {tuple(terms.shape)}")
+        self.total[:column, column] += terms.sum(0)
+        self.total_sq[:column, column] += (terms**2).sum(0)
+        self.count[column] += terms.shape[0]
+        if prior is not None:
+            prior = prior.to(torch.float64)
+            self.prior_total += prior.sum()
+            self.prior_total_sq += (prior**2).sum()
+            self.prior_count += prior.numel()
+
+    def compute(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mean, sem, prior mean, prior sem); mean is inf and sem NaN where i >= j."""
+        mean, sem = _mean_sem(self.total, self.total_sq, self.count[None, :])
+        valid = torch.ones_like(mean, dtype=torch.bool).triu(1)
+        mean = torch.where(valid, mean, torch.full_like(mean, math.inf))
+        sem = torch.where(valid, sem, torch.full_like(sem, math.nan))
+        prior, prior_sem = _mean_sem(self.prior_total, self.prior_total_sq, self.prior_count)
+        return mean, sem, prior, prior_sem
+
+
+def _mean_sem(total: Tensor, total_sq: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and standard error of the mean from sums; SEM uses the unbiased variance."""
+    mean = total / n
+    var = ((total_sq - n * mean**2) / (n - 1)).clamp(min=0)
+    return mean, (var / n).sqrt()
+
+
+@dataclass
+class CostMatrix:
+    """An estimated cost matrix on a grid 0 = grid[0] < ... < grid[N] = T, in nats per example."""
+
+    mean: Tensor  # [N+1, N+1] float64; mean[i, j] = C[grid[i], grid[j]] for i < j, inf elsewhere
+    sem: Tensor  # [N+1, N+1] standard error of each mean, NaN where i >= j
+    grid: Tensor  # [N+1] long
+    prior: float  # mean prior KL, nats
+    prior_sem: float
+    count: int  # examples per column
+    dims: int  # D = C * H * W, for bits/dim
+
+    @property
+    def T(self) -> int:
+        return int(self.grid[-1])
+
+    def grid_indices(self, timesteps: Iterable[int]) -> Tensor:
+        """Positions in ``grid`` of the given timesteps (a subset of the grid that contains T)."""
+        ts = sorted({int(t) for t in timesteps})
+        pos = {int(t): i for i, t in enumerate(self.grid.tolist())}
+        missing = [t for t in ts if t not in pos or t == 0]
+        if missing:
+            raise ValueError(f"timestep {missing[0]} is not on the cost matrix grid; pick timesteps from cost_matrix.grid[1:]")
+        if not ts or ts[-1] != self.T:
+            raise ValueError(f"a candidate grid must contain T = {self.T}")
+        return torch.tensor([0] + [pos[t] for t in ts])
+
+    def schedule_nats(self, schedule: Schedule) -> float:
+        """Predicted negative ELBO (prior included) of any schedule whose timesteps are on the grid."""
+        if schedule.T != self.T:
+            raise ValueError(f"the schedule ends at T = {schedule.T}, the cost matrix at T = {self.T}")
+        idx = self.grid_indices(schedule.timesteps).tolist()
+        return self.prior + sum(float(self.mean[a, b]) for a, b in zip(idx, idx[1:]))
+
+    def bpd(self, nats: float) -> float:
+        """nats per example -> bits per dimension."""
+        return nats / (self.dims * math.log(2))
+
+    def save(self, path: str | Path) -> None:
+        """Write with torch.save to a temporary file, then rename: never a half-written file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(self.__dict__, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostMatrix":
+        try:
+            return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        except FileNotFoundError:
+            raise ValueError(f"cost matrix file {str(path)!r} does not exist") from None
+        except Exception as e:
+            raise ValueError(f"cost matrix file {str(path)!r} is not a saved CostMatrix ({type(e).__name__}); recompute it") from None
+
+
+def full_grid(grid: Sequence[int] | Tensor | None, T: int) -> Tensor:
+    """[0] + the candidate timesteps, validated: integers in 1..T, containing T."""
+    if grid is None:
+        return torch.arange(T + 1)
+    g = sorted({int(t) for t in torch.as_tensor(grid).reshape(-1).tolist()})
+    if not g or g[0] < 1 or g[-1] > T:
+        raise ValueError(f"grid values must lie in 1..{T}, got {g[:1] + g[-1:] if g else 'an empty grid'}")
+    if g[-1] != T:
+        raise ValueError(f"the grid must contain T = {T} (every schedule ends there); append {T} to it")
+    return torch.tensor([0] + g)
+
+
+def estimate_cost_matrix(
+    model: DiffusionModel,
+    data: Tensor | Iterable,
+    grid: Sequence[int] | Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> CostMatrix:
+    """Estimate C[s, t] for every pair of ``[0] + grid`` on ``data`` (x_0 in [-1, 1]).
+
+    Column t costs one forward pass per example, which serves every s < t on the grid.
+    """
+    g = full_grid(grid, model.T)
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape)
+    shape = tuple(batches[0][1].shape[1:])
+    device = model.device
+    metric = CostMatrixMetric(g.numel()).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for j in tqdm(range(1, g.numel()), desc="cost matrix", unit="col", disable=not progress):
+                t = int(g[j])
+                for start, x0 in batches:
+                    x0 = x0.to(device)
+                    noise = example_noise(seed, start, x0.shape[0], t, shape).to(device)
+                    prior = model.prior_nats(x0) if j == 1 else None
+                    metric.update(model.terms(x0, t, g[:j], noise), j, prior)
+    finally:
+        model.train(was_training)
+    mean, sem, prior, prior_sem = (v.cpu() for v in metric.compute())
+    return CostMatrix(
+        mean=mean,
+        sem=sem,
+        grid=g,
+        prior=float(prior),
+        prior_sem=float(prior_sem),
+        count=int(metric.count[1:].min()),
+        dims=math.prod(shape),
+    )

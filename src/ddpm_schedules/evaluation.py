@@ -1,0 +1,140 @@
+"""Held-out negative ELBO of many schedules at once: one forward pass per example per distinct timestep."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from tqdm.auto import tqdm
+
+from .batches import example_noise, indexed_batches
+from .model import DiffusionModel
+from .schedules import Schedule
+
+
+@dataclass
+class ScheduleResult:
+    """Bits/dim of one schedule on held-out data (mean over examples, with its standard error)."""
+
+    schedule: Schedule
+    bpd: float
+    bpd_sem: float
+    terms_bpd: list[float]  # mean term of each step, tau_1 (the decoder) first
+    prior_bpd: float
+    count: int  # examples
+    dims: int  # D = C * H * W
+
+    @property
+    def predicted_bpd(self) -> float | None:
+        """What the cost matrix predicted for a DP schedule (None for other schedules)."""
+        nats = self.schedule.predicted_nats
+        return None if nats is None else nats / (self.dims * math.log(2))
+
+
+class ScheduleTermsMetric(Metric):
+    """Per-step sums of every schedule (flattened), per-example totals' first two moments, the prior."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = False
+
+    def __init__(self, n_steps: int, n_schedules: int, **kwargs):
+        super().__init__(**kwargs)
+        f64 = torch.float64
+        self.add_state("step_total", torch.zeros(n_steps, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(n_schedules, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("total_sq", torch.zeros(n_schedules, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("prior_total", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+
+    def update(self, step_terms: Tensor, totals: Tensor, prior: Tensor) -> None:
+        """``step_terms`` [B, n_steps], ``totals`` [B, n_schedules] (prior included), ``prior`` [B]."""
+        self.step_total += step_terms.sum(0)
+        self.total += totals.sum(0)
+        self.total_sq += (totals**2).sum(0)
+        self.prior_total += prior.sum()
+        self.count += prior.numel()
+
+    def compute(self) -> dict[str, Tensor]:
+        n = self.count
+        mean = self.total / n
+        var = ((self.total_sq - n * mean**2) / (n - 1)).clamp(min=0)
+        return {"steps": self.step_total / n, "mean": mean, "sem": (var / n).sqrt(), "prior": self.prior_total / n, "count": n}
+
+
+def evaluate_schedules(
+    model: DiffusionModel,
+    data: Tensor | Iterable,
+    schedules: Sequence[Schedule],
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> list[ScheduleResult]:
+    """Negative ELBO in bits/dim of each schedule on ``data``, in the order given.
+
+    The network runs once per example at each timestep in the union of the schedules; that pass
+    gives the terms of every (s, t) pair any schedule takes at t. The noise for (example, t) is
+    shared by all schedules (common random numbers make their differences precise).
+    """
+    schedules = list(schedules)
+    if not schedules:
+        raise ValueError("no schedules to evaluate; pass at least one Schedule")
+    for sch in schedules:
+        if not isinstance(sch, Schedule):
+            raise ValueError(f"expected Schedule objects, got {type(sch).__name__}; build them with even_schedule() etc.")
+        if sch.T != model.T:
+            raise ValueError(f"schedule {sch.strategy!r} (K={sch.K}) ends at T = {sch.T} but the model has T = {model.T}")
+    # flat step index of every (schedule, step); and at each t the distinct s it needs
+    offsets = [0]
+    for sch in schedules:
+        offsets.append(offsets[-1] + sch.K)
+    needs: dict[int, dict[int, list[tuple[int, int]]]] = {}
+    for k, sch in enumerate(schedules):
+        for step, (s, t) in enumerate(sch.pairs()):
+            needs.setdefault(t, {}).setdefault(s, []).append((k, offsets[k] + step))
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape)
+    shape = tuple(batches[0][1].shape[1:])
+    dims = math.prod(shape)
+    device = model.device
+    metric = ScheduleTermsMetric(offsets[-1], len(schedules)).to(device)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(batches) * len(needs), desc="held-out terms", unit="pass", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for start, x0 in batches:
+                x0 = x0.to(device)
+                prior = model.prior_nats(x0)
+                step_terms = torch.zeros(x0.shape[0], offsets[-1], dtype=torch.float64, device=device)
+                for t, by_s in sorted(needs.items()):
+                    noise = example_noise(seed, start, x0.shape[0], t, shape).to(device)
+                    x_t = model.q_sample(x0, t, noise)
+                    s = torch.tensor(sorted(by_s))
+                    terms = model.pair_terms(x0, x_t, t, s, model.predict(x_t, t))
+                    for col, s_val in enumerate(s.tolist()):
+                        for _, flat in by_s[s_val]:
+                            step_terms[:, flat] = terms[:, col]
+                    bar.update()
+                totals = torch.stack([step_terms[:, offsets[k] : offsets[k + 1]].sum(1) for k in range(len(schedules))], 1)
+                metric.update(step_terms, totals + prior[:, None], prior)
+    finally:
+        bar.close()
+        model.train(was_training)
+    out = {k: v.cpu().reshape(-1) for k, v in metric.compute().items()}  # torchmetrics squeezes 1-element results
+    to_bpd = 1 / (dims * math.log(2))
+    return [
+        ScheduleResult(
+            schedule=sch,
+            bpd=float(out["mean"][k]) * to_bpd,
+            bpd_sem=float(out["sem"][k]) * to_bpd,
+            terms_bpd=(out["steps"][offsets[k] : offsets[k + 1]] * to_bpd).tolist(),
+            prior_bpd=float(out["prior"][0]) * to_bpd,
+            count=int(out["count"][0]),
+            dims=dims,
+        )
+        for k, sch in enumerate(schedules)
+    ]

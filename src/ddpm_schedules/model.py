@@ -1,0 +1,271 @@
+"""DiffusionModel: a network ``net(x, timesteps)`` plus the conventions that turn its output into
+p(x_s | x_t) for any pair, the per-pair ELBO terms and ancestral sampling along a schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import diffusion as dm
+from .diffusion import NoiseSchedule, VarType
+from .schedules import Schedule
+
+MeanType = Literal["eps", "x0", "v"]
+MEAN_TYPES = ("eps", "x0", "v")
+
+
+@dataclass
+class Prediction:
+    """What one forward pass at t says about x_0, in float64."""
+
+    x0_hat: Tensor  # [B, C, H, W], clipped to [-1, 1] when clip_denoised
+    frac: Tensor | None  # learned_range: f = (v + 1) / 2 per dimension, else None
+
+
+def quantize(x: Tensor, levels: int) -> Tensor:
+    """Round values in [-1, 1] to the nearest of ``levels`` evenly spaced values."""
+    idx = torch.round((x.clamp(-1, 1) + 1) / 2 * (levels - 1))
+    return idx / (levels - 1) * 2 - 1
+
+
+class DiffusionModel(nn.Module):
+    """A denoising network with its conventions made explicit in one place.
+
+    - ``mean_type``: what the network predicts: ``eps``, ``x0`` or ``v``.
+    - ``var_type``: ``fixed_small`` (btil), ``fixed_large`` (beta) or ``learned_range`` (the second
+      half of the output channels interpolates log-variances, Nichol & Dhariwal eq. 15).
+    - ``rescale_timesteps``: the network sees (t - 1) * 1000 / T instead of the index t - 1.
+    - ``clip_denoised``: x0_hat is clipped to [-1, 1] before it forms a mean.
+    - ``levels``: the number of values per dimension of the data (256 for 8-bit images).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | Callable[[Tensor, Tensor], Tensor],
+        schedule: NoiseSchedule,
+        *,
+        mean_type: MeanType = "eps",
+        var_type: VarType = "fixed_large",
+        rescale_timesteps: bool = False,
+        clip_denoised: bool = True,
+        levels: int = 256,
+        image_shape: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        if mean_type not in MEAN_TYPES:
+            raise ValueError(f"unknown mean_type {mean_type!r}; use one of {MEAN_TYPES}")
+        if var_type not in dm.VAR_TYPES:
+            raise ValueError(f"unknown var_type {var_type!r}; use one of {dm.VAR_TYPES}")
+        if not isinstance(levels, int) or levels < 2:
+            raise ValueError(f"levels must be an integer >= 2, got {levels!r} (256 for 8-bit data)")
+        self.net = net
+        self.schedule = schedule
+        self.mean_type = mean_type
+        self.var_type = var_type
+        self.rescale_timesteps = rescale_timesteps
+        self.clip_denoised = clip_denoised
+        self.levels = levels
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
+
+    @property
+    def T(self) -> int:
+        return self.schedule.T
+
+    @property
+    def device(self) -> torch.device:
+        p = next(iter(self.parameters()), None) if isinstance(self.net, nn.Module) else None
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        p = next(iter(self.parameters()), None) if isinstance(self.net, nn.Module) else None
+        return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+    def extra_repr(self) -> str:
+        return (
+            f"T={self.T}, mean_type={self.mean_type}, var_type={self.var_type}, "
+            f"rescale_timesteps={self.rescale_timesteps}, clip_denoised={self.clip_denoised}, levels={self.levels}"
+        )
+
+    # --- the network -------------------------------------------------------------------------
+
+    def net_timesteps(self, t: Tensor) -> Tensor:
+        """Paper t (1..T) -> what the network sees: the 0-based index, optionally scaled to 0..1000."""
+        idx = t - 1
+        return idx.float() * (1000.0 / self.T) if self.rescale_timesteps else idx
+
+    def q_sample(self, x0: Tensor, t: int | Tensor, noise: Tensor) -> Tensor:
+        """x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) noise, formed in float64."""
+        ab_t = self._ab(t, x0)
+        return ab_t.sqrt() * x0.double() + (1 - ab_t).sqrt() * noise.double()
+
+    def predict(self, x_t: Tensor, t: int | Tensor) -> Prediction:
+        """One forward pass at t: x0_hat (and the variance fraction for learned_range)."""
+        B, C = x_t.shape[:2]
+        t_vec = torch.as_tensor(t, device=x_t.device).long().expand(B) if not torch.is_tensor(t) or t.ndim == 0 else t
+        out = self.net(x_t.to(self.input_dtype), self.net_timesteps(t_vec.to(x_t.device)))
+        if not torch.isfinite(out).all():
+            raise ValueError(
+                f"the network produced NaN or Inf at t = {_describe(t)}; check the checkpoint, its flags and the input scaling"
+            )
+        want = 2 * C if self.var_type == "learned_range" else C
+        if out.shape[1] != want:
+            raise ValueError(
+                f"the network returned {out.shape[1]} channels for {C}-channel input; var_type={self.var_type!r} needs "
+                f"{want} (learn_sigma / var_type mismatch?)"
+            )
+        out = out.double()
+        mean_out, frac = (out[:, :C], (out[:, C:] + 1) / 2) if self.var_type == "learned_range" else (out, None)
+        ab_t = self._ab(t_vec, x_t)
+        x_t = x_t.double()
+        if self.mean_type == "eps":
+            x0_hat = (x_t - (1 - ab_t).sqrt() * mean_out) / ab_t.sqrt()
+        elif self.mean_type == "x0":
+            x0_hat = mean_out
+        else:
+            x0_hat = ab_t.sqrt() * x_t - (1 - ab_t).sqrt() * mean_out
+        if self.clip_denoised:
+            x0_hat = x0_hat.clamp(-1, 1)
+        return Prediction(x0_hat, frac)
+
+    # --- the ELBO terms ----------------------------------------------------------------------
+
+    def terms(self, x0: Tensor, t: int, s: Tensor | Sequence[int], noise: Tensor | None = None) -> Tensor:
+        """[B, S] nats: KL(q(x_s|x_t,x_0) || p(x_s|x_t)) for s >= 1, -log p(x_0|x_t) for s = 0; one pass at t."""
+        s = self._pairs(s, t)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        elif noise.shape != x0.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}; they must match")
+        x_t = self.q_sample(x0, t, noise)
+        return self.pair_terms(x0, x_t, t, s, self.predict(x_t, t))
+
+    def pair_terms(self, x0: Tensor, x_t: Tensor, t: int, s: Tensor, pred: Prediction, fast: bool = True) -> Tensor:
+        """[B, S] nats of the pairs (s, t) from one prediction at t.
+
+        ``fast`` uses the closed forms of diffusion.py (O(1) per pair for fixed variances); the
+        elementwise path forms both Gaussians per dimension and is the reference for the fast one.
+        """
+        s = self._pairs(s, t)
+        B = x0.shape[0]
+        x0 = x0.double().flatten(1)
+        x0_hat = pred.x0_hat.flatten(1)
+        frac = pred.frac.flatten(1) if pred.frac is not None else None
+        out = torch.empty(B, s.numel(), dtype=torch.float64, device=x0.device)
+        decoder = s == 0
+        if decoder.any():
+            out[:, decoder] = self._decoder_nll(x0, x0_hat, frac, t)[:, None]
+        if (~decoder).any():
+            sk = s[~decoder]
+            kl = self._kl_fast if fast else self._kl_elementwise
+            out[:, ~decoder] = kl(x0, x_t.double().flatten(1), x0_hat, frac, t, sk)
+        return out
+
+    def prior_nats(self, x0: Tensor) -> Tensor:
+        """[B] nats: KL(q(x_T | x_0) || N(0, I)), the same for every schedule."""
+        return dm.prior_kl(x0, self.schedule.ab[-1].to(x0.device))
+
+    def _decoder_nll(self, x0: Tensor, x0_hat: Tensor, frac: Tensor | None, t: int) -> Tensor:
+        zero = torch.zeros(1, dtype=torch.long)
+        if frac is None:
+            log_var = self.schedule.fixed_log_variance(self.var_type, zero, t).to(x0.device)
+        else:
+            min_log, max_log = (v.to(x0.device) for v in self.schedule.log_variance_range(zero, t))
+            log_var = frac * max_log + (1 - frac) * min_log
+        log_var = log_var.expand_as(x0)
+        return -dm.discretized_gaussian_log_likelihood(x0, x0_hat, 0.5 * log_var, self.levels).sum(1)
+
+    def _pair_tables(self, t: int, s: Tensor, device: torch.device) -> dict[str, Tensor]:
+        ab_s, ab_t = self.schedule.ab[s], self.schedule.ab[t]
+        min_log, max_log = self.schedule.log_variance_range(s, t)
+        tables = {"c0": dm.c0(ab_s, ab_t), "c1": dm.c1(ab_s, ab_t), "btil": dm.btil(ab_s, ab_t), "min_log": min_log, "max_log": max_log}
+        if self.var_type != "learned_range":
+            tables["log_var"] = self.schedule.fixed_log_variance(self.var_type, s, t)
+        return {k: v.to(device) for k, v in tables.items()}
+
+    def _kl_fast(self, x0, x_t, x0_hat, frac, t, s) -> Tensor:
+        p = self._pair_tables(t, s, x0.device)
+        if frac is None:
+            sq_err = ((x0 - x0_hat) ** 2).sum(1)
+            return dm.fixed_variance_kl(sq_err, p["c0"], p["btil"], torch.exp(p["log_var"]), x0.shape[1])
+        return dm.learned_range_kl((x0 - x0_hat) ** 2, frac, p["c0"], torch.log(p["btil"]), p["max_log"])
+
+    def _kl_elementwise(self, x0, x_t, x0_hat, frac, t, s, max_elements: int = 1 << 22) -> Tensor:
+        p = self._pair_tables(t, s, x0.device)
+        B, D = x0.shape
+        out = torch.empty(B, s.numel(), dtype=torch.float64, device=x0.device)
+        chunk = max(1, max_elements // (B * D))
+        for lo in range(0, s.numel(), chunk):
+            q = {k: v[lo : lo + chunk, None, None] for k, v in p.items()}  # [S', 1, 1]
+            mean_q = q["c0"] * x0 + q["c1"] * x_t
+            mean_p = q["c0"] * x0_hat + q["c1"] * x_t
+            if frac is None:
+                log_var_p = q["log_var"].expand_as(mean_p)
+            else:
+                log_var_p = frac * q["max_log"] + (1 - frac) * q["min_log"]
+            kl = dm.normal_kl(mean_q, torch.log(q["btil"]).expand_as(mean_q), mean_p, log_var_p)
+            out[:, lo : lo + chunk] = kl.sum(-1).T
+        return out
+
+    # --- sampling ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        schedule: Schedule | Sequence[int],
+        n: int,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+    ) -> Tensor:
+        """Ancestral sampling x_T ~ N(0, I) -> ... -> x0_hat along ``schedule``, quantized to ``levels``: [n, C, H, W]."""
+        if self.image_shape is None:
+            raise ValueError("this DiffusionModel has no image_shape; pass image_shape=(C, H, W) to sample from it")
+        schedule = schedule if isinstance(schedule, Schedule) else Schedule(tuple(schedule), self.T)
+        if schedule.T != self.T:
+            raise ValueError(f"the schedule ends at T = {schedule.T} but the model has T = {self.T}")
+        batch_size = batch_size or n
+        return torch.cat([self._sample_batch(schedule, min(batch_size, n - lo), generator) for lo in range(0, n, batch_size)])
+
+    def _sample_batch(self, schedule: Schedule, n: int, generator: torch.Generator | None) -> Tensor:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+
+        def randn() -> Tensor:
+            return torch.randn(n, *self.image_shape, generator=generator, device=gen_device, dtype=torch.float64).to(self.device)
+
+        x = randn()
+        points = (0,) + schedule.timesteps
+        for s, t in zip(reversed(points[:-1]), reversed(points[1:])):
+            pred = self.predict(x, t)
+            if s == 0:
+                return quantize(pred.x0_hat, self.levels).float()
+            p = {k: v.to(self.device) for k, v in self._pair_tables(t, torch.tensor([s]), self.device).items()}
+            mean = p["c0"] * pred.x0_hat + p["c1"] * x
+            log_var = p["log_var"] if pred.frac is None else pred.frac * p["max_log"] + (1 - pred.frac) * p["min_log"]
+            x = mean + torch.exp(0.5 * log_var) * randn()
+        raise AssertionError("unreachable: every schedule starts from s = 0")
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _ab(self, t: int | Tensor, like: Tensor) -> Tensor:
+        ab = self.schedule.ab[torch.as_tensor(t).cpu()].to(like.device)
+        return ab.reshape(-1, *([1] * (like.ndim - 1))) if ab.ndim else ab
+
+    def _pairs(self, s: Tensor | Sequence[int], t: int) -> Tensor:
+        s = torch.as_tensor(s, dtype=torch.long).cpu().reshape(-1)
+        self.schedule.check_pairs(s, t)
+        return s
+
+
+def _describe(t: int | Tensor) -> str:
+    if torch.is_tensor(t) and t.ndim:
+        return ", ".join(str(v) for v in sorted(set(t.tolist())))
+    return str(int(t))
+
+
+def bits_per_dim(nats: Tensor | float, dims: int) -> Tensor | float:
+    """nats per example -> bits per dimension."""
+    return nats / (dims * math.log(2))

@@ -1,0 +1,105 @@
+"""DiffusionModel: conventions, ancestral sampling and input checks."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import quantized_data, tiny_model
+from ddpm_schedules import DiffusionModel, NoiseSchedule, Schedule, even_schedule
+
+
+@pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large", "learned_range"])
+def test_samples_are_on_the_levels_grid_and_reproducible(var_type):
+    model = tiny_model(var_type, T=20, levels=17)
+    sch = even_schedule(20, 5)
+    a = model.sample(sch, 9, generator=torch.Generator().manual_seed(0), batch_size=4)
+    b = model.sample(sch, 9, generator=torch.Generator().manual_seed(0), batch_size=4)
+    c = model.sample(sch, 9, generator=torch.Generator().manual_seed(1), batch_size=4)
+    assert a.shape == (9, 1, 4, 4) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    steps = (a.double() + 1) * 16 / 2
+    assert torch.equal(steps, steps.round()) and a.min() >= -1 and a.max() <= 1
+
+
+def test_one_step_sample_is_the_quantized_denoised_prior_draw():
+    model = tiny_model("fixed_small", T=10, levels=5)
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = model.sample(Schedule((10,), 10), 3, generator=torch.Generator().manual_seed(4))
+    x0_hat = model.predict(x_T, 10).x0_hat
+    assert torch.equal(got, (torch.round((x0_hat + 1) / 2 * 4) / 4 * 2 - 1).float())
+
+
+def test_sampler_uses_the_pair_posterior():
+    """With a network that predicts x0 = 0 exactly, x_s | x_t is N(c1 x_t, btil): check the moments."""
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, ts):
+            return torch.zeros_like(x)
+
+    ns = NoiseSchedule.named("linear", 50)
+    model = DiffusionModel(Zero(), ns, mean_type="x0", var_type="fixed_small", levels=256, image_shape=(1, 32, 32))
+    # x_T ~ N(0, 1) -> x_s = c1 x_T + sqrt(btil) z has variance c1^2 + btil; check on a 2-step schedule's middle point
+    s, t = 20, 50
+    ab_s, ab_t = ns.ab[s], ns.ab[t]
+    c1 = (ab_t / ab_s).sqrt() * (1 - ab_s) / (1 - ab_t)
+    btil = (1 - ab_t / ab_s) * (1 - ab_s) / (1 - ab_t)
+    seen = []
+    original = model.predict
+
+    def spy(x, tt):
+        seen.append((tt, x.double().var().item()))
+        return original(x, tt)
+
+    model.predict = spy
+    model.sample(Schedule((s, t), 50), 64, generator=torch.Generator().manual_seed(0))
+    assert seen[0][0] == t and seen[1][0] == s
+    assert seen[1][1] == pytest.approx((c1**2 + btil).item(), rel=0.05)
+
+
+def test_timestep_conventions():
+    ns = NoiseSchedule.named("linear", 4000)
+    plain = DiffusionModel(lambda x, t: x, ns)
+    scaled = DiffusionModel(lambda x, t: x, ns, rescale_timesteps=True)
+    t = torch.tensor([1, 2, 4000])
+    assert plain.net_timesteps(t).tolist() == [0, 1, 3999]
+    assert scaled.net_timesteps(t).tolist() == pytest.approx([0.0, 0.25, 999.75])
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+def test_mean_types_recover_x0_from_a_perfect_network(mean_type):
+    ns = NoiseSchedule.named("cosine", 100)
+    x0 = quantized_data(4, levels=256).double()
+    noise = torch.randn_like(x0)
+    t = 37
+    ab = ns.ab[t]
+    target = {"eps": noise, "x0": x0, "v": ab.sqrt() * noise - (1 - ab).sqrt() * x0}[mean_type]
+    model = DiffusionModel(lambda x, ts: target, ns, mean_type=mean_type, var_type="fixed_small", clip_denoised=False)
+    x_t = model.q_sample(x0, t, noise)
+    torch.testing.assert_close(model.predict(x_t, t).x0_hat, x0, rtol=0, atol=1e-12)
+
+
+def test_bad_input():
+    model = tiny_model("fixed_small", T=10)
+    x0 = quantized_data(2).double()
+    with pytest.raises(ValueError, match="s = 5 is not in 0..4"):
+        model.terms(x0, 5, [1, 5])
+    with pytest.raises(ValueError, match="t = 11 is outside 1..10"):
+        model.terms(x0, 11, [1])
+    with pytest.raises(ValueError, match="t = 0 is outside"):
+        model.terms(x0, 0, [0])
+    with pytest.raises(ValueError, match="noise has shape"):
+        model.terms(x0, 5, [1], noise=torch.zeros(3, 1, 4, 4))
+    with pytest.raises(ValueError, match="unknown mean_type 'epsilon'"):
+        DiffusionModel(model.net, model.schedule, mean_type="epsilon")
+    with pytest.raises(ValueError, match="unknown var_type"):
+        DiffusionModel(model.net, model.schedule, var_type="learned")
+    with pytest.raises(ValueError, match="levels must be an integer >= 2"):
+        DiffusionModel(model.net, model.schedule, levels=1)
+    learned = DiffusionModel(model.net, model.schedule, var_type="learned_range")
+    with pytest.raises(ValueError, match="returned 1 channels for 1-channel input; var_type='learned_range' needs 2"):
+        learned.terms(x0, 3, [0])
+    with pytest.raises(ValueError, match="no image_shape"):
+        DiffusionModel(model.net, model.schedule).sample(even_schedule(10, 2), 1)
+    with pytest.raises(ValueError, match="ends at T = 12"):
+        model.sample(even_schedule(12, 2), 1)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 _MASK = (1 << 64) - 1
-_NOISE_BLOCK_VALUES = 1 << 16  # normals drawn per generator seeding
+_NOISE_BLOCK_VALUES = 1 << 12  # normals drawn per generator seeding
 
 
 def _mix(*values: int) -> int:

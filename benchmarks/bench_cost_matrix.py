@@ -1,0 +1,85 @@
+"""Cost-matrix estimation against the bare forward passes it needs.
+
+    python benchmarks/bench_cost_matrix.py [--T 1000] [--examples 200] [--batch-size 200] [--naive]
+
+Prints the wall time of T x (examples / batch) network calls on fixed inputs, of
+`estimate_cost_matrix` on the same model and data, and their ratio, for each variance type.
+"""
+
+import argparse
+import math
+import time
+
+import torch
+
+from ddpm_schedules import DiffusionModel, NoiseSchedule, estimate_cost_matrix
+from ddpm_schedules.batches import example_noise
+from nets import SmallConvNet
+
+
+def digits_like(n: int) -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().images[:n], dtype=torch.float32)[:, None]
+    return x / 16 * 2 - 1  # 17 levels in [-1, 1]
+
+
+def bare_forward(model: DiffusionModel, data: torch.Tensor, batch_size: int) -> float:
+    x = data[:batch_size]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for t in range(1, model.T + 1):
+            for lo in range(0, len(data), batch_size):
+                xb = data[lo : lo + batch_size]
+                model.net(xb, model.net_timesteps(torch.full((len(xb),), t)))
+    del x
+    return time.perf_counter() - start
+
+
+def naive(model: DiffusionModel, data: torch.Tensor, batch_size: int) -> float:
+    """One forward pass per column, then a Python loop over s with the elementwise formulas."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for t in range(1, model.T + 1):
+            for lo in range(0, len(data), batch_size):
+                x0 = data[lo : lo + batch_size]
+                x_t = model.q_sample(x0, t, example_noise(0, lo, len(x0), t, tuple(x0.shape[1:])))
+                pred = model.predict(x_t, t)
+                for s in range(t):
+                    model.pair_terms(x0, x_t, t, torch.tensor([s]), pred, fast=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--T", type=int, default=1000)
+    p.add_argument("--examples", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--var-types", default="learned_range,fixed_large")
+    p.add_argument("--repeats", type=int, default=2, help="each timing is the best of this many runs")
+    p.add_argument("--naive", action="store_true", help="also time a loop over s (slow)")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    data = digits_like(a.examples)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, T={a.T}, {a.examples} examples, batch {a.batch_size}")
+    for var_type in a.var_types.split(","):
+        out = 2 if var_type == "learned_range" else 1
+        model = DiffusionModel(
+            SmallConvNet(1, out).eval(), NoiseSchedule.named("cosine", a.T), var_type=var_type, levels=17, image_shape=(1, 8, 8)
+        )
+        bare_forward(model, data[: a.batch_size], a.batch_size)  # warm-up
+        bare, ours = math.inf, math.inf
+        for _ in range(a.repeats):  # interleaved, best of each: the machine's load drifts
+            bare = min(bare, bare_forward(model, data, a.batch_size))
+            start = time.perf_counter()
+            estimate_cost_matrix(model, data, batch_size=a.batch_size, progress=False)
+            ours = min(ours, time.perf_counter() - start)
+        line = f"{var_type:14s} bare forward {bare:7.1f} s   estimate_cost_matrix {ours:7.1f} s   ratio {ours / bare:.3f}"
+        if a.naive:
+            slow = naive(model, data, a.batch_size)
+            line += f"   naive loop over s {slow:7.1f} s (ratio {slow / bare:.2f})"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,8 +26,9 @@ Paths = dict[int, tuple[list[int], float]]
 _TILE = 16  # columns that share one pass over the earlier rows; 8..32 all run within 5% here
 
 
-@numba.njit(parallel=True, cache=True)
-def _dp_tables(C: np.ndarray, k_max: int, n_chunks: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+# costs are checked for NaN first, so 'nnan' is safe; infinities stay exact ('ninf' is not set)
+@numba.njit(parallel=True, cache=True, fastmath={"nnan", "nsz"})
+def _dp_tables(C: np.ndarray, k_max: int, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """E[j, k] (best cost of reaching j in k steps) and its back-pointers, stored point-major.
 
     Columns are done a tile at a time: predecessors before the tile first, in parallel over chunks
@@ -38,14 +39,13 @@ def _dp_tables(C: np.ndarray, k_max: int, n_chunks: int) -> tuple[np.ndarray, np
     E = np.full((n + 1, k_max + 1), np.inf)
     ptr = np.full((n + 1, k_max + 1), -1, dtype=np.int32)
     E[0, 0] = 0.0
-    step = (k_max + n_chunks - 1) // n_chunks
     for j0 in range(1, n + 1, _TILE):
         j1 = min(j0 + _TILE, n + 1)
         best = np.full((j1 - j0, k_max + 1), np.inf)
         arg = np.full((j1 - j0, k_max + 1), -1, dtype=np.int32)
-        for c in numba.prange(n_chunks):
-            k_lo = 1 + c * step
-            k_hi = min(k_max, k_lo + step - 1)
+        for c in numba.prange(len(bounds) - 1):
+            k_lo = bounds[c]
+            k_hi = bounds[c + 1] - 1
             for i in range(0, j0):
                 top = min(k_hi, i + 1)  # i is reachable in at most i steps
                 if top < k_lo:
@@ -53,13 +53,11 @@ def _dp_tables(C: np.ndarray, k_max: int, n_chunks: int) -> tuple[np.ndarray, np
                 row = E[i]
                 for jj in range(j1 - j0):
                     cost = C[i, j0 + jj]
-                    b = best[jj]
-                    a = arg[jj]
                     for k in range(k_lo, min(top, j0 + jj) + 1):
                         v = row[k - 1] + cost
-                        if v < b[k]:
-                            b[k] = v
-                            a[k] = i
+                        if v < best[jj, k]:
+                            best[jj, k] = v
+                            arg[jj, k] = i
         for jj in range(1, j1 - j0):
             for ii in range(jj):
                 i = j0 + ii
@@ -72,6 +70,13 @@ def _dp_tables(C: np.ndarray, k_max: int, n_chunks: int) -> tuple[np.ndarray, np
         E[j0:j1] = best
         ptr[j0:j1] = arg
     return E, ptr
+
+
+def _k_chunks(n: int, k_max: int, threads: int) -> np.ndarray:
+    """Boundaries of ranges of k with equal work: level k costs about (n - k)^2 / 2 updates."""
+    work = np.cumsum((n - np.arange(1, k_max + 1) + 1.0) ** 2)
+    cuts = np.searchsorted(work, work[-1] * np.arange(1, threads) / threads) + 1
+    return np.unique(np.concatenate([[1], cuts, [k_max + 1]])).astype(np.int64)
 
 
 def _check_costs(costs: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -97,11 +102,13 @@ def _check_budgets(budgets: int | Iterable[int], n: int) -> list[int]:
     return sorted({int(K) for K in budgets})
 
 
-def _backtrack(ptr: np.ndarray, k: int, n: int) -> list[int]:
-    path = [n]
+@numba.njit(cache=True)
+def _backtrack(ptr: np.ndarray, k: int, n: int) -> np.ndarray:  # pragma: no cover - compiled
+    path = np.empty(k + 1, dtype=np.int64)
+    path[k] = n
     for kk in range(k, 0, -1):
-        path.append(int(ptr[path[-1], kk]))
-    return path[::-1]
+        path[kk - 1] = ptr[path[kk], kk]
+    return path
 
 
 def optimal_paths(costs: torch.Tensor | np.ndarray, budgets: int | Iterable[int], at_most: bool = False) -> Paths:
@@ -114,17 +121,18 @@ def optimal_paths(costs: torch.Tensor | np.ndarray, budgets: int | Iterable[int]
     C = _check_costs(costs)
     n = C.shape[0] - 1
     budgets = _check_budgets(budgets, n)
-    E, ptr = _dp_tables(C, max(budgets), 2 * numba.get_num_threads())
+    E, ptr = _dp_tables(C, max(budgets), _k_chunks(n, max(budgets), numba.get_num_threads()))
     out: Paths = {}
+    wanted = set(budgets)
     best_k, best = 0, math.inf
     for k in range(1, max(budgets) + 1):
         if E[n, k] < best:
             best_k, best = k, float(E[n, k])
-        if k in budgets:
+        if k in wanted:
             use = best_k if at_most else k
             if not np.isfinite(E[n, use]):
                 raise ValueError(f"no path of {'at most ' if at_most else ''}{k} steps has a finite cost; check for inf entries")
-            out[k] = (_backtrack(ptr, use, n), float(E[n, use]))
+            out[k] = (_backtrack(ptr, use, n).tolist(), float(E[n, use]))
     return out
 
 

@@ -1,4 +1,9 @@
-"""Networks for benchmarks: the size of the digits model (8x8, one channel)."""
+"""Networks for benchmarks.
+
+`SmallConvNet` stands in for the digits UNet until it exists: the improved-DDPM UNet with
+num_channels=64, num_res_blocks=2, channel_mult=1,2 on 8x8 images costs about 150 MFLOP per
+example, and 16 residual blocks of 64-channel 3x3 convolutions at 8x8 cost about the same.
+"""
 
 import math
 
@@ -9,7 +14,7 @@ from torch import nn
 class SmallConvNet(nn.Module):
     """A residual conv net with a timestep embedding, about the cost of the digits UNet per example."""
 
-    def __init__(self, channels: int = 1, out_channels: int = 2, width: int = 64, blocks: int = 2):
+    def __init__(self, channels: int = 1, out_channels: int = 2, width: int = 64, blocks: int = 16):
         super().__init__()
         self.width = width
         self.inp = nn.Conv2d(channels, width, 3, padding=1)

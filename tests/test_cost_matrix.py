@@ -116,7 +116,7 @@ def test_metric_shards_merge_into_the_whole():
         whole.update(terms, j, prior if j == 1 else None)
         (a if k < 3 else b).update(terms, j, prior if j == 1 else None)
     a.merge_state(b)
-    for x, y in zip(a.compute(), whole.compute()):
+    for x, y in zip(a.compute(), whole.compute()):  # mean, sem, prior, prior sem, counts
         torch.testing.assert_close(x, y, rtol=1e-12, atol=0, equal_nan=True)
 
 
@@ -162,3 +162,18 @@ def test_bad_input():
     model.net = Exploding()
     with pytest.raises(ValueError, match="NaN or Inf at t = 5"):
         estimate_cost_matrix(model, data, progress=False)
+
+
+def test_shards_with_start_index_combine_into_the_whole():
+    """What each DDP process does: estimate its own shard with its global start index."""
+    model = tiny_model("learned_range", T=8)
+    data = quantized_data(10)
+    whole = estimate_cost_matrix(model, data, seed=7, progress=False)
+    a = estimate_cost_matrix(model, data[:6], seed=7, progress=False)
+    b = estimate_cost_matrix(model, data[6:], seed=7, progress=False, start_index=6)
+    valid = torch.isfinite(whole.mean)
+    combined = (a.mean * 6 + b.mean * 4) / 10
+    torch.testing.assert_close(combined[valid], whole.mean[valid], rtol=1e-12, atol=0)
+    assert (a.prior * 6 + b.prior * 4) / 10 == pytest.approx(whole.prior, rel=1e-12)
+    unshifted = estimate_cost_matrix(model, data[6:], seed=7, progress=False)
+    assert not torch.allclose(unshifted.mean[valid], b.mean[valid])

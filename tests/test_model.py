@@ -103,3 +103,17 @@ def test_bad_input():
         DiffusionModel(model.net, model.schedule).sample(even_schedule(10, 2), 1)
     with pytest.raises(ValueError, match="ends at T = 12"):
         model.sample(even_schedule(12, 2), 1)
+
+
+@pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large", "learned_range"])
+def test_step_terms_are_the_consecutive_pair_terms(var_type):
+    """The per-example training term at each example's own t equals the column computation."""
+    model = tiny_model(var_type, T=12)
+    x0 = quantized_data(5).double()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor([1, 2, 7, 12, 1])
+    x_t = torch.cat([model.q_sample(x0[i : i + 1], int(t[i]), noise[i : i + 1]) for i in range(5)])
+    got = model.step_terms(x0, x_t, t, model.predict(x_t, t))
+    for i in range(5):
+        ref = model.terms(x0[i : i + 1], int(t[i]), [int(t[i]) - 1], noise[i : i + 1])[0, 0]
+        assert got[i].item() == pytest.approx(ref.item(), rel=1e-10)

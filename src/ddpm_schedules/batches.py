@@ -48,10 +48,15 @@ def example_noise(seed: int, start: int, count: int, t: int, shape: tuple[int, .
 
 
 def indexed_batches(
-    data: Tensor | Iterable, batch_size: int = 64, levels: int | None = None, image_shape: tuple[int, ...] | None = None
+    data: Tensor | Iterable,
+    batch_size: int = 64,
+    levels: int | None = None,
+    image_shape: tuple[int, ...] | None = None,
+    start_index: int = 0,
 ) -> list[tuple[int, Tensor]]:
     """[(global index of the first example, x0 [B, C, H, W])] from a tensor or an iterable of batches.
 
+    ``start_index`` is the global index of the first example (a process's shard starts there).
     Batches of an iterable may be tensors or (tensor, label) pairs. Every batch is checked: 4-D,
     finite, within [-1, 1], on the grid of ``levels`` values and of ``image_shape``.
     """
@@ -61,7 +66,7 @@ def indexed_batches(
         source: Iterator = iter(data.split(batch_size)) if data.ndim else iter([data])
     else:
         source = iter(data)
-    out, start = [], 0
+    out, start = [], start_index
     for batch in source:
         x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
         _check_batch(x0, levels, image_shape)

@@ -3,12 +3,184 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from .diffusion import NoiseSchedule
 from .model import DiffusionModel
+from .unet import NUM_CLASSES, UNetModel, create_unet
+
+# improved-diffusion's model_and_diffusion_defaults(), plus this package's channel_mult and in_channels
+IMPROVED_DIFFUSION_DEFAULTS: dict[str, Any] = dict(
+    image_size=64,
+    num_channels=128,
+    num_res_blocks=2,
+    num_heads=4,
+    num_heads_upsample=-1,
+    attention_resolutions="16,8",
+    dropout=0.0,
+    learn_sigma=False,
+    sigma_small=False,
+    class_cond=False,
+    diffusion_steps=1000,
+    noise_schedule="linear",
+    timestep_respacing="",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=True,
+    rescale_learned_sigmas=True,
+    use_checkpoint=False,
+    use_scale_shift_norm=True,
+    channel_mult="",
+    in_channels=3,
+)
+TRAINING_ONLY_FLAGS = ("use_kl", "rescale_learned_sigmas", "use_checkpoint", "timestep_respacing")
+UNET_FLAGS = (
+    "image_size", "num_channels", "num_res_blocks", "channel_mult", "attention_resolutions", "num_heads",
+    "num_heads_upsample", "use_scale_shift_norm", "dropout", "learn_sigma", "class_cond", "in_channels",
+)  # fmt: skip
+MAX_LISTED = 4
 
 
 def load_improved_diffusion(path: str | Path, **flags) -> DiffusionModel:
-    """Load an improved-diffusion checkpoint with its training flags (image_size, num_channels, ...)."""
-    raise NotImplementedError(
-        "loading improved-diffusion checkpoints needs the improved-DDPM UNet, which is not part of this release yet"
-    )
+    """Load an improved-diffusion checkpoint with its training flags (image_size, num_channels, ...).
+
+    Flags use improved-diffusion's names and defaults (``model_and_diffusion_defaults()``), plus
+    ``channel_mult`` ("1,2,2,2"; empty = derived from image_size) and ``in_channels``. Training-only
+    flags are accepted and ignored. num_heads cannot be checked against the weights: pass the value
+    the model was trained with. Returns the model in eval mode on the CPU.
+    """
+    f = _resolve_flags(flags)
+    schedule = NoiseSchedule.named(f["noise_schedule"], f["diffusion_steps"])
+    net = create_unet(**{k: f[k] for k in UNET_FLAGS})
+    _load_weights(net, Path(path), f)
+    return DiffusionModel(
+        net.eval(),
+        schedule,
+        mean_type="x0" if f["predict_xstart"] else "eps",
+        var_type="learned_range" if f["learn_sigma"] else ("fixed_small" if f["sigma_small"] else "fixed_large"),
+        rescale_timesteps=f["rescale_timesteps"],
+        clip_denoised=True,
+        levels=256,
+        image_shape=(f["in_channels"], f["image_size"], f["image_size"]),
+    ).eval()
+
+
+def _resolve_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """Defaults + given flags, with unknown names rejected and shell-style strings ("True", "128") coerced."""
+    unknown = sorted(set(flags) - set(IMPROVED_DIFFUSION_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"unknown improved-diffusion flag(s) {', '.join(map(repr, unknown))}; valid flags: {', '.join(IMPROVED_DIFFUSION_DEFAULTS)}"
+        )
+    f = {**IMPROVED_DIFFUSION_DEFAULTS, **{k: _coerce(k, v) for k, v in flags.items()}}
+    if f["timestep_respacing"]:
+        raise ValueError(
+            f"timestep_respacing={f['timestep_respacing']!r} is not supported: load the full T-step model (leave it empty) "
+            "and pass the schedule to this package instead, e.g. respaced_schedule(T, 'ddim50') or optimal_schedules(...)"
+        )
+    return f
+
+
+def _coerce(name: str, value: Any) -> Any:
+    default = IMPROVED_DIFFUSION_DEFAULTS[name]
+    if name in ("attention_resolutions", "channel_mult") and not isinstance(value, str):
+        try:
+            return ",".join(str(int(v)) for v in ([value] if isinstance(value, int) else value))
+        except (TypeError, ValueError):
+            raise ValueError(f"flag {name} must be comma-separated integers like '16,8', got {value!r}") from None
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"):
+            return value.lower() in ("true", "yes", "t", "y", "1")
+        if isinstance(value, (bool, int)) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"flag {name} must be a boolean, got {value!r}")
+    if isinstance(default, (int, float)):
+        try:
+            out = type(default)(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"flag {name} must be a number, got {value!r}") from None
+        if isinstance(default, int) and out != float(value):
+            raise ValueError(f"flag {name} must be an integer, got {value!r}")
+        return out
+    return value
+
+
+def _load_weights(net: UNetModel, path: Path, flags: dict[str, Any]) -> None:
+    if not path.is_file():
+        raise ValueError(f"checkpoint file {str(path)!r} is missing (no such file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, a text file, ...
+        raise ValueError(
+            f"{str(path)!r} is not a PyTorch checkpoint that torch.load(weights_only=True) can read "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); is the file complete?"
+        ) from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict (a dict of tensors) as improved-diffusion saves it")
+    problem = _mismatch(net.state_dict(), state, flags)
+    if problem:
+        raise ValueError(f"checkpoint {str(path)!r} does not match the flags: {problem}")
+    net.load_state_dict(state)
+
+
+def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], flags: dict[str, Any]) -> str:
+    """One line naming missing/unexpected keys, shape mismatches and the flags that probably differ; '' if none."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = {k: (tuple(got[k].shape), tuple(v.shape)) for k, v in expected.items() if k in got and got[k].shape != v.shape}
+    if not (missing or unexpected or shapes):
+        return ""
+
+    hints: list[str] = []
+
+    def hint(text: str) -> None:
+        if text not in hints:
+            hints.append(text)
+
+    if any(k.startswith("label_emb.") for k in unexpected):
+        hint("class_cond (the checkpoint has a label embedding: class_cond=True)")
+    if any(k.startswith("label_emb.") for k in missing):
+        hint("class_cond (the checkpoint has no label embedding: class_cond=False)")
+    for k, (ck, ours) in shapes.items():
+        if k == "out.2.weight" and ck[0] != ours[0]:
+            if ck[0] == 2 * ours[0]:
+                hint(f"learn_sigma (the checkpoint outputs {ck[0]} channels: learn_sigma=True)")
+            elif 2 * ck[0] == ours[0]:
+                hint(f"learn_sigma (the checkpoint outputs {ck[0]} channels: learn_sigma=False)")
+            else:
+                hint(f"in_channels/learn_sigma (the checkpoint outputs {ck[0]} channels)")
+        elif k == "input_blocks.0.0.weight":
+            if ck[0] != ours[0]:
+                hint(f"num_channels (the checkpoint has {ck[0]})")
+            if ck[1] != ours[1]:
+                hint(f"in_channels (the checkpoint takes {ck[1]})")
+        elif k.startswith("time_embed."):
+            hint(f"num_channels (the checkpoint has {got['time_embed.0.weight'].shape[1]})" if "time_embed.0.weight" in got else "num_channels")
+        elif k == "label_emb.weight":
+            hint(f"class_cond (the checkpoint has {ck[0]} classes, this package uses NUM_CLASSES = {NUM_CLASSES})")
+    blocks = ("input_blocks.", "output_blocks.", "middle_block.")
+    structural = [k for k in missing + unexpected if not k.startswith("label_emb.")]
+    block_shapes = [k for k in shapes if k.startswith(blocks) and not k.startswith("input_blocks.0.0.")]
+    ratios = {shapes[k][0][0] / shapes[k][1][0] for k in block_shapes}
+    if block_shapes and not structural and all(".emb_layers.1." in k for k in block_shapes) and ratios in ({2.0}, {0.5}):
+        hint(f"use_scale_shift_norm (the checkpoint {'uses' if ratios == {2.0} else 'does not use'} it)")
+    elif structural and not block_shapes and all(any(a in k for a in (".norm.", ".qkv.", ".proj_out.")) for k in structural):
+        hint("attention_resolutions (or image_size, which turns resolutions into ds rates)")
+    elif structural or (block_shapes and not any(h.startswith("num_channels") for h in hints)):
+        hint("num_res_blocks/channel_mult/attention_resolutions (or image_size)")
+    if not hints:
+        hint("the model flags (image_size, num_channels, num_res_blocks, channel_mult, attention_resolutions)")
+
+    parts = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected)):
+        if keys:
+            more = f", ... {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else ""
+            parts.append(f"{len(keys)} {label} ({', '.join(keys[:MAX_LISTED])}{more})")
+    if shapes:
+        listed = [f"{k} checkpoint {ck} vs model {ours}" for k, (ck, ours) in list(shapes.items())[:MAX_LISTED]]
+        more = f", ... {len(shapes) - MAX_LISTED} more" if len(shapes) > MAX_LISTED else ""
+        parts.append(f"{len(shapes)} shape mismatches ({', '.join(listed)}{more})")
+    given = {k: flags[k] for k in UNET_FLAGS}
+    return f"{'; '.join(parts)}; flags that probably differ: {', '.join(hints)} (model flags used: {given})"

@@ -53,14 +53,17 @@ class CostMatrixMetric(Metric):
             self.prior_total_sq += (prior**2).sum()
             self.prior_count += prior.numel()
 
-    def compute(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(mean, sem, prior mean, prior sem); mean is inf and sem NaN where i >= j."""
+    def compute(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(mean, sem, prior mean, prior sem, examples per column); mean is inf and sem NaN where i >= j.
+
+        Under torch.distributed the sums of every process are added first (torchmetrics syncs).
+        """
         mean, sem = _mean_sem(self.total, self.total_sq, self.count[None, :])
         valid = torch.ones_like(mean, dtype=torch.bool).triu(1)
         mean = torch.where(valid, mean, torch.full_like(mean, math.inf))
         sem = torch.where(valid, sem, torch.full_like(sem, math.nan))
         prior, prior_sem = _mean_sem(self.prior_total, self.prior_total_sq, self.prior_count)
-        return mean, sem, prior, prior_sem
+        return mean, sem, prior, prior_sem, self.count
 
 
 def _mean_sem(total: Tensor, total_sq: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,13 +148,16 @@ def estimate_cost_matrix(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    start_index: int = 0,
 ) -> CostMatrix:
     """Estimate C[s, t] for every pair of ``[0] + grid`` on ``data`` (x_0 in [-1, 1]).
 
     Column t costs one forward pass per example, which serves every s < t on the grid.
+    ``start_index`` is the global index of the first example of ``data``: under torch.distributed
+    each process passes its own shard, and the sums of all shards are combined into one matrix.
     """
     g = full_grid(grid, model.T)
-    batches = indexed_batches(data, batch_size, model.levels, model.image_shape)
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
     shape = tuple(batches[0][1].shape[1:])
     device = model.device
     metric = CostMatrixMetric(g.numel()).to(device)
@@ -161,20 +167,21 @@ def estimate_cost_matrix(
         with torch.inference_mode():
             for j in tqdm(range(1, g.numel()), desc="cost matrix", unit="col", disable=not progress):
                 t = int(g[j])
+                tables = model.pair_tables(t, g[:j], device)
                 for start, x0 in batches:
                     x0 = x0.to(device)
-                    noise = example_noise(seed, start, x0.shape[0], t, shape).to(device)
-                    prior = model.prior_nats(x0) if j == 1 else None
-                    metric.update(model.terms(x0, t, g[:j], noise), j, prior)
+                    x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device))
+                    terms = model.pair_terms(x0, x_t, t, g[:j], model.predict(x_t, t), tables=tables)
+                    metric.update(terms, j, model.prior_nats(x0) if j == 1 else None)
     finally:
         model.train(was_training)
-    mean, sem, prior, prior_sem = (v.cpu() for v in metric.compute())
+    mean, sem, prior, prior_sem, count = (v.cpu() for v in metric.compute())
     return CostMatrix(
         mean=mean,
         sem=sem,
         grid=g,
         prior=float(prior),
         prior_sem=float(prior_sem),
-        count=int(metric.count[1:].min()),
+        count=int(count[1:].min()),
         dims=math.prod(shape),
     )

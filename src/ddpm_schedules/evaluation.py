@@ -73,6 +73,7 @@ def evaluate_schedules(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    start_index: int = 0,
 ) -> list[ScheduleResult]:
     """Negative ELBO in bits/dim of each schedule on ``data``, in the order given.
 
@@ -96,13 +97,14 @@ def evaluate_schedules(
     for k, sch in enumerate(schedules):
         for step, (s, t) in enumerate(sch.pairs()):
             needs.setdefault(t, {}).setdefault(s, []).append((k, offsets[k] + step))
-    batches = indexed_batches(data, batch_size, model.levels, model.image_shape)
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
     shape = tuple(batches[0][1].shape[1:])
     dims = math.prod(shape)
     device = model.device
     metric = ScheduleTermsMetric(offsets[-1], len(schedules)).to(device)
     was_training = model.training
     model.eval()
+    tables = {t: model.pair_tables(t, sorted(by_s), device) for t, by_s in needs.items()}
     bar = tqdm(total=len(batches) * len(needs), desc="held-out terms", unit="pass", disable=not progress)
     try:
         with torch.inference_mode():
@@ -113,8 +115,8 @@ def evaluate_schedules(
                 for t, by_s in sorted(needs.items()):
                     noise = example_noise(seed, start, x0.shape[0], t, shape).to(device)
                     x_t = model.q_sample(x0, t, noise)
-                    s = torch.tensor(sorted(by_s))
-                    terms = model.pair_terms(x0, x_t, t, s, model.predict(x_t, t))
+                    s = tables[t].s
+                    terms = model.pair_terms(x0, x_t, t, s, model.predict(x_t, t), tables=tables[t])
                     for col, s_val in enumerate(s.tolist()):
                         for _, flat in by_s[s_val]:
                             step_terms[:, flat] = terms[:, col]

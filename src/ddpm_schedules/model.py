@@ -19,6 +19,17 @@ MEAN_TYPES = ("eps", "x0", "v")
 
 
 @dataclass
+class PairTables:
+    """Constants of the pairs (s, t) of one column t on one device: the same for every batch."""
+
+    t: int
+    s: Tensor  # [S] long, on the CPU
+    decoder: Tensor  # [S] bool: which s are 0
+    kl: dict[str, Tensor]  # c0, c1, btil, min_log, max_log (+ log_var for fixed variances) of the s >= 1
+    decoder_log_var: tuple[Tensor, Tensor]  # log-variance range of (0, t); both ends equal for fixed variances
+
+
+@dataclass
 class Prediction:
     """What one forward pass at t says about x_0, in float64."""
 
@@ -105,22 +116,28 @@ class DiffusionModel(nn.Module):
 
     def predict(self, x_t: Tensor, t: int | Tensor) -> Prediction:
         """One forward pass at t: x0_hat (and the variance fraction for learned_range)."""
-        B, C = x_t.shape[:2]
-        t_vec = torch.as_tensor(t, device=x_t.device).long().expand(B) if not torch.is_tensor(t) or t.ndim == 0 else t
-        out = self.net(x_t.to(self.input_dtype), self.net_timesteps(t_vec.to(x_t.device)))
+        t_vec = self._t_vec(t, x_t)
+        out = self.net(x_t.to(self.input_dtype), self.net_timesteps(t_vec))
         if not torch.isfinite(out).all():
             raise ValueError(
                 f"the network produced NaN or Inf at t = {_describe(t)}; check the checkpoint, its flags and the input scaling"
             )
-        want = 2 * C if self.var_type == "learned_range" else C
+        return self.prediction(x_t, t_vec, out)
+
+    def split_output(self, out: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
+        """Raw network output -> (mean part, raw variance part v or None)."""
+        want = 2 * channels if self.var_type == "learned_range" else channels
         if out.shape[1] != want:
             raise ValueError(
-                f"the network returned {out.shape[1]} channels for {C}-channel input; var_type={self.var_type!r} needs "
-                f"{want} (learn_sigma / var_type mismatch?)"
+                f"the network returned {out.shape[1]} channels for {channels}-channel input; var_type={self.var_type!r} "
+                f"needs {want} (learn_sigma / var_type mismatch?)"
             )
-        out = out.double()
-        mean_out, frac = (out[:, :C], (out[:, C:] + 1) / 2) if self.var_type == "learned_range" else (out, None)
-        ab_t = self._ab(t_vec, x_t)
+        return (out[:, :channels], out[:, channels:]) if self.var_type == "learned_range" else (out, None)
+
+    def prediction(self, x_t: Tensor, t: int | Tensor, out: Tensor) -> Prediction:
+        """Interpret a raw network output at t by the model's conventions, in float64."""
+        mean_out, v = self.split_output(out.double(), x_t.shape[1])
+        ab_t = self._ab(self._t_vec(t, x_t), x_t)
         x_t = x_t.double()
         if self.mean_type == "eps":
             x0_hat = (x_t - (1 - ab_t).sqrt() * mean_out) / ab_t.sqrt()
@@ -130,7 +147,16 @@ class DiffusionModel(nn.Module):
             x0_hat = ab_t.sqrt() * x_t - (1 - ab_t).sqrt() * mean_out
         if self.clip_denoised:
             x0_hat = x0_hat.clamp(-1, 1)
-        return Prediction(x0_hat, frac)
+        return Prediction(x0_hat, None if v is None else (v + 1) / 2)
+
+    def target(self, x0: Tensor, noise: Tensor, t: int | Tensor) -> Tensor:
+        """What the mean part of the output regresses on (L_simple): eps, x_0 or v."""
+        if self.mean_type == "eps":
+            return noise
+        if self.mean_type == "x0":
+            return x0
+        ab_t = self._ab(self._t_vec(t, x0), x0).to(x0.dtype)
+        return ab_t.sqrt() * noise - (1 - ab_t).sqrt() * x0
 
     # --- the ELBO terms ----------------------------------------------------------------------
 
@@ -144,62 +170,104 @@ class DiffusionModel(nn.Module):
         x_t = self.q_sample(x0, t, noise)
         return self.pair_terms(x0, x_t, t, s, self.predict(x_t, t))
 
-    def pair_terms(self, x0: Tensor, x_t: Tensor, t: int, s: Tensor, pred: Prediction, fast: bool = True) -> Tensor:
+    def pair_tables(self, t: int, s: Tensor | Sequence[int], device: torch.device | str | None = None) -> "PairTables":
+        """The constants of the pairs (s, t), once per column: reuse them for every batch."""
+        s = self._pairs(s, t)
+        device = torch.device(device) if device is not None else self.device
+        decoder = s == 0
+        sk = s[~decoder]
+        ns = self.schedule
+        ab_s, ab_t = ns.ab[sk], ns.ab[t]
+        min_log, max_log = ns.log_variance_range(sk, t)
+        kl = {"c0": dm.c0(ab_s, ab_t), "c1": dm.c1(ab_s, ab_t), "btil": dm.btil(ab_s, ab_t), "min_log": min_log, "max_log": max_log}
+        zero = torch.zeros(1, dtype=torch.long)
+        if self.var_type == "learned_range":
+            dec = ns.log_variance_range(zero, t)
+        else:
+            kl["log_var"] = ns.fixed_log_variance(self.var_type, sk, t)
+            dec = (ns.fixed_log_variance(self.var_type, zero, t),) * 2
+        return PairTables(
+            t=int(t),
+            s=s,
+            decoder=decoder,
+            kl={k: v.to(device) for k, v in kl.items()},
+            decoder_log_var=tuple(v.to(device) for v in dec),
+        )
+
+    def pair_terms(
+        self,
+        x0: Tensor,
+        x_t: Tensor,
+        t: int,
+        s: Tensor | Sequence[int],
+        pred: Prediction,
+        fast: bool = True,
+        tables: "PairTables | None" = None,
+    ) -> Tensor:
         """[B, S] nats of the pairs (s, t) from one prediction at t.
 
         ``fast`` uses the closed forms of diffusion.py (O(1) per pair for fixed variances); the
         elementwise path forms both Gaussians per dimension and is the reference for the fast one.
         """
-        s = self._pairs(s, t)
+        if tables is None:
+            tables = self.pair_tables(t, s, x0.device)
+        elif tables.t != int(t) or not torch.equal(tables.s, self._pairs(s, t)):
+            raise ValueError(f"pair tables were made for t = {tables.t} and other s; call pair_tables(t, s) for this column")
         B = x0.shape[0]
         x0 = x0.double().flatten(1)
         x0_hat = pred.x0_hat.flatten(1)
         frac = pred.frac.flatten(1) if pred.frac is not None else None
-        out = torch.empty(B, s.numel(), dtype=torch.float64, device=x0.device)
-        decoder = s == 0
-        if decoder.any():
-            out[:, decoder] = self._decoder_nll(x0, x0_hat, frac, t)[:, None]
-        if (~decoder).any():
-            sk = s[~decoder]
+        out = torch.empty(B, tables.s.numel(), dtype=torch.float64, device=x0.device)
+        if tables.decoder.any():
+            out[:, tables.decoder] = self._decoder_nll(x0, x0_hat, frac, tables.decoder_log_var)[:, None]
+        if not tables.decoder.all():
             kl = self._kl_fast if fast else self._kl_elementwise
-            out[:, ~decoder] = kl(x0, x_t.double().flatten(1), x0_hat, frac, t, sk)
+            out[:, ~tables.decoder] = kl(x0, x_t.double().flatten(1), x0_hat, frac, tables.kl)
         return out
 
     def prior_nats(self, x0: Tensor) -> Tensor:
         """[B] nats: KL(q(x_T | x_0) || N(0, I)), the same for every schedule."""
         return dm.prior_kl(x0, self.schedule.ab[-1].to(x0.device))
 
-    def _decoder_nll(self, x0: Tensor, x0_hat: Tensor, frac: Tensor | None, t: int) -> Tensor:
-        zero = torch.zeros(1, dtype=torch.long)
-        if frac is None:
-            log_var = self.schedule.fixed_log_variance(self.var_type, zero, t).to(x0.device)
+    def step_terms(self, x0: Tensor, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
+        """[B] nats of the full chain's term at each example's own t: the pair (t - 1, t), differentiable.
+
+        Elementwise per dimension (the training losses need gradients through the variance).
+        """
+        t = t.to(x0.device).long()
+        s = t - 1
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        ns = self.schedule
+        ab_s, ab_t = ns.ab[s.cpu()].to(x0.device).reshape(shape), ns.ab[t.cpu()].to(x0.device).reshape(shape)
+        min_log, max_log = (v.to(x0.device).reshape(shape) for v in ns.log_variance_range(s.cpu(), t.cpu()))
+        if pred.frac is None:
+            log_var = ns.fixed_log_variance(self.var_type, s.cpu(), t.cpu()).to(x0.device).reshape(shape).expand_as(x0)
         else:
-            min_log, max_log = (v.to(x0.device) for v in self.schedule.log_variance_range(zero, t))
-            log_var = frac * max_log + (1 - frac) * min_log
-        log_var = log_var.expand_as(x0)
+            log_var = pred.frac * max_log + (1 - pred.frac) * min_log
+        x0, x_t = x0.double(), x_t.double()
+        c0, c1 = dm.c0(ab_s, ab_t), dm.c1(ab_s, ab_t)
+        kl = dm.normal_kl(c0 * x0 + c1 * x_t, min_log.expand_as(x0), c0 * pred.x0_hat + c1 * x_t, log_var)
+        decoder = -dm.discretized_gaussian_log_likelihood(x0, pred.x0_hat, 0.5 * log_var, self.levels)
+        first = (s == 0).reshape(shape)
+        return torch.where(first, decoder, kl).flatten(1).sum(1)
+
+    def _decoder_nll(self, x0: Tensor, x0_hat: Tensor, frac: Tensor | None, log_var_range: tuple[Tensor, Tensor]) -> Tensor:
+        lo, hi = log_var_range
+        log_var = (lo if frac is None else frac * hi + (1 - frac) * lo).expand_as(x0)
         return -dm.discretized_gaussian_log_likelihood(x0, x0_hat, 0.5 * log_var, self.levels).sum(1)
 
-    def _pair_tables(self, t: int, s: Tensor, device: torch.device) -> dict[str, Tensor]:
-        ab_s, ab_t = self.schedule.ab[s], self.schedule.ab[t]
-        min_log, max_log = self.schedule.log_variance_range(s, t)
-        tables = {"c0": dm.c0(ab_s, ab_t), "c1": dm.c1(ab_s, ab_t), "btil": dm.btil(ab_s, ab_t), "min_log": min_log, "max_log": max_log}
-        if self.var_type != "learned_range":
-            tables["log_var"] = self.schedule.fixed_log_variance(self.var_type, s, t)
-        return {k: v.to(device) for k, v in tables.items()}
-
-    def _kl_fast(self, x0, x_t, x0_hat, frac, t, s) -> Tensor:
-        p = self._pair_tables(t, s, x0.device)
+    def _kl_fast(self, x0, x_t, x0_hat, frac, p: dict[str, Tensor]) -> Tensor:
         if frac is None:
             sq_err = ((x0 - x0_hat) ** 2).sum(1)
             return dm.fixed_variance_kl(sq_err, p["c0"], p["btil"], torch.exp(p["log_var"]), x0.shape[1])
         return dm.learned_range_kl((x0 - x0_hat) ** 2, frac, p["c0"], torch.log(p["btil"]), p["max_log"])
 
-    def _kl_elementwise(self, x0, x_t, x0_hat, frac, t, s, max_elements: int = 1 << 22) -> Tensor:
-        p = self._pair_tables(t, s, x0.device)
+    def _kl_elementwise(self, x0, x_t, x0_hat, frac, p: dict[str, Tensor], max_elements: int = 1 << 22) -> Tensor:
         B, D = x0.shape
-        out = torch.empty(B, s.numel(), dtype=torch.float64, device=x0.device)
+        S = p["c0"].numel()
+        out = torch.empty(B, S, dtype=torch.float64, device=x0.device)
         chunk = max(1, max_elements // (B * D))
-        for lo in range(0, s.numel(), chunk):
+        for lo in range(0, S, chunk):
             q = {k: v[lo : lo + chunk, None, None] for k, v in p.items()}  # [S', 1, 1]
             mean_q = q["c0"] * x0 + q["c1"] * x_t
             mean_p = q["c0"] * x0_hat + q["c1"] * x_t
@@ -242,13 +310,18 @@ class DiffusionModel(nn.Module):
             pred = self.predict(x, t)
             if s == 0:
                 return quantize(pred.x0_hat, self.levels).float()
-            p = {k: v.to(self.device) for k, v in self._pair_tables(t, torch.tensor([s]), self.device).items()}
+            p = self.pair_tables(t, [s], self.device).kl
             mean = p["c0"] * pred.x0_hat + p["c1"] * x
             log_var = p["log_var"] if pred.frac is None else pred.frac * p["max_log"] + (1 - pred.frac) * p["min_log"]
             x = mean + torch.exp(0.5 * log_var) * randn()
         raise AssertionError("unreachable: every schedule starts from s = 0")
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _t_vec(self, t: int | Tensor, like: Tensor) -> Tensor:
+        if torch.is_tensor(t) and t.ndim:
+            return t.to(like.device).long()
+        return torch.full((like.shape[0],), int(t), dtype=torch.long, device=like.device)
 
     def _ab(self, t: int | Tensor, like: Tensor) -> Tensor:
         ab = self.schedule.ab[torch.as_tensor(t).cpu()].to(like.device)

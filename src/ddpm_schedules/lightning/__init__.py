@@ -1,0 +1,1 @@
+"""Lightning pieces: the training module, data modules and the schedule-monitoring callback."""

@@ -1,6 +1,6 @@
 """ELBO-optimal inference schedules for pre-trained DDPMs (Watson et al. 2021)."""
 
-from .checkpoints import load_improved_diffusion
+from .checkpoints import load_checkpoint, load_improved_diffusion
 from .cost_matrix import CostMatrix, estimate_cost_matrix
 from .diffusion import NoiseSchedule
 from .dp import optimal_paths, optimal_schedules
@@ -18,6 +18,7 @@ __all__ = [
     "evaluate_schedules",
     "even_schedule",
     "full_schedule",
+    "load_checkpoint",
     "load_improved_diffusion",
     "optimal_paths",
     "optimal_schedules",

@@ -1,4 +1,4 @@
-"""Loaders for pre-trained models: improved-diffusion `.pt` checkpoints with their flags."""
+"""Loaders for pre-trained models: improved-diffusion `.pt` checkpoints with their flags, and our Lightning checkpoints."""
 
 from __future__ import annotations
 
@@ -43,6 +43,21 @@ UNET_FLAGS = (
 MAX_LISTED = 4
 
 
+def model_from_flags(flags: dict[str, Any], levels: int = 256) -> DiffusionModel:
+    """A freshly initialised improved-DDPM model (UNet + conventions) from improved-diffusion's flags."""
+    f = _resolve_flags(flags)
+    return DiffusionModel(
+        create_unet(**{k: f[k] for k in UNET_FLAGS}),
+        NoiseSchedule.named(f["noise_schedule"], f["diffusion_steps"]),
+        mean_type="x0" if f["predict_xstart"] else "eps",
+        var_type="learned_range" if f["learn_sigma"] else ("fixed_small" if f["sigma_small"] else "fixed_large"),
+        rescale_timesteps=f["rescale_timesteps"],
+        clip_denoised=True,
+        levels=levels,
+        image_shape=(f["in_channels"], f["image_size"], f["image_size"]),
+    )
+
+
 def load_improved_diffusion(path: str | Path, **flags) -> DiffusionModel:
     """Load an improved-diffusion checkpoint with its training flags (image_size, num_channels, ...).
 
@@ -51,20 +66,36 @@ def load_improved_diffusion(path: str | Path, **flags) -> DiffusionModel:
     flags are accepted and ignored. num_heads cannot be checked against the weights: pass the value
     the model was trained with. Returns the model in eval mode on the CPU.
     """
-    f = _resolve_flags(flags)
-    schedule = NoiseSchedule.named(f["noise_schedule"], f["diffusion_steps"])
-    net = create_unet(**{k: f[k] for k in UNET_FLAGS})
-    _load_weights(net, Path(path), f)
-    return DiffusionModel(
-        net.eval(),
-        schedule,
-        mean_type="x0" if f["predict_xstart"] else "eps",
-        var_type="learned_range" if f["learn_sigma"] else ("fixed_small" if f["sigma_small"] else "fixed_large"),
-        rescale_timesteps=f["rescale_timesteps"],
-        clip_denoised=True,
-        levels=256,
-        image_shape=(f["in_channels"], f["image_size"], f["image_size"]),
-    ).eval()
+    model = model_from_flags(flags)
+    _load_weights(model.net, Path(path), _resolve_flags(flags))
+    return model.eval()
+
+
+def load_checkpoint(path: str | Path) -> DiffusionModel:
+    """A model trained by this package's `train.py`: a Lightning .ckpt (its EMA weights when EMA was on).
+
+    The flags and levels come from the checkpoint's hyper-parameters; with `EMAWeightAveraging`
+    Lightning stores the averaged weights under ``state_dict``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint file {str(path)!r} is missing (no such file); train one with `python train.py`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+        flags = dict(hp["flags"])
+    except Exception as e:
+        raise ValueError(
+            f"{str(path)!r} is not a Lightning checkpoint of this package ({type(e).__name__}); "
+            "for an improved-diffusion .pt use load_improved_diffusion(path, **flags)"
+        ) from None
+    model = model_from_flags(flags, levels=int(hp.get("levels", 256)))
+    net_state = {k[len("model.net.") :]: v for k, v in state.items() if k.startswith("model.net.")}
+    problem = _mismatch(model.net.state_dict(), net_state, _resolve_flags(flags))
+    if problem:
+        raise ValueError(f"checkpoint {str(path)!r} does not match its own flags: {problem}")
+    model.net.load_state_dict(net_state)
+    return model.eval()
 
 
 def _resolve_flags(flags: dict[str, Any]) -> dict[str, Any]:

@@ -134,8 +134,11 @@ class DiffusionModel(nn.Module):
             )
         return (out[:, :channels], out[:, channels:]) if self.var_type == "learned_range" else (out, None)
 
-    def prediction(self, x_t: Tensor, t: int | Tensor, out: Tensor) -> Prediction:
-        """Interpret a raw network output at t by the model's conventions, in float64."""
+    def prediction(self, x_t: Tensor, t: int | Tensor, out: Tensor, clip: bool | None = None) -> Prediction:
+        """Interpret a raw network output at t by the model's conventions, in float64.
+
+        ``clip`` overrides ``clip_denoised`` (training losses do not clip, as improved-diffusion).
+        """
         mean_out, v = self.split_output(out.double(), x_t.shape[1])
         ab_t = self._ab(self._t_vec(t, x_t), x_t)
         x_t = x_t.double()
@@ -145,7 +148,7 @@ class DiffusionModel(nn.Module):
             x0_hat = mean_out
         else:
             x0_hat = ab_t.sqrt() * x_t - (1 - ab_t).sqrt() * mean_out
-        if self.clip_denoised:
+        if self.clip_denoised if clip is None else clip:
             x0_hat = x0_hat.clamp(-1, 1)
         return Prediction(x0_hat, None if v is None else (v + 1) / 2)
 

@@ -141,6 +141,9 @@ class DiffusionModule(pl.LightningModule):
             gathered_t, gathered_loss = self.all_gather(t), self.all_gather(terms["loss"].detach())
             self.sampler.update(gathered_t.reshape(-1).cpu(), gathered_loss.reshape(-1).cpu())
         loss = (terms["loss"] * weights).mean()
+        if not torch.isfinite(loss):
+            # stop before a checkpoint of broken weights can replace the last good one
+            raise ValueError(f"the training loss is {loss.item()} at step {self.global_step}; lower module.lr or check the data")
         self.log("train/loss", loss, prog_bar=True)
         for name in ("mse", "vb"):
             if name in terms:

@@ -1,0 +1,176 @@
+"""train.py's pipeline: configs compose, training runs, checkpoints resume, the monitor logs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from ddpm_schedules import load_checkpoint
+from ddpm_schedules.lightning.data import CIFAR10DataModule, SyntheticDataModule
+from ddpm_schedules.lightning.module import DiffusionModule, LossSecondMomentSampler
+from ddpm_schedules.pipeline import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+    num_heads=2, num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, learn_sigma=True, class_cond=False,
+    diffusion_steps=20, noise_schedule="cosine", sigma_small=False, predict_xstart=False, rescale_timesteps=True,
+)  # fmt: skip
+
+
+def train_cfg(tmp_path, *overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.output_dir={tmp_path}",
+                "data=synthetic",
+                "model=tiny",
+                "diffusion.diffusion_steps=20",
+                "trainer.max_steps=6",
+                "trainer.val_check_interval=3",
+                "trainer.log_every_n_steps=1",
+                "callbacks.schedule_monitor.examples=8",
+                "callbacks.schedule_monitor.budgets=[2,4]",
+                "callbacks.schedule_monitor.progress=false",
+                "+trainer.enable_progress_bar=false",
+                *overrides,
+            ],
+        )
+    return cfg
+
+
+@pytest.mark.parametrize("experiment", ["digits", "cifar10_hybrid", "imagenet64_hybrid"])
+def test_experiment_configs_compose(tmp_path, experiment):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", overrides=[f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
+    assert cfg.module.loss == "hybrid" and cfg.model.learn_sigma
+    if experiment != "digits":  # improved-diffusion's published flags
+        assert (cfg.diffusion.diffusion_steps, cfg.diffusion.noise_schedule) == (4000, "cosine")
+        assert (cfg.model.num_channels, cfg.model.num_res_blocks) == (128, 3)
+    assert list(cfg.callbacks)[0] == "schedule_monitor"
+
+
+def test_train_resume_and_monitor_with_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics = train(train_cfg(tmp_path, "logger=wandb"))
+    assert math.isfinite(metrics["val/bpd"]) and "schedules/dp_bpd/K2" in metrics
+    assert metrics["schedules/dp_bpd/K4"] <= metrics["schedules/even_bpd/K4"] + 1e-9  # the DP is optimal on its data
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    record = json.loads((tmp_path / "schedules" / "step_6.json").read_text())
+    assert record["budgets"] == [2, 4] and set(record["predicted_bpd"]) == {"dp", "even", "quadratic"}
+    assert (tmp_path / "schedules" / "cost_matrix_step_6.pt").is_file()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] == 6 and "current_model_state" in state  # EMA weights under state_dict
+    # EMA weights are what load_checkpoint returns
+    model = load_checkpoint(ckpt)
+    w = model.net.state_dict()["out.2.weight"]
+    assert torch.equal(w, state["state_dict"]["model.net.out.2.weight"])
+    assert not torch.equal(w, state["current_model_state"]["model.net.out.2.weight"])
+    # resume: continues from step 6 to 12 and keeps the monitor's history
+    train(train_cfg(tmp_path, "logger=wandb", "trainer.max_steps=12", f"ckpt_path={ckpt}"))
+    resumed = torch.load(ckpt, weights_only=False)
+    assert resumed["global_step"] == 12
+    history = next(v for k, v in resumed["callbacks"].items() if "ScheduleMonitor" in k)["history"]
+    assert [h["global_step"] for h in history] == [3, 6, 9, 12]
+
+
+@pytest.mark.parametrize("loss", ["simple", "hybrid", "vlb"])
+def test_each_loss_decreases_when_overfitting(loss):
+    torch.manual_seed(0)
+    module = DiffusionModule(TINY, loss=loss, lr=2e-3, levels=17)
+    x0 = SyntheticDataModule(sizes=(8, 1, 1)).tensor("train")
+    g = torch.Generator().manual_seed(1)
+    t_eval = torch.randint(1, 21, (64,), generator=g)
+    noise_eval = torch.randn(64, *x0.shape[1:], generator=g)
+
+    def held_loss():
+        with torch.no_grad():
+            return module.losses(x0.repeat(8, 1, 1, 1), t_eval, noise_eval)["loss"].mean().item()
+
+    import pytorch_lightning as pl
+
+    before = held_loss()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x0), batch_size=8)
+    trainer = pl.Trainer(max_steps=250, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    after = held_loss()
+    assert after < 0.7 * before, (before, after)
+    if loss == "vlb":
+        assert module.sampler.warmed_up  # 250 steps x 8 examples > 20 t x 10 losses
+        p = module.sampler.weights()
+        assert p.max() / p.min() > 2  # importance sampling is in use, not uniform
+
+
+def test_loss_second_moment_sampler():
+    s = LossSecondMomentSampler(T=4, history=3, uniform_prob=0.1)
+    t, w = s.sample(5, torch.device("cpu"))
+    assert torch.equal(w, torch.ones(5)) and t.min() >= 1 and t.max() <= 4  # uniform before warm-up
+    for _ in range(3):
+        s.update(torch.tensor([1, 2, 3, 4]), torch.tensor([1.0, 1.0, 2.0, 4.0]))
+    p = s.weights()
+    expected = torch.tensor([1.0, 1.0, 2.0, 4.0]) / 8 * 0.9 + 0.1 / 4
+    torch.testing.assert_close(p, expected.double())
+    torch.manual_seed(0)
+    t, w = s.sample(20000, torch.device("cpu"))
+    freq = torch.bincount(t - 1, minlength=4).double() / 20000
+    torch.testing.assert_close(freq, expected.double(), atol=0.01, rtol=0)
+    torch.testing.assert_close(w.double(), 1 / (4 * expected.double()[t - 1]), rtol=1e-6, atol=0)  # unbiased weights
+    s2 = LossSecondMomentSampler(T=4, history=3, uniform_prob=0.1)
+    s2.load_state_dict(s.state_dict())
+    torch.testing.assert_close(s2.weights(), p)  # what a resumed run samples from
+
+
+def test_ddp_monitor_equals_single_process(tmp_path):
+    """A 2-process gloo run of the ScheduleMonitor writes the same cost matrix as 1 process."""
+    script = ROOT / "tests" / "ddp_monitor_script.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    for devices in (1, 2):
+        out = tmp_path / f"dev{devices}"
+        subprocess.run([sys.executable, str(script), str(out), str(devices)], check=True, env=env, timeout=300, cwd=tmp_path)
+    one = torch.load(tmp_path / "dev1" / "cost_matrix_step_0.pt", weights_only=True)
+    two = torch.load(tmp_path / "dev2" / "cost_matrix_step_0.pt", weights_only=True)
+    assert one["count"] == two["count"] == 12
+    valid = torch.isfinite(one["mean"])
+    torch.testing.assert_close(two["mean"][valid], one["mean"][valid], rtol=1e-6, atol=0)
+    s1, s2 = (json.loads((tmp_path / d / "step_0.json").read_text())["schedules"] for d in ("dev1", "dev2"))
+    assert [s["timesteps"] for s in s1] == [s["timesteps"] for s in s2]
+    for a, b in zip(s1, s2):
+        assert a["predicted_nats"] == pytest.approx(b["predicted_nats"], rel=1e-9) if a["predicted_nats"] else True
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="unknown loss 'l2'"):
+        DiffusionModule(TINY, loss="l2")
+    with pytest.raises(ValueError, match="set learn_sigma=true, or use loss=simple"):
+        DiffusionModule({**TINY, "learn_sigma": False}, loss="hybrid")
+    with pytest.raises(ValueError, match="CIFAR-10 not found at .* extract it there"):
+        CIFAR10DataModule(root=str(tmp_path / "nowhere")).setup()
+    with pytest.raises(ValueError, match=r"shape \(1, 8, 8\) but the model is built for \(1, 16, 16\)"):
+        train(train_cfg(tmp_path, "logger=none", "model.image_size=16"))
+    with pytest.raises(ValueError, match="exceed the 20 grid points"):
+        train(train_cfg(tmp_path, "logger=none", "callbacks.schedule_monitor.budgets=[4,40]"))
+    assert not (tmp_path / "checkpoints").exists()  # nothing written by runs that failed
+
+
+def test_cli_error_is_one_line(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "data=synthetic", "model=tiny", "module.loss=l1", "logger=none",
+         f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown loss 'l1'")
+    assert "Traceback" not in proc.stderr

@@ -83,6 +83,15 @@ def test_train_resume_and_monitor_with_wandb_offline(tmp_path, monkeypatch):
     assert resumed["global_step"] == 12
     history = next(v for k, v in resumed["callbacks"].items() if "ScheduleMonitor" in k)["history"]
     assert [h["global_step"] for h in history] == [3, 6, 9, 12]
+    # a resume with another architecture is refused before anything runs
+    with pytest.raises(ValueError, match="was trained with num_channels=32 \\(config: 64\\)"):
+        train(train_cfg(tmp_path, "logger=none", "model.num_channels=64", f"ckpt_path={ckpt}"))
+    # a run whose loss turns NaN stops without replacing the last good checkpoint
+    good = ckpt.read_bytes()
+    monkeypatch.setattr(DiffusionModule, "losses", lambda self, x0, t, noise: {"loss": torch.full((len(x0),), math.nan)})
+    with pytest.raises(ValueError, match="the training loss is nan at step 12"):
+        train(train_cfg(tmp_path, "logger=none", "trainer.max_steps=18", f"ckpt_path={ckpt}"))
+    assert ckpt.read_bytes() == good
 
 
 @pytest.mark.parametrize("loss", ["simple", "hybrid", "vlb"])
@@ -146,7 +155,8 @@ def test_ddp_monitor_equals_single_process(tmp_path):
     s1, s2 = (json.loads((tmp_path / d / "step_0.json").read_text())["schedules"] for d in ("dev1", "dev2"))
     assert [s["timesteps"] for s in s1] == [s["timesteps"] for s in s2]
     for a, b in zip(s1, s2):
-        assert a["predicted_nats"] == pytest.approx(b["predicted_nats"], rel=1e-9) if a["predicted_nats"] else True
+        if a["predicted_nats"] is not None:
+            assert a["predicted_nats"] == pytest.approx(b["predicted_nats"], rel=1e-9)
 
 
 def test_bad_inputs(tmp_path):
@@ -161,6 +171,14 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="exceed the 20 grid points"):
         train(train_cfg(tmp_path, "logger=none", "callbacks.schedule_monitor.budgets=[4,40]"))
     assert not (tmp_path / "checkpoints").exists()  # nothing written by runs that failed
+
+
+@pytest.mark.parametrize("override,message", [("experiment=nope", "Could not find 'experiment/nope'"), ("data=mnist", "Could not find 'data/mnist'")])
+def test_unknown_config_names_list_the_options(tmp_path, override, message):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), override, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0 and message in proc.stderr and "Available options" in proc.stderr
 
 
 def test_cli_error_is_one_line(tmp_path):

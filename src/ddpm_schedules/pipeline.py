@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -48,12 +49,29 @@ def check_data_matches_model(datamodule: ImageDataModule, flags: dict[str, Any])
         )
 
 
+def check_resume_checkpoint(path: str, flags: dict[str, Any]) -> None:
+    """A checkpoint to resume from must exist and have been trained with the same model flags."""
+    import torch
+
+    if not Path(path).is_file():
+        raise ValueError(f"ckpt_path {path!r} does not exist; point it at <run dir>/checkpoints/last.ckpt")
+    try:
+        saved = dict(torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]["flags"])
+    except Exception:
+        raise ValueError(f"ckpt_path {path!r} is not a checkpoint written by train.py") from None
+    differ = [f"{k}={saved.get(k)!r} (config: {v!r})" for k, v in flags.items() if k in saved and str(saved[k]) != str(v)]
+    if differ:
+        raise ValueError(f"ckpt_path {path!r} was trained with {', '.join(differ)}; resume with the flags it was trained with")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume, with ``ckpt_path``) and return the final logged metrics."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule: ImageDataModule = instantiate(cfg.data)
     flags = model_flags(cfg)
     check_data_matches_model(datamodule, flags)
+    if cfg.get("ckpt_path"):
+        check_resume_checkpoint(cfg.ckpt_path, flags)
     module = instantiate(cfg.module, flags=flags, levels=datamodule.levels)
     logger = build_logger(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=logger)

@@ -215,3 +215,28 @@ def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], f
         parts.append(f"{len(shapes)} shape mismatches ({', '.join(listed)}{more})")
     given = {k: flags[k] for k in UNET_FLAGS}
     return f"{'; '.join(parts)}; flags that probably differ: {', '.join(hints)} (model flags used: {given})"
+
+
+def export_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Keep only what `load_checkpoint` needs from a train.py .ckpt: flags, levels and the (EMA) weights.
+
+        python -m ddpm_schedules.checkpoints outputs/<run>/checkpoints/last.ckpt checkpoints/digits.ckpt
+    """
+    load_checkpoint(src)  # fails clearly on anything that is not one of ours
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    hp = {"flags": dict(ckpt["hyper_parameters"]["flags"]), "levels": int(ckpt["hyper_parameters"].get("levels", 256))}
+    state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.net.")}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    torch.save({"hyper_parameters": hp, "state_dict": state, "global_step": ckpt.get("global_step")}, tmp)
+    tmp.replace(dst)
+    return dst
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m ddpm_schedules.checkpoints SRC.ckpt DST.ckpt  (keeps flags and EMA weights)")
+    print(f"wrote {export_checkpoint(sys.argv[1], sys.argv[2])}")

@@ -140,3 +140,67 @@ def evaluate_schedules(
         )
         for k, sch in enumerate(schedules)
     ]
+
+
+INCEPTION_HINT = (
+    "download torch-fidelity's FID Inception weights (pt_inception-2015-12-05-6726825d.pth, from the torch-fidelity "
+    "GitHub releases) on a machine with internet access and pass fid.inception_weights=<path>"
+)
+
+
+def fid_feature_extractor(features: str, digits_weights: str | None = None, inception_weights: str | None = None):
+    """The feature network for Fréchet distances, checked before any heavy work."""
+    from pathlib import Path
+
+    from .features import FEATURE_KINDS, load_digits_features
+
+    if features == "digits":
+        return load_digits_features(digits_weights or "")
+    if features == "inception":
+        if not inception_weights or not Path(inception_weights).is_file():
+            raise ValueError(f"fid.inception_weights file {inception_weights!r} is missing; {INCEPTION_HINT}")
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError:
+            raise ValueError("fid.features=inception needs torch-fidelity: pip install 'ddpm-schedules[inception]'") from None
+        return None
+    raise ValueError(f"unknown fid.features {features!r}; use one of {FEATURE_KINDS}")
+
+
+def frechet_distances(
+    reference: Tensor,
+    fakes: dict,
+    features: str = "digits",
+    digits_weights: str | None = None,
+    inception_weights: str | None = None,
+    antialias: bool = False,
+    batch_size: int = 100,
+) -> dict:
+    """Fréchet distance of each set of samples (values in [-1, 1]) to ``reference``, with torchmetrics.
+
+    ``features="inception"`` is FID proper (Inception-v3 pool3, uint8 RGB, ``antialias=False`` for
+    numbers comparable with the literature); ``"digits"`` uses the digits classifier's features.
+    Reference statistics are computed once and kept across the sets.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    extractor = fid_feature_extractor(features, digits_weights, inception_weights)
+    if extractor is not None:
+        fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+        prepare = lambda x: x.float()  # noqa: E731
+    else:
+        fid = FrechetInceptionDistance(feature=2048, reset_real_features=False, feature_extractor_weights_path=inception_weights, antialias=antialias)
+
+        def prepare(x: Tensor) -> Tensor:
+            x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    for chunk in reference.split(batch_size):
+        fid.update(prepare(chunk), real=True)
+    out = {}
+    for key, samples in fakes.items():
+        fid.reset()  # keeps the reference features (reset_real_features=False)
+        for chunk in samples.split(batch_size):
+            fid.update(prepare(chunk), real=False)
+        out[key] = float(fid.compute())
+    return out

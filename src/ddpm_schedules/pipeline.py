@@ -67,6 +67,8 @@ def check_resume_checkpoint(path: str, flags: dict[str, Any]) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume, with ``ckpt_path``) and return the final logged metrics."""
     pl.seed_everything(cfg.seed, workers=True)
+    if "source" in cfg.model:
+        raise ValueError(f"model={cfg.model.source} names a model to evaluate; train.py needs UNet flags, e.g. model=digits")
     datamodule: ImageDataModule = instantiate(cfg.data)
     flags = model_flags(cfg)
     check_data_matches_model(datamodule, flags)
@@ -78,8 +80,216 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     finally:
-        if isinstance(logger, pl.loggers.WandbLogger):
-            import wandb
-
-            wandb.finish()  # one W&B run per job, also between in-process multirun jobs
+        finish_wandb()
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+# --- evaluate.py ------------------------------------------------------------------------------
+
+def load_model(cfg: DictConfig):
+    """The model named by the ``model`` group: our checkpoint or an improved-diffusion .pt with flags."""
+    from .checkpoints import load_checkpoint, load_improved_diffusion
+
+    source = cfg.model.get("source")
+    if source == "checkpoint":
+        return load_checkpoint(cfg.model.path)
+    if source == "improved_diffusion":
+        model = load_improved_diffusion(cfg.model.path, **OmegaConf.to_container(cfg.model.get("flags") or {}, resolve=True))
+        model.levels = int(cfg.model.get("levels", 256))
+        return model
+    raise ValueError(f"model source {source!r} is not known; use model=checkpoint or model=improved_diffusion")
+
+
+STRATEGIES = ("dp", "even", "quadratic", "respace:<spec>", "file:<path>")
+
+
+def parse_strategies(strategies: list[str], budgets: list[int], T: int, grid_size: int) -> list[str]:
+    """Check every strategy and budget before any heavy work; returns the strategies in order."""
+    from .schedules import load_schedules, respaced_schedule
+
+    for K in budgets:
+        if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= grid_size:
+            raise ValueError(f"eval.budgets has {K!r}; every budget must be an integer in 1..{grid_size} (the cost grid's size)")
+    for name in strategies:
+        if name in ("dp", "even", "quadratic"):
+            continue
+        if name.startswith("respace:"):
+            respaced_schedule(T, name[len("respace:") :])
+        elif name.startswith("file:"):
+            for sch in load_schedules(name[len("file:") :]):
+                if sch.T != T:
+                    raise ValueError(f"schedule file {name[5:]!r} holds a schedule for T = {sch.T}; the model has T = {T}")
+        else:
+            raise ValueError(f"unknown strategy {name!r} in eval.strategies; use {', '.join(STRATEGIES)}")
+    return list(strategies)
+
+
+def build_schedules(strategies: list[str], budgets: list[int], cm) -> list:
+    """Every (strategy, K) schedule: the DP's for all budgets from one pass, then the baselines."""
+    from .dp import optimal_schedules
+    from .schedules import even_schedule, load_schedules, quadratic_schedule, respaced_schedule
+
+    out = []
+    dp = optimal_schedules(cm, budgets) if "dp" in strategies else {}
+    for name in strategies:
+        if name == "dp":
+            out += [dp[K] for K in budgets]
+        elif name == "even":
+            out += [even_schedule(cm.T, K) for K in budgets]
+        elif name == "quadratic":
+            out += [quadratic_schedule(cm.T, K) for K in budgets]
+        elif name.startswith("respace:"):
+            out.append(respaced_schedule(cm.T, name[len("respace:") :]))
+        else:
+            out += [sch if sch.strategy != "custom" else type(sch)(sch.timesteps, sch.T, f"file:{Path(name[5:]).stem}")
+                    for sch in load_schedules(name[len("file:") :])]  # fmt: skip
+    return out
+
+
+def cost_grid(grid: Any, T: int) -> list[int] | None:
+    if grid is None:
+        return None
+    if isinstance(grid, int):
+        if grid < 1:
+            raise ValueError(f"cost.grid = {grid}; an integer grid is a stride >= 1 (every k-th step)")
+        return sorted(set(range(grid, T + 1, grid)) | {T})
+    return sorted(int(t) for t in grid)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Cost matrix -> DP schedules -> held-out bits/dim, samples and FID per (strategy, K) -> reports.
+
+    Every input is checked before heavy work; results.json is written last and atomically.
+    """
+    try:
+        return _evaluate(cfg, lambda: build_logger(cfg))
+    finally:
+        finish_wandb()
+
+
+def finish_wandb() -> None:
+    """End the W&B run of this job, so the next in-process multirun job gets its own."""
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
+    import math
+    import time
+
+    import torch
+
+    from . import report
+    from .cost_matrix import CostMatrix, estimate_cost_matrix, full_grid
+    from .evaluation import evaluate_schedules, frechet_distances
+    from .schedules import full_schedule
+
+    out_dir = Path(cfg.paths.output_dir)
+    timings: dict[str, float] = {}
+    model = load_model(cfg)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    model = model.to(device)
+    datamodule: ImageDataModule = instantiate(cfg.data)
+    if tuple(datamodule.image_shape) != tuple(model.image_shape) or datamodule.levels != model.levels:
+        raise ValueError(
+            f"the data ({tuple(datamodule.image_shape)}, levels={datamodule.levels}) does not match the model "
+            f"({tuple(model.image_shape)}, levels={model.levels}); evaluate the model on the data it was trained for"
+        )
+    grid = cost_grid(OmegaConf.to_container(cfg.cost.grid) if OmegaConf.is_config(cfg.cost.grid) else cfg.cost.grid, model.T)
+    g = full_grid(grid, model.T)
+    budgets = list(cfg.eval.budgets)
+    strategies = parse_strategies(list(cfg.eval.strategies), budgets, model.T, g.numel() - 1)
+    fid_on = bool(cfg.fid.enabled)
+    if fid_on:
+        from .features import load_digits_features  # noqa: F401  (checked below, before any heavy work)
+        from .evaluation import fid_feature_extractor
+
+        fid_feature_extractor(cfg.fid.features, cfg.fid.digits_weights, cfg.fid.inception_weights)
+    cost_data = datamodule.tensor(cfg.cost.split, cfg.cost.examples)
+    eval_data = datamodule.tensor(cfg.eval.split, cfg.eval.examples)
+    logger = make_logger()
+
+    # 1. the cost matrix, cached by model weights, data, grid, seed and conventions
+    start = time.perf_counter()
+    key = report.cache_key(model, data=type(datamodule).__name__, split=cfg.cost.split, examples=len(cost_data), grid=g.tolist(), seed=cfg.cost.seed)
+    cache = Path(cfg.cache_dir) / f"cost_matrix_{key[:20]}.pt"
+    cached = cache.is_file()
+    if cached:
+        try:
+            cm = CostMatrix.load(cache)
+        except ValueError:
+            cached = False
+    if not cached:
+        cm = estimate_cost_matrix(model, cost_data, grid=grid, seed=cfg.cost.seed, batch_size=cfg.batch_size)
+        cm.save(cache)
+    timings["cost_matrix"] = time.perf_counter() - start
+
+    # 2. schedules; 3. held-out bits/dim of all of them (and the full chain) in one union pass
+    start = time.perf_counter()
+    schedules = build_schedules(strategies, budgets, cm)
+    timings["dp_and_schedules"] = time.perf_counter() - start
+    start = time.perf_counter()
+    extra = [full_schedule(model.T)] if cfg.eval.full_chain else []
+    results = evaluate_schedules(model, eval_data, schedules + extra, seed=cfg.eval.seed, batch_size=cfg.batch_size)
+    full = results[len(schedules)] if extra else None
+    results = results[: len(schedules)]
+    timings["held_out_bpd"] = time.perf_counter() - start
+
+    # 4. samples and Fréchet distances per schedule
+    start = time.perf_counter()
+    samples = {}
+    for i, sch in enumerate(schedules):
+        gen = torch.Generator().manual_seed(int(cfg.sample.seed) * 1000 + i)
+        n = max(int(cfg.fid.samples) if fid_on else 0, int(cfg.sample.grid_size))
+        samples[i] = model.sample(sch, n, generator=gen, batch_size=cfg.batch_size).cpu()
+    timings["sampling"] = time.perf_counter() - start
+    start = time.perf_counter()
+    fids: dict[int, float] = {}
+    if fid_on:
+        reference = datamodule.tensor(cfg.fid.reference_split, cfg.fid.reference_examples)
+        fids = frechet_distances(
+            reference,
+            {i: s[: int(cfg.fid.samples)] for i, s in samples.items()},
+            features=cfg.fid.features,
+            digits_weights=cfg.fid.digits_weights,
+            inception_weights=cfg.fid.inception_weights,
+            antialias=bool(cfg.fid.antialias),
+        )
+    timings["fid"] = time.perf_counter() - start
+
+    # 5. reports; results.json last
+    start = time.perf_counter()
+    doc = {
+        "model": {"source": cfg.model.source, "path": str(cfg.model.path), "T": model.T, "mean_type": model.mean_type, "var_type": model.var_type},
+        "data": {
+            "name": type(datamodule).__name__, "levels": model.levels, "dims": math.prod(model.image_shape),
+            "cost_split": cfg.cost.split, "cost_examples": len(cost_data), "eval_split": cfg.eval.split, "eval_examples": len(eval_data),
+        },
+        "cost_matrix": {"grid_size": g.numel() - 1, "seconds": timings["cost_matrix"], "file": str(cache), "cached": cached, "seed": cfg.cost.seed},
+        "full_chain": {"K": model.T, "bpd": full.bpd, "bpd_sem": full.bpd_sem} if full else None,
+        "fid": {
+            "features": ("Inception-v3 pool3 (FID)" if cfg.fid.features == "inception" else "digits classifier penultimate layer (FD, not FID)") if fid_on else None,
+            "reference_split": cfg.fid.reference_split if fid_on else None,
+            "reference_examples": int(cfg.fid.reference_examples) if fid_on else None,
+            "samples": int(cfg.fid.samples) if fid_on else None,
+        },
+        "results": [
+            {
+                "strategy": r.schedule.strategy, "K": r.schedule.K, "schedule": list(r.schedule.timesteps), "bpd": r.bpd,
+                "bpd_sem": r.bpd_sem, "predicted_bpd": cm.bpd(cm.schedule_nats(r.schedule)) if set(r.schedule.timesteps) <= set(g.tolist()) else None,
+                "fid": fids.get(i), "terms_bpd": r.terms_bpd,
+            }
+            for i, r in enumerate(results)
+        ],
+        "timings": timings,
+    }  # fmt: skip
+    report.write_evaluation(out_dir, doc, cm, schedules, samples, logger)
+    timings["report"] = time.perf_counter() - start
+    report.write_json_atomic(out_dir / "results.json", doc)
+    print(report.results_table(doc))
+    return doc

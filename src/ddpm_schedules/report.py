@@ -12,6 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+import hashlib  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
 from .cost_matrix import CostMatrix  # noqa: E402
 from .schedules import Schedule  # noqa: E402
 
@@ -59,3 +66,123 @@ def plot_bpd_vs_budget(bpd: Mapping[str, Mapping[int, float]], full_chain: float
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def cache_key(model, **parts: Any) -> str:
+    """sha256 of the model's weights and conventions and of what the estimate depends on."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.net.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr(model).encode())
+    h.update(model.schedule.betas.numpy().tobytes())
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
+
+
+def results_table(doc: dict[str, Any]) -> str:
+    """Markdown table: rows = strategy, columns = K, cells = bits/dim (and the Fréchet distance)."""
+    rows: dict[str, dict[int, str]] = {}
+    for r in doc["results"]:
+        cell = f"{r['bpd']:.3f}" + (f" / {r['fid']:.2f}" if r.get("fid") is not None else "")
+        rows.setdefault(r["strategy"], {})[r["K"]] = cell
+    ks = sorted({r["K"] for r in doc["results"]})
+    fid_name = doc["fid"]["features"]
+    lines = [f"bits/dim on {doc['data']['eval_split']} ({doc['data']['eval_examples']} examples)"
+             + (f" / Fréchet distance, {fid_name}" if fid_name else "")]  # fmt: skip
+    lines += ["", "| strategy | " + " | ".join(f"K={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    for name, by_k in rows.items():
+        lines.append(f"| {name} | " + " | ".join(by_k.get(k, "") for k in ks) + " |")
+    if doc.get("full_chain"):
+        fc = doc["full_chain"]
+        lines += ["", f"full chain (K = {fc['K']}): {fc['bpd']:.3f} ± {fc['bpd_sem']:.3f} bits/dim"]
+    return "\n".join(lines)
+
+
+def sample_grid(samples: torch.Tensor, n: int = 64) -> np.ndarray:
+    """Up to n images in [-1, 1] as one uint8 grid image [H, W, 3]."""
+    x = samples[:n].clamp(-1, 1)
+    x = ((x + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    cols = int(math.ceil(math.sqrt(len(x))))
+    rows = int(math.ceil(len(x) / cols))
+    C, H, W = x.shape[1:]
+    grid = torch.full((C, rows * (H + 1) + 1, cols * (W + 1) + 1), 255, dtype=torch.uint8)
+    for i, img in enumerate(x):
+        r, c = divmod(i, cols)
+        grid[:, 1 + r * (H + 1) : 1 + r * (H + 1) + H, 1 + c * (W + 1) : 1 + c * (W + 1) + W] = img
+    return grid.permute(1, 2, 0).numpy()
+
+
+def write_evaluation(out_dir: Path, doc: dict[str, Any], cm: CostMatrix, schedules: Sequence[Schedule], samples: dict, logger) -> None:
+    """results.md, plots, sample grids, schedules/*.json, and the same to the logger (W&B, CSV)."""
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text(results_table(doc) + "\n")
+    sched_dir, grid_dir = out_dir / "schedules", out_dir / "samples"
+    sched_dir.mkdir(exist_ok=True)
+    grid_dir.mkdir(exist_ok=True)
+    for sch in schedules:
+        write_json_atomic(sched_dir / f"{_safe(sch.strategy)}_K{sch.K}.json", sch.to_dict())
+    bpd: dict[str, dict[int, float]] = {}
+    for r in doc["results"]:
+        bpd.setdefault(r["strategy"], {})[r["K"]] = r["bpd"]
+    full = doc["full_chain"]["bpd"] if doc.get("full_chain") else None
+    figures = {
+        "bpd_vs_K": plot_bpd_vs_budget(bpd, full, title=f"held-out bits/dim, {doc['data']['name']}"),
+        "cost_matrix": plot_cost_matrix(cm),
+        "schedules": plot_schedules([s for s in schedules if s.K <= 256]),
+    }
+    for name, fig in figures.items():
+        fig.savefig(out_dir / f"{name}.png")
+    grids = {}
+    for i, sch in enumerate(schedules):
+        grids[f"{_safe(sch.strategy)}_K{sch.K}"] = sample_grid(samples[i])
+        Image.fromarray(grids[f"{_safe(sch.strategy)}_K{sch.K}"]).resize(
+            (grids[f"{_safe(sch.strategy)}_K{sch.K}"].shape[1] * 4, grids[f"{_safe(sch.strategy)}_K{sch.K}"].shape[0] * 4), Image.NEAREST
+        ).save(grid_dir / f"{_safe(sch.strategy)}_K{sch.K}.png")
+    log_evaluation(logger, doc, figures, grids)
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def log_evaluation(logger, doc: dict[str, Any], figures: dict, grids: dict) -> None:
+    """Summary keys bpd/<strategy>/K<K> and fid/<strategy>/K<K>, a results table and the images."""
+    if not logger:
+        return
+    from pytorch_lightning.loggers import WandbLogger
+
+    metrics = {}
+    for r in doc["results"]:
+        metrics[f"bpd/{r['strategy']}/K{r['K']}"] = r["bpd"]
+        if r.get("fid") is not None:
+            metrics[f"fid/{r['strategy']}/K{r['K']}"] = r["fid"]
+    if doc.get("full_chain"):
+        metrics["bpd/full_chain"] = doc["full_chain"]["bpd"]
+    if isinstance(logger, WandbLogger):
+        logger.experiment.summary.update(metrics)
+        columns = ["strategy", "K", "bpd", "bpd_sem", "predicted_bpd", "fid", "schedule"]
+        rows = [[r["strategy"], r["K"], r["bpd"], r["bpd_sem"], r["predicted_bpd"], r["fid"], json.dumps(r["schedule"])] for r in doc["results"]]
+        logger.log_table("results", columns=columns, data=rows)
+        for name, fig in figures.items():
+            fig.canvas.draw()
+            logger.log_image(f"plots/{name}", images=[np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()])
+        for name, grid in grids.items():
+            logger.log_image(f"samples/{name}", images=[grid])
+        logger.log_hyperparams({"fid_features": doc["fid"]["features"]})
+    else:
+        logger.log_metrics(metrics)
+        logger.save()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

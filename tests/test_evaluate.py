@@ -1,0 +1,133 @@
+"""evaluate.py end to end on a tiny model: files, schema, W&B offline run, cache, multirun, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ddpm_schedules import Schedule
+from ddpm_schedules.lightning.module import DiffusionModule
+from ddpm_schedules.pipeline import evaluate
+from ddpm_schedules.schedules import save_schedules
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+    num_heads=2, dropout=0.0, learn_sigma=True, diffusion_steps=20, noise_schedule="cosine",
+)  # fmt: skip
+SMALL = ["data=synthetic", "eval.budgets=[2,4]", "cost.examples=16", "eval.examples=16", "fid.samples=16",
+         "fid.reference_examples=16", "sample.grid_size=4", "batch_size=8"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    module = DiffusionModule(TINY, loss="hybrid", levels=17)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"hyper_parameters": {"flags": TINY, "levels": 17}, "state_dict": module.state_dict()}, path)
+    return path
+
+
+def eval_cfg(tmp_path, ckpt, *overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return compose(
+            "evaluate",
+            overrides=[f"paths.output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"model.path={ckpt}",
+                       f"fid.digits_weights={ROOT / 'checkpoints' / 'digits_features.pt'}", *SMALL, *overrides],
+        )  # fmt: skip
+
+
+def test_end_to_end_files_schema_wandb_and_cache(tmp_path, tiny_ckpt, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    save_schedules([Schedule((3, 11, 20), 20)], tmp_path / "mine.json")
+    cfg = eval_cfg(tmp_path, tiny_ckpt, "logger=wandb", f"eval.strategies=[dp,even,quadratic,respace:5,file:{tmp_path / 'mine.json'}]")
+    doc = evaluate(cfg)
+    run = tmp_path / "run"
+    saved = json.loads((run / "results.json").read_text())
+    assert saved == json.loads(json.dumps(doc))
+    assert set(saved) >= {"model", "data", "cost_matrix", "full_chain", "fid", "results"}
+    assert set(saved["model"]) >= {"source", "path", "T", "mean_type", "var_type"}
+    assert set(saved["data"]) >= {"name", "levels", "dims", "cost_split", "cost_examples", "eval_split", "eval_examples"}
+    assert set(saved["cost_matrix"]) >= {"grid_size", "seconds", "file"} and set(saved["full_chain"]) == {"K", "bpd", "bpd_sem"}
+    assert set(saved["fid"]) == {"features", "reference_split", "reference_examples", "samples"} and "not FID" in saved["fid"]["features"]
+    rows = {(r["strategy"], r["K"]) for r in saved["results"]}
+    assert rows == {("dp", 2), ("dp", 4), ("even", 2), ("even", 4), ("quadratic", 2), ("quadratic", 4), ("respace:5", 5), ("file:mine", 3)}
+    for r in saved["results"]:
+        assert set(r) >= {"strategy", "K", "schedule", "bpd", "bpd_sem", "predicted_bpd", "fid", "terms_bpd"}
+        assert len(r["terms_bpd"]) == r["K"] and r["fid"] > 0
+        assert sum(r["terms_bpd"]) < r["bpd"]  # plus the prior
+    for name in ("results.md", "bpd_vs_K.png", "cost_matrix.png", "schedules.png"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "samples").glob("*.png"))) == 8
+    # schedule exports round-trip and carry the diffusers form
+    dp4 = Schedule.from_json((run / "schedules" / "dp_K4.json").read_text())
+    assert list(dp4.timesteps) == next(r["schedule"] for r in saved["results"] if r["strategy"] == "dp" and r["K"] == 4)
+    assert json.loads((run / "schedules" / "dp_K4.json").read_text())["diffusers_timesteps"] == [t - 1 for t in reversed(dp4.timesteps)]
+    # the W&B offline run holds the results table
+    tables = list((run / "wandb").glob("offline-run-*/files/media/table/results_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:3] == ["strategy", "K", "bpd"] and len(table["data"]) == len(saved["results"])
+    # a rerun takes the cached matrix: no forward pass for it
+    import ddpm_schedules.cost_matrix as cost_matrix
+
+    monkeypatch.setattr(cost_matrix, "estimate_cost_matrix", lambda *a, **k: pytest.fail("the cost matrix was recomputed"))
+    again = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none"))
+    assert again["cost_matrix"]["cached"] is True
+    assert [r["schedule"] for r in again["results"] if r["strategy"] == "dp"] == [r["schedule"] for r in saved["results"] if r["strategy"] == "dp"]
+
+
+def test_dp_beats_baselines_on_the_cost_split(tmp_path, tiny_ckpt):
+    """Held out on the very examples and noise of the matrix, the DP is never worse than a baseline."""
+    doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "fid.enabled=false", "eval.split=val", "eval.seed=0"))
+    by = {(r["strategy"], r["K"]): r for r in doc["results"]}
+    for K in (2, 4):
+        assert by[("dp", K)]["bpd"] == pytest.approx(by[("dp", K)]["predicted_bpd"], rel=1e-9)
+        assert by[("dp", K)]["bpd"] <= min(by[("even", K)]["bpd"], by[("quadratic", K)]["bpd"]) + 1e-12
+
+
+def test_multirun_two_jobs(tmp_path, tiny_ckpt):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "DDPM_SCHEDULES_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "-m", f"model.path={tiny_ckpt}", *SMALL[1:], "data=synthetic",
+           "eval.budgets=[2],[4]", f"fid.digits_weights={ROOT / 'checkpoints' / 'digits_features.pt'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    docs = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert len(docs) == 2
+    assert [{r["K"] for r in json.loads(d.read_text())["results"]} for d in docs] == [{2}, {4}]
+    assert len(list((tmp_path / "sweep").glob("*/wandb/offline-run-*"))) == 2  # one W&B run per job
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["eval.budgets=[0,4]"], "eval.budgets has 0"),
+        (["eval.budgets=[2,21]"], "eval.budgets has 21"),
+        (["eval.strategies=[dp,fancy]"], "unknown strategy 'fancy'"),
+        (["eval.strategies=[respace:ddimx]"], "ddimN"),
+        (["model.path=/nope/missing.ckpt"], "missing"),
+        (["fid.features=inception", "fid.inception_weights=/nope/pt_inception.pth"], "fid.inception_weights file '/nope/pt_inception.pth' is missing"),
+        (["fid.features=clip"], "unknown fid.features 'clip'"),
+        (["data.image_size=16"], "does not match the model"),
+        (["cost.grid=[3,7]"], "must contain T = 20"),
+    ],
+)
+def test_bad_input_fails_before_work_and_writes_nothing(tmp_path, tiny_ckpt, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", *overrides))
+    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "cache").exists()
+
+
+def test_bad_schedule_file(tmp_path, tiny_ckpt):
+    (tmp_path / "bad.json").write_text(json.dumps({"timesteps": [5, 3, 20], "T": 20}))
+    with pytest.raises(ValueError, match="not strictly increasing"):
+        evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", f"eval.strategies=[file:{tmp_path / 'bad.json'}]"))
+    (tmp_path / "other.json").write_text(json.dumps({"timesteps": [5, 30], "T": 30}))
+    with pytest.raises(ValueError, match="T = 30; the model has T = 20"):
+        evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", f"eval.strategies=[file:{tmp_path / 'other.json'}]"))

@@ -1,8 +1,7 @@
 """Networks for benchmarks.
 
-`SmallConvNet` stands in for the digits UNet until it exists: the improved-DDPM UNet with
-num_channels=64, num_res_blocks=2, channel_mult=1,2 on 8x8 images costs about 150 MFLOP per
-example, and 16 residual blocks of 64-channel 3x3 convolutions at 8x8 cost about the same.
+`SmallConvNet` is a plain residual conv net (16 blocks of 64-channel 3x3 convolutions at 8x8, about
+150 MFLOP per example): a second, heavier network for `bench_cost_matrix.py --net stand-in`.
 """
 
 import math

@@ -7,6 +7,7 @@ processes combine into exactly the single-process matrix.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -115,7 +116,7 @@ class CostMatrix:
         """Write with torch.save to a temporary file, then rename: never a half-written file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel sweep jobs may share a cache
         torch.save(self.__dict__, tmp)
         tmp.replace(path)
 

@@ -192,8 +192,10 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     timings: dict[str, float] = {}
     model = load_model(cfg)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
-    model = model.to(device)
+    if cfg.device == "auto":
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        model = model.to(cfg.device)
     datamodule: ImageDataModule = instantiate(cfg.data)
     if tuple(datamodule.image_shape) != tuple(model.image_shape) or datamodule.levels != model.levels:
         raise ValueError(
@@ -205,8 +207,7 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
     budgets = list(cfg.eval.budgets)
     strategies = parse_strategies(list(cfg.eval.strategies), budgets, model.T, g.numel() - 1)
     fid_on = bool(cfg.fid.enabled)
-    if fid_on:
-        from .features import load_digits_features  # noqa: F401  (checked below, before any heavy work)
+    if fid_on:  # the feature network must be there before any heavy work
         from .evaluation import fid_feature_extractor
 
         fid_feature_extractor(cfg.fid.features, cfg.fid.digits_weights, cfg.fid.inception_weights)

@@ -78,8 +78,15 @@ def test_end_to_end_files_schema_wandb_and_cache(tmp_path, tiny_ckpt, monkeypatc
     import ddpm_schedules.cost_matrix as cost_matrix
 
     monkeypatch.setattr(cost_matrix, "estimate_cost_matrix", lambda *a, **k: pytest.fail("the cost matrix was recomputed"))
+    import torchmetrics.image.fid as tm_fid
+
+    real_updates = []
+    original_update = tm_fid.FrechetInceptionDistance.update
+    monkeypatch.setattr(tm_fid.FrechetInceptionDistance, "update", lambda self, x, real: real_updates.append(real) or original_update(self, x, real))
     again = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none"))
     assert again["cost_matrix"]["cached"] is True
+    assert real_updates and not any(real_updates)  # the reference statistics came from the cache too
+    assert [r["fid"] for r in again["results"][:6]] == pytest.approx([r["fid"] for r in saved["results"][:6]], rel=1e-9)
     assert [r["schedule"] for r in again["results"] if r["strategy"] == "dp"] == [r["schedule"] for r in saved["results"] if r["strategy"] == "dp"]
 
 

@@ -61,7 +61,7 @@ def test_experiment_configs_compose(tmp_path, experiment):
 def test_train_resume_and_monitor_with_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    metrics = train(train_cfg(tmp_path, "logger=wandb"))
+    metrics = train(train_cfg(tmp_path, "logger=wandb", "data=digits", "data.batch_size=16"))
     assert math.isfinite(metrics["val/bpd"]) and "schedules/dp_bpd/K2" in metrics
     assert metrics["schedules/dp_bpd/K4"] <= metrics["schedules/even_bpd/K4"] + 1e-9  # the DP is optimal on its data
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
@@ -78,19 +78,19 @@ def test_train_resume_and_monitor_with_wandb_offline(tmp_path, monkeypatch):
     assert torch.equal(w, state["state_dict"]["model.net.out.2.weight"])
     assert not torch.equal(w, state["current_model_state"]["model.net.out.2.weight"])
     # resume: continues from step 6 to 12 and keeps the monitor's history
-    train(train_cfg(tmp_path, "logger=wandb", "trainer.max_steps=12", f"ckpt_path={ckpt}"))
+    train(train_cfg(tmp_path, "logger=wandb", "data=digits", "data.batch_size=16", "trainer.max_steps=12", f"ckpt_path={ckpt}"))
     resumed = torch.load(ckpt, weights_only=False)
     assert resumed["global_step"] == 12
     history = next(v for k, v in resumed["callbacks"].items() if "ScheduleMonitor" in k)["history"]
     assert [h["global_step"] for h in history] == [3, 6, 9, 12]
     # a resume with another architecture is refused before anything runs
     with pytest.raises(ValueError, match="was trained with num_channels=32 \\(config: 64\\)"):
-        train(train_cfg(tmp_path, "logger=none", "model.num_channels=64", f"ckpt_path={ckpt}"))
+        train(train_cfg(tmp_path, "logger=none", "data=digits", "model.num_channels=64", f"ckpt_path={ckpt}"))
     # a run whose loss turns NaN stops without replacing the last good checkpoint
     good = ckpt.read_bytes()
     monkeypatch.setattr(DiffusionModule, "losses", lambda self, x0, t, noise: {"loss": torch.full((len(x0),), math.nan)})
     with pytest.raises(ValueError, match="the training loss is nan at step 12"):
-        train(train_cfg(tmp_path, "logger=none", "trainer.max_steps=18", f"ckpt_path={ckpt}"))
+        train(train_cfg(tmp_path, "logger=none", "data=digits", "data.batch_size=16", "trainer.max_steps=18", f"ckpt_path={ckpt}"))
     assert ckpt.read_bytes() == good
 
 

@@ -175,13 +175,18 @@ def frechet_distances(
     inception_weights: str | None = None,
     antialias: bool = False,
     batch_size: int = 100,
+    reference_cache: str | None = None,
 ) -> dict:
     """Fréchet distance of each set of samples (values in [-1, 1]) to ``reference``, with torchmetrics.
 
     ``features="inception"`` is FID proper (Inception-v3 pool3, uint8 RGB, ``antialias=False`` for
     numbers comparable with the literature); ``"digits"`` uses the digits classifier's features.
-    Reference statistics are computed once and kept across the sets.
+    Reference statistics are computed once and kept across the sets; with ``reference_cache`` (a
+    file path) they are saved there and reused by later runs.
     """
+    import os
+    from pathlib import Path
+
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     extractor = fid_feature_extractor(features, digits_weights, inception_weights)
@@ -195,8 +200,19 @@ def frechet_distances(
             x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
-    for chunk in reference.split(batch_size):
-        fid.update(prepare(chunk), real=True)
+    real_states = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+    cache = Path(reference_cache) if reference_cache else None
+    if cache is not None and cache.is_file():
+        for name, value in torch.load(cache, weights_only=True).items():
+            setattr(fid, name, value)
+    else:
+        for chunk in reference.split(batch_size):
+            fid.update(prepare(chunk), real=True)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            torch.save({name: getattr(fid, name) for name in real_states}, tmp)
+            tmp.replace(cache)
     out = {}
     for key, samples in fakes.items():
         fid.reset()  # keeps the reference features (reset_real_features=False)

@@ -11,7 +11,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import WeightAveraging
 
-from .lightning.callbacks import ScheduleMonitor
 from .lightning.data import ImageDataModule
 
 
@@ -36,8 +35,9 @@ def build_logger(cfg: DictConfig):
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    # the monitor must see the averaged weights: run it before weight averaging swaps them back
-    return sorted(callbacks, key=lambda c: isinstance(c, WeightAveraging) and not isinstance(c, ScheduleMonitor))
+    # the monitor must see the averaged weights, and the final checkpoint the raw ones beside them:
+    # both run before weight averaging swaps back (on_validation_epoch_end) or copies over (on_train_end)
+    return sorted(callbacks, key=lambda c: isinstance(c, WeightAveraging))
 
 
 def check_data_matches_model(datamodule: ImageDataModule, flags: dict[str, Any]) -> None:
@@ -253,6 +253,9 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
     fids: dict[int, float] = {}
     if fid_on:
         reference = datamodule.tensor(cfg.fid.reference_split, cfg.fid.reference_examples)
+        weights = cfg.fid.digits_weights if cfg.fid.features == "digits" else cfg.fid.inception_weights
+        ref_key = report.hash_parts(features=cfg.fid.features, weights=report.file_digest(weights), data=type(datamodule).__name__,
+                                    split=cfg.fid.reference_split, examples=len(reference), antialias=bool(cfg.fid.antialias))  # fmt: skip
         fids = frechet_distances(
             reference,
             {i: s[: int(cfg.fid.samples)] for i, s in samples.items()},
@@ -260,6 +263,7 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
             digits_weights=cfg.fid.digits_weights,
             inception_weights=cfg.fid.inception_weights,
             antialias=bool(cfg.fid.antialias),
+            reference_cache=str(Path(cfg.cache_dir) / f"fid_reference_{ref_key[:20]}.pt"),
         )
     timings["fid"] = time.perf_counter() - start
 

@@ -76,8 +76,19 @@ def cache_key(model, **parts: Any) -> str:
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     h.update(repr(model).encode())
     h.update(model.schedule.betas.numpy().tobytes())
-    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    h.update(hash_parts(**parts).encode())
     return h.hexdigest()
+
+
+def hash_parts(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(path: str | None) -> str | None:
+    """sha256 of a file's bytes (None for no file)."""
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_json_atomic(path: Path, doc: Any) -> None:

@@ -176,3 +176,22 @@ def summarize(cm: CostMatrix, budgets: Sequence[int], global_step: int = 0) -> d
 def _to_array(fig) -> np.ndarray:
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+class FinalCheckpoint(Callback):
+    """Write ``last.ckpt`` at the final training step when no validation did.
+
+    Lightning's ModelCheckpoint saves after validations, and a run that stops at ``max_steps``
+    between two of them would otherwise lose its last steps. Keep it before `EMAWeightAveraging`:
+    at train end that callback copies the averaged weights over the trained ones.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        ckpt = trainer.checkpoint_callback
+        if not isinstance(ckpt, ModelCheckpoint) or not ckpt.save_last or not ckpt.dirpath or trainer.interrupted:
+            return
+        last = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+        if trainer.global_step > 0 and (ckpt._last_global_step_saved != trainer.global_step or not last.is_file()):
+            trainer.save_checkpoint(last)

@@ -20,8 +20,12 @@ def _user_error(e: BaseException) -> ValueError | None:
 
 def run(fn: Callable[[Any], dict[str, float]], cfg: Any) -> dict[str, float]:
     """Call ``fn(cfg)``; a bad input is printed as one line and exits with status 2 (HYDRA_FULL_ERROR=1 re-raises)."""
+    from .resume import Preempted
+
     try:
         return fn(cfg)
+    except Preempted as e:  # already logged with where the partial sums are
+        sys.exit(e.code)
     except (ValueError, InstantiationException) as e:
         cause = _user_error(e)
         if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .batches import example_noise, indexed_batches
 from .model import DiffusionModel
+from .resume import PartialSums, data_fingerprint, model_fingerprint, sigterm_requests
 from .schedules import Schedule
 
 
@@ -150,23 +151,37 @@ def estimate_cost_matrix(
     batch_size: int = 64,
     progress: bool = True,
     start_index: int = 0,
+    partial: str | Path | None = None,
+    save_every_columns: int = 50,
+    save_every_seconds: float = 600.0,
 ) -> CostMatrix:
     """Estimate C[s, t] for every pair of ``[0] + grid`` on ``data`` (x_0 in [-1, 1]).
 
     Column t costs one forward pass per example, which serves every s < t on the grid.
     ``start_index`` is the global index of the first example of ``data``: under torch.distributed
     each process passes its own shard, and the sums of all shards are combined into one matrix.
+    With ``partial`` (a file path) the sums are saved there every ``save_every_columns`` columns or
+    ``save_every_seconds``, a rerun with the same model, data, grid and seed resumes from them, and
+    SIGTERM saves and stops with `Preempted`. The file is removed once the matrix is complete.
     """
     g = full_grid(grid, model.T)
     batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
     shape = tuple(batches[0][1].shape[1:])
     device = model.device
     metric = CostMatrixMetric(g.numel()).to(device)
+    saver = PartialSums(
+        partial,
+        {"what": "cost_matrix", "model": model_fingerprint(model), "data": data_fingerprint(batches), "grid": g.tolist(), "seed": seed},
+        save_every_columns,
+        save_every_seconds,
+    )
+    done = saver.load(metric)
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            for j in tqdm(range(1, g.numel()), desc="cost matrix", unit="col", disable=not progress):
+        with torch.inference_mode(), sigterm_requests() as stop_requested:
+            bar = tqdm(range(done + 1, g.numel()), desc="cost matrix", unit="col", disable=not progress, initial=done, total=g.numel() - 1)
+            for j in bar:
                 t = int(g[j])
                 tables = model.pair_tables(t, g[:j], device)
                 for start, x0 in batches:
@@ -174,9 +189,11 @@ def estimate_cost_matrix(
                     x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device))
                     terms = model.pair_terms(x0, x_t, t, g[:j], model.predict(x_t, t), tables=tables)
                     metric.update(terms, j, model.prior_nats(x0) if j == 1 else None)
+                saver.step(metric, j, stop_requested())
     finally:
         model.train(was_training)
     mean, sem, prior, prior_sem, count = (v.cpu() for v in metric.compute())
+    saver.remove()
     return CostMatrix(
         mean=mean,
         sem=sem,

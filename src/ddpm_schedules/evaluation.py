@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .batches import example_noise, indexed_batches
 from .model import DiffusionModel
+from .resume import PartialSums, data_fingerprint, model_fingerprint, sigterm_requests
 from .schedules import Schedule
 
 
@@ -74,12 +76,16 @@ def evaluate_schedules(
     batch_size: int = 64,
     progress: bool = True,
     start_index: int = 0,
+    partial: str | Path | None = None,
+    save_every_batches: int = 10,
+    save_every_seconds: float = 600.0,
 ) -> list[ScheduleResult]:
     """Negative ELBO in bits/dim of each schedule on ``data``, in the order given.
 
     The network runs once per example at each timestep in the union of the schedules; that pass
     gives the terms of every (s, t) pair any schedule takes at t. The noise for (example, t) is
     shared by all schedules (common random numbers make their differences precise).
+    ``partial`` makes the sums resumable as in `estimate_cost_matrix` (the unit is a batch).
     """
     schedules = list(schedules)
     if not schedules:
@@ -105,10 +111,20 @@ def evaluate_schedules(
     was_training = model.training
     model.eval()
     tables = {t: model.pair_tables(t, sorted(by_s), device) for t, by_s in needs.items()}
-    bar = tqdm(total=len(batches) * len(needs), desc="held-out terms", unit="pass", disable=not progress)
+    saver = PartialSums(
+        partial,
+        {"what": "held_out", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed,
+         "schedules": [list(s.timesteps) for s in schedules]},
+        save_every_batches,
+        save_every_seconds,
+    )  # fmt: skip
+    done = saver.load(metric)
+    bar = tqdm(total=len(batches) * len(needs), initial=done * len(needs), desc="held-out terms", unit="pass", disable=not progress)
     try:
-        with torch.inference_mode():
-            for start, x0 in batches:
+        with torch.inference_mode(), sigterm_requests() as stop_requested:
+            for b, (start, x0) in enumerate(batches):
+                if b < done:
+                    continue
                 x0 = x0.to(device)
                 prior = model.prior_nats(x0)
                 step_terms = torch.zeros(x0.shape[0], offsets[-1], dtype=torch.float64, device=device)
@@ -123,10 +139,12 @@ def evaluate_schedules(
                     bar.update()
                 totals = torch.stack([step_terms[:, offsets[k] : offsets[k + 1]].sum(1) for k in range(len(schedules))], 1)
                 metric.update(step_terms, totals + prior[:, None], prior)
+                saver.step(metric, b + 1, stop_requested())
     finally:
         bar.close()
         model.train(was_training)
     out = {k: v.cpu().reshape(-1) for k, v in metric.compute().items()}  # torchmetrics squeezes 1-element results
+    saver.remove()
     to_bpd = 1 / (dims * math.log(2))
     return [
         ScheduleResult(

@@ -226,7 +226,10 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
         except ValueError:
             cached = False
     if not cached:
-        cm = estimate_cost_matrix(model, cost_data, grid=grid, seed=cfg.cost.seed, batch_size=cfg.batch_size)
+        cm = estimate_cost_matrix(
+            model, cost_data, grid=grid, seed=cfg.cost.seed, batch_size=cfg.batch_size,
+            partial=cache.with_suffix(".partial.pt"), save_every_columns=cfg.resume.every_columns, save_every_seconds=cfg.resume.every_seconds,
+        )  # fmt: skip
         cm.save(cache)
     timings["cost_matrix"] = time.perf_counter() - start
 
@@ -236,7 +239,12 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
     timings["dp_and_schedules"] = time.perf_counter() - start
     start = time.perf_counter()
     extra = [full_schedule(model.T)] if cfg.eval.full_chain else []
-    results = evaluate_schedules(model, eval_data, schedules + extra, seed=cfg.eval.seed, batch_size=cfg.batch_size)
+    held_key = report.hash_parts(key=key, split=cfg.eval.split, examples=len(eval_data))
+    results = evaluate_schedules(
+        model, eval_data, schedules + extra, seed=cfg.eval.seed, batch_size=cfg.batch_size,
+        partial=Path(cfg.cache_dir) / f"held_out_{held_key[:20]}.partial.pt", save_every_batches=cfg.resume.every_batches,
+        save_every_seconds=cfg.resume.every_seconds,
+    )  # fmt: skip
     full = results[len(schedules)] if extra else None
     results = results[: len(schedules)]
     timings["held_out_bpd"] = time.perf_counter() - start

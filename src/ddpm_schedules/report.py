@@ -70,14 +70,9 @@ def plot_bpd_vs_budget(bpd: Mapping[str, Mapping[int, float]], full_chain: float
 
 def cache_key(model, **parts: Any) -> str:
     """sha256 of the model's weights and conventions and of what the estimate depends on."""
-    h = hashlib.sha256()
-    for name, value in sorted(model.net.state_dict().items()):
-        h.update(name.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    h.update(repr(model).encode())
-    h.update(model.schedule.betas.numpy().tobytes())
-    h.update(hash_parts(**parts).encode())
-    return h.hexdigest()
+    from .resume import model_fingerprint
+
+    return hash_parts(model=model_fingerprint(model), **parts)
 
 
 def hash_parts(**parts: Any) -> str:

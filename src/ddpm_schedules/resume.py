@@ -1,0 +1,150 @@
+"""Partial sums of long estimations on disk: saved atomically with a checksum, resumed on a rerun.
+
+A file holds a Metric's states, how far the loop got and the configuration it belongs to. A file
+that is corrupt or belongs to another configuration is reported and ignored (the work is redone),
+never silently used. SIGTERM (what SLURM sends before pre-emption) lets the current unit of work
+finish, saves, and stops with `Preempted`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torchmetrics import Metric
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(SystemExit):
+    """Stopped by SIGTERM after saving partial sums; rerunning the same command resumes."""
+
+    def __init__(self, message: str):
+        super().__init__(143)  # 128 + SIGTERM, as a shell reports it
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+class PartialSums:
+    """Atomic save / checked load of a Metric's states plus a progress counter, for one configuration."""
+
+    def __init__(self, path: str | Path | None, config: dict[str, Any], every_units: int = 50, every_seconds: float = 600.0):
+        self.path = Path(path) if path is not None else None
+        self.config = json.loads(json.dumps(config, sort_keys=True, default=str))
+        self.every_units, self.every_seconds = max(1, every_units), every_seconds
+        self._last_save, self._unsaved = time.monotonic(), 0
+
+    def _read(self) -> dict[str, Any]:
+        blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        payload = bytes(blob["payload"].numpy().tobytes())
+        if _digest(payload) != blob["sha256"]:
+            raise ValueError("checksum mismatch")
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+    def load_progress(self) -> int:
+        """Units done according to the file, whatever its configuration (for monitoring a run)."""
+        return int(self._read()["done"])
+
+    def load(self, metric: Metric) -> int:
+        """Restore ``metric`` and return the number of units already done (0 when starting afresh)."""
+        if self.path is None or not self.path.is_file():
+            return 0
+        try:
+            saved = self._read()
+        except Exception as e:  # truncated, garbage, or tampered with
+            log.warning("partial sums %s are unreadable (%s); starting afresh", self.path, e)
+            return 0
+        if saved["config"] != json.dumps(self.config, sort_keys=True):
+            log.warning("partial sums %s belong to another configuration; starting afresh", self.path)
+            return 0
+        for name, value in saved["states"].items():
+            current = getattr(metric, name)
+            setattr(metric, name, value.to(device=current.device, dtype=current.dtype))
+        log.info("resuming from %s: %d units done", self.path, saved["done"])
+        return int(saved["done"])
+
+    def save(self, metric: Metric, done: int) -> None:
+        """Write the states and progress to a temporary file, then rename it over the old one."""
+        if self.path is None:
+            return
+        buf = io.BytesIO()
+        states = {name: getattr(metric, name).detach().cpu() for name in metric._defaults}
+        torch.save({"states": states, "done": done, "config": json.dumps(self.config, sort_keys=True)}, buf)
+        payload = buf.getvalue()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        torch.save({"payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8), "sha256": _digest(payload)}, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+        self._last_save, self._unsaved = time.monotonic(), 0
+
+    def step(self, metric: Metric, done: int, stop_requested: bool = False) -> None:
+        """After each unit: save when due; on a stop request save and raise `Preempted`."""
+        self._unsaved += 1
+        due = self._unsaved >= self.every_units or time.monotonic() - self._last_save >= self.every_seconds
+        if due or stop_requested:
+            self.save(metric, done)
+        if stop_requested:
+            where = f"; partial sums saved to {self.path}, rerun the same command to resume" if self.path else ""
+            message = f"stopped by SIGTERM after {done} units{where}"
+            log.warning(message)
+            raise Preempted(message)
+
+    def remove(self) -> None:
+        if self.path is not None and self.path.is_file():
+            self.path.unlink()
+
+
+@contextmanager
+def sigterm_requests() -> Iterator[callable]:
+    """Within the block, SIGTERM only sets a flag that the returned function reports."""
+    flag = {"set": False}
+
+    def handler(signum, frame):  # noqa: ARG001
+        flag["set"] = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield lambda: False
+        return
+    try:
+        yield lambda: flag["set"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of a DiffusionModel's weights (in order, whatever wraps the network), conventions and betas."""
+    h = hashlib.sha256()
+    for value in model.net.state_dict().values() if isinstance(model.net, torch.nn.Module) else []:
+        h.update(str((value.dtype, tuple(value.shape))).encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    h.update(model.extra_repr().encode())
+    h.update(model.schedule.betas.numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(batches: list[tuple[int, torch.Tensor]]) -> str:
+    """sha256 of indexed batches: the examples, their values and their global indices."""
+    h = hashlib.sha256()
+    for start, x0 in batches:
+        h.update(str((start, tuple(x0.shape))).encode())
+        h.update(x0.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

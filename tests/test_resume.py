@@ -1,0 +1,139 @@
+"""Long estimations survive kill -9 and SIGTERM: partial sums on disk, identical results after a rerun."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CountingNet, quantized_data, tiny_model
+from ddpm_schedules import Schedule, estimate_cost_matrix, evaluate_schedules, even_schedule
+from ddpm_schedules import resume as resume_mod
+from ddpm_schedules.cost_matrix import CostMatrixMetric
+from ddpm_schedules.resume import PartialSums, Preempted
+from estimate_script import make_data, make_model
+
+HERE = Path(__file__).parent
+
+
+def done_in(path: Path) -> int:
+    try:
+        return PartialSums(path, {}).load_progress()
+    except Exception:
+        return 0
+
+
+def assert_same_matrix(a, b):
+    valid = torch.isfinite(a.mean)
+    assert torch.equal(a.mean[valid], b.mean[valid]) and a.prior == b.prior and a.count == b.count
+
+
+def counted_model():
+    model = make_model()
+    counter = CountingNet(model.net)
+    model.net = counter
+    return model, counter
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
+    partial = tmp_path / "cm.partial.pt"
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{HERE.parent / 'src'}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "estimate_script.py"), str(partial)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while done_in(partial) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, how)
+    _, stderr = proc.communicate(timeout=60)
+    saved = done_in(partial)
+    assert 4 <= saved < 12, f"the run should be stopped mid-way, saved {saved}: {stderr[-500:]}"
+    if how == signal.SIGTERM:
+        assert proc.returncode == 143 and "partial sums saved" in stderr and "Traceback" not in stderr
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    model, counter = counted_model()
+    resumed = estimate_cost_matrix(model, make_data(), seed=3, batch_size=4, progress=False, partial=partial, save_every_columns=1)
+    # only the columns after the saved ones ran: one pass per example per remaining column
+    assert sorted(counter.calls) == list(range(saved, 12)) and set(counter.calls.values()) == {10}
+    assert not partial.exists()
+    fresh = estimate_cost_matrix(make_model(), make_data(), seed=3, batch_size=4, progress=False)
+    assert_same_matrix(resumed, fresh)
+
+
+def test_sigterm_in_process_then_resume(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    class StopAfterThree:
+        def __enter__(self):
+            def stop():
+                calls["n"] += 1
+                return calls["n"] >= 3
+            return stop
+
+        def __exit__(self, *exc):
+            return False
+
+    model, data = tiny_model("fixed_large", T=10), quantized_data(9)
+    partial = tmp_path / "p.pt"
+    monkeypatch.setattr("ddpm_schedules.cost_matrix.sigterm_requests", StopAfterThree)
+    with pytest.raises(Preempted, match="after 3 units; partial sums saved"):
+        estimate_cost_matrix(model, data, seed=1, progress=False, partial=partial, save_every_columns=100)
+    monkeypatch.undo()
+    assert_same_matrix(
+        estimate_cost_matrix(model, data, seed=1, progress=False, partial=partial), estimate_cost_matrix(model, data, seed=1, progress=False)
+    )
+
+
+def test_held_out_evaluation_resumes(tmp_path, monkeypatch):
+    model, data = tiny_model("learned_range", T=12), quantized_data(11)
+    schedules = [even_schedule(12, 3), Schedule((2, 7, 12), 12)]
+    ref = evaluate_schedules(model, data, schedules, seed=2, batch_size=3, progress=False)
+    calls = {"n": 0}
+
+    class StopAfterTwo:
+        def __enter__(self):
+            def stop():
+                calls["n"] += 1
+                return calls["n"] >= 2
+            return stop
+
+        def __exit__(self, *exc):
+            return False
+
+    partial = tmp_path / "h.pt"
+    monkeypatch.setattr("ddpm_schedules.evaluation.sigterm_requests", StopAfterTwo)
+    with pytest.raises(Preempted):
+        evaluate_schedules(model, data, schedules, seed=2, batch_size=3, progress=False, partial=partial)
+    monkeypatch.undo()
+    counter = CountingNet(model.net)
+    model.net = counter
+    again = evaluate_schedules(model, data, schedules, seed=2, batch_size=3, progress=False, partial=partial)
+    assert sum(counter.calls.values()) == (11 - 6) * 4  # batches 3 and 4 only, at the 4 distinct timesteps
+    for a, b in zip(ref, again):
+        assert a.bpd == b.bpd and a.bpd_sem == b.bpd_sem and a.terms_bpd == b.terms_bpd
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "other_config"])
+def test_corrupt_or_mismatched_partial_sums_are_reported_and_recomputed(tmp_path, caplog, damage):
+    model, data = tiny_model("fixed_small", T=8), quantized_data(6)
+    partial = tmp_path / "p.pt"
+    metric = CostMatrixMetric(9)
+    metric.total += 1e6  # would poison the result if it were used
+    config_seed = 99 if damage == "other_config" else 0
+    saver = PartialSums(partial, {"what": "cost_matrix", "model": resume_mod.model_fingerprint(model),
+                                  "data": resume_mod.data_fingerprint([(0, data)]), "grid": list(range(9)), "seed": config_seed})  # fmt: skip
+    saver.save(metric, 5)
+    raw = bytearray(partial.read_bytes())
+    if damage == "truncate":
+        partial.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+        partial.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="ddpm_schedules.resume"):
+        cm = estimate_cost_matrix(model, data, seed=0, batch_size=64, progress=False, partial=partial)
+    assert "starting afresh" in caplog.text
+    assert_same_matrix(cm, estimate_cost_matrix(model, data, seed=0, batch_size=64, progress=False))

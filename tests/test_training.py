@@ -192,3 +192,50 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown loss 'l1'")
     assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_saves_and_resume_continues_with_the_same_ema(tmp_path, monkeypatch):
+    import signal
+    import time
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import EMAWeightAveraging
+
+    import ddpm_schedules.pipeline as pipeline
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "data=digits", "data.batch_size=16", "model=tiny", "diffusion.diffusion_steps=20",
+           "trainer.max_steps=100000", "trainer.val_check_interval=5", "callbacks.schedule_monitor.examples=8",
+           "callbacks.schedule_monitor.budgets=[2,4]", "callbacks.schedule_monitor.progress=false", "logger=none",
+           "+trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 180
+    while not last.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)  # a few steps past the last validation
+    proc.send_signal(signal.SIGTERM)
+    stderr, _ = proc.communicate(timeout=120)  # stdout and stderr together
+    assert proc.returncode == 143, stderr[-1500:]
+    assert "stopped by SIGTERM at step" in stderr and "Traceback" not in stderr
+    state = torch.load(last, weights_only=False)
+    step = state["global_step"]
+    assert step > 5 and f"at step {step};" in stderr  # saved at the SIGTERM
+    assert not list(last.parent.glob(".*.tmp"))  # written atomically, nothing left behind
+
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            ema = next(c for c in trainer.callbacks if isinstance(c, EMAWeightAveraging))
+            seen["step"] = trainer.global_step
+            seen["ema"] = {k[len("module."):]: v.clone() for k, v in ema._average_model.state_dict().items() if k.startswith("module.")}
+
+    original = pipeline.build_callbacks
+    monkeypatch.setattr(pipeline, "build_callbacks", lambda cfg: [Probe(), *original(cfg)])
+    cfg = train_cfg(run, "data=digits", "data.batch_size=16", "logger=none", f"trainer.max_steps={step + 2}", f"ckpt_path={last}")
+    train(cfg)
+    assert seen["step"] == step
+    for k, v in state["state_dict"].items():
+        assert torch.equal(seen["ema"][k], v), k
+    assert torch.load(last, weights_only=False)["global_step"] == step + 2

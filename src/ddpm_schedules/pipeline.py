@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,11 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .lightning.data import ImageDataModule
+
+log = logging.getLogger(__name__)
 
 
 def configure_wandb_mode() -> None:
@@ -79,6 +83,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=logger)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:
+        from .resume import Preempted
+
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        message = f"stopped by SIGTERM at step {trainer.global_step}; resume with ckpt_path={last}"
+        log.warning(message)
+        raise Preempted(message) from None
     finally:
         finish_wandb()
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

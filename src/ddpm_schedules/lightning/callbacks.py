@@ -179,19 +179,31 @@ def _to_array(fig) -> np.ndarray:
 
 
 class FinalCheckpoint(Callback):
-    """Write ``last.ckpt`` at the final training step when no validation did.
+    """Write ``last.ckpt`` at the final training step when no validation did, and on SIGTERM.
 
     Lightning's ModelCheckpoint saves after validations, and a run that stops at ``max_steps``
-    between two of them would otherwise lose its last steps. Keep it before `EMAWeightAveraging`:
-    at train end that callback copies the averaged weights over the trained ones.
+    between two of them would otherwise lose its last steps. On SIGTERM (SLURM's warning before
+    pre-emption) Lightning stops between two batches; the state saved then resumes exactly. Keep it
+    before `EMAWeightAveraging`: at train end that callback copies the averaged weights over the
+    trained ones.
     """
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def save_last(self, trainer: pl.Trainer) -> None:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
         ckpt = trainer.checkpoint_callback
-        if not isinstance(ckpt, ModelCheckpoint) or not ckpt.save_last or not ckpt.dirpath or trainer.interrupted:
+        if not isinstance(ckpt, ModelCheckpoint) or not ckpt.save_last or not ckpt.dirpath:
             return
         last = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
         if trainer.global_step > 0 and (ckpt._last_global_step_saved != trainer.global_step or not last.is_file()):
             trainer.save_checkpoint(last)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.interrupted:
+            self.save_last(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            self.save_last(trainer)

@@ -138,3 +138,22 @@ def test_bad_schedule_file(tmp_path, tiny_ckpt):
     (tmp_path / "other.json").write_text(json.dumps({"timesteps": [5, 30], "T": 30}))
     with pytest.raises(ValueError, match="T = 30; the model has T = 20"):
         evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", f"eval.strategies=[file:{tmp_path / 'other.json'}]"))
+
+
+def test_two_process_ddp_evaluation_equals_one_process(tmp_path, tiny_ckpt):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    docs = {}
+    for devices in (1, 2):
+        cmd = [sys.executable, str(ROOT / "evaluate.py"), f"model.path={tiny_ckpt}", *SMALL, "logger=none", "trainer.accelerator=cpu",
+               f"trainer.devices={devices}", f"cache_dir={tmp_path / f'cache{devices}'}", f"hydra.run.dir={tmp_path / f'run{devices}'}",
+               f"fid.digits_weights={ROOT / 'checkpoints' / 'digits_features.pt'}"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+        docs[devices] = json.loads((tmp_path / f"run{devices}" / "results.json").read_text())
+    one, two = (torch.load(next((tmp_path / f"cache{d}").glob("cost_matrix_*.pt")), weights_only=True) for d in (1, 2))
+    valid = torch.isfinite(one["mean"])
+    torch.testing.assert_close(two["mean"][valid], one["mean"][valid], rtol=1e-9, atol=0)
+    assert one["count"] == two["count"] == 16
+    for a, b in zip(docs[1]["results"], docs[2]["results"]):
+        assert a["schedule"] == b["schedule"]
+        assert a["bpd"] == pytest.approx(b["bpd"], rel=1e-9) and a["fid"] == pytest.approx(b["fid"], rel=1e-6)

@@ -157,6 +157,30 @@ def build_schedules(strategies: list[str], budgets: list[int], cm) -> list:
     return out
 
 
+def launch_processes(cfg: DictConfig):
+    """Lightning Fabric's processes for ``trainer.devices`` / ``trainer.num_nodes`` > 1 (DDP); None for one process."""
+    t = cfg.get("trainer") or {}
+    devices, nodes, strategy = t.get("devices", 1), t.get("num_nodes", 1), t.get("strategy", "auto")
+    if devices == 1 and nodes == 1:
+        return None
+    from lightning_fabric import Fabric
+
+    fabric = Fabric(accelerator=t.get("accelerator", "auto"), devices=devices, num_nodes=nodes, strategy=strategy)
+    fabric.launch()
+    return fabric
+
+
+def shard(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous slice of n examples that process ``rank`` of ``world`` takes."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def _mix(*values: int) -> int:
+    from .batches import _mix as mix
+
+    return mix(*values)
+
+
 def cost_grid(grid: Any, T: int) -> list[int] | None:
     if grid is None:
         return None
@@ -203,10 +227,9 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     timings: dict[str, float] = {}
     model = load_model(cfg)
-    if cfg.device == "auto":
-        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        model = model.to(cfg.device)
+    fabric = launch_processes(cfg)
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
+    model = model.to(fabric.device if fabric else ("cuda" if torch.cuda.is_available() else "cpu"))
     datamodule: ImageDataModule = instantiate(cfg.data)
     if tuple(datamodule.image_shape) != tuple(model.image_shape) or datamodule.levels != model.levels:
         raise ValueError(
@@ -224,7 +247,10 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
         fid_feature_extractor(cfg.fid.features, cfg.fid.digits_weights, cfg.fid.inception_weights)
     cost_data = datamodule.tensor(cfg.cost.split, cfg.cost.examples)
     eval_data = datamodule.tensor(cfg.eval.split, cfg.eval.examples)
-    logger = make_logger()
+    if min(len(cost_data), len(eval_data)) < world:
+        raise ValueError(f"{world} processes need at least {world} cost and eval examples each; raise cost.examples / eval.examples")
+    logger = make_logger() if rank == 0 else False
+    suffix = f".rank{rank}.partial.pt" if world > 1 else ".partial.pt"
 
     # 1. the cost matrix, cached by model weights, data, grid, seed and conventions
     start = time.perf_counter()
@@ -237,11 +263,13 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
         except ValueError:
             cached = False
     if not cached:
+        lo, hi = shard(len(cost_data), rank, world)
         cm = estimate_cost_matrix(
-            model, cost_data, grid=grid, seed=cfg.cost.seed, batch_size=cfg.batch_size,
-            partial=cache.with_suffix(".partial.pt"), save_every_columns=cfg.resume.every_columns, save_every_seconds=cfg.resume.every_seconds,
+            model, cost_data[lo:hi], grid=grid, seed=cfg.cost.seed, batch_size=cfg.batch_size, progress=rank == 0, start_index=lo,
+            partial=cache.with_suffix(suffix), save_every_columns=cfg.resume.every_columns, save_every_seconds=cfg.resume.every_seconds,
         )  # fmt: skip
-        cm.save(cache)
+        if rank == 0:
+            cm.save(cache)
     timings["cost_matrix"] = time.perf_counter() - start
 
     # 2. schedules; 3. held-out bits/dim of all of them (and the full chain) in one union pass
@@ -251,9 +279,10 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
     start = time.perf_counter()
     extra = [full_schedule(model.T)] if cfg.eval.full_chain else []
     held_key = report.hash_parts(key=key, split=cfg.eval.split, examples=len(eval_data))
+    lo, hi = shard(len(eval_data), rank, world)
     results = evaluate_schedules(
-        model, eval_data, schedules + extra, seed=cfg.eval.seed, batch_size=cfg.batch_size,
-        partial=Path(cfg.cache_dir) / f"held_out_{held_key[:20]}.partial.pt", save_every_batches=cfg.resume.every_batches,
+        model, eval_data[lo:hi], schedules + extra, seed=cfg.eval.seed, batch_size=cfg.batch_size, progress=rank == 0, start_index=lo,
+        partial=Path(cfg.cache_dir) / f"held_out_{held_key[:20]}{suffix}", save_every_batches=cfg.resume.every_batches,
         save_every_seconds=cfg.resume.every_seconds,
     )  # fmt: skip
     full = results[len(schedules)] if extra else None
@@ -263,30 +292,39 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
     # 4. samples and Fréchet distances per schedule
     start = time.perf_counter()
     samples = {}
+    n = max(int(cfg.fid.samples) if fid_on else 0, int(cfg.sample.grid_size))
+    chunk = int(cfg.sample.chunk)
     for i, sch in enumerate(schedules):
-        gen = torch.Generator().manual_seed(int(cfg.sample.seed) * 1000 + i)
-        n = max(int(cfg.fid.samples) if fid_on else 0, int(cfg.sample.grid_size))
-        samples[i] = model.sample(sch, n, generator=gen, batch_size=cfg.batch_size).cpu()
+        # chunk c of schedule i always gets the same noise, whichever process draws it
+        parts = [model.sample(sch, min(chunk, n - c * chunk), generator=torch.Generator().manual_seed(_mix(cfg.sample.seed, i, c)),
+                              batch_size=cfg.batch_size).cpu()
+                 for c in range(rank, math.ceil(n / chunk), world)]  # fmt: skip
+        samples[i] = torch.cat(parts) if parts else torch.empty(0, *model.image_shape)
     timings["sampling"] = time.perf_counter() - start
     start = time.perf_counter()
     fids: dict[int, float] = {}
     if fid_on:
         reference = datamodule.tensor(cfg.fid.reference_split, cfg.fid.reference_examples)
+        ref_lo, ref_hi = shard(len(reference), rank, world)
         weights = cfg.fid.digits_weights if cfg.fid.features == "digits" else cfg.fid.inception_weights
         ref_key = report.hash_parts(features=cfg.fid.features, weights=report.file_digest(weights), data=type(datamodule).__name__,
                                     split=cfg.fid.reference_split, examples=len(reference), antialias=bool(cfg.fid.antialias))  # fmt: skip
+        mine = [c for c in range(rank, math.ceil(n / chunk), world)]
+        keep = sum(max(0, min(chunk, int(cfg.fid.samples) - c * chunk)) for c in mine)  # this process's share of fid.samples
         fids = frechet_distances(
-            reference,
-            {i: s[: int(cfg.fid.samples)] for i, s in samples.items()},
+            reference[ref_lo:ref_hi],
+            {i: s[:keep] for i, s in samples.items()},
             features=cfg.fid.features,
             digits_weights=cfg.fid.digits_weights,
             inception_weights=cfg.fid.inception_weights,
             antialias=bool(cfg.fid.antialias),
-            reference_cache=str(Path(cfg.cache_dir) / f"fid_reference_{ref_key[:20]}.pt"),
+            reference_cache=str(Path(cfg.cache_dir) / f"fid_reference_{ref_key[:20]}.pt") if world == 1 else None,
         )
     timings["fid"] = time.perf_counter() - start
 
-    # 5. reports; results.json last
+    # 5. reports (one process writes them); results.json last
+    if rank != 0:
+        return {}
     start = time.perf_counter()
     doc = {
         "model": {"source": cfg.model.source, "path": str(cfg.model.path), "T": model.T, "mean_type": model.mean_type, "var_type": model.var_type},

@@ -157,3 +157,14 @@ def test_two_process_ddp_evaluation_equals_one_process(tmp_path, tiny_ckpt):
     for a, b in zip(docs[1]["results"], docs[2]["results"]):
         assert a["schedule"] == b["schedule"]
         assert a["bpd"] == pytest.approx(b["bpd"], rel=1e-9) and a["fid"] == pytest.approx(b["fid"], rel=1e-6)
+
+
+def test_submitit_local_multirun_two_jobs(tmp_path, tiny_ckpt):
+    env = {**os.environ, "WANDB_MODE": "offline", "DDPM_SCHEDULES_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "-m", "hydra/launcher=submitit_local", f"model.path={tiny_ckpt}", *SMALL[1:],
+           "data=synthetic", "eval.budgets=[2],[4]", "logger=none", f"fid.digits_weights={ROOT / 'checkpoints' / 'digits_features.pt'}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    docs = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert [{r["K"] for r in json.loads(d.read_text())["results"]} for d in docs] == [{2}, {4}]

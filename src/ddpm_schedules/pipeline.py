@@ -18,6 +18,21 @@ from .lightning.data import ImageDataModule
 log = logging.getLogger(__name__)
 
 
+def build(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with a ValueError from the target raised as itself (one line, the user's error)."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ValueError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def configure_wandb_mode() -> None:
     """W&B runs offline unless the user has credentials or chose a mode (WANDB_MODE wins)."""
     if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
@@ -34,11 +49,11 @@ def build_logger(cfg: DictConfig):
         return False
     if "WandbLogger" in str(cfg.logger.get("_target_", "")):
         configure_wandb_mode()
-    return instantiate(cfg.logger)
+    return build(cfg.logger)
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     # the monitor must see the averaged weights, and the final checkpoint the raw ones beside them:
     # both run before weight averaging swaps back (on_validation_epoch_end) or copies over (on_train_end)
     return sorted(callbacks, key=lambda c: isinstance(c, WeightAveraging))
@@ -73,14 +88,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     if "source" in cfg.model:
         raise ValueError(f"model={cfg.model.source} names a model to evaluate; train.py needs UNet flags, e.g. model=digits")
-    datamodule: ImageDataModule = instantiate(cfg.data)
+    datamodule: ImageDataModule = build(cfg.data)
     flags = model_flags(cfg)
     check_data_matches_model(datamodule, flags)
     if cfg.get("ckpt_path"):
         check_resume_checkpoint(cfg.ckpt_path, flags)
-    module = instantiate(cfg.module, flags=flags, levels=datamodule.levels)
+    module = build(cfg.module, flags=flags, levels=datamodule.levels)
     logger = build_logger(cfg)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=logger)
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=build_callbacks(cfg), logger=logger)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except SIGTERMException:
@@ -230,7 +245,7 @@ def _evaluate(cfg: DictConfig, make_logger) -> dict[str, Any]:
     fabric = launch_processes(cfg)
     rank, world = (fabric.global_rank, fabric.world_size) if fabric else (0, 1)
     model = model.to(fabric.device if fabric else ("cuda" if torch.cuda.is_available() else "cpu"))
-    datamodule: ImageDataModule = instantiate(cfg.data)
+    datamodule: ImageDataModule = build(cfg.data)
     if tuple(datamodule.image_shape) != tuple(model.image_shape) or datamodule.levels != model.levels:
         raise ValueError(
             f"the data ({tuple(datamodule.image_shape)}, levels={datamodule.levels}) does not match the model "

@@ -1,0 +1,104 @@
+"""Every place a user types something: a one-line ValueError naming the value and the fix, nothing half-written."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_schedules.lightning.module import DiffusionModule
+from ddpm_schedules.pipeline import evaluate, train
+from test_evaluate import TINY, eval_cfg
+from test_training import train_cfg
+
+FIXTURE = Path(__file__).parent / "fixtures" / "improved_diffusion_tiny"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    torch.manual_seed(0)
+    module = DiffusionModule(TINY, loss="hybrid", levels=17)
+    good = d / "tiny.ckpt"
+    torch.save({"hyper_parameters": {"flags": TINY, "levels": 17}, "state_dict": module.state_dict()}, good)
+    (d / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    torch.save({"hyper_parameters": {"flags": {**TINY, "num_channels": 64}, "levels": 17}, "state_dict": module.state_dict()}, d / "arch.ckpt")
+    nan_state = {k: v.clone().fill_(math.nan) if "out.2" in k else v for k, v in module.state_dict().items()}
+    torch.save({"hyper_parameters": {"flags": TINY, "levels": 17}, "state_dict": nan_state}, d / "nan.ckpt")
+    (d / "decreasing.json").write_text(json.dumps({"timesteps": [9, 4, 20], "T": 20}))
+    (d / "out_of_range.json").write_text(json.dumps({"timesteps": [4, 25], "T": 20}))
+    (d / "broken.json").write_text("{not json")
+    return d
+
+
+EVALUATE_CASES = [
+    ("budget 0", ["eval.budgets=[0]"], "eval.budgets has 0"),
+    ("budget above the grid", ["eval.budgets=[21]"], "eval.budgets has 21; every budget must be an integer in 1..20"),
+    ("budget not a number", ["eval.budgets=[four]"], "eval.budgets has 'four'"),
+    ("unknown strategy", ["eval.strategies=[dp,optimal]"], "unknown strategy 'optimal'"),
+    ("bad respacing", ["eval.strategies=[respace:every7]"], "respacing 'every7'"),
+    ("non-increasing schedule file", ["eval.strategies=[file:{d}/decreasing.json]"], "not strictly increasing"),
+    ("schedule beyond T", ["eval.strategies=[file:{d}/out_of_range.json]"], "ends at 25, not at T = 20"),
+    ("schedule file missing", ["eval.strategies=[file:{d}/nope.json]"], "does not exist"),
+    ("schedule file not JSON", ["eval.strategies=[file:{d}/broken.json]"], "not valid JSON"),
+    ("checkpoint missing", ["model.path={d}/missing.ckpt"], "is missing"),
+    ("checkpoint truncated", ["model.path={d}/truncated.ckpt"], "is not a Lightning checkpoint"),
+    ("checkpoint of another architecture", ["model.path={d}/arch.ckpt"], "does not match its own flags"),
+    ("improved-diffusion flags wrong", ["model=improved_diffusion", f"model.path={FIXTURE}/model.pt", "+model.flags.image_size=16",
+                                        "+model.flags.num_channels=32", "+model.flags.channel_mult='1,2'", "+model.flags.learn_sigma=false"],
+     "learn_sigma"),  # fmt: skip
+    ("unknown improved-diffusion flag", ["model=improved_diffusion", f"model.path={FIXTURE}/model.pt", "+model.flags.use_fp16=true"],
+     "unknown improved-diffusion flag"),
+    ("unknown model source", ["model.source=onnx"], "model source 'onnx' is not known"),
+    ("Inception weights missing", ["fid.features=inception", "fid.inception_weights={d}/pt_inception.pth"], "is missing; download"),
+    ("unknown feature network", ["fid.features=dino"], "unknown fid.features 'dino'"),
+    ("digits feature network missing", ["fid.digits_weights={d}/none.pt"], "digits feature network .* is missing"),
+    ("image size differs", ["data.image_size=16"], "does not match the model"),
+    ("levels differ", ["data.levels=256"], "levels=256\\) does not match the model"),
+    ("grid without T", ["cost.grid=[5,10]"], "must contain T = 20"),
+    ("grid stride 0", ["cost.grid=0"], "stride >= 1"),
+    ("more examples than the split", ["cost.examples=5000"], "asked for 5000 val examples"),
+    ("unknown split", ["cost.split=training"], "unknown split 'training'"),
+    ("NaN-producing model", ["model.path={d}/nan.ckpt"], "NaN or Inf at t = "),
+]
+
+
+@pytest.mark.parametrize("name,overrides,message", EVALUATE_CASES, ids=[c[0] for c in EVALUATE_CASES])
+def test_evaluate_bad_input(tmp_path, files, name, overrides, message):
+    overrides = [o.format(d=files) for o in overrides]
+    with pytest.raises(ValueError, match=message) as info:
+        evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", *overrides))
+    assert "\n" not in str(info.value)  # one line
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert not list(tmp_path.glob("cache/cost_matrix_*[0-9a-f].pt"))  # no finished-looking matrix either
+
+
+TRAIN_CASES = [
+    ("unknown loss", ["module.loss=l1"], "unknown loss 'l1'"),
+    ("hybrid without learned sigmas", ["model.learn_sigma=false"], "set learn_sigma=true"),
+    ("image size differs", ["model.image_size=16"], "built for \\(1, 16, 16\\)"),
+    ("monitor budget above the grid", ["callbacks.schedule_monitor.budgets=[64]"], "exceed the 20 grid points"),
+    ("resume file missing", ["ckpt_path={d}/gone.ckpt"], "does not exist"),
+    ("resume from another architecture", ["ckpt_path={d}/arch.ckpt"], "was trained with num_channels=64"),
+    ("CIFAR-10 folder missing", ["data=cifar10", "data.root={d}/cifar"], "CIFAR-10 not found"),
+    ("an evaluation model given to train", ["model=checkpoint"], "names a model to evaluate"),
+    ("batch size 0", ["data.batch_size=0"], "data.batch_size must be >= 1"),
+    ("unknown noise schedule", ["diffusion.noise_schedule=sigmoid"], "unknown noise_schedule 'sigmoid'"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,message", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_train_bad_input(tmp_path, files, name, overrides, message):
+    with pytest.raises(ValueError, match=message) as info:
+        train(train_cfg(tmp_path, "logger=none", *[o.format(d=files) for o in overrides]))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_corrupt_cached_cost_matrix_is_recomputed(tmp_path, files):
+    first = evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", "fid.enabled=false"))
+    Path(first["cost_matrix"]["file"]).write_bytes(b"corrupted")
+    again = evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", "fid.enabled=false"))
+    assert again["cost_matrix"]["cached"] is False
+    assert [r["bpd"] for r in again["results"]] == [r["bpd"] for r in first["results"]]

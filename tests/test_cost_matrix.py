@@ -130,6 +130,11 @@ def test_save_load_round_trip(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a saved CostMatrix"):
         CostMatrix.load(tmp_path / "bad.pt")
+    blob = torch.load(tmp_path / "cm.pt", weights_only=True)
+    blob["payload"][len(blob["payload"]) // 2] ^= 1  # one flipped bit in the numbers
+    torch.save(blob, tmp_path / "flipped.pt")
+    with pytest.raises(ValueError, match="not a saved CostMatrix \\(ValueError\\)"):
+        CostMatrix.load(tmp_path / "flipped.pt")
     with pytest.raises(ValueError, match="does not exist"):
         CostMatrix.load(tmp_path / "missing.pt")
 

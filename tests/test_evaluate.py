@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from ddpm_schedules import Schedule
+from ddpm_schedules import CostMatrix, Schedule
 from ddpm_schedules.lightning.module import DiffusionModule
 from ddpm_schedules.pipeline import evaluate
 from ddpm_schedules.schedules import save_schedules
@@ -150,10 +150,10 @@ def test_two_process_ddp_evaluation_equals_one_process(tmp_path, tiny_ckpt):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
         docs[devices] = json.loads((tmp_path / f"run{devices}" / "results.json").read_text())
-    one, two = (torch.load(next((tmp_path / f"cache{d}").glob("cost_matrix_*.pt")), weights_only=True) for d in (1, 2))
-    valid = torch.isfinite(one["mean"])
-    torch.testing.assert_close(two["mean"][valid], one["mean"][valid], rtol=1e-9, atol=0)
-    assert one["count"] == two["count"] == 16
+    one, two = (CostMatrix.load(next((tmp_path / f"cache{d}").glob("cost_matrix_*.pt"))) for d in (1, 2))
+    valid = torch.isfinite(one.mean)
+    torch.testing.assert_close(two.mean[valid], one.mean[valid], rtol=1e-9, atol=0)
+    assert one.count == two.count == 16
     for a, b in zip(docs[1]["results"], docs[2]["results"]):
         assert a["schedule"] == b["schedule"]
         assert a["bpd"] == pytest.approx(b["bpd"], rel=1e-9) and a["fid"] == pytest.approx(b["fid"], rel=1e-6)
@@ -168,3 +168,12 @@ def test_submitit_local_multirun_two_jobs(tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr[-2000:]
     docs = sorted((tmp_path / "sweep").glob("*/results.json"))
     assert [{r["K"] for r in json.loads(d.read_text())["results"]} for d in docs] == [{2}, {4}]
+
+
+@pytest.mark.parametrize("launcher", ["local_parallel", "slurm", "slurm_ddp", "submitit_local"])
+def test_launcher_configs_compose(launcher):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("evaluate", overrides=[f"hydra/launcher={launcher}", "trainer.devices=4"], return_hydra_config=True)
+    assert "_target_" in cfg.hydra.launcher
+    if launcher == "slurm_ddp":
+        assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4

@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from ddpm_schedules import load_checkpoint
+from ddpm_schedules import CostMatrix, load_checkpoint
 from ddpm_schedules.lightning.data import CIFAR10DataModule, SyntheticDataModule
 from ddpm_schedules.lightning.module import DiffusionModule, LossSecondMomentSampler
 from ddpm_schedules.pipeline import train
@@ -147,11 +147,10 @@ def test_ddp_monitor_equals_single_process(tmp_path):
     for devices in (1, 2):
         out = tmp_path / f"dev{devices}"
         subprocess.run([sys.executable, str(script), str(out), str(devices)], check=True, env=env, timeout=300, cwd=tmp_path)
-    one = torch.load(tmp_path / "dev1" / "cost_matrix_step_0.pt", weights_only=True)
-    two = torch.load(tmp_path / "dev2" / "cost_matrix_step_0.pt", weights_only=True)
-    assert one["count"] == two["count"] == 12
-    valid = torch.isfinite(one["mean"])
-    torch.testing.assert_close(two["mean"][valid], one["mean"][valid], rtol=1e-6, atol=0)
+    one, two = (CostMatrix.load(tmp_path / d / "cost_matrix_step_0.pt") for d in ("dev1", "dev2"))
+    assert one.count == two.count == 12
+    valid = torch.isfinite(one.mean)
+    torch.testing.assert_close(two.mean[valid], one.mean[valid], rtol=1e-6, atol=0)
     s1, s2 = (json.loads((tmp_path / d / "step_0.json").read_text())["schedules"] for d in ("dev1", "dev2"))
     assert [s["timesteps"] for s in s1] == [s["timesteps"] for s in s2]
     for a, b in zip(s1, s2):

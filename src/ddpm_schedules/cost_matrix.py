@@ -6,6 +6,8 @@ processes combine into exactly the single-process matrix.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -114,17 +116,24 @@ class CostMatrix:
         return nats / (self.dims * math.log(2))
 
     def save(self, path: str | Path) -> None:
-        """Write with torch.save to a temporary file, then rename: never a half-written file."""
+        """torch.save with a sha256 of the contents, to a temporary file then renamed: never half-written."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(self.__dict__, buf)
+        payload = buf.getvalue()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel sweep jobs may share a cache
-        torch.save(self.__dict__, tmp)
+        torch.save({"payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8), "sha256": hashlib.sha256(payload).hexdigest()}, tmp)
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "CostMatrix":
         try:
-            return cls(**torch.load(path, map_location="cpu", weights_only=True))
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            payload = bytes(blob["payload"].numpy().tobytes())
+            if hashlib.sha256(payload).hexdigest() != blob["sha256"]:
+                raise ValueError("checksum mismatch")
+            return cls(**torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
         except FileNotFoundError:
             raise ValueError(f"cost matrix file {str(path)!r} does not exist") from None
         except Exception as e:

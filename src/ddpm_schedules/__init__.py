@@ -8,6 +8,15 @@ from .evaluation import ScheduleResult, evaluate_schedules
 from .model import DiffusionModel
 from .schedules import Schedule, even_schedule, full_schedule, quadratic_schedule, respaced_schedule
 
+
+
+def load_diffusers(path, levels: int = 256) -> DiffusionModel:
+    """A local diffusers folder (unet/ + scheduler/) as a DiffusionModel; needs the [diffusers] extra."""
+    from .diffusers_bridge import load_diffusers as load
+
+    return load(path, levels)
+
+
 __all__ = [
     "CostMatrix",
     "DiffusionModel",
@@ -19,6 +28,7 @@ __all__ = [
     "even_schedule",
     "full_schedule",
     "load_checkpoint",
+    "load_diffusers",
     "load_improved_diffusion",
     "optimal_paths",
     "optimal_schedules",

@@ -291,27 +291,47 @@ class DiffusionModel(nn.Module):
         n: int,
         generator: torch.Generator | None = None,
         batch_size: int | None = None,
+        noise: Sequence[Tensor] | None = None,
+        trajectory: list[Tensor] | None = None,
     ) -> Tensor:
-        """Ancestral sampling x_T ~ N(0, I) -> ... -> x0_hat along ``schedule``, quantized to ``levels``: [n, C, H, W]."""
+        """Ancestral sampling x_T ~ N(0, I) -> ... -> x0_hat along ``schedule``, quantized to ``levels``: [n, C, H, W].
+
+        ``noise`` replaces the generator's draws: x_T first, then one tensor per noisy step (K - 1 of
+        them, from t = T down). ``trajectory``, if given, receives x at every schedule point
+        (x_T first, x_{tau_1} last) and then the final unquantized x0_hat.
+        """
         if self.image_shape is None:
             raise ValueError("this DiffusionModel has no image_shape; pass image_shape=(C, H, W) to sample from it")
         schedule = schedule if isinstance(schedule, Schedule) else Schedule(tuple(schedule), self.T)
         if schedule.T != self.T:
             raise ValueError(f"the schedule ends at T = {schedule.T} but the model has T = {self.T}")
-        batch_size = batch_size or n
-        return torch.cat([self._sample_batch(schedule, min(batch_size, n - lo), generator) for lo in range(0, n, batch_size)])
-
-    def _sample_batch(self, schedule: Schedule, n: int, generator: torch.Generator | None) -> Tensor:
+        if noise is not None:
+            if len(noise) != schedule.K or any(tuple(z.shape) != (n, *self.image_shape) for z in noise):
+                raise ValueError(f"noise must be {schedule.K} tensors of shape {(n, *self.image_shape)}: x_T and one per noisy step")
+            draws = iter(noise)
+            return self._sample_batch(schedule, n, lambda: next(draws).to(self.device, torch.float64), trajectory)
         gen_device = generator.device if generator is not None else torch.device("cpu")
+        batch_size = batch_size or n
+        out = []
+        for lo in range(0, n, batch_size):
+            m = min(batch_size, n - lo)
 
-        def randn() -> Tensor:
-            return torch.randn(n, *self.image_shape, generator=generator, device=gen_device, dtype=torch.float64).to(self.device)
+            def randn(m: int = m) -> Tensor:
+                return torch.randn(m, *self.image_shape, generator=generator, device=gen_device, dtype=torch.float64).to(self.device)
 
+            out.append(self._sample_batch(schedule, m, randn, trajectory))
+        return torch.cat(out)
+
+    def _sample_batch(self, schedule: Schedule, n: int, randn: Callable[[], Tensor], trajectory: list[Tensor] | None) -> Tensor:
         x = randn()
         points = (0,) + schedule.timesteps
         for s, t in zip(reversed(points[:-1]), reversed(points[1:])):
+            if trajectory is not None:
+                trajectory.append(x)
             pred = self.predict(x, t)
             if s == 0:
+                if trajectory is not None:
+                    trajectory.append(pred.x0_hat)
                 return quantize(pred.x0_hat, self.levels).float()
             p = self.pair_tables(t, [s], self.device).kl
             mean = p["c0"] * pred.x0_hat + p["c1"] * x

@@ -113,7 +113,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 # --- evaluate.py ------------------------------------------------------------------------------
 
 def load_model(cfg: DictConfig):
-    """The model named by the ``model`` group: our checkpoint or an improved-diffusion .pt with flags."""
+    """The model named by the ``model`` group: our checkpoint, an improved-diffusion .pt with flags, or a diffusers folder."""
     from .checkpoints import load_checkpoint, load_improved_diffusion
 
     source = cfg.model.get("source")
@@ -123,7 +123,11 @@ def load_model(cfg: DictConfig):
         model = load_improved_diffusion(cfg.model.path, **OmegaConf.to_container(cfg.model.get("flags") or {}, resolve=True))
         model.levels = int(cfg.model.get("levels", 256))
         return model
-    raise ValueError(f"model source {source!r} is not known; use model=checkpoint or model=improved_diffusion")
+    if source == "diffusers":
+        from .diffusers_bridge import load_diffusers
+
+        return load_diffusers(cfg.model.path, levels=int(cfg.model.get("levels", 256)))
+    raise ValueError(f"model source {source!r} is not known; use model=checkpoint, model=improved_diffusion or model=diffusers")
 
 
 STRATEGIES = ("dp", "even", "quadratic", "respace:<spec>", "file:<path>")

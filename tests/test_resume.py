@@ -27,6 +27,27 @@ def done_in(path: Path) -> int:
         return 0
 
 
+def stop_after(units: int):
+    """A stand-in for sigterm_requests whose SIGTERM 'arrives' after the given number of units."""
+    calls = {"n": 0}
+
+    class StopAfter:
+        def __init__(self, enabled=True):
+            pass
+
+        def __enter__(self):
+            def stop():
+                calls["n"] += 1
+                return calls["n"] >= units
+
+            return stop
+
+        def __exit__(self, *exc):
+            return False
+
+    return StopAfter
+
+
 def assert_same_matrix(a, b):
     valid = torch.isfinite(a.mean)
     assert torch.equal(a.mean[valid], b.mean[valid]) and a.prior == b.prior and a.count == b.count
@@ -65,21 +86,9 @@ def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
 
 
 def test_sigterm_in_process_then_resume(tmp_path, monkeypatch):
-    calls = {"n": 0}
-
-    class StopAfterThree:
-        def __enter__(self):
-            def stop():
-                calls["n"] += 1
-                return calls["n"] >= 3
-            return stop
-
-        def __exit__(self, *exc):
-            return False
-
     model, data = tiny_model("fixed_large", T=10), quantized_data(9)
     partial = tmp_path / "p.pt"
-    monkeypatch.setattr("ddpm_schedules.cost_matrix.sigterm_requests", StopAfterThree)
+    monkeypatch.setattr("ddpm_schedules.cost_matrix.sigterm_requests", stop_after(3))
     with pytest.raises(Preempted, match="after 3 units; partial sums saved"):
         estimate_cost_matrix(model, data, seed=1, progress=False, partial=partial, save_every_columns=100)
     monkeypatch.undo()
@@ -92,20 +101,8 @@ def test_held_out_evaluation_resumes(tmp_path, monkeypatch):
     model, data = tiny_model("learned_range", T=12), quantized_data(11)
     schedules = [even_schedule(12, 3), Schedule((2, 7, 12), 12)]
     ref = evaluate_schedules(model, data, schedules, seed=2, batch_size=3, progress=False)
-    calls = {"n": 0}
-
-    class StopAfterTwo:
-        def __enter__(self):
-            def stop():
-                calls["n"] += 1
-                return calls["n"] >= 2
-            return stop
-
-        def __exit__(self, *exc):
-            return False
-
     partial = tmp_path / "h.pt"
-    monkeypatch.setattr("ddpm_schedules.evaluation.sigterm_requests", StopAfterTwo)
+    monkeypatch.setattr("ddpm_schedules.evaluation.sigterm_requests", stop_after(2))
     with pytest.raises(Preempted):
         evaluate_schedules(model, data, schedules, seed=2, batch_size=3, progress=False, partial=partial)
     monkeypatch.undo()

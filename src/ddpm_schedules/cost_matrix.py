@@ -188,7 +188,7 @@ def estimate_cost_matrix(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), sigterm_requests() as stop_requested:
+        with torch.inference_mode(), sigterm_requests(enabled=partial is not None) as stop_requested:
             bar = tqdm(range(done + 1, g.numel()), desc="cost matrix", unit="col", disable=not progress, initial=done, total=g.numel() - 1)
             for j in bar:
                 t = int(g[j])

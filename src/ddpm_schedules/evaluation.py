@@ -121,7 +121,7 @@ def evaluate_schedules(
     done = saver.load(metric)
     bar = tqdm(total=len(batches) * len(needs), initial=done * len(needs), desc="held-out terms", unit="pass", disable=not progress)
     try:
-        with torch.inference_mode(), sigterm_requests() as stop_requested:
+        with torch.inference_mode(), sigterm_requests(enabled=partial is not None) as stop_requested:
             for b, (start, x0) in enumerate(batches):
                 if b < done:
                     continue

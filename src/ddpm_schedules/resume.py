@@ -17,7 +17,7 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torchmetrics import Metric
@@ -112,13 +112,20 @@ class PartialSums:
 
 
 @contextmanager
-def sigterm_requests() -> Iterator[callable]:
-    """Within the block, SIGTERM only sets a flag that the returned function reports."""
+def sigterm_requests(enabled: bool = True) -> Iterator[Callable[[], bool]]:
+    """Within the block, SIGTERM only sets a flag that the returned function reports.
+
+    Disabled (nothing to save), the current handler stays: inside a Lightning run that is
+    Lightning's, which stops training between two batches.
+    """
     flag = {"set": False}
 
     def handler(signum, frame):  # noqa: ARG001
         flag["set"] = True
 
+    if not enabled:
+        yield lambda: False
+        return
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave signals alone

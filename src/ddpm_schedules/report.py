@@ -152,10 +152,9 @@ def write_evaluation(out_dir: Path, doc: dict[str, Any], cm: CostMatrix, schedul
         fig.savefig(out_dir / f"{name}.png")
     grids = {}
     for i, sch in enumerate(schedules):
-        grids[f"{_safe(sch.strategy)}_K{sch.K}"] = sample_grid(samples[i])
-        Image.fromarray(grids[f"{_safe(sch.strategy)}_K{sch.K}"]).resize(
-            (grids[f"{_safe(sch.strategy)}_K{sch.K}"].shape[1] * 4, grids[f"{_safe(sch.strategy)}_K{sch.K}"].shape[0] * 4), Image.NEAREST
-        ).save(grid_dir / f"{_safe(sch.strategy)}_K{sch.K}.png")
+        name = f"{_safe(sch.strategy)}_K{sch.K}"
+        grids[name] = grid = sample_grid(samples[i])
+        Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(grid_dir / f"{name}.png")
     log_evaluation(logger, doc, figures, grids)
     for fig in figures.values():
         plt.close(fig)

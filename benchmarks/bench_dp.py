@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from ddpm_schedules import optimal_paths
+from ddpm_schedules.dp import classic_paths
 
 
 def cost_like(n: int, seed: int = 0) -> np.ndarray:
@@ -20,24 +21,6 @@ def cost_like(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     s, t = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
     return np.abs(t - s) ** 1.5 / n + rng.exponential(0.05, (n + 1, n + 1))
-
-
-def classic(C: np.ndarray, k_max: int) -> dict:
-    n = C.shape[0] - 1
-    C = np.where(np.triu(np.ones_like(C, dtype=bool), 1), C, np.inf)
-    E = np.full(n + 1, np.inf)
-    E[0] = 0.0
-    ptrs, out = [], {}
-    for k in range(1, k_max + 1):
-        M = E[:, None] + C
-        ptr = M.argmin(0)
-        E = M[ptr, np.arange(n + 1)]
-        ptrs.append(ptr)
-        path = [n]
-        for p in reversed(ptrs):
-            path.append(int(p[path[-1]]))
-        out[k] = (path[::-1], float(E[n]))
-    return out
 
 
 def main() -> None:
@@ -49,7 +32,7 @@ def main() -> None:
         ours = optimal_paths(C, range(1, 1001))
         t_ours.append(time.perf_counter() - start)
         start = time.perf_counter()
-        ref = classic(C, 1000)
+        ref = classic_paths(C, 1000)
         t_ref.append(time.perf_counter() - start)
     t_ours, t_ref = min(t_ours), min(t_ref)
     assert ours == ref, "paths or costs differ from the classic loop"

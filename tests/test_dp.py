@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddpm_schedules import CostMatrix, optimal_paths, optimal_schedules
-from ddpm_schedules.dp import brute_force_paths
+from ddpm_schedules.dp import brute_force_paths, classic_paths
 
 
 def random_costs(n, seed, integer=False):
@@ -46,23 +46,10 @@ def test_at_most_budget(size):
     assert totals == sorted(totals, reverse=True)  # monotone non-increasing in K
 
 
-def classic_numpy_dp(C, k_max):
-    n = C.shape[0] - 1
-    C = np.where(np.triu(np.ones_like(C, dtype=bool), 1), C, np.inf)
-    E = np.full(n + 1, np.inf)
-    E[0] = 0.0
-    ptrs = []
-    out = {}
-    for k in range(1, k_max + 1):
-        M = E[:, None] + C
-        ptr = M.argmin(0)
-        E = M[ptr, np.arange(n + 1)]
-        ptrs.append(ptr)
-        path = [n]
-        for p in reversed(ptrs):
-            path.append(int(p[path[-1]]))
-        out[k] = (path[::-1], float(E[n]))
-    return out
+def test_classic_loop_equals_brute_force():
+    for seed in range(3):
+        C = random_costs(9, seed, integer=True)
+        assert classic_paths(C, 8) == brute_force_paths(C, range(1, 9))
 
 
 def test_dp_matches_classic_numpy_loop_on_a_large_matrix():
@@ -71,7 +58,7 @@ def test_dp_matches_classic_numpy_loop_on_a_large_matrix():
     # a cost-matrix-like shape: jumps cost more the longer they are, plus noise
     s, t = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
     C = np.abs(t - s) ** 1.5 / n + rng.exponential(0.1, (n + 1, n + 1))
-    assert optimal_paths(C, range(1, n + 1)) == classic_numpy_dp(C, n)
+    assert optimal_paths(C, range(1, n + 1)) == classic_paths(C, n)
 
 
 def cost_matrix_from(C, grid):

@@ -161,6 +161,25 @@ def brute_force_paths(costs: torch.Tensor | np.ndarray, budgets: int | Iterable[
     return out
 
 
+def classic_paths(costs: torch.Tensor | np.ndarray, k_max: int) -> Paths:
+    """Reference for tests and benchmarks: the plain numpy loop (for k: M = E[:, None] + C; E = M.min(0)), every K <= k_max."""
+    C = _check_costs(costs)
+    n = C.shape[0] - 1
+    E = np.full(n + 1, np.inf)
+    E[0] = 0.0
+    ptrs, out = [], {}
+    for k in range(1, k_max + 1):
+        M = E[:, None] + C
+        ptr = M.argmin(0)  # the first minimum: the same tie rule
+        E = M[ptr, np.arange(n + 1)]
+        ptrs.append(ptr)
+        path = [n]
+        for p in reversed(ptrs):
+            path.append(int(p[path[-1]]))
+        out[k] = (path[::-1], float(E[n]))
+    return out
+
+
 def optimal_schedules(
     cost_matrix: "CostMatrix",
     budgets: int | Iterable[int],

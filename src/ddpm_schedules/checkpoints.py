@@ -220,7 +220,7 @@ def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], f
 def export_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Keep only what `load_checkpoint` needs from a train.py .ckpt: flags, levels and the (EMA) weights.
 
-        python -m ddpm_schedules.checkpoints outputs/<run>/checkpoints/last.ckpt checkpoints/digits.ckpt
+        python -m ddpm_schedules.export outputs/<run>/checkpoints/last.ckpt checkpoints/digits.ckpt
     """
     load_checkpoint(src)  # fails clearly on anything that is not one of ours
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
@@ -233,10 +233,3 @@ def export_checkpoint(src: str | Path, dst: str | Path) -> Path:
     tmp.replace(dst)
     return dst
 
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m ddpm_schedules.checkpoints SRC.ckpt DST.ckpt  (keeps flags and EMA weights)")
-    print(f"wrote {export_checkpoint(sys.argv[1], sys.argv[2])}")

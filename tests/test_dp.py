@@ -108,3 +108,11 @@ def test_bad_input():
     inf[0, 3] = 1.0
     with pytest.raises(ValueError, match="no path of 2 steps has a finite cost"):
         optimal_paths(inf, [2])
+
+
+@pytest.mark.parametrize("size", [17, 40, 70])
+def test_ties_across_tiles_match_the_classic_loop(size):
+    """Matrices wider than the DP's column tiles, full of ties: the same first-minimum rule everywhere."""
+    for seed in range(3):
+        C = random_costs(size, seed, integer=True)
+        assert optimal_paths(C, range(1, size)) == classic_paths(C, size - 1)

@@ -1,7 +1,5 @@
 """Pair formulas, KL and decoder against independent references."""
 
-import math
-
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence

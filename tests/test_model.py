@@ -1,7 +1,5 @@
 """DiffusionModel: conventions, ancestral sampling and input checks."""
 
-import math
-
 import pytest
 import torch
 

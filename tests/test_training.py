@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 from ddpm_schedules import CostMatrix, load_checkpoint
 from ddpm_schedules.lightning.data import CIFAR10DataModule, SyntheticDataModule

@@ -168,8 +168,6 @@ INCEPTION_HINT = (
 
 def fid_feature_extractor(features: str, digits_weights: str | None = None, inception_weights: str | None = None):
     """The feature network for Fréchet distances, checked before any heavy work."""
-    from pathlib import Path
-
     from .features import FEATURE_KINDS, load_digits_features
 
     if features == "digits":
@@ -177,10 +175,10 @@ def fid_feature_extractor(features: str, digits_weights: str | None = None, ince
     if features == "inception":
         if not inception_weights or not Path(inception_weights).is_file():
             raise ValueError(f"fid.inception_weights file {inception_weights!r} is missing; {INCEPTION_HINT}")
-        try:
-            import torch_fidelity  # noqa: F401
-        except ImportError:
-            raise ValueError("fid.features=inception needs torch-fidelity: pip install 'ddpm-schedules[inception]'") from None
+        import importlib.util
+
+        if importlib.util.find_spec("torch_fidelity") is None:
+            raise ValueError("fid.features=inception needs torch-fidelity: pip install 'ddpm-schedules[inception]'")
         return None
     raise ValueError(f"unknown fid.features {features!r}; use one of {FEATURE_KINDS}")
 
@@ -203,7 +201,6 @@ def frechet_distances(
     file path) they are saved there and reused by later runs.
     """
     import os
-    from pathlib import Path
 
     from torchmetrics.image.fid import FrechetInceptionDistance
 

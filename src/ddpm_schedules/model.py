@@ -3,7 +3,6 @@ p(x_s | x_t) for any pair, the per-pair ELBO terms and ancestral sampling along 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
@@ -361,7 +360,3 @@ def _describe(t: int | Tensor) -> str:
         return ", ".join(str(v) for v in sorted(set(t.tolist())))
     return str(int(t))
 
-
-def bits_per_dim(nats: Tensor | float, dims: int) -> Tensor | float:
-    """nats per example -> bits per dimension."""
-    return nats / (dims * math.log(2))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -175,7 +174,3 @@ def load_schedules(path: str | Path) -> list[Schedule]:
         raise ValueError(f"schedule file {str(p)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
     return [Schedule.from_dict(d) for d in (data if isinstance(data, list) else [data])]
 
-
-def predicted_bpd(schedule: Schedule, dims: int) -> float | None:
-    """A DP schedule's predicted negative ELBO in bits/dim."""
-    return None if schedule.predicted_nats is None else schedule.predicted_nats / (dims * math.log(2))

@@ -3,11 +3,60 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from torch import nn
 
 from ddpm_schedules import DiffusionModel, NoiseSchedule
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "improved_diffusion_tiny"
+DIGITS_FEATURES = ROOT / "checkpoints" / "digits_features.pt"
+# the smallest improved-DDPM model (conf/unet/tiny.yaml + 20 cosine steps), improved-diffusion's flag names
+TINY = dict(
+    image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+    num_heads=2, num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, learn_sigma=True, class_cond=False,
+    diffusion_steps=20, noise_schedule="cosine", sigma_small=False, predict_xstart=False, rescale_timesteps=True,
+)  # fmt: skip
+# evaluate.py sized for tests: synthetic 8x8 data, budgets 2 and 4, 16 examples everywhere
+SMALL = ["data=synthetic", "eval.budgets=[2,4]", "cost.examples=16", "eval.examples=16", "fid.samples=16",
+         "fid.reference_examples=16", "sample.grid_size=4", "batch_size=8"]  # fmt: skip
+
+
+def save_tiny_checkpoint(path: Path, flags: dict | None = None, state: dict | None = None, seed: int = 0) -> Path:
+    """A checkpoint as train.py's export writes it: flags, levels and the network's weights (random, seeded)."""
+    from ddpm_schedules.lightning.module import DiffusionModule
+
+    torch.manual_seed(seed)
+    state = state if state is not None else DiffusionModule(TINY, loss="hybrid", levels=17).state_dict()
+    torch.save({"hyper_parameters": {"flags": flags or TINY, "levels": 17}, "state_dict": state}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+
+
+def eval_cfg(tmp_path, ckpt, *overrides):
+    """conf/evaluate.yaml composed for a test: outputs and caches in tmp_path, the SMALL sizes, then ``overrides``."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return compose(
+            "evaluate",
+            overrides=[f"paths.output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"model.path={ckpt}",
+                       f"fid.digits_weights={DIGITS_FEATURES}", *SMALL, *overrides],
+        )  # fmt: skip
+
+
+def train_cfg(tmp_path, *overrides):
+    """conf/train.yaml composed for a test: the tiny UNet, 20 steps, 6 training steps, a small monitor."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return compose(
+            "train",
+            overrides=[f"paths.output_dir={tmp_path}", "data=synthetic", "unet=tiny", "diffusion.diffusion_steps=20",
+                       "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
+                       "callbacks.schedule_monitor.examples=8", "callbacks.schedule_monitor.budgets=[2,4]",
+                       "callbacks.schedule_monitor.progress=false", "+trainer.enable_progress_bar=false", *overrides],
+        )  # fmt: skip
 
 
 class TinyNet(nn.Module):

@@ -4,19 +4,16 @@ import sys
 
 import pytorch_lightning as pl
 
+from conftest import TINY
 from ddpm_schedules.lightning.callbacks import ScheduleMonitor
 from ddpm_schedules.lightning.data import SyntheticDataModule
 from ddpm_schedules.lightning.module import DiffusionModule
 
-TINY = dict(
-    image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
-    num_heads=2, dropout=0.0, learn_sigma=True, diffusion_steps=16, noise_schedule="cosine",
-)  # fmt: skip
 
 if __name__ == "__main__":
     out, devices = sys.argv[1], int(sys.argv[2])
     pl.seed_everything(0)
-    module = DiffusionModule(TINY, loss="hybrid", levels=17)
+    module = DiffusionModule({**TINY, "diffusion_steps": 16}, loss="hybrid", levels=17)
     data = SyntheticDataModule(sizes=(8, 12, 4), batch_size=4)
     monitor = ScheduleMonitor(budgets=[2, 4], examples=12, batch_size=5, out_dir=out, progress=False)
     strategy = "ddp" if devices > 1 else "auto"

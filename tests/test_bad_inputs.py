@@ -7,25 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_schedules.lightning.module import DiffusionModule
+from conftest import FIXTURE, TINY, eval_cfg, save_tiny_checkpoint, train_cfg
 from ddpm_schedules.pipeline import evaluate, train
-from test_evaluate import TINY, eval_cfg
-from test_training import train_cfg
-
-FIXTURE = Path(__file__).parent / "fixtures" / "improved_diffusion_tiny"
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
-    torch.manual_seed(0)
-    module = DiffusionModule(TINY, loss="hybrid", levels=17)
-    good = d / "tiny.ckpt"
-    torch.save({"hyper_parameters": {"flags": TINY, "levels": 17}, "state_dict": module.state_dict()}, good)
+    good = save_tiny_checkpoint(d / "tiny.ckpt")
     (d / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    torch.save({"hyper_parameters": {"flags": {**TINY, "num_channels": 64}, "levels": 17}, "state_dict": module.state_dict()}, d / "arch.ckpt")
-    nan_state = {k: v.clone().fill_(math.nan) if "out.2" in k else v for k, v in module.state_dict().items()}
-    torch.save({"hyper_parameters": {"flags": TINY, "levels": 17}, "state_dict": nan_state}, d / "nan.ckpt")
+    state = torch.load(good, weights_only=True)["state_dict"]
+    save_tiny_checkpoint(d / "arch.ckpt", flags={**TINY, "num_channels": 64}, state=state)
+    save_tiny_checkpoint(d / "nan.ckpt", state={k: v.clone().fill_(math.nan) if "out.2" in k else v for k, v in state.items()})
     (d / "decreasing.json").write_text(json.dumps({"timesteps": [9, 4, 20], "T": 20}))
     (d / "out_of_range.json").write_text(json.dumps({"timesteps": [4, 25], "T": 20}))
     (d / "broken.json").write_text("{not json")
@@ -50,7 +43,6 @@ EVALUATE_CASES = [
      "learn_sigma"),  # fmt: skip
     ("unknown improved-diffusion flag", ["model=improved_diffusion", f"model.path={FIXTURE}/model.pt", "+model.flags.use_fp16=true"],
      "unknown improved-diffusion flag"),
-    ("unknown model source", ["model.source=onnx"], "model source 'onnx' is not known"),
     ("Inception weights missing", ["fid.features=inception", "fid.inception_weights={d}/pt_inception.pth"], "is missing; download"),
     ("unknown feature network", ["fid.features=dino"], "unknown fid.features 'dino'"),
     ("digits feature network missing", ["fid.digits_weights={d}/none.pt"], "digits feature network .* is missing"),
@@ -74,16 +66,29 @@ def test_evaluate_bad_input(tmp_path, files, name, overrides, message):
     assert not list(tmp_path.glob("cache/cost_matrix_*[0-9a-f].pt"))  # no finished-looking matrix either
 
 
+# every count evaluate.py reads: 0, -1 and a non-integer are refused before any work, naming the key
+COUNT_KEYS = ["cost.examples", "eval.examples", "fid.samples", "fid.reference_examples", "sample.grid_size", "sample.chunk",
+              "batch_size", "data.batch_size", "resume.every_columns", "resume.every_batches", "resume.every_seconds"]  # fmt: skip
+COUNT_CASES = [(key, value) for key in COUNT_KEYS for value in ("0", "-1", "2.5" if "seconds" not in key else "soon")]
+
+
+@pytest.mark.parametrize("key,value", COUNT_CASES, ids=[f"{k}={v}" for k, v in COUNT_CASES])
+def test_evaluate_refuses_counts_that_are_not_positive_integers(tmp_path, files, key, value):
+    with pytest.raises(ValueError, match=f"^{key} = {value if value != 'soon' else repr(value)};") as info:
+        evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", f"{key}={value}"))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
 TRAIN_CASES = [
     ("unknown loss", ["module.loss=l1"], "unknown loss 'l1'"),
-    ("hybrid without learned sigmas", ["model.learn_sigma=false"], "set learn_sigma=true"),
-    ("image size differs", ["model.image_size=16"], "built for \\(1, 16, 16\\)"),
+    ("hybrid without learned sigmas", ["unet.learn_sigma=false"], "set learn_sigma=true"),
+    ("image size differs", ["unet.image_size=16"], "built for \\(1, 16, 16\\)"),
     ("monitor budget above the grid", ["callbacks.schedule_monitor.budgets=[64]"], "exceed the 20 grid points"),
     ("resume file missing", ["ckpt_path={d}/gone.ckpt"], "does not exist"),
     ("resume from another architecture", ["ckpt_path={d}/arch.ckpt"], "was trained with num_channels=64"),
     ("CIFAR-10 folder missing", ["data=cifar10", "data.root={d}/cifar"], "CIFAR-10 not found"),
-    ("an evaluation model given to train", ["model=checkpoint"], "names a model to evaluate"),
-    ("batch size 0", ["data.batch_size=0"], "data.batch_size must be >= 1"),
+    ("batch size 0", ["data.batch_size=0"], "data.batch_size = 0; it must be a positive integer"),
     ("unknown noise schedule", ["diffusion.noise_schedule=sigmoid"], "unknown noise_schedule 'sigmoid'"),
 ]
 

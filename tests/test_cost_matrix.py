@@ -8,7 +8,7 @@ from torch.distributions import Normal, kl_divergence
 
 from conftest import quantized_data, tiny_model
 from ddpm_schedules import CostMatrix, estimate_cost_matrix
-from ddpm_schedules.batches import example_noise
+from ddpm_schedules.noise import example_noise
 from ddpm_schedules.cost_matrix import CostMatrixMetric
 
 f64 = torch.float64

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from conftest import quantized_data
+from conftest import eval_cfg, quantized_data
 from ddpm_schedules import Schedule, load_diffusers
 
 diffusers = pytest.importorskip("diffusers")
@@ -113,7 +113,6 @@ def test_refuses_what_has_no_ddpm_elbo(tmp_path):
 
 
 def test_evaluate_runs_on_a_diffusers_folder(tmp_path):
-    from test_evaluate import eval_cfg
 
     from ddpm_schedules.pipeline import evaluate
 

@@ -87,9 +87,9 @@ def test_candidate_grid_is_exact_on_that_grid(seed):
 
 def test_bad_input():
     C = random_costs(5, 0)
-    with pytest.raises(ValueError, match="K = 0 must be an integer in 1..4"):
+    with pytest.raises(ValueError, match="budgets has 0; every budget must be an integer in 1..4"):
         optimal_paths(C, [0])
-    with pytest.raises(ValueError, match="K = 5 must be an integer in 1..4"):
+    with pytest.raises(ValueError, match="budgets has 5; every budget must be an integer in 1..4"):
         optimal_paths(C, [2, 5])
     with pytest.raises(ValueError, match="square"):
         optimal_paths(C[:, :4], [1])

@@ -10,37 +10,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from conftest import DIGITS_FEATURES, ROOT, SMALL, eval_cfg
 from ddpm_schedules import CostMatrix, Schedule
 from ddpm_schedules.lightning.module import DiffusionModule
 from ddpm_schedules.pipeline import evaluate
 from ddpm_schedules.schedules import save_schedules
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
-    num_heads=2, dropout=0.0, learn_sigma=True, diffusion_steps=20, noise_schedule="cosine",
-)  # fmt: skip
-SMALL = ["data=synthetic", "eval.budgets=[2,4]", "cost.examples=16", "eval.examples=16", "fid.samples=16",
-         "fid.reference_examples=16", "sample.grid_size=4", "batch_size=8"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    module = DiffusionModule(TINY, loss="hybrid", levels=17)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"hyper_parameters": {"flags": TINY, "levels": 17}, "state_dict": module.state_dict()}, path)
-    return path
-
-
-def eval_cfg(tmp_path, ckpt, *overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return compose(
-            "evaluate",
-            overrides=[f"paths.output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"model.path={ckpt}",
-                       f"fid.digits_weights={ROOT / 'checkpoints' / 'digits_features.pt'}", *SMALL, *overrides],
-        )  # fmt: skip
-
 
 def test_end_to_end_files_schema_wandb_and_cache(tmp_path, tiny_ckpt, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -102,7 +76,7 @@ def test_dp_beats_baselines_on_the_cost_split(tmp_path, tiny_ckpt):
 def test_multirun_two_jobs(tmp_path, tiny_ckpt):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "DDPM_SCHEDULES_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "-m", f"model.path={tiny_ckpt}", *SMALL[1:], "data=synthetic",
-           "eval.budgets=[2],[4]", f"fid.digits_weights={ROOT / 'checkpoints' / 'digits_features.pt'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+           "eval.budgets=[2],[4]", f"fid.digits_weights={DIGITS_FEATURES}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     docs = sorted((tmp_path / "sweep").glob("*/results.json"))
@@ -144,9 +118,9 @@ def test_two_process_ddp_evaluation_equals_one_process(tmp_path, tiny_ckpt):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     docs = {}
     for devices in (1, 2):
-        cmd = [sys.executable, str(ROOT / "evaluate.py"), f"model.path={tiny_ckpt}", *SMALL, "logger=none", "trainer.accelerator=cpu",
-               f"trainer.devices={devices}", f"cache_dir={tmp_path / f'cache{devices}'}", f"hydra.run.dir={tmp_path / f'run{devices}'}",
-               f"fid.digits_weights={ROOT / 'checkpoints' / 'digits_features.pt'}"]  # fmt: skip
+        cmd = [sys.executable, str(ROOT / "evaluate.py"), f"model.path={tiny_ckpt}", *SMALL, "logger=none", "fabric.accelerator=cpu",
+               f"fabric.devices={devices}", f"cache_dir={tmp_path / f'cache{devices}'}", f"hydra.run.dir={tmp_path / f'run{devices}'}",
+               f"fid.digits_weights={DIGITS_FEATURES}"]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
         docs[devices] = json.loads((tmp_path / f"run{devices}" / "results.json").read_text())
@@ -162,7 +136,7 @@ def test_two_process_ddp_evaluation_equals_one_process(tmp_path, tiny_ckpt):
 def test_submitit_local_multirun_two_jobs(tmp_path, tiny_ckpt):
     env = {**os.environ, "WANDB_MODE": "offline", "DDPM_SCHEDULES_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "-m", "hydra/launcher=submitit_local", f"model.path={tiny_ckpt}", *SMALL[1:],
-           "data=synthetic", "eval.budgets=[2],[4]", "logger=none", f"fid.digits_weights={ROOT / 'checkpoints' / 'digits_features.pt'}",
+           "data=synthetic", "eval.budgets=[2],[4]", "logger=none", f"fid.digits_weights={DIGITS_FEATURES}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -173,7 +147,7 @@ def test_submitit_local_multirun_two_jobs(tmp_path, tiny_ckpt):
 @pytest.mark.parametrize("launcher", ["local_parallel", "slurm", "slurm_ddp", "submitit_local"])
 def test_launcher_configs_compose(launcher):
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("evaluate", overrides=[f"hydra/launcher={launcher}", "trainer.devices=4"], return_hydra_config=True)
+        cfg = compose("evaluate", overrides=[f"hydra/launcher={launcher}", "fabric.devices=4"], return_hydra_config=True)
     assert "_target_" in cfg.hydra.launcher
     if launcher == "slurm_ddp":
         assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4

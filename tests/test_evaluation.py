@@ -15,7 +15,7 @@ from ddpm_schedules import (
     quadratic_schedule,
     respaced_schedule,
 )
-from ddpm_schedules.batches import example_noise
+from ddpm_schedules.noise import example_noise
 from ddpm_schedules.schedules import full_schedule
 
 

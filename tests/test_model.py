@@ -5,6 +5,7 @@ import torch
 
 from conftest import quantized_data, tiny_model
 from ddpm_schedules import DiffusionModel, NoiseSchedule, Schedule, even_schedule
+from ddpm_schedules.terms import step_terms
 
 
 @pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large", "learned_range"])
@@ -111,7 +112,7 @@ def test_step_terms_are_the_consecutive_pair_terms(var_type):
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     t = torch.tensor([1, 2, 7, 12, 1])
     x_t = torch.cat([model.q_sample(x0[i : i + 1], int(t[i]), noise[i : i + 1]) for i in range(5)])
-    got = model.step_terms(x0, x_t, t, model.predict(x_t, t))
+    got = step_terms(model, x0, x_t, t, model.predict(x_t, t))
     for i in range(5):
         ref = model.terms(x0[i : i + 1], int(t[i]), [int(t[i]) - 1], noise[i : i + 1])[0, 0]
         assert got[i].item() == pytest.approx(ref.item(), rel=1e-10)

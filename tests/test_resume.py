@@ -12,7 +12,7 @@ import torch
 
 from conftest import CountingNet, quantized_data, tiny_model
 from ddpm_schedules import Schedule, estimate_cost_matrix, evaluate_schedules, even_schedule
-from ddpm_schedules import resume as resume_mod
+from ddpm_schedules import storage
 from ddpm_schedules.cost_matrix import CostMatrixMetric
 from ddpm_schedules.resume import PartialSums, Preempted
 from estimate_script import make_data, make_model
@@ -121,8 +121,8 @@ def test_corrupt_or_mismatched_partial_sums_are_reported_and_recomputed(tmp_path
     metric = CostMatrixMetric(9)
     metric.total += 1e6  # would poison the result if it were used
     config_seed = 99 if damage == "other_config" else 0
-    saver = PartialSums(partial, {"what": "cost_matrix", "model": resume_mod.model_fingerprint(model),
-                                  "data": resume_mod.data_fingerprint([(0, data)]), "grid": list(range(9)), "seed": config_seed})  # fmt: skip
+    saver = PartialSums(partial, {"what": "cost_matrix", "model": storage.model_fingerprint(model),
+                                  "data": storage.data_fingerprint([(0, data)]), "grid": list(range(9)), "seed": config_seed})  # fmt: skip
     saver.save(metric, 5)
     raw = bytearray(partial.read_bytes())
     if damage == "truncate":

@@ -11,49 +11,20 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from conftest import ROOT, TINY, train_cfg
 from ddpm_schedules import CostMatrix, load_checkpoint
 from ddpm_schedules.lightning.data import CIFAR10DataModule, SyntheticDataModule
 from ddpm_schedules.lightning.module import DiffusionModule, LossSecondMomentSampler
 from ddpm_schedules.pipeline import train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
-    num_heads=2, num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, learn_sigma=True, class_cond=False,
-    diffusion_steps=20, noise_schedule="cosine", sigma_small=False, predict_xstart=False, rescale_timesteps=True,
-)  # fmt: skip
-
-
-def train_cfg(tmp_path, *overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"paths.output_dir={tmp_path}",
-                "data=synthetic",
-                "model=tiny",
-                "diffusion.diffusion_steps=20",
-                "trainer.max_steps=6",
-                "trainer.val_check_interval=3",
-                "trainer.log_every_n_steps=1",
-                "callbacks.schedule_monitor.examples=8",
-                "callbacks.schedule_monitor.budgets=[2,4]",
-                "callbacks.schedule_monitor.progress=false",
-                "+trainer.enable_progress_bar=false",
-                *overrides,
-            ],
-        )
-    return cfg
-
-
 @pytest.mark.parametrize("experiment", ["digits", "cifar10_hybrid", "imagenet64_hybrid"])
 def test_experiment_configs_compose(tmp_path, experiment):
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose("train", overrides=[f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
-    assert cfg.module.loss == "hybrid" and cfg.model.learn_sigma
+    assert cfg.module.loss == "hybrid" and cfg.unet.learn_sigma
     if experiment != "digits":  # improved-diffusion's published flags
         assert (cfg.diffusion.diffusion_steps, cfg.diffusion.noise_schedule) == (4000, "cosine")
-        assert (cfg.model.num_channels, cfg.model.num_res_blocks) == (128, 3)
+        assert (cfg.unet.num_channels, cfg.unet.num_res_blocks) == (128, 3)
     assert list(cfg.callbacks)[0] == "schedule_monitor"
 
 
@@ -65,11 +36,11 @@ def test_train_resume_and_monitor_with_wandb_offline(tmp_path, monkeypatch):
     assert metrics["schedules/dp_bpd/K4"] <= metrics["schedules/even_bpd/K4"] + 1e-9  # the DP is optimal on its data
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     record = json.loads((tmp_path / "schedules" / "step_6.json").read_text())
-    assert record["budgets"] == [2, 4] and set(record["predicted_bpd"]) == {"dp", "even", "quadratic"}
+    assert record["budgets"] == [2, 4] and {r["strategy"] for r in record["results"]} == {"dp", "even", "quadratic"}
     assert (tmp_path / "schedules" / "cost_matrix_step_6.pt").is_file()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)  # our checkpoints are plain data
     assert state["global_step"] == 6 and "current_model_state" in state  # EMA weights under state_dict
     # EMA weights are what load_checkpoint returns
     model = load_checkpoint(ckpt)
@@ -78,13 +49,13 @@ def test_train_resume_and_monitor_with_wandb_offline(tmp_path, monkeypatch):
     assert not torch.equal(w, state["current_model_state"]["model.net.out.2.weight"])
     # resume: continues from step 6 to 12 and keeps the monitor's history
     train(train_cfg(tmp_path, "logger=wandb", "data=digits", "data.batch_size=16", "trainer.max_steps=12", f"ckpt_path={ckpt}"))
-    resumed = torch.load(ckpt, weights_only=False)
+    resumed = torch.load(ckpt, weights_only=True)
     assert resumed["global_step"] == 12
     history = next(v for k, v in resumed["callbacks"].items() if "ScheduleMonitor" in k)["history"]
     assert [h["global_step"] for h in history] == [3, 6, 9, 12]
     # a resume with another architecture is refused before anything runs
     with pytest.raises(ValueError, match="was trained with num_channels=32 \\(config: 64\\)"):
-        train(train_cfg(tmp_path, "logger=none", "data=digits", "model.num_channels=64", f"ckpt_path={ckpt}"))
+        train(train_cfg(tmp_path, "logger=none", "data=digits", "unet.num_channels=64", f"ckpt_path={ckpt}"))
     # a run whose loss turns NaN stops without replacing the last good checkpoint
     good = ckpt.read_bytes()
     monkeypatch.setattr(DiffusionModule, "losses", lambda self, x0, t, noise: {"loss": torch.full((len(x0),), math.nan)})
@@ -150,7 +121,7 @@ def test_ddp_monitor_equals_single_process(tmp_path):
     assert one.count == two.count == 12
     valid = torch.isfinite(one.mean)
     torch.testing.assert_close(two.mean[valid], one.mean[valid], rtol=1e-6, atol=0)
-    s1, s2 = (json.loads((tmp_path / d / "step_0.json").read_text())["schedules"] for d in ("dev1", "dev2"))
+    s1, s2 = (json.loads((tmp_path / d / "step_0.json").read_text())["results"] for d in ("dev1", "dev2"))
     assert [s["timesteps"] for s in s1] == [s["timesteps"] for s in s2]
     for a, b in zip(s1, s2):
         if a["predicted_nats"] is not None:
@@ -165,7 +136,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="CIFAR-10 not found at .* extract it there"):
         CIFAR10DataModule(root=str(tmp_path / "nowhere")).setup()
     with pytest.raises(ValueError, match=r"shape \(1, 8, 8\) but the model is built for \(1, 16, 16\)"):
-        train(train_cfg(tmp_path, "logger=none", "model.image_size=16"))
+        train(train_cfg(tmp_path, "logger=none", "unet.image_size=16"))
     with pytest.raises(ValueError, match="exceed the 20 grid points"):
         train(train_cfg(tmp_path, "logger=none", "callbacks.schedule_monitor.budgets=[4,40]"))
     assert not (tmp_path / "checkpoints").exists()  # nothing written by runs that failed
@@ -216,7 +187,7 @@ def test_sigterm_saves_and_resume_continues_with_the_same_ema(tmp_path, monkeypa
     stderr, _ = proc.communicate(timeout=120)  # stdout and stderr together
     assert proc.returncode == 143, stderr[-1500:]
     assert "stopped by SIGTERM at step" in stderr and "Traceback" not in stderr
-    state = torch.load(last, weights_only=False)
+    state = torch.load(last, weights_only=True)
     step = state["global_step"]
     assert step > 5 and f"at step {step};" in stderr  # saved at the SIGTERM
     assert not list(last.parent.glob(".*.tmp"))  # written atomically, nothing left behind
@@ -236,4 +207,4 @@ def test_sigterm_saves_and_resume_continues_with_the_same_ema(tmp_path, monkeypa
     assert seen["step"] == step
     for k, v in state["state_dict"].items():
         assert torch.equal(seen["ema"][k], v), k
-    assert torch.load(last, weights_only=False)["global_step"] == step + 2
+    assert torch.load(last, weights_only=True)["global_step"] == step + 2

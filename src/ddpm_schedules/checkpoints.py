@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from .diffusion import NoiseSchedule
 from .model import DiffusionModel
+from .storage import atomic_torch_save
 from .unet import NUM_CLASSES, UNetModel, create_unet
 
 # improved-diffusion's model_and_diffusion_defaults(), plus this package's channel_mult and in_channels
@@ -58,37 +61,98 @@ def model_from_flags(flags: dict[str, Any], levels: int = 256) -> DiffusionModel
     )
 
 
-def load_improved_diffusion(path: str | Path, **flags) -> DiffusionModel:
+def load_improved_diffusion(path: str | Path, levels: int = 256, flags: Mapping[str, Any] | None = None, **more_flags) -> DiffusionModel:
     """Load an improved-diffusion checkpoint with its training flags (image_size, num_channels, ...).
 
     Flags use improved-diffusion's names and defaults (``model_and_diffusion_defaults()``), plus
-    ``channel_mult`` ("1,2,2,2"; empty = derived from image_size) and ``in_channels``. Training-only
-    flags are accepted and ignored. num_heads cannot be checked against the weights: pass the value
-    the model was trained with. Returns the model in eval mode on the CPU.
+    ``channel_mult`` ("1,2,2,2"; empty = derived from image_size) and ``in_channels``; pass them as
+    keywords, as one mapping ``flags`` (what a Hydra config holds), or both (keywords win).
+    Training-only flags are accepted and ignored. num_heads cannot be checked against the weights:
+    pass the value the model was trained with. ``levels`` is the data's number of pixel values (256
+    for 8-bit images). The file is read as data (``weights_only=True``): a released checkpoint is a
+    plain state dict. Returns the model in eval mode on the CPU.
     """
-    model = model_from_flags(flags)
+    flags = {**_plain_flags(flags), **more_flags}
+    model = model_from_flags(flags, levels=int(levels))
     _load_weights(model.net, Path(path), _resolve_flags(flags))
     return model.eval()
 
 
-def load_checkpoint(path: str | Path) -> DiffusionModel:
+TRUST_HINT = "model.trust_checkpoint=true"
+
+
+class UntrustedCheckpointError(ValueError):
+    """The file holds more than tensors and plain containers: only full unpickling (which can run code) reads it."""
+
+
+def read_checkpoint(path: str | Path, trust_checkpoint: bool = False, trust_hint: str = TRUST_HINT) -> Any:
+    """``torch.load`` a checkpoint file onto the CPU as data: ``weights_only=True`` unless ``trust_checkpoint``.
+
+    A file whose pickle references anything but tensors and plain containers raises
+    `UntrustedCheckpointError` (a one-line ValueError naming the file and ``trust_hint``, the
+    caller's spelling of the opt-in). Other read errors propagate as torch raises them.
+    """
+    path = Path(path)
+    if trust_checkpoint:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = " ".join(str(e).split())
+        if not re.search(r"unsupported global|trying to call reduce|can only (create new object|build)", text, re.IGNORECASE):
+            raise
+        what = re.search(r"GLOBAL (\S+)", text)
+        raise UntrustedCheckpointError(
+            f"{str(path)!r} needs full unpickling"
+            f"{f' (it references {what.group(1)})' if what else ''}, which can run code hidden in the file; "
+            f"if you trust where it came from, load it with {trust_hint}"
+        ) from None
+
+
+def load_checkpoint(path: str | Path, trust_checkpoint: bool = False, trust_hint: str = TRUST_HINT) -> DiffusionModel:
     """A model trained by this package's `train.py`: a Lightning .ckpt (its EMA weights when EMA was on).
 
     The flags and levels come from the checkpoint's hyper-parameters; with `EMAWeightAveraging`
-    Lightning stores the averaged weights under ``state_dict``.
+    Lightning stores the averaged weights under ``state_dict``. The file is read as data
+    (``weights_only=True``); a file that needs full unpickling is refused with a ValueError naming
+    ``trust_hint`` unless ``trust_checkpoint`` is set.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint file {str(path)!r} is missing (no such file); train one with `python train.py`")
+    return _model_from_checkpoint(path, _read_ours(path, trust_checkpoint, trust_hint))
+
+
+def _plain_flags(flags: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A flags mapping (a dict or an OmegaConf node) as a plain dict."""
+    if flags is None:
+        return {}
+    if not isinstance(flags, dict):
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(flags, DictConfig):
+            return OmegaConf.to_container(flags, resolve=True)
+    return dict(flags)
+
+
+def _read_ours(path: Path, trust_checkpoint: bool, trust_hint: str) -> dict[str, Any]:
+    """The checkpoint dict of one of our .ckpt files; a one-line ValueError for anything else."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
-        flags = dict(hp["flags"])
+        ckpt = read_checkpoint(path, trust_checkpoint, trust_hint)
+        ckpt["hyper_parameters"]["flags"], ckpt["state_dict"]  # noqa: B018 (the keys must be there)
+        return ckpt
+    except UntrustedCheckpointError:
+        raise
     except Exception as e:
         raise ValueError(
             f"{str(path)!r} is not a Lightning checkpoint of this package ({type(e).__name__}); "
             "for an improved-diffusion .pt use load_improved_diffusion(path, **flags)"
         ) from None
+
+
+def _model_from_checkpoint(path: Path, ckpt: dict[str, Any]) -> DiffusionModel:
+    hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+    flags = _plain_flags(hp["flags"])
     model = model_from_flags(flags, levels=int(hp.get("levels", 256)))
     net_state = {k[len("model.net.") :]: v for k, v in state.items() if k.startswith("model.net.")}
     problem = _mismatch(model.net.state_dict(), net_state, _resolve_flags(flags))
@@ -217,19 +281,38 @@ def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], f
     return f"{'; '.join(parts)}; flags that probably differ: {', '.join(hints)} (model flags used: {given})"
 
 
-def export_checkpoint(src: str | Path, dst: str | Path) -> Path:
+def export_checkpoint(
+    src: str | Path, dst: str | Path, trust_checkpoint: bool = False, trust_hint: str = "trust_checkpoint=True"
+) -> Path:
     """Keep only what `load_checkpoint` needs from a train.py .ckpt: flags, levels and the (EMA) weights.
 
         python -m ddpm_schedules.export outputs/<run>/checkpoints/last.ckpt checkpoints/digits.ckpt
+
+    The source is read as data unless ``trust_checkpoint`` (see `load_checkpoint`); the output holds
+    only tensors and plain Python values, so it always loads with ``weights_only=True``.
     """
-    load_checkpoint(src)  # fails clearly on anything that is not one of ours
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)
-    hp = {"flags": dict(ckpt["hyper_parameters"]["flags"]), "levels": int(ckpt["hyper_parameters"].get("levels", 256))}
-    state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.net.")}
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    torch.save({"hyper_parameters": hp, "state_dict": state, "global_step": ckpt.get("global_step")}, tmp)
-    tmp.replace(dst)
-    return dst
+    src = Path(src)
+    if not src.is_file():
+        raise ValueError(f"checkpoint file {str(src)!r} is missing (no such file)")
+    ckpt = _read_ours(src, trust_checkpoint, trust_hint)
+    _model_from_checkpoint(src, ckpt)  # fails clearly on anything that is not one of ours
+    hp = {"flags": _plain(_plain_flags(ckpt["hyper_parameters"]["flags"])), "levels": int(ckpt["hyper_parameters"].get("levels", 256))}
+    state = {str(k): v.detach().clone(memory_format=torch.contiguous_format) for k, v in ckpt["state_dict"].items() if k.startswith("model.net.")}
+    step = ckpt.get("global_step")
+    atomic_torch_save({"hyper_parameters": hp, "state_dict": state, "global_step": None if step is None else int(step)}, dst)
+    return Path(dst)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as str / int / float / bool / None and lists and dicts of them (what weights_only=True reads)."""
+    if value is None:
+        return None
+    for kind in (bool, int, float, str):  # bool first: it is an int
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence):
+        return [_plain(v) for v in value]
+    raise ValueError(f"a checkpoint flag holds a {type(value).__name__} ({value!r}); flags must be plain values")
 

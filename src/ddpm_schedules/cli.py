@@ -9,7 +9,7 @@ from typing import Any, Callable
 from hydra.errors import InstantiationException
 
 
-def _user_error(e: BaseException) -> ValueError | None:
+def user_error(e: BaseException) -> ValueError | None:
     """The ValueError behind an exception (Hydra wraps the ones raised while instantiating)."""
     while e is not None:
         if isinstance(e, ValueError):
@@ -27,7 +27,7 @@ def run(fn: Callable[[Any], dict[str, float]], cfg: Any) -> dict[str, float]:
     except Preempted as e:  # already logged with where the partial sums are
         sys.exit(e.code)
     except (ValueError, InstantiationException) as e:
-        cause = _user_error(e)
+        cause = user_error(e)
         if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {cause}", file=sys.stderr)

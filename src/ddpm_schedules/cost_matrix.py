@@ -6,10 +6,7 @@ processes combine into exactly the single-process matrix.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,10 +16,13 @@ from torch import Tensor
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from .batches import example_noise, indexed_batches
+from .noise import example_noise, indexed_batches
+from .diffusion import nats_to_bpd
 from .model import DiffusionModel
-from .resume import PartialSums, data_fingerprint, model_fingerprint, sigterm_requests
+from .terms import pair_tables, pair_terms, prior_nats
+from .resume import PartialSums, sigterm_requests
 from .schedules import Schedule
+from .storage import data_fingerprint, load_checked, model_fingerprint, save_checked
 
 
 class CostMatrixMetric(Metric):
@@ -113,31 +113,33 @@ class CostMatrix:
 
     def bpd(self, nats: float) -> float:
         """nats per example -> bits per dimension."""
-        return nats / (self.dims * math.log(2))
+        return nats_to_bpd(nats, self.dims)
 
     def save(self, path: str | Path) -> None:
-        """torch.save with a sha256 of the contents, to a temporary file then renamed: never half-written."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        torch.save(self.__dict__, buf)
-        payload = buf.getvalue()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel sweep jobs may share a cache
-        torch.save({"payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8), "sha256": hashlib.sha256(payload).hexdigest()}, tmp)
-        tmp.replace(path)
+        """Checksummed and written atomically (storage.save_checked): never half-written."""
+        save_checked(self.__dict__, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "CostMatrix":
+        if not Path(path).is_file():
+            raise ValueError(f"cost matrix file {str(path)!r} does not exist")
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            payload = bytes(blob["payload"].numpy().tobytes())
-            if hashlib.sha256(payload).hexdigest() != blob["sha256"]:
-                raise ValueError("checksum mismatch")
-            return cls(**torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
-        except FileNotFoundError:
-            raise ValueError(f"cost matrix file {str(path)!r} does not exist") from None
+            return cls(**load_checked(path))
         except Exception as e:
             raise ValueError(f"cost matrix file {str(path)!r} is not a saved CostMatrix ({type(e).__name__}); recompute it") from None
+
+
+def candidate_grid(spec: int | Sequence[int] | None, T: int, key: str = "cost.grid") -> list[int] | None:
+    """A grid spec -> candidate timesteps: None = every step, k = every k-th step plus T, or a list as given."""
+    if spec is None:
+        return None
+    if isinstance(spec, bool) or not isinstance(spec, (int, list, tuple)):
+        raise ValueError(f"{key} = {spec!r}; use null (every step), an integer stride k >= 1, or a list of timesteps")
+    if isinstance(spec, int):
+        if not 1 <= spec <= T:
+            raise ValueError(f"{key} = {spec}; an integer grid is a stride >= 1 and <= T = {T} (every k-th step, plus T)")
+        return sorted(set(range(spec, T + 1, spec)) | {T})
+    return sorted(int(t) for t in spec)
 
 
 def full_grid(grid: Sequence[int] | Tensor | None, T: int) -> Tensor:
@@ -192,12 +194,12 @@ def estimate_cost_matrix(
             bar = tqdm(range(done + 1, g.numel()), desc="cost matrix", unit="col", disable=not progress, initial=done, total=g.numel() - 1)
             for j in bar:
                 t = int(g[j])
-                tables = model.pair_tables(t, g[:j], device)
+                tables = pair_tables(model, t, g[:j], device)
                 for start, x0 in batches:
                     x0 = x0.to(device)
                     x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device))
-                    terms = model.pair_terms(x0, x_t, t, g[:j], model.predict(x_t, t), tables=tables)
-                    metric.update(terms, j, model.prior_nats(x0) if j == 1 else None)
+                    terms = pair_terms(model, x0, x_t, t, g[:j], model.predict(x_t, t), tables=tables)
+                    metric.update(terms, j, prior_nats(model, x0) if j == 1 else None)
                 saver.step(metric, j, stop_requested())
     finally:
         model.train(was_training)

@@ -96,6 +96,16 @@ class NoiseSchedule:
         raise ValueError(f"{var_type!r} is not a fixed variance type; use 'fixed_small' or 'fixed_large'")
 
 
+def nats_to_bpd(nats, dims: int):
+    """Nats per example -> bits per dimension: nats / (D ln 2)."""
+    return nats / (dims * math.log(2))
+
+
+def learned_log_variance(frac: Tensor, min_log: Tensor, max_log: Tensor) -> Tensor:
+    """Nichol & Dhariwal eq. 15: log sigma2 = f max_log + (1 - f) min_log, f = (v + 1) / 2 per dimension."""
+    return frac * max_log + (1 - frac) * min_log
+
+
 def beta_ts(ab_s: Tensor, ab_t: Tensor) -> Tensor:
     """Respaced beta: beta(t|s) = 1 - ab_t / ab_s."""
     return 1 - ab_t / ab_s

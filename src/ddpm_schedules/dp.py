@@ -15,7 +15,7 @@ import numba
 import numpy as np
 import torch
 
-from .schedules import Schedule
+from .schedules import Schedule, check_budgets
 
 if TYPE_CHECKING:
     from .cost_matrix import CostMatrix
@@ -92,14 +92,8 @@ def _check_costs(costs: torch.Tensor | np.ndarray) -> np.ndarray:
     return C
 
 
-def _check_budgets(budgets: int | Iterable[int], n: int) -> list[int]:
-    budgets = [budgets] if isinstance(budgets, (int, np.integer)) else list(budgets)
-    if not budgets:
-        raise ValueError("budgets is empty; pass at least one K, e.g. [8, 16, 32]")
-    for K in budgets:
-        if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= n:
-            raise ValueError(f"budget K = {K!r} must be an integer in 1..{n} (the number of grid points after 0)")
-    return sorted({int(K) for K in budgets})
+def check_budgets_on_grid(budgets: int | Iterable[int], n: int) -> list[int]:
+    return check_budgets(budgets, n, "budgets", "the number of grid points after 0")
 
 
 @numba.njit(cache=True)
@@ -120,7 +114,7 @@ def optimal_paths(costs: torch.Tensor | np.ndarray, budgets: int | Iterable[int]
     """
     C = _check_costs(costs)
     n = C.shape[0] - 1
-    budgets = _check_budgets(budgets, n)
+    budgets = check_budgets_on_grid(budgets, n)
     E, ptr = _dp_tables(C, max(budgets), _k_chunks(n, max(budgets), numba.get_num_threads()))
     out: Paths = {}
     wanted = set(budgets)
@@ -142,7 +136,7 @@ def brute_force_paths(costs: torch.Tensor | np.ndarray, budgets: int | Iterable[
     n = C.shape[0] - 1
     out: Paths = {}
     exact: Paths = {}
-    for K in range(1, max(_check_budgets(budgets, n)) + 1):
+    for K in range(1, max(check_budgets_on_grid(budgets, n)) + 1):
         best: tuple[list[int], float] | None = None
         for inner in itertools.combinations(range(1, n), K - 1):
             path = [0, *inner, n]
@@ -152,7 +146,7 @@ def brute_force_paths(costs: torch.Tensor | np.ndarray, budgets: int | Iterable[
             if best is None or total < best[1] or (total == best[1] and path[::-1] < best[0][::-1]):
                 best = (path, total)
         exact[K] = best
-    for K in _check_budgets(budgets, n):
+    for K in check_budgets_on_grid(budgets, n):
         if not at_most:
             out[K] = exact[K]
             continue

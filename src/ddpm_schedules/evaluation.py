@@ -12,10 +12,13 @@ from torch import Tensor
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from .batches import example_noise, indexed_batches
+from .noise import example_noise, indexed_batches
+from .diffusion import nats_to_bpd
 from .model import DiffusionModel
-from .resume import PartialSums, data_fingerprint, model_fingerprint, sigterm_requests
+from .terms import pair_tables, pair_terms, prior_nats
+from .resume import PartialSums, sigterm_requests
 from .schedules import Schedule
+from .storage import data_fingerprint, model_fingerprint
 
 
 @dataclass
@@ -34,7 +37,7 @@ class ScheduleResult:
     def predicted_bpd(self) -> float | None:
         """What the cost matrix predicted for a DP schedule (None for other schedules)."""
         nats = self.schedule.predicted_nats
-        return None if nats is None else nats / (self.dims * math.log(2))
+        return None if nats is None else nats_to_bpd(nats, self.dims)
 
 
 class ScheduleTermsMetric(Metric):
@@ -110,7 +113,7 @@ def evaluate_schedules(
     metric = ScheduleTermsMetric(offsets[-1], len(schedules)).to(device)
     was_training = model.training
     model.eval()
-    tables = {t: model.pair_tables(t, sorted(by_s), device) for t, by_s in needs.items()}
+    tables = {t: pair_tables(model, t, sorted(by_s), device) for t, by_s in needs.items()}
     saver = PartialSums(
         partial,
         {"what": "held_out", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed,
@@ -126,13 +129,13 @@ def evaluate_schedules(
                 if b < done:
                     continue
                 x0 = x0.to(device)
-                prior = model.prior_nats(x0)
+                prior = prior_nats(model, x0)
                 step_terms = torch.zeros(x0.shape[0], offsets[-1], dtype=torch.float64, device=device)
                 for t, by_s in sorted(needs.items()):
                     noise = example_noise(seed, start, x0.shape[0], t, shape).to(device)
                     x_t = model.q_sample(x0, t, noise)
                     s = tables[t].s
-                    terms = model.pair_terms(x0, x_t, t, s, model.predict(x_t, t), tables=tables[t])
+                    terms = pair_terms(model, x0, x_t, t, s, model.predict(x_t, t), tables=tables[t])
                     for col, s_val in enumerate(s.tolist()):
                         for _, flat in by_s[s_val]:
                             step_terms[:, flat] = terms[:, col]
@@ -145,7 +148,7 @@ def evaluate_schedules(
         model.train(was_training)
     out = {k: v.cpu().reshape(-1) for k, v in metric.compute().items()}  # torchmetrics squeezes 1-element results
     saver.remove()
-    to_bpd = 1 / (dims * math.log(2))
+    to_bpd = nats_to_bpd(1.0, dims)
     return [
         ScheduleResult(
             schedule=sch,
@@ -158,80 +161,3 @@ def evaluate_schedules(
         )
         for k, sch in enumerate(schedules)
     ]
-
-
-INCEPTION_HINT = (
-    "download torch-fidelity's FID Inception weights (pt_inception-2015-12-05-6726825d.pth, from the torch-fidelity "
-    "GitHub releases) on a machine with internet access and pass fid.inception_weights=<path>"
-)
-
-
-def fid_feature_extractor(features: str, digits_weights: str | None = None, inception_weights: str | None = None):
-    """The feature network for Fréchet distances, checked before any heavy work."""
-    from .features import FEATURE_KINDS, load_digits_features
-
-    if features == "digits":
-        return load_digits_features(digits_weights or "")
-    if features == "inception":
-        if not inception_weights or not Path(inception_weights).is_file():
-            raise ValueError(f"fid.inception_weights file {inception_weights!r} is missing; {INCEPTION_HINT}")
-        import importlib.util
-
-        if importlib.util.find_spec("torch_fidelity") is None:
-            raise ValueError("fid.features=inception needs torch-fidelity: pip install 'ddpm-schedules[inception]'")
-        return None
-    raise ValueError(f"unknown fid.features {features!r}; use one of {FEATURE_KINDS}")
-
-
-def frechet_distances(
-    reference: Tensor,
-    fakes: dict,
-    features: str = "digits",
-    digits_weights: str | None = None,
-    inception_weights: str | None = None,
-    antialias: bool = False,
-    batch_size: int = 100,
-    reference_cache: str | None = None,
-) -> dict:
-    """Fréchet distance of each set of samples (values in [-1, 1]) to ``reference``, with torchmetrics.
-
-    ``features="inception"`` is FID proper (Inception-v3 pool3, uint8 RGB, ``antialias=False`` for
-    numbers comparable with the literature); ``"digits"`` uses the digits classifier's features.
-    Reference statistics are computed once and kept across the sets; with ``reference_cache`` (a
-    file path) they are saved there and reused by later runs.
-    """
-    import os
-
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    extractor = fid_feature_extractor(features, digits_weights, inception_weights)
-    if extractor is not None:
-        fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
-        prepare = lambda x: x.float()  # noqa: E731
-    else:
-        fid = FrechetInceptionDistance(feature=2048, reset_real_features=False, feature_extractor_weights_path=inception_weights, antialias=antialias)
-
-        def prepare(x: Tensor) -> Tensor:
-            x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-    real_states = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
-    cache = Path(reference_cache) if reference_cache else None
-    if cache is not None and cache.is_file():
-        for name, value in torch.load(cache, weights_only=True).items():
-            setattr(fid, name, value)
-    else:
-        for chunk in reference.split(batch_size):
-            fid.update(prepare(chunk), real=True)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            torch.save({name: getattr(fid, name) for name in real_states}, tmp)
-            tmp.replace(cache)
-    out = {}
-    for key, samples in fakes.items():
-        fid.reset()  # keeps the reference features (reset_real_features=False)
-        for chunk in samples.split(batch_size):
-            fid.update(prepare(chunk), real=False)
-        out[key] = float(fid.compute())
-    return out

@@ -1,31 +1,29 @@
-"""Figures people would rather look at than read: the cost matrix, schedules, bits/dim against K."""
+"""What evaluate.py shows: results tables, figures (cost matrix, schedules, bits/dim against K), sample grids, logging."""
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files and loggers only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-
-import hashlib  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from .cost_matrix import CostMatrix  # noqa: E402
 from .schedules import Schedule  # noqa: E402
+from .storage import atomic_write_json  # noqa: E402
 
 
 def plot_cost_matrix(cm: CostMatrix) -> Figure:
     """Heatmap of log10 C[s, t] in bits/dim over the grid (s below t)."""
-    bpd = cm.mean / (cm.dims * math.log(2))
+    bpd = cm.bpd(cm.mean)
     shown = torch.where(torch.isfinite(bpd) & (bpd > 0), bpd, torch.tensor(math.nan, dtype=bpd.dtype)).log10()
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=110)
     g = cm.grid.tolist()
@@ -68,29 +66,10 @@ def plot_bpd_vs_budget(bpd: Mapping[str, Mapping[int, float]], full_chain: float
     return fig
 
 
-def cache_key(model, **parts: Any) -> str:
-    """sha256 of the model's weights and conventions and of what the estimate depends on."""
-    from .resume import model_fingerprint
-
-    return hash_parts(model=model_fingerprint(model), **parts)
-
-
-def hash_parts(**parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_digest(path: str | None) -> str | None:
-    """sha256 of a file's bytes (None for no file)."""
-    if not path or not Path(path).is_file():
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def write_json_atomic(path: Path, doc: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(path)
+def figure_array(fig: Figure) -> np.ndarray:
+    """A drawn figure as an RGB uint8 array [H, W, 3] (what loggers take as an image)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def results_table(doc: dict[str, Any]) -> str:
@@ -130,15 +109,13 @@ def sample_grid(samples: torch.Tensor, n: int = 64) -> np.ndarray:
 
 def write_evaluation(out_dir: Path, doc: dict[str, Any], cm: CostMatrix, schedules: Sequence[Schedule], samples: dict, logger) -> None:
     """results.md, plots, sample grids, schedules/*.json, and the same to the logger (W&B, CSV)."""
-    from PIL import Image
-
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(results_table(doc) + "\n")
     sched_dir, grid_dir = out_dir / "schedules", out_dir / "samples"
     sched_dir.mkdir(exist_ok=True)
     grid_dir.mkdir(exist_ok=True)
     for sch in schedules:
-        write_json_atomic(sched_dir / f"{_safe(sch.strategy)}_K{sch.K}.json", sch.to_dict())
+        atomic_write_json(sched_dir / f"{_safe(sch.strategy)}_K{sch.K}.json", sch.to_dict())
     bpd: dict[str, dict[int, float]] = {}
     for r in doc["results"]:
         bpd.setdefault(r["strategy"], {})[r["K"]] = r["bpd"]
@@ -179,8 +156,7 @@ def log_evaluation(logger, doc: dict[str, Any], figures: dict, grids: dict) -> N
         rows = [[r["strategy"], r["K"], r["bpd"], r["bpd_sem"], r["predicted_bpd"], r["fid"], json.dumps(r["schedule"])] for r in doc["results"]]
         logger.log_table("results", columns=columns, data=rows)
         for name, fig in figures.items():
-            fig.canvas.draw()
-            logger.log_image(f"plots/{name}", images=[np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()])
+            logger.log_image(f"plots/{name}", images=[figure_array(fig)])
         for name, grid in grids.items():
             logger.log_image(f"samples/{name}", images=[grid])
         logger.log_hyperparams({"fid_features": doc["fid"]["features"]})

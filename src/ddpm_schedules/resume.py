@@ -8,19 +8,17 @@ finish, saves, and stops with `Preempted`.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import os
 import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
 from torchmetrics import Metric
+
+from .storage import load_checked, save_checked
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +34,6 @@ class Preempted(SystemExit):
         return self.message
 
 
-def _digest(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()
-
-
 class PartialSums:
     """Atomic save / checked load of a Metric's states plus a progress counter, for one configuration."""
 
@@ -50,11 +44,7 @@ class PartialSums:
         self._last_save, self._unsaved = time.monotonic(), 0
 
     def _read(self) -> dict[str, Any]:
-        blob = torch.load(self.path, map_location="cpu", weights_only=True)
-        payload = bytes(blob["payload"].numpy().tobytes())
-        if _digest(payload) != blob["sha256"]:
-            raise ValueError("checksum mismatch")
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        return load_checked(self.path)
 
     def load_progress(self) -> int:
         """Units done according to the file, whatever its configuration (for monitoring a run)."""
@@ -82,16 +72,8 @@ class PartialSums:
         """Write the states and progress to a temporary file, then rename it over the old one."""
         if self.path is None:
             return
-        buf = io.BytesIO()
         states = {name: getattr(metric, name).detach().cpu() for name in metric._defaults}
-        torch.save({"states": states, "done": done, "config": json.dumps(self.config, sort_keys=True)}, buf)
-        payload = buf.getvalue()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        torch.save({"payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8), "sha256": _digest(payload)}, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        save_checked({"states": states, "done": done, "config": json.dumps(self.config, sort_keys=True)}, self.path)
         self._last_save, self._unsaved = time.monotonic(), 0
 
     def step(self, metric: Metric, done: int, stop_requested: bool = False) -> None:
@@ -135,23 +117,3 @@ def sigterm_requests(enabled: bool = True) -> Iterator[Callable[[], bool]]:
         yield lambda: flag["set"]
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def model_fingerprint(model) -> str:
-    """sha256 of a DiffusionModel's weights (in order, whatever wraps the network), conventions and betas."""
-    h = hashlib.sha256()
-    for value in model.net.state_dict().values() if isinstance(model.net, torch.nn.Module) else []:
-        h.update(str((value.dtype, tuple(value.shape))).encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    h.update(model.extra_repr().encode())
-    h.update(model.schedule.betas.numpy().tobytes())
-    return h.hexdigest()
-
-
-def data_fingerprint(batches: list[tuple[int, torch.Tensor]]) -> str:
-    """sha256 of indexed batches: the examples, their values and their global indices."""
-    h = hashlib.sha256()
-    for start, x0 in batches:
-        h.update(str((start, tuple(x0.shape))).encode())
-        h.update(x0.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .storage import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -75,16 +79,17 @@ class Schedule:
         return cls.from_dict(json.loads(text))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _check_budget(T: int, K: int) -> None:
-    if not isinstance(K, int) or isinstance(K, bool) or not 1 <= K <= T:
-        raise ValueError(f"budget K = {K!r} must be an integer in 1..T = {T}")
+def check_budgets(budgets: int | Iterable[int], limit: int | None, key: str = "budgets", limit_name: str = "T") -> list[int]:
+    """Budgets as sorted distinct integers in 1..limit (no upper limit for None); else a ValueError naming ``key``."""
+    one = not isinstance(budgets, (list, tuple, set, range))
+    budgets = [budgets] if one else list(budgets)
+    if not budgets:
+        raise ValueError(f"{key} is empty; pass at least one K, e.g. [8, 16, 32]")
+    for K in budgets:
+        if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= (limit or K):
+            bound = f"an integer in 1..{limit} ({limit_name})" if limit else "a positive integer"
+            raise ValueError(f"{key} = {K!r} must be {bound}" if one else f"{key} has {K!r}; every budget must be {bound}")
+    return sorted({int(K) for K in budgets})
 
 
 def even_schedule(T: int, K: int) -> Schedule:
@@ -93,7 +98,7 @@ def even_schedule(T: int, K: int) -> Schedule:
     Rounding is improved-diffusion's own (an accumulated float stride, Python's round), so the
     schedule is exactly the `timestep_respacing="K"` chain of a released model; K = 1 is (T,).
     """
-    _check_budget(T, K)
+    check_budgets(K, T, "budget K", "T")
     if K == 1:
         return Schedule((T,), T, "even")
     return Schedule(tuple(sorted(i + 1 for i in space_timesteps(T, str(K)))), T, "even")
@@ -101,7 +106,7 @@ def even_schedule(T: int, K: int) -> Schedule:
 
 def quadratic_schedule(T: int, K: int) -> Schedule:
     """DDIM's quadratic spacing: tau_i = max(tau_{i-1} + 1, round(T (i/K)^2)), tau_K = T."""
-    _check_budget(T, K)
+    check_budgets(K, T, "budget K", "T")
     taus: list[int] = []
     for i in range(1, K):
         taus.append(max((taus[-1] if taus else 0) + 1, round(T * (i / K) ** 2)))
@@ -160,7 +165,7 @@ def full_schedule(T: int) -> Schedule:
 
 def save_schedules(schedules: Sequence[Schedule], path: str | Path) -> None:
     """Write schedules as one JSON list (atomically)."""
-    _write_atomic(Path(path), json.dumps([s.to_dict() for s in schedules], indent=2))
+    atomic_write_json(path, [s.to_dict() for s in schedules])
 
 
 def load_schedules(path: str | Path) -> list[Schedule]:

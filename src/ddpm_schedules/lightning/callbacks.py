@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
+import matplotlib.pyplot as plt
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
-from ..cost_matrix import CostMatrix, estimate_cost_matrix
-from ..dp import optimal_schedules
-from ..schedules import Schedule, even_schedule, quadratic_schedule
+from ..cost_matrix import CostMatrix, candidate_grid, estimate_cost_matrix, full_grid
+from ..noise import shard
+from ..report import figure_array, plot_cost_matrix, plot_schedules
+from ..schedules import Schedule, check_budgets
+from ..storage import atomic_write_json
+from ..strategies import Strategy, build_schedules, parse_strategies
 
 
 class ScheduleMonitor(Callback):
     """Every ``every_n_validations`` validations: estimate the cost matrix on ``examples`` validation
-    images on ``grid``, run the DP for ``budgets`` and log what the schedules are predicted to cost.
+    images on ``grid``, build the schedules of ``strategies`` for ``budgets`` and log their predicted bits/dim.
 
     Logged (through the LightningModule, so every logger gets them): ``schedules/<strategy>_bpd/K<K>``
-    for dp, even and quadratic (baselines whose timesteps are all on the grid), ``schedules/full_bpd``
-    (the chain through every grid point) and ``schedules/dp_gap/K<K>``. W&B also gets the schedules as
-    a table and the cost-matrix heatmap and schedules plot as images. Files in ``<run dir>/schedules/``:
-    ``step_<global_step>.json`` (budgets, schedules, predicted bits/dim), the cost matrix
-    ``cost_matrix_step_<global_step>.pt`` and the two figures.
+    (baselines whose timesteps are all on the grid), ``schedules/full_bpd`` (the chain through every
+    grid point) and ``schedules/dp_gap/K<K>``. W&B also gets the schedules as a table and the
+    cost-matrix heatmap and schedules plot as images. Files in ``<run dir>/schedules/``:
+    ``step_<global_step>.json`` (the same ``results`` entries as evaluate.py's results.json, without
+    held-out numbers), the cost matrix ``cost_matrix_step_<global_step>.pt`` and the two figures.
 
     Under DDP each process estimates a contiguous shard of the examples; the torchmetrics sums make the
     matrix equal to a single-process one. Keep this callback before `EMAWeightAveraging` in the list so
@@ -39,19 +41,21 @@ class ScheduleMonitor(Callback):
         every_n_validations: int = 1,
         examples: int = 64,
         grid: Sequence[int] | int | None = None,
+        strategies: Sequence[str] = ("dp", "even", "quadratic"),
         seed: int = 0,
         batch_size: int = 64,
         out_dir: str | None = None,
         progress: bool = True,
     ):
         super().__init__()
-        if every_n_validations < 1:
-            raise ValueError(f"every_n_validations must be >= 1, got {every_n_validations}")
-        self.budgets = sorted({int(k) for k in budgets})
-        if not self.budgets or self.budgets[0] < 1:
-            raise ValueError(f"budgets must be positive integers, got {list(budgets)}")
+        key = "callbacks.schedule_monitor"
+        for name, value in (("every_n_validations", every_n_validations), ("examples", examples), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}.{name} = {value!r}; it must be a positive integer")
+        self.budgets = check_budgets(list(budgets), None, f"{key}.budgets")
         self.every_n_validations = every_n_validations
         self.examples, self.grid, self.seed, self.batch_size = examples, grid, seed, batch_size
+        self.strategy_names, self.strategies = list(strategies), list[Strategy]()
         self.out_dir, self.progress = out_dir, progress
         self.validations = 0
         self.history: list[dict[str, Any]] = []
@@ -67,18 +71,16 @@ class ScheduleMonitor(Callback):
     # --- hooks --------------------------------------------------------------------------------
 
     def timesteps(self, T: int) -> list[int]:
-        """The candidate grid: every step, every ``grid``-th step (plus T), or an explicit list."""
-        if self.grid is None:
-            return list(range(1, T + 1))
-        if isinstance(self.grid, int):
-            return sorted(set(range(self.grid, T + 1, self.grid)) | {T})
-        return sorted(int(t) for t in self.grid)
+        """The candidate grid (`candidate_grid`): every step, every ``grid``-th step plus T, or a list."""
+        return full_grid(candidate_grid(self.grid, T, "callbacks.schedule_monitor.grid"), T)[1:].tolist()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        n = len(self.timesteps(pl_module.model.T))
+        T = pl_module.model.T
+        n = len(self.timesteps(T))
         too_big = [k for k in self.budgets if k > n]
         if too_big:
-            raise ValueError(f"ScheduleMonitor budgets {too_big} exceed the {n} grid points; lower them or refine the grid")
+            raise ValueError(f"callbacks.schedule_monitor.budgets {too_big} exceed the {n} grid points; lower them or refine the grid")
+        self.strategies = parse_strategies(self.strategy_names, T, "callbacks.schedule_monitor.strategies")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -92,18 +94,12 @@ class ScheduleMonitor(Callback):
     def monitor(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         model = pl_module.model
         data = trainer.datamodule.tensor("val", self.examples)
-        lo = trainer.global_rank * len(data) // trainer.world_size
-        hi = (trainer.global_rank + 1) * len(data) // trainer.world_size
+        lo, hi = shard(len(data), trainer.global_rank, trainer.world_size)
         cm = estimate_cost_matrix(
-            model,
-            data[lo:hi],
-            grid=self.timesteps(model.T),
-            seed=self.seed,
-            batch_size=self.batch_size,
-            progress=self.progress and trainer.is_global_zero,
-            start_index=lo,
-        )
-        record = summarize(cm, self.budgets, trainer.global_step)
+            model, data[lo:hi], grid=self.timesteps(model.T), seed=self.seed, batch_size=self.batch_size,
+            progress=self.progress and trainer.is_global_zero, start_index=lo,
+        )  # fmt: skip
+        record = summarize(cm, self.budgets, trainer.global_step, self.strategies)
         for key, value in record["metrics"].items():
             pl_module.log(key, value, rank_zero_only=True)
         if trainer.is_global_zero:
@@ -114,68 +110,48 @@ class ScheduleMonitor(Callback):
         return Path(self.out_dir) if self.out_dir else Path(trainer.default_root_dir) / "schedules"
 
     def write(self, trainer: pl.Trainer, cm: CostMatrix, record: dict[str, Any]) -> None:
-        from ..report import plot_cost_matrix, plot_schedules
-
         out = self.run_dir(trainer)
-        out.mkdir(parents=True, exist_ok=True)
         step = record["global_step"]
-        tmp = out / f".step_{step}.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(out / f"step_{step}.json")
+        atomic_write_json(out / f"step_{step}.json", record)
         cm.save(out / f"cost_matrix_step_{step}.pt")
-        figures = {"cost_matrix": plot_cost_matrix(cm), "schedules": plot_schedules([Schedule.from_dict(s) for s in record["schedules"]])}
+        schedules = [Schedule(tuple(r["schedule"]), cm.T, r["strategy"]) for r in record["results"]]
+        figures = {"cost_matrix": plot_cost_matrix(cm), "schedules": plot_schedules(schedules)}
         for name, fig in figures.items():
             fig.savefig(out / f"{name}_step_{step}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                rows = [[s["strategy"], s["K"], record["predicted_bpd"][s["strategy"]].get(str(s["K"])), json.dumps(s["timesteps"])]
-                        for s in record["schedules"]]  # fmt: skip
+                rows = [[r["strategy"], r["K"], r["predicted_bpd"], str(r["schedule"])] for r in record["results"]]
                 logger.log_table("schedules/table", columns=["strategy", "K", "predicted_bpd", "timesteps"], data=rows, step=step)
                 for name, fig in figures.items():
-                    logger.log_image(f"schedules/{name}", images=[_to_array(fig)], step=step)
-        import matplotlib.pyplot as plt
-
+                    logger.log_image(f"schedules/{name}", images=[figure_array(fig)], step=step)
         for fig in figures.values():
             plt.close(fig)
 
 
-def summarize(cm: CostMatrix, budgets: Sequence[int], global_step: int = 0) -> dict[str, Any]:
-    """DP schedules for ``budgets``, the even and quadratic baselines that lie on the grid, and predicted bits/dim."""
+def summarize(cm: CostMatrix, budgets: Sequence[int], global_step: int = 0, strategies: Sequence[Strategy] | None = None) -> dict[str, Any]:
+    """The strategies' schedules that lie on the grid, with predicted bits/dim, as results.json-shaped entries."""
+    strategies = strategies or parse_strategies(["dp", "even", "quadratic"], cm.T)
     grid = set(cm.grid.tolist())
-    dp = optimal_schedules(cm, budgets)
-    schedules = list(dp.values())
-    skipped = []
-    for K in budgets:
-        for base in (even_schedule(cm.T, K), quadratic_schedule(cm.T, K)):
-            if set(base.timesteps) <= grid:
-                schedules.append(base)
-            else:
-                skipped.append(f"{base.strategy} K={K}")
+    schedules, skipped = [], []
+    for sch in build_schedules(strategies, cm, budgets):
+        (schedules if set(sch.timesteps) <= grid else skipped).append(sch)
     if skipped:
-        rank_zero_warn(f"ScheduleMonitor: {', '.join(skipped)} not on the cost-matrix grid; use grid=null for baselines")
+        rank_zero_warn(f"ScheduleMonitor: {', '.join(f'{s.strategy} K={s.K}' for s in skipped)} not on the cost-matrix grid; use grid=null")
     chain = Schedule(tuple(cm.grid[1:].tolist()), cm.T, "full" if len(grid) == cm.T + 1 else "grid")
-    predicted: dict[str, dict[str, float]] = {}
-    for sch in schedules:
-        predicted.setdefault(sch.strategy, {})[str(sch.K)] = cm.bpd(cm.schedule_nats(sch))
     full = cm.bpd(cm.schedule_nats(chain))
-    metrics = {f"schedules/{name}_bpd/K{k}": v for name, by_k in predicted.items() for k, v in by_k.items()}
+    results = [{"strategy": s.strategy, "K": s.K, "schedule": list(s.timesteps), "predicted_bpd": cm.bpd(cm.schedule_nats(s))} for s in schedules]
+    metrics = {f"schedules/{r['strategy']}_bpd/K{r['K']}": r["predicted_bpd"] for r in results}
     metrics["schedules/full_bpd"] = full
-    metrics.update({f"schedules/dp_gap/K{k}": v - full for k, v in predicted["dp"].items()})
+    metrics.update({f"schedules/dp_gap/K{r['K']}": r["predicted_bpd"] - full for r in results if r["strategy"] == "dp"})
     return {
         "global_step": int(global_step),
         "examples": cm.count,
         "grid_size": cm.grid.numel() - 1,
         "budgets": list(budgets),
         "full_chain": {"strategy": chain.strategy, "K": chain.K, "predicted_bpd": full},
-        "predicted_bpd": predicted,
-        "schedules": [s.to_dict() for s in schedules],
+        "results": results,
         "metrics": metrics,
     }
-
-
-def _to_array(fig) -> np.ndarray:
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 class FinalCheckpoint(Callback):

@@ -11,7 +11,9 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from ..checkpoints import model_from_flags
+from ..diffusion import nats_to_bpd
 from ..model import DiffusionModel
+from ..terms import prior_nats, step_terms
 
 LOSSES = ("simple", "hybrid", "vlb")
 
@@ -120,7 +122,7 @@ class DiffusionModule(pl.LightningModule):
             # the vb term only trains the variance under 'hybrid': the mean is stopped there
             frozen = out if self.loss_name == "vlb" else torch.cat([mean_out.detach(), v], 1)
             pred = m.prediction(x_t, t, frozen, clip=False)
-            terms["vb"] = (m.step_terms(x0, x_t, t, pred) / (self.dims * math.log(2))).float()
+            terms["vb"] = nats_to_bpd(step_terms(m, x0, x_t, t, pred), self.dims).float()
         if self.loss_name == "simple":
             terms["loss"] = terms["mse"]
         elif self.loss_name == "hybrid":
@@ -157,8 +159,8 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.randn(x0.shape, generator=g).to(x0)
         m = self.model
         x_t = m.q_sample(x0, t, noise).to(x0.dtype)
-        nats = m.T * m.step_terms(x0, x_t, t, m.predict(x_t, t)) + m.prior_nats(x0)
-        self.val_bpd.update(nats / (self.dims * math.log(2)))
+        nats = m.T * step_terms(m, x0, x_t, t, m.predict(x_t, t)) + prior_nats(m, x0)
+        self.val_bpd.update(nats_to_bpd(nats, self.dims))
         self.log("val/bpd", self.val_bpd, prog_bar=True, on_epoch=True, on_step=False)
 
     def configure_optimizers(self):

@@ -1,4 +1,4 @@
-"""Indexed batches of x_0 and the per-example noise rule (DESIGN.md §5).
+"""The (seed, example index, t) noise rule (DESIGN.md §5) and the indexed batches it is applied to.
 
 The noise for (example, t) is a function of (seed, global example index, t) alone, so estimates do
 not depend on batch size, on how examples are split across processes, or on a resume.
@@ -15,7 +15,7 @@ _MASK = (1 << 64) - 1
 _NOISE_BLOCK_VALUES = 1 << 12  # normals drawn per generator seeding
 
 
-def _mix(*values: int) -> int:
+def mix(*values: int) -> int:
     """A splitmix64-style hash of integers, used as a generator seed."""
     h = 0x9E3779B97F4A7C15
     for v in values:
@@ -40,11 +40,16 @@ def example_noise(seed: int, start: int, count: int, t: int, shape: tuple[int, .
     gen = torch.Generator()
     parts = []
     for b in range(first, last + 1):
-        gen.manual_seed(_mix(seed, b, t))
+        gen.manual_seed(mix(seed, b, t))
         parts.append(torch.randn(block, *shape, generator=gen))
     noise = torch.cat(parts) if len(parts) > 1 else parts[0]
     offset = start - first * block
     return noise[offset : offset + count]
+
+
+def shard(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous slice [lo, hi) of n examples that process ``rank`` of ``world`` takes; its lo is its start_index."""
+    return rank * n // world, (rank + 1) * n // world
 
 
 def indexed_batches(

@@ -1,0 +1,116 @@
+"""Strategies: names in ``eval.strategies`` -> objects that build a Schedule for a budget K.
+
+A name is parsed once, before any heavy work (a ``file:`` schedule is read then, a ``respace:`` spec
+is checked then); the same objects later build the schedules. Adding a strategy is one class and
+one line in ``STRATEGIES`` (or ``PREFIXED`` for a ``name:<argument>`` strategy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Sequence
+
+from .dp import optimal_schedules
+from .schedules import Schedule, even_schedule, load_schedules, quadratic_schedule, respaced_schedule
+
+if TYPE_CHECKING:
+    from .cost_matrix import CostMatrix
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A way to choose a schedule for each budget K; ``fixed`` strategies ignore K."""
+
+    name: str
+    fixed: ClassVar[bool] = False
+
+    def build(self, cost_matrix: "CostMatrix", K: int) -> Schedule:
+        raise NotImplementedError
+
+    def build_all(self, cost_matrix: "CostMatrix", budgets: Sequence[int]) -> list[Schedule]:
+        """One schedule per budget (fixed strategies: their own schedules, once)."""
+        return [self.build(cost_matrix, K) for K in budgets]
+
+
+@dataclass(frozen=True)
+class OptimalStrategy(Strategy):
+    """Watson et al.'s DP on the cost matrix: the schedule with the least predicted cost for each K."""
+
+    def build(self, cost_matrix: "CostMatrix", K: int) -> Schedule:
+        return self.build_all(cost_matrix, [K])[0]
+
+    def build_all(self, cost_matrix: "CostMatrix", budgets: Sequence[int]) -> list[Schedule]:
+        by_k = optimal_schedules(cost_matrix, budgets)  # one DP pass serves every budget
+        return [replace(by_k[K], strategy=self.name) if self.name != "dp" else by_k[K] for K in budgets]
+
+
+@dataclass(frozen=True)
+class EvenStrategy(Strategy):
+    """improved-diffusion's even respacing (`even_schedule`)."""
+
+    def build(self, cost_matrix: "CostMatrix", K: int) -> Schedule:
+        return even_schedule(cost_matrix.T, K)
+
+
+@dataclass(frozen=True)
+class QuadraticStrategy(Strategy):
+    """DDIM's quadratic spacing (`quadratic_schedule`)."""
+
+    def build(self, cost_matrix: "CostMatrix", K: int) -> Schedule:
+        return quadratic_schedule(cost_matrix.T, K)
+
+
+@dataclass(frozen=True)
+class FixedStrategy(Strategy):
+    """Schedules fixed in advance (a respacing string or a schedules file): the same for every budget."""
+
+    schedules: tuple[Schedule, ...] = ()
+    fixed: ClassVar[bool] = True
+
+    def build_all(self, cost_matrix: "CostMatrix", budgets: Sequence[int]) -> list[Schedule]:
+        return list(self.schedules)
+
+
+def respace(spec: str, T: int) -> FixedStrategy:
+    """``respace:<spec>``: an improved-diffusion respacing string, e.g. ``respace:ddim50``."""
+    return FixedStrategy(f"respace:{spec}", schedules=(respaced_schedule(T, spec),))
+
+
+def from_file(path: str, T: int) -> FixedStrategy:
+    """``file:<path>``: the schedules of a JSON file (read once, here)."""
+    name = f"file:{Path(path).stem}"
+    out = []
+    for sch in load_schedules(path):
+        if sch.T != T:
+            raise ValueError(f"schedule file {path!r} holds a schedule for T = {sch.T}; the model has T = {T}")
+        out.append(sch if sch.strategy != "custom" else replace(sch, strategy=name))
+    return FixedStrategy(name, schedules=tuple(out))
+
+
+STRATEGIES = {"dp": OptimalStrategy, "even": EvenStrategy, "quadratic": QuadraticStrategy}
+PREFIXED = {"respace": respace, "file": from_file}
+
+
+def parse_strategy(name: str, T: int, key: str = "eval.strategies") -> Strategy:
+    """One strategy from its name (``dp``, ``even``, ``respace:<spec>``, ``file:<path>``, ...)."""
+    name = str(name)
+    if name in STRATEGIES:
+        return STRATEGIES[name](name)
+    prefix, sep, argument = name.partition(":")
+    if sep and prefix in PREFIXED:
+        return PREFIXED[prefix](argument, T)
+    known = [*STRATEGIES, *(f"{p}:<{'spec' if p == 'respace' else 'path'}>" for p in PREFIXED)]
+    raise ValueError(f"unknown strategy {name!r} in {key}; use {', '.join(known)}")
+
+
+def parse_strategies(names: Sequence[str], T: int, key: str = "eval.strategies") -> list[Strategy]:
+    """Every strategy of a list, checked before any heavy work."""
+    if not names:
+        raise ValueError(f"{key} is empty; use e.g. [dp, even, quadratic]")
+    return [parse_strategy(n, T, key) for n in names]
+
+
+def build_schedules(strategies: Sequence[Strategy], cost_matrix: "CostMatrix", budgets: Sequence[int]) -> list[Schedule]:
+    """Every (strategy, K) schedule, strategy by strategy in the order given."""
+    return [sch for s in strategies for sch in s.build_all(cost_matrix, budgets)]

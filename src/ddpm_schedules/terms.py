@@ -1,0 +1,159 @@
+"""The per-pair ELBO terms of Watson et al. (2021): one forward pass at t gives the terms of every s < t.
+
+- s >= 1: KL(q(x_s | x_t, x_0) || p(x_s | x_t)), summed over dimensions (DESIGN.md §1);
+- s = 0: the decoder, -log p(x_0 | x_t), a discretized Gaussian over ``levels`` values;
+- the prior KL(q(x_T | x_0) || N(0, I)), the same for every schedule.
+All in nats per example, in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor
+
+from . import diffusion as dm
+
+if TYPE_CHECKING:
+    from .model import DiffusionModel, Prediction
+
+
+@dataclass
+class PairTables:
+    """Constants of the pairs (s, t) of one column t on one device: the same for every batch."""
+
+    t: int
+    s: Tensor  # [S] long, on the CPU
+    decoder: Tensor  # [S] bool: which s are 0
+    kl: dict[str, Tensor]  # c0, c1, btil, min_log, max_log (+ log_var for fixed variances) of the s >= 1
+    decoder_log_var: tuple[Tensor, Tensor]  # log-variance range of (0, t); both ends equal for fixed variances
+
+
+def check_pairs(model: "DiffusionModel", s: Tensor | Sequence[int], t: int) -> Tensor:
+    """s as a [S] long tensor on the CPU, after checking 1 <= t <= T and 0 <= s < t."""
+    s = torch.as_tensor(s, dtype=torch.long).cpu().reshape(-1)
+    model.schedule.check_pairs(s, t)
+    return s
+
+
+def pair_tables(model: "DiffusionModel", t: int, s: Tensor | Sequence[int], device: torch.device | str | None = None) -> PairTables:
+    """The constants of the pairs (s, t), once per column: reuse them for every batch."""
+    s = check_pairs(model, s, t)
+    device = torch.device(device) if device is not None else model.device
+    decoder = s == 0
+    sk = s[~decoder]
+    ns = model.schedule
+    ab_s, ab_t = ns.ab[sk], ns.ab[t]
+    min_log, max_log = ns.log_variance_range(sk, t)
+    kl = {"c0": dm.c0(ab_s, ab_t), "c1": dm.c1(ab_s, ab_t), "btil": dm.btil(ab_s, ab_t), "min_log": min_log, "max_log": max_log}
+    zero = torch.zeros(1, dtype=torch.long)
+    if model.var_type == "learned_range":
+        dec = ns.log_variance_range(zero, t)
+    else:
+        kl["log_var"] = ns.fixed_log_variance(model.var_type, sk, t)
+        dec = (ns.fixed_log_variance(model.var_type, zero, t),) * 2
+    return PairTables(
+        t=int(t), s=s, decoder=decoder, kl={k: v.to(device) for k, v in kl.items()}, decoder_log_var=tuple(v.to(device) for v in dec)
+    )
+
+
+def pair_terms(
+    model: "DiffusionModel",
+    x0: Tensor,
+    x_t: Tensor,
+    t: int,
+    s: Tensor | Sequence[int],
+    pred: "Prediction",
+    fast: bool = True,
+    tables: PairTables | None = None,
+) -> Tensor:
+    """[B, S] nats of the pairs (s, t) from one prediction at t.
+
+    ``fast`` uses the closed forms of diffusion.py (O(1) per pair for fixed variances); the
+    elementwise path forms both Gaussians per dimension and is the reference for the fast one.
+    """
+    if tables is None:
+        tables = pair_tables(model, t, s, x0.device)
+    elif tables.t != int(t) or not torch.equal(tables.s, check_pairs(model, s, t)):
+        raise ValueError(f"pair tables were made for t = {tables.t} and other s; call pair_tables(model, t, s) for this column")
+    x0 = x0.double().flatten(1)
+    x0_hat = pred.x0_hat.flatten(1)
+    frac = pred.frac.flatten(1) if pred.frac is not None else None
+    out = torch.empty(x0.shape[0], tables.s.numel(), dtype=torch.float64, device=x0.device)
+    if tables.decoder.any():
+        out[:, tables.decoder] = decoder_nll(x0, x0_hat, frac, tables.decoder_log_var, model.levels)[:, None]
+    if not tables.decoder.all():
+        kl = _kl_fast if fast else _kl_elementwise
+        out[:, ~tables.decoder] = kl(x0, x_t.double().flatten(1), x0_hat, frac, tables.kl)
+    return out
+
+
+def terms(model: "DiffusionModel", x0: Tensor, t: int, s: Tensor | Sequence[int], noise: Tensor | None = None) -> Tensor:
+    """[B, S] nats: KL(q(x_s|x_t,x_0) || p(x_s|x_t)) for s >= 1, -log p(x_0|x_t) for s = 0; one pass at t."""
+    s = check_pairs(model, s, t)
+    if noise is None:
+        noise = torch.randn_like(x0)
+    elif noise.shape != x0.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}; they must match")
+    x_t = model.q_sample(x0, t, noise)
+    return pair_terms(model, x0, x_t, t, s, model.predict(x_t, t))
+
+
+def prior_nats(model: "DiffusionModel", x0: Tensor) -> Tensor:
+    """[B] nats: KL(q(x_T | x_0) || N(0, I)), the same for every schedule."""
+    return dm.prior_kl(x0, model.schedule.ab[-1].to(x0.device))
+
+
+def step_terms(model: "DiffusionModel", x0: Tensor, x_t: Tensor, t: Tensor, pred: "Prediction") -> Tensor:
+    """[B] nats of the full chain's term at each example's own t: the pair (t - 1, t), differentiable.
+
+    Elementwise per dimension (the training losses need gradients through the variance).
+    """
+    t = t.to(x0.device).long()
+    s = t - 1
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    ns = model.schedule
+    ab_s, ab_t = ns.ab[s.cpu()].to(x0.device).reshape(shape), ns.ab[t.cpu()].to(x0.device).reshape(shape)
+    min_log, max_log = (v.to(x0.device).reshape(shape) for v in ns.log_variance_range(s.cpu(), t.cpu()))
+    if pred.frac is None:
+        log_var = ns.fixed_log_variance(model.var_type, s.cpu(), t.cpu()).to(x0.device).reshape(shape).expand_as(x0)
+    else:
+        log_var = dm.learned_log_variance(pred.frac, min_log, max_log)
+    x0, x_t = x0.double(), x_t.double()
+    c0, c1 = dm.c0(ab_s, ab_t), dm.c1(ab_s, ab_t)
+    kl = dm.normal_kl(c0 * x0 + c1 * x_t, min_log.expand_as(x0), c0 * pred.x0_hat + c1 * x_t, log_var)
+    decoder = -dm.discretized_gaussian_log_likelihood(x0, pred.x0_hat, 0.5 * log_var, model.levels)
+    return torch.where((s == 0).reshape(shape), decoder, kl).flatten(1).sum(1)
+
+
+def decoder_nll(x0: Tensor, x0_hat: Tensor, frac: Tensor | None, log_var_range: tuple[Tensor, Tensor], levels: int) -> Tensor:
+    """[B] nats of -log p(x_0 | x_t) summed over dimensions (inputs flattened to [B, D])."""
+    lo, hi = log_var_range
+    log_var = (lo if frac is None else dm.learned_log_variance(frac, lo, hi)).expand_as(x0)
+    return -dm.discretized_gaussian_log_likelihood(x0, x0_hat, 0.5 * log_var, levels).sum(1)
+
+
+def _kl_fast(x0: Tensor, x_t: Tensor, x0_hat: Tensor, frac: Tensor | None, p: dict[str, Tensor]) -> Tensor:
+    if frac is None:
+        sq_err = ((x0 - x0_hat) ** 2).sum(1)
+        return dm.fixed_variance_kl(sq_err, p["c0"], p["btil"], torch.exp(p["log_var"]), x0.shape[1])
+    return dm.learned_range_kl((x0 - x0_hat) ** 2, frac, p["c0"], torch.log(p["btil"]), p["max_log"])
+
+
+def _kl_elementwise(
+    x0: Tensor, x_t: Tensor, x0_hat: Tensor, frac: Tensor | None, p: dict[str, Tensor], max_elements: int = 1 << 22
+) -> Tensor:
+    B, D = x0.shape
+    S = p["c0"].numel()
+    out = torch.empty(B, S, dtype=torch.float64, device=x0.device)
+    chunk = max(1, max_elements // (B * D))
+    for lo in range(0, S, chunk):
+        q = {k: v[lo : lo + chunk, None, None] for k, v in p.items()}  # [S', 1, 1]
+        mean_q = q["c0"] * x0 + q["c1"] * x_t
+        mean_p = q["c0"] * x0_hat + q["c1"] * x_t
+        log_var_p = q["log_var"].expand_as(mean_p) if frac is None else dm.learned_log_variance(frac, q["min_log"], q["max_log"])
+        kl = dm.normal_kl(mean_q, torch.log(q["btil"]).expand_as(mean_q), mean_p, log_var_p)
+        out[:, lo : lo + chunk] = kl.sum(-1).T
+    return out

@@ -22,7 +22,7 @@ from nets import SmallConvNet
 
 
 def make_net(name: str, out_channels: int) -> torch.nn.Module:
-    """The digits UNet of conf/model/digits.yaml, or the plain conv stand-in of nets.py."""
+    """The digits UNet of conf/unet/digits.yaml, or the plain conv stand-in of nets.py."""
     if name == "stand-in":
         return SmallConvNet(1, out_channels)
     from pathlib import Path
@@ -31,7 +31,7 @@ def make_net(name: str, out_channels: int) -> torch.nn.Module:
 
     from ddpm_schedules.unet import create_unet
 
-    flags = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "model" / "digits.yaml").read_text())
+    flags = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "unet" / "digits.yaml").read_text())
     return create_unet(**{**flags, "learn_sigma": out_channels == 2})
 
 

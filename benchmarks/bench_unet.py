@@ -2,7 +2,7 @@
 
     python benchmarks/bench_unet.py [--device cpu|cuda] [--only digits,cifar10,imagenet64]
 
-- digits: optimizer steps/s of `DiffusionModule` (L_hybrid) with conf/model/digits.yaml, batch 64.
+- digits: optimizer steps/s of `DiffusionModule` (L_hybrid) with conf/unet/digits.yaml, batch 64.
 - cifar10: forward samples/s of improved-diffusion's CIFAR-10 UNet (128 channels, 3 res blocks,
   attention at 16 and 8, learned sigmas) at batch 64, inference mode.
 - imagenet64: on CUDA, forward samples/s of the ImageNet-64 UNet at batch 64 in bf16 autocast
@@ -24,8 +24,8 @@ from ddpm_schedules.unet import create_unet
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def flags(model: str, diffusion: str = "cosine") -> dict:
-    return {**yaml.safe_load((CONF / "model" / f"{model}.yaml").read_text()), **yaml.safe_load((CONF / "diffusion" / f"{diffusion}.yaml").read_text())}
+def flags(unet: str, diffusion: str = "cosine") -> dict:
+    return {**yaml.safe_load((CONF / "unet" / f"{unet}.yaml").read_text()), **yaml.safe_load((CONF / "diffusion" / f"{diffusion}.yaml").read_text())}
 
 
 def sync(device: torch.device) -> None:

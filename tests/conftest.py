@@ -118,4 +118,4 @@ def tiny_model(var_type="learned_range", mean_type="eps", T=20, schedule="cosine
 
 @pytest.fixture(scope="session")
 def reference():
-    return torch.load(FIXTURE / "reference.pt", weights_only=False)
+    return torch.load(FIXTURE / "reference.pt", weights_only=True)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import TinyNet, quantized_data
 from ddpm_schedules import DiffusionModel, NoiseSchedule, estimate_cost_matrix
+from ddpm_schedules.resume import PartialFile
 
 
 class Slow(torch.nn.Module):
@@ -30,4 +31,4 @@ def make_data() -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    estimate_cost_matrix(make_model(delay=0.1), make_data(), seed=3, batch_size=4, progress=False, partial=sys.argv[1], save_every_columns=1)
+    estimate_cost_matrix(make_model(delay=0.1), make_data(), seed=3, batch_size=4, progress=False, partial=PartialFile(sys.argv[1], every=1))

@@ -22,6 +22,7 @@ def files(tmp_path_factory):
     (d / "decreasing.json").write_text(json.dumps({"timesteps": [9, 4, 20], "T": 20}))
     (d / "out_of_range.json").write_text(json.dumps({"timesteps": [4, 25], "T": 20}))
     (d / "broken.json").write_text("{not json")
+    (d / "other_T.json").write_text(json.dumps({"timesteps": [5, 30], "T": 30}))
     return d
 
 
@@ -31,6 +32,8 @@ EVALUATE_CASES = [
     ("budget not a number", ["eval.budgets=[four]"], "eval.budgets has 'four'"),
     ("unknown strategy", ["eval.strategies=[dp,optimal]"], "unknown strategy 'optimal'"),
     ("bad respacing", ["eval.strategies=[respace:every7]"], "respacing 'every7'"),
+    ("bad ddim respacing", ["eval.strategies=[respace:ddimx]"], "not of the form 'ddimN'"),
+    ("schedule file for another T", ["eval.strategies=[file:{d}/other_T.json]"], "T = 30; the model has T = 20"),
     ("non-increasing schedule file", ["eval.strategies=[file:{d}/decreasing.json]"], "not strictly increasing"),
     ("schedule beyond T", ["eval.strategies=[file:{d}/out_of_range.json]"], "ends at 25, not at T = 20"),
     ("schedule file missing", ["eval.strategies=[file:{d}/nope.json]"], "does not exist"),
@@ -50,7 +53,7 @@ EVALUATE_CASES = [
     ("levels differ", ["data.levels=256"], "levels=256\\) does not match the model"),
     ("grid without T", ["cost.grid=[5,10]"], "must contain T = 20"),
     ("grid stride 0", ["cost.grid=0"], "stride >= 1"),
-    ("more examples than the split", ["cost.examples=5000"], "asked for 5000 val examples"),
+    ("more examples than the split", ["cost.examples=5000"], "cost.examples = 5000 asks for 5000 val examples"),
     ("unknown split", ["cost.split=training"], "unknown split 'training'"),
     ("NaN-producing model", ["model.path={d}/nan.ckpt"], "NaN or Inf at t = "),
 ]
@@ -101,6 +104,7 @@ def test_train_bad_input(tmp_path, files, name, overrides, message):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_cached_cost_matrix_is_recomputed(tmp_path, files):
     first = evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", "fid.enabled=false"))
     Path(first["cost_matrix"]["file"]).write_bytes(b"corrupted")

@@ -112,6 +112,7 @@ def test_refuses_what_has_no_ddpm_elbo(tmp_path):
         load_diffusers(tmp_path / "unet")
 
 
+@pytest.mark.slow
 def test_evaluate_runs_on_a_diffusers_folder(tmp_path):
 
     from ddpm_schedules.pipeline import evaluate

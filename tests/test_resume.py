@@ -14,7 +14,7 @@ from conftest import CountingNet, quantized_data, tiny_model
 from ddpm_schedules import Schedule, estimate_cost_matrix, evaluate_schedules, even_schedule
 from ddpm_schedules import storage
 from ddpm_schedules.cost_matrix import CostMatrixMetric
-from ddpm_schedules.resume import PartialSums, Preempted
+from ddpm_schedules.resume import PartialFile, PartialSums, Preempted
 from estimate_script import make_data, make_model
 
 HERE = Path(__file__).parent
@@ -60,6 +60,7 @@ def counted_model():
     return model, counter
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
     partial = tmp_path / "cm.partial.pt"
@@ -77,7 +78,7 @@ def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
     else:
         assert proc.returncode == -signal.SIGKILL
     model, counter = counted_model()
-    resumed = estimate_cost_matrix(model, make_data(), seed=3, batch_size=4, progress=False, partial=partial, save_every_columns=1)
+    resumed = estimate_cost_matrix(model, make_data(), seed=3, batch_size=4, progress=False, partial=PartialFile(partial, every=1))
     # only the columns after the saved ones ran: one pass per example per remaining column
     assert sorted(counter.calls) == list(range(saved, 12)) and set(counter.calls.values()) == {10}
     assert not partial.exists()
@@ -88,9 +89,9 @@ def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
 def test_sigterm_in_process_then_resume(tmp_path, monkeypatch):
     model, data = tiny_model("fixed_large", T=10), quantized_data(9)
     partial = tmp_path / "p.pt"
-    monkeypatch.setattr("ddpm_schedules.cost_matrix.sigterm_requests", stop_after(3))
+    monkeypatch.setattr("ddpm_schedules.resume.sigterm_requests", stop_after(3))
     with pytest.raises(Preempted, match="after 3 units; partial sums saved"):
-        estimate_cost_matrix(model, data, seed=1, progress=False, partial=partial, save_every_columns=100)
+        estimate_cost_matrix(model, data, seed=1, progress=False, partial=PartialFile(partial, every=100))
     monkeypatch.undo()
     assert_same_matrix(
         estimate_cost_matrix(model, data, seed=1, progress=False, partial=partial), estimate_cost_matrix(model, data, seed=1, progress=False)
@@ -102,7 +103,7 @@ def test_held_out_evaluation_resumes(tmp_path, monkeypatch):
     schedules = [even_schedule(12, 3), Schedule((2, 7, 12), 12)]
     ref = evaluate_schedules(model, data, schedules, seed=2, batch_size=3, progress=False)
     partial = tmp_path / "h.pt"
-    monkeypatch.setattr("ddpm_schedules.evaluation.sigterm_requests", stop_after(2))
+    monkeypatch.setattr("ddpm_schedules.resume.sigterm_requests", stop_after(2))
     with pytest.raises(Preempted):
         evaluate_schedules(model, data, schedules, seed=2, batch_size=3, progress=False, partial=partial)
     monkeypatch.undo()

@@ -31,16 +31,15 @@ def test_even_matches_improved_diffusion_respacing():
 
 @pytest.mark.parametrize("T", [10, 100, 1000, 4000])
 def test_quadratic(T):
-    for K in (1, 2, 5, 8, 32, T):
-        if K > T:
-            continue
-        sch = quadratic_schedule(T, K)
-        assert sch.K == K and sch.timesteps[-1] == T
-        prev = 0
-        for i, tau in enumerate(sch.timesteps[:-1], start=1):
-            assert tau == max(prev + 1, round(T * (i / K) ** 2))
-            prev = tau
+    # hand-computed from tau_i = round(T (i/K)^2) with a step of at least 1: (0.4, 1.6, 3.6, 6.4) -> 1, 2, 4, 6
+    assert quadratic_schedule(10, 5).timesteps == (1, 2, 4, 6, 10)
     assert quadratic_schedule(1000, 8).timesteps == (16, 62, 141, 250, 391, 562, 766, 1000)
+    assert quadratic_schedule(T, T).timesteps == tuple(range(1, T + 1))  # every step when K = T
+    for K in range(1, min(T, 64) + 1):
+        gaps = [b - a for a, b in zip((0,) + quadratic_schedule(T, K).timesteps, quadratic_schedule(T, K).timesteps)]
+        assert len(gaps) == K and min(gaps) >= 1 and sum(gaps) == T
+        # a quadratic spends its steps early: gaps grow (rounding may take one back)
+        assert all(g2 >= g1 - 1 for g1, g2 in zip(gaps, gaps[1:-1]))
 
 
 def test_respaced():

@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, TINY, train_cfg
 from ddpm_schedules import CostMatrix, load_checkpoint
-from ddpm_schedules.lightning.data import CIFAR10DataModule, SyntheticDataModule
+from ddpm_schedules.lightning.data import SyntheticDataModule
 from ddpm_schedules.lightning.module import DiffusionModule, LossSecondMomentSampler
 from ddpm_schedules.pipeline import train
 
@@ -28,6 +27,7 @@ def test_experiment_configs_compose(tmp_path, experiment):
     assert list(cfg.callbacks)[0] == "schedule_monitor"
 
 
+@pytest.mark.slow
 def test_train_resume_and_monitor_with_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -64,6 +64,7 @@ def test_train_resume_and_monitor_with_wandb_offline(tmp_path, monkeypatch):
     assert ckpt.read_bytes() == good
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["simple", "hybrid", "vlb"])
 def test_each_loss_decreases_when_overfitting(loss):
     torch.manual_seed(0)
@@ -110,6 +111,7 @@ def test_loss_second_moment_sampler():
     torch.testing.assert_close(s2.weights(), p)  # what a resumed run samples from
 
 
+@pytest.mark.slow
 def test_ddp_monitor_equals_single_process(tmp_path):
     """A 2-process gloo run of the ScheduleMonitor writes the same cost matrix as 1 process."""
     script = ROOT / "tests" / "ddp_monitor_script.py"
@@ -122,26 +124,12 @@ def test_ddp_monitor_equals_single_process(tmp_path):
     valid = torch.isfinite(one.mean)
     torch.testing.assert_close(two.mean[valid], one.mean[valid], rtol=1e-6, atol=0)
     s1, s2 = (json.loads((tmp_path / d / "step_0.json").read_text())["results"] for d in ("dev1", "dev2"))
-    assert [s["timesteps"] for s in s1] == [s["timesteps"] for s in s2]
+    assert [r["schedule"] for r in s1] == [r["schedule"] for r in s2]
     for a, b in zip(s1, s2):
-        if a["predicted_nats"] is not None:
-            assert a["predicted_nats"] == pytest.approx(b["predicted_nats"], rel=1e-9)
+        assert a["predicted_bpd"] == pytest.approx(b["predicted_bpd"], rel=1e-9)
 
 
-def test_bad_inputs(tmp_path):
-    with pytest.raises(ValueError, match="unknown loss 'l2'"):
-        DiffusionModule(TINY, loss="l2")
-    with pytest.raises(ValueError, match="set learn_sigma=true, or use loss=simple"):
-        DiffusionModule({**TINY, "learn_sigma": False}, loss="hybrid")
-    with pytest.raises(ValueError, match="CIFAR-10 not found at .* extract it there"):
-        CIFAR10DataModule(root=str(tmp_path / "nowhere")).setup()
-    with pytest.raises(ValueError, match=r"shape \(1, 8, 8\) but the model is built for \(1, 16, 16\)"):
-        train(train_cfg(tmp_path, "logger=none", "unet.image_size=16"))
-    with pytest.raises(ValueError, match="exceed the 20 grid points"):
-        train(train_cfg(tmp_path, "logger=none", "callbacks.schedule_monitor.budgets=[4,40]"))
-    assert not (tmp_path / "checkpoints").exists()  # nothing written by runs that failed
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [("experiment=nope", "Could not find 'experiment/nope'"), ("data=mnist", "Could not find 'data/mnist'")])
 def test_unknown_config_names_list_the_options(tmp_path, override, message):
     proc = subprocess.run(
@@ -150,11 +138,12 @@ def test_unknown_config_names_list_the_options(tmp_path, override, message):
     assert proc.returncode != 0 and message in proc.stderr and "Available options" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "data=synthetic", "model=tiny", "module.loss=l1", "logger=none",
+        [sys.executable, str(ROOT / "train.py"), "data=synthetic", "unet=tiny", "module.loss=l1", "logger=none",
          f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
@@ -163,6 +152,7 @@ def test_cli_error_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_continues_with_the_same_ema(tmp_path, monkeypatch):
     import signal
     import time
@@ -173,7 +163,7 @@ def test_sigterm_saves_and_resume_continues_with_the_same_ema(tmp_path, monkeypa
     import ddpm_schedules.pipeline as pipeline
 
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), "data=digits", "data.batch_size=16", "model=tiny", "diffusion.diffusion_steps=20",
+    cmd = [sys.executable, str(ROOT / "train.py"), "data=digits", "data.batch_size=16", "unet=tiny", "diffusion.diffusion_steps=20",
            "trainer.max_steps=100000", "trainer.val_check_interval=5", "callbacks.schedule_monitor.examples=8",
            "callbacks.schedule_monitor.budgets=[2,4]", "callbacks.schedule_monitor.progress=false", "logger=none",
            "+trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]  # fmt: skip

@@ -62,6 +62,7 @@ def test_improved_diffusion_loader_refuses_and_runs_nothing(tmp_path, evil):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_export_command_refuses_and_writes_nothing(tmp_path, evil):
     path, marker = evil
     out = tmp_path / "exported" / "out.ckpt"
@@ -121,13 +122,14 @@ def test_improved_diffusion_loader_takes_levels_and_a_flags_mapping(tmp_path):
     assert plain.levels == 256
     mapped = load_improved_diffusion(FIXTURE / "model.pt", levels=17, flags=OmegaConf.create(flags))
     assert mapped.levels == 17
-    for (k, a), b in zip(plain.net.state_dict().items(), mapped.net.state_dict().values()):
+    for (k, a), b in zip(plain.net.state_dict().items(), mapped.net.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     first = next(iter(flags))
     with pytest.raises(ValueError, match="unknown improved-diffusion flag"):
         load_improved_diffusion(FIXTURE / "model.pt", flags={first: flags[first]}, not_a_flag=1)
 
 
+@pytest.mark.slow
 def test_a_fresh_training_checkpoint_loads_as_data_resumes_and_exports(tmp_path):
     run = tmp_path / "run"
     train(train_cfg(run, "logger=none", "data=digits", "data.batch_size=16"))
@@ -146,7 +148,7 @@ def test_a_fresh_training_checkpoint_loads_as_data_resumes_and_exports(tmp_path)
     for k, v in exported["state_dict"].items():
         assert torch.equal(v, source["state_dict"][k]), k
     a, b = load_checkpoint(last), load_checkpoint(out)
-    for (k, x), y in zip(a.net.state_dict().items(), b.net.state_dict().values()):
+    for (k, x), y in zip(a.net.state_dict().items(), b.net.state_dict().values(), strict=True):
         assert torch.equal(x, y), k
     assert export_checkpoint(out, tmp_path / "again.ckpt") == tmp_path / "again.ckpt"  # an export exports again
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -6,8 +6,13 @@ from .diffusion import NoiseSchedule
 from .dp import optimal_paths, optimal_schedules
 from .evaluation import ScheduleResult, evaluate_schedules
 from .model import DiffusionModel
-from .schedules import Schedule, even_schedule, full_schedule, quadratic_schedule, respaced_schedule
-
+from .schedules import (
+    Schedule,
+    even_schedule,
+    full_schedule,
+    quadratic_schedule,
+    respaced_schedule,
+)
 
 
 def load_diffusers(path, levels: int = 256) -> DiffusionModel:

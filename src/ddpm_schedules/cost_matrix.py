@@ -16,13 +16,13 @@ from torch import Tensor
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from .noise import example_noise, indexed_batches
 from .diffusion import nats_to_bpd
 from .model import DiffusionModel
-from .terms import pair_tables, pair_terms, prior_nats
-from .resume import PartialSums, sigterm_requests
+from .noise import example_noise, indexed_batches
+from .resume import PartialFile, resumable
 from .schedules import Schedule
 from .storage import data_fingerprint, load_checked, model_fingerprint, save_checked
+from .terms import pair_tables, pair_terms, prior_nats
 
 
 class CostMatrixMetric(Metric):
@@ -162,47 +162,33 @@ def estimate_cost_matrix(
     batch_size: int = 64,
     progress: bool = True,
     start_index: int = 0,
-    partial: str | Path | None = None,
-    save_every_columns: int = 50,
-    save_every_seconds: float = 600.0,
+    partial: PartialFile | str | Path | None = None,
 ) -> CostMatrix:
     """Estimate C[s, t] for every pair of ``[0] + grid`` on ``data`` (x_0 in [-1, 1]).
 
     Column t costs one forward pass per example, which serves every s < t on the grid.
     ``start_index`` is the global index of the first example of ``data``: under torch.distributed
     each process passes its own shard, and the sums of all shards are combined into one matrix.
-    With ``partial`` (a file path) the sums are saved there every ``save_every_columns`` columns or
-    ``save_every_seconds``, a rerun with the same model, data, grid and seed resumes from them, and
-    SIGTERM saves and stops with `Preempted`. The file is removed once the matrix is complete.
+    With ``partial`` (a `PartialFile`, or a path: saved every 50 columns) the sums are saved as the
+    columns are done, a rerun with the same model, data, grid and seed resumes from them, and SIGTERM
+    saves and stops with `Preempted`. The file is removed once the matrix is complete.
     """
     g = full_grid(grid, model.T)
     batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
     shape = tuple(batches[0][1].shape[1:])
     device = model.device
     metric = CostMatrixMetric(g.numel()).to(device)
-    saver = PartialSums(
-        partial,
-        {"what": "cost_matrix", "model": model_fingerprint(model), "data": data_fingerprint(batches), "grid": g.tolist(), "seed": seed},
-        save_every_columns,
-        save_every_seconds,
-    )
-    done = saver.load(metric)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), sigterm_requests(enabled=partial is not None) as stop_requested:
-            bar = tqdm(range(done + 1, g.numel()), desc="cost matrix", unit="col", disable=not progress, initial=done, total=g.numel() - 1)
-            for j in bar:
-                t = int(g[j])
-                tables = pair_tables(model, t, g[:j], device)
-                for start, x0 in batches:
-                    x0 = x0.to(device)
-                    x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device))
-                    terms = pair_terms(model, x0, x_t, t, g[:j], model.predict(x_t, t), tables=tables)
-                    metric.update(terms, j, prior_nats(model, x0) if j == 1 else None)
-                saver.step(metric, j, stop_requested())
-    finally:
-        model.train(was_training)
+    config = {"what": "cost_matrix", "model": model_fingerprint(model), "data": data_fingerprint(batches), "grid": g.tolist(), "seed": seed}
+    with resumable(model, metric, PartialFile.of(partial, every=50), config) as (saver, done, stop_requested):
+        for j in tqdm(range(done + 1, g.numel()), desc="cost matrix", unit="col", disable=not progress, initial=done, total=g.numel() - 1):
+            t = int(g[j])
+            tables = pair_tables(model, t, g[:j], device)
+            for start, x0 in batches:
+                x0 = x0.to(device)
+                x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device))
+                terms = pair_terms(model, x0, x_t, t, g[:j], model.predict(x_t, t), tables=tables)
+                metric.update(terms, j, prior_nats(model, x0) if j == 1 else None)
+            saver.step(metric, j, stop_requested())
     mean, sem, prior, prior_sem, count = (v.cpu() for v in metric.compute())
     saver.remove()
     return CostMatrix(

@@ -41,7 +41,7 @@ class UNetOutput(nn.Module):
 
 
 def scheduler_conventions(config: dict[str, Any]) -> dict[str, Any]:
-    """DESIGN.md's conventions from a diffusers scheduler config; refuses what has no DDPM ELBO."""
+    """The conventions of docs/design.md §1 from a diffusers scheduler config; refuses what has no DDPM ELBO."""
     name = config.get("_class_name", "scheduler")
     if "num_train_timesteps" not in config or ("beta_schedule" not in config and config.get("trained_betas") is None):
         raise ValueError(f"{name} has no discrete beta schedule (num_train_timesteps, beta_schedule), so no DDPM ELBO; use a DDPM-family scheduler config")

@@ -1,6 +1,6 @@
 """The forward process and the pair formulas of Watson et al. (2021): pure float64 tensor math.
 
-Notation (DESIGN.md §1): t = 0..T, ``ab[t]`` = alpha_bar_t with ``ab[0] = 1``. Every function of a
+Notation (docs/design.md §1): t = 0..T, ``ab[t]`` = alpha_bar_t with ``ab[0] = 1``. Every function of a
 pair (s, t) with 0 <= s < t <= T takes ``ab_s`` and ``ab_t`` and broadcasts, so one call serves a
 whole column of the cost matrix.
 """
@@ -79,7 +79,7 @@ class NoiseSchedule:
         return torch.log(btil(self.ab[1], self.ab[2]))
 
     def log_variance_range(self, s: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        """(min_log, max_log) of the reverse variance for the pairs (s, t) (DESIGN.md §1 table)."""
+        """(min_log, max_log) of the reverse variance for the pairs (s, t) (docs/design.md §1 table)."""
         ab_s, ab_t = self.ab[s], self.ab[t]
         max_log = torch.log(beta_ts(ab_s, ab_t))
         # btil(0|t) is 0: the decoder borrows btil(1|2) as improved-diffusion does

@@ -12,13 +12,13 @@ from torch import Tensor
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from .noise import example_noise, indexed_batches
 from .diffusion import nats_to_bpd
 from .model import DiffusionModel
-from .terms import pair_tables, pair_terms, prior_nats
-from .resume import PartialSums, sigterm_requests
+from .noise import example_noise, indexed_batches
+from .resume import PartialFile, resumable
 from .schedules import Schedule
 from .storage import data_fingerprint, model_fingerprint
+from .terms import pair_tables, pair_terms, prior_nats
 
 
 @dataclass
@@ -79,16 +79,15 @@ def evaluate_schedules(
     batch_size: int = 64,
     progress: bool = True,
     start_index: int = 0,
-    partial: str | Path | None = None,
-    save_every_batches: int = 10,
-    save_every_seconds: float = 600.0,
+    partial: PartialFile | str | Path | None = None,
 ) -> list[ScheduleResult]:
     """Negative ELBO in bits/dim of each schedule on ``data``, in the order given.
 
     The network runs once per example at each timestep in the union of the schedules; that pass
     gives the terms of every (s, t) pair any schedule takes at t. The noise for (example, t) is
     shared by all schedules (common random numbers make their differences precise).
-    ``partial`` makes the sums resumable as in `estimate_cost_matrix` (the unit is a batch).
+    ``partial`` makes the sums resumable as in `estimate_cost_matrix` (the unit is a batch; a bare
+    path saves every 10 batches).
     """
     schedules = list(schedules)
     if not schedules:
@@ -111,41 +110,26 @@ def evaluate_schedules(
     dims = math.prod(shape)
     device = model.device
     metric = ScheduleTermsMetric(offsets[-1], len(schedules)).to(device)
-    was_training = model.training
-    model.eval()
     tables = {t: pair_tables(model, t, sorted(by_s), device) for t, by_s in needs.items()}
-    saver = PartialSums(
-        partial,
-        {"what": "held_out", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed,
-         "schedules": [list(s.timesteps) for s in schedules]},
-        save_every_batches,
-        save_every_seconds,
-    )  # fmt: skip
-    done = saver.load(metric)
-    bar = tqdm(total=len(batches) * len(needs), initial=done * len(needs), desc="held-out terms", unit="pass", disable=not progress)
-    try:
-        with torch.inference_mode(), sigterm_requests(enabled=partial is not None) as stop_requested:
-            for b, (start, x0) in enumerate(batches):
-                if b < done:
-                    continue
-                x0 = x0.to(device)
-                prior = prior_nats(model, x0)
-                step_terms = torch.zeros(x0.shape[0], offsets[-1], dtype=torch.float64, device=device)
-                for t, by_s in sorted(needs.items()):
-                    noise = example_noise(seed, start, x0.shape[0], t, shape).to(device)
-                    x_t = model.q_sample(x0, t, noise)
-                    s = tables[t].s
-                    terms = pair_terms(model, x0, x_t, t, s, model.predict(x_t, t), tables=tables[t])
-                    for col, s_val in enumerate(s.tolist()):
-                        for _, flat in by_s[s_val]:
-                            step_terms[:, flat] = terms[:, col]
-                    bar.update()
-                totals = torch.stack([step_terms[:, offsets[k] : offsets[k + 1]].sum(1) for k in range(len(schedules))], 1)
-                metric.update(step_terms, totals + prior[:, None], prior)
-                saver.step(metric, b + 1, stop_requested())
-    finally:
-        bar.close()
-        model.train(was_training)
+    config = {"what": "held_out", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed,
+              "schedules": [list(s.timesteps) for s in schedules]}  # fmt: skip
+    with resumable(model, metric, PartialFile.of(partial, every=10), config) as (saver, done, stop_requested), tqdm(
+        total=len(batches) * len(needs), initial=done * len(needs), desc="held-out terms", unit="pass", disable=not progress
+    ) as bar:
+        for b, (start, x0) in enumerate(batches[done:], start=done):
+            x0 = x0.to(device)
+            prior = prior_nats(model, x0)
+            step_terms = torch.zeros(x0.shape[0], offsets[-1], dtype=torch.float64, device=device)
+            for t, by_s in sorted(needs.items()):
+                x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device))
+                terms = pair_terms(model, x0, x_t, t, tables[t].s, model.predict(x_t, t), tables=tables[t])
+                for col, s_val in enumerate(tables[t].s.tolist()):
+                    for _, flat in by_s[s_val]:
+                        step_terms[:, flat] = terms[:, col]
+                bar.update()
+            totals = torch.stack([step_terms[:, offsets[k] : offsets[k + 1]].sum(1) for k in range(len(schedules))], 1)
+            metric.update(step_terms, totals + prior[:, None], prior)
+            saver.step(metric, b + 1, stop_requested())
     out = {k: v.cpu().reshape(-1) for k, v in metric.compute().items()}  # torchmetrics squeezes 1-element results
     saver.remove()
     to_bpd = nats_to_bpd(1.0, dims)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from .storage import atomic_torch_save
+from .storage import load_checked, save_checked
 
 FEATURE_KINDS = ("digits", "inception")
 
@@ -115,14 +115,15 @@ def frechet_distances(
 
     real_states = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
     cache = Path(reference_cache) if reference_cache else None
-    if cache is not None and cache.is_file():
-        for name, value in torch.load(cache, weights_only=True).items():
+    saved = _load_reference_stats(cache, real_states)
+    if saved is not None:
+        for name, value in saved.items():
             setattr(fid, name, value)
     else:
         for chunk in reference.split(batch_size):
             fid.update(prepare(chunk), real=True)
         if cache is not None:
-            atomic_torch_save({name: getattr(fid, name) for name in real_states}, cache)
+            save_checked({name: getattr(fid, name) for name in real_states}, cache)
     out = {}
     for key, samples in fakes.items():
         fid.reset()  # keeps the reference features (reset_real_features=False)
@@ -130,3 +131,14 @@ def frechet_distances(
             fid.update(prepare(chunk), real=False)
         out[key] = float(fid.compute())
     return out
+
+
+def _load_reference_stats(cache: Path | None, names: tuple[str, ...]) -> dict[str, Tensor] | None:
+    """Cached reference statistics, or None when there are none or the file is damaged (then they are recomputed)."""
+    if cache is None or not cache.is_file():
+        return None
+    try:
+        saved = load_checked(cache)
+    except ValueError:
+        return None
+    return saved if isinstance(saved, dict) and set(saved) == set(names) else None

@@ -145,7 +145,7 @@ class DiffusionModel(nn.Module):
         ab_t = self._ab(self._t_vec(t, x0), x0).to(x0.dtype)
         return ab_t.sqrt() * noise - (1 - ab_t).sqrt() * x0
 
-    # --- the public per-pair API (DESIGN.md §3): the terms live in terms.py, samplers in sampling.py ---
+    # --- the public per-pair API (docs/design.md §3): the terms live in terms.py, samplers in sampling.py ---
 
     def terms(self, x0: Tensor, t: int, s: Tensor | Sequence[int], noise: Tensor | None = None) -> Tensor:
         """[B, S] nats of the pairs (s, t) from one forward pass at t (`terms.terms`)."""

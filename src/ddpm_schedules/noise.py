@@ -1,4 +1,4 @@
-"""The (seed, example index, t) noise rule (DESIGN.md §5) and the indexed batches it is applied to.
+"""The (seed, example index, t) noise rule (docs/design.md §5) and the indexed batches it is applied to.
 
 The noise for (example, t) is a function of (seed, global example index, t) alone, so estimates do
 not depend on batch size, on how examples are split across processes, or on a resume.

@@ -23,7 +23,14 @@ from .cost_matrix import candidate_grid, full_grid
 from .frechet import fid_feature_extractor
 from .lightning.data import ImageDataModule
 from .resume import Preempted
-from .run import FrechetSettings, Labels, Processes, ResumeSettings, SampleSettings, run_evaluation
+from .run import (
+    FrechetSettings,
+    Labels,
+    Processes,
+    ResumeSettings,
+    SampleSettings,
+    run_evaluation,
+)
 from .schedules import check_budgets
 from .strategies import parse_strategies
 

@@ -13,9 +13,11 @@ import logging
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
 from torchmetrics import Metric
 
 from .storage import load_checked, save_checked
@@ -91,6 +93,36 @@ class PartialSums:
     def remove(self) -> None:
         if self.path is not None and self.path.is_file():
             self.path.unlink()
+
+
+@dataclass(frozen=True)
+class PartialFile:
+    """Where a long estimation keeps its partial sums, saved every ``every`` units of work (columns of
+    a cost matrix, batches of a held-out pass) or ``seconds``, whichever comes first."""
+
+    path: str | Path
+    every: int = 50
+    seconds: float = 600.0
+
+    @classmethod
+    def of(cls, partial: "PartialFile | str | Path | None", every: int) -> "PartialFile | None":
+        """A PartialFile from a PartialFile or a bare path (saved every ``every`` units)."""
+        return partial if partial is None or isinstance(partial, PartialFile) else cls(partial, every)
+
+
+@contextmanager
+def resumable(model: torch.nn.Module, metric: Metric, partial: PartialFile | None, config: dict[str, Any]) -> Iterator[tuple[PartialSums, int, Callable[[], bool]]]:
+    """The frame of an estimation loop: ``metric`` restored from ``partial``, the model in eval and inference
+    mode, SIGTERM turned into a flag. Yields (saver, units already done, stop requested?)."""
+    saver = PartialSums(partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0)
+    done = saver.load(metric)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), sigterm_requests(enabled=partial is not None) as stop_requested:
+            yield saver, done, stop_requested
+    finally:
+        model.train(was_training)
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from .evaluation import ScheduleResult, evaluate_schedules
 from .frechet import frechet_distances
 from .model import DiffusionModel
 from .noise import mix, shard
+from .resume import PartialFile
 from .schedules import Schedule, full_schedule
 from .storage import atomic_write_json, cache_key, file_digest, hash_parts
 from .strategies import Strategy, build_schedules
@@ -147,8 +148,7 @@ def cost_matrix_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: 
     lo, hi = ctx.procs.shard(len(data))
     cm = estimate_cost_matrix(
         ctx.model, data[lo:hi], grid=grid, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
-        partial=file.with_suffix(ctx.procs.partial_suffix), save_every_columns=ctx.resume.every_columns,
-        save_every_seconds=ctx.resume.every_seconds,
+        partial=PartialFile(file.with_suffix(ctx.procs.partial_suffix), ctx.resume.every_columns, ctx.resume.every_seconds),
     )  # fmt: skip
     if ctx.procs.rank == 0:
         cm.save(file)
@@ -164,8 +164,8 @@ def held_out_stage(
     lo, hi = ctx.procs.shard(len(data))
     results = evaluate_schedules(
         ctx.model, data[lo:hi], schedules + extra, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
-        partial=ctx.cache_dir / f"held_out_{held_key[:20]}{ctx.procs.partial_suffix}",
-        save_every_batches=ctx.resume.every_batches, save_every_seconds=ctx.resume.every_seconds,
+        partial=PartialFile(ctx.cache_dir / f"held_out_{held_key[:20]}{ctx.procs.partial_suffix}", ctx.resume.every_batches,
+                            ctx.resume.every_seconds),
     )  # fmt: skip
     return results[: len(schedules)], (results[-1] if extra else None)
 

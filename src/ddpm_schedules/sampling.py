@@ -45,7 +45,7 @@ def sample_ancestral(
     noise: Sequence[Tensor] | None = None,
     trajectory: list[Tensor] | None = None,
 ) -> Tensor:
-    """Ancestral sampling through p(x_s | x_t) of every schedule pair (DESIGN.md §1): [n, C, H, W] on ``levels``.
+    """Ancestral sampling through p(x_s | x_t) of every schedule pair (docs/design.md §1): [n, C, H, W] on ``levels``.
 
     ``noise`` replaces the generator's draws: x_T first, then one tensor per noisy step (K - 1 of
     them, from t = T down). ``trajectory``, if given, receives x at every schedule point

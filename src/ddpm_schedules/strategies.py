@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from .dp import optimal_schedules
-from .schedules import Schedule, even_schedule, load_schedules, quadratic_schedule, respaced_schedule
+from .schedules import (
+    Schedule,
+    even_schedule,
+    load_schedules,
+    quadratic_schedule,
+    respaced_schedule,
+)
 
 if TYPE_CHECKING:
     from .cost_matrix import CostMatrix

@@ -1,6 +1,6 @@
 """The per-pair ELBO terms of Watson et al. (2021): one forward pass at t gives the terms of every s < t.
 
-- s >= 1: KL(q(x_s | x_t, x_0) || p(x_s | x_t)), summed over dimensions (DESIGN.md §1);
+- s >= 1: KL(q(x_s | x_t, x_0) || p(x_s | x_t)), summed over dimensions (docs/design.md §1);
 - s = 0: the decoder, -log p(x_0 | x_t), a discretized Gaussian over ``levels`` values;
 - the prior KL(q(x_T | x_0) || N(0, I)), the same for every schedule.
 All in nats per example, in float64.

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from ..checkpoints import model_from_flags
 from ..diffusion import nats_to_bpd
+from ..flags import model_from_flags
 from ..model import DiffusionModel
 from ..terms import prior_nats, step_terms
 

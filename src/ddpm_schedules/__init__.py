@@ -6,6 +6,8 @@ from .diffusion import NoiseSchedule
 from .dp import optimal_paths, optimal_schedules
 from .evaluation import ScheduleResult, evaluate_schedules
 from .model import DiffusionModel
+from .run import EvaluationResult, run_evaluation
+from .sampling import sample_ancestral
 from .schedules import (
     Schedule,
     even_schedule,
@@ -25,6 +27,7 @@ def load_diffusers(path, levels: int = 256) -> DiffusionModel:
 __all__ = [
     "CostMatrix",
     "DiffusionModel",
+    "EvaluationResult",
     "NoiseSchedule",
     "Schedule",
     "ScheduleResult",
@@ -39,4 +42,6 @@ __all__ = [
     "optimal_schedules",
     "quadratic_schedule",
     "respaced_schedule",
+    "run_evaluation",
+    "sample_ancestral",
 ]

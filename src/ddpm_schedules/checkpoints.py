@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from .flags import UNET_FLAGS, model_from_flags, resolve_flags
 from .model import DiffusionModel
@@ -83,11 +84,8 @@ def _plain_flags(flags: Mapping[str, Any] | None) -> dict[str, Any]:
     """A flags mapping (a dict or an OmegaConf node) as a plain dict."""
     if flags is None:
         return {}
-    if not isinstance(flags, dict):
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(flags, DictConfig):
-            return OmegaConf.to_container(flags, resolve=True)
+    if isinstance(flags, DictConfig):
+        return OmegaConf.to_container(flags, resolve=True)
     return dict(flags)
 
 

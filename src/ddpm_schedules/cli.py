@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 from hydra.errors import InstantiationException
 
+from .resume import Preempted
+
 
 def user_error(e: BaseException) -> ValueError | None:
     """The ValueError behind an exception (Hydra wraps the ones raised while instantiating)."""
@@ -20,8 +22,6 @@ def user_error(e: BaseException) -> ValueError | None:
 
 def run(fn: Callable[[Any], dict[str, float]], cfg: Any) -> dict[str, float]:
     """Call ``fn(cfg)``; a bad input is printed as one line and exits with status 2 (HYDRA_FULL_ERROR=1 re-raises)."""
-    from .resume import Preempted
-
     try:
         return fn(cfg)
     except Preempted as e:  # already logged with where the partial sums are

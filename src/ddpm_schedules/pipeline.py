@@ -12,12 +12,14 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning_fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from . import report
+from .checkpoints import UntrustedCheckpointError, read_checkpoint
 from .cli import user_error
 from .cost_matrix import candidate_grid, full_grid
 from .frechet import fid_feature_extractor
@@ -85,8 +87,6 @@ def check_data_matches_model(datamodule: ImageDataModule, flags: dict[str, Any])
 
 def check_resume_checkpoint(path: str, flags: dict[str, Any], trust_checkpoint: bool = False) -> None:
     """A checkpoint to resume from must exist, load as data (unless trusted) and have been trained with the same model flags."""
-    from .checkpoints import UntrustedCheckpointError, read_checkpoint
-
     if not Path(path).is_file():
         raise ValueError(f"ckpt_path {path!r} does not exist; point it at <run dir>/checkpoints/last.ckpt")
     try:
@@ -169,8 +169,6 @@ def launch_processes(cfg: DictConfig) -> Processes:
     f = OmegaConf.to_container(cfg.fabric, resolve=True)
     if f.get("devices", 1) == 1 and f.get("num_nodes", 1) == 1:
         return Processes()
-    from lightning_fabric import Fabric
-
     fabric = Fabric(**f)
     fabric.launch()
     return Processes(fabric.global_rank, fabric.world_size)
@@ -241,7 +239,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def finish_wandb() -> None:
     """End the W&B run of this job, so the next in-process multirun job gets its own."""
-    if "wandb" in sys.modules:
+    if "wandb" in sys.modules:  # a job that never logged to W&B does not import it here
         import wandb
 
         if wandb.run is not None:

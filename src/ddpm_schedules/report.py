@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
+from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
 from .cost_matrix import CostMatrix  # noqa: E402
 from .schedules import Schedule  # noqa: E402
@@ -141,8 +142,6 @@ def log_evaluation(logger, doc: dict[str, Any], figures: dict, grids: dict) -> N
     """Summary keys bpd/<strategy>/K<K> and fid/<strategy>/K<K>, a results table and the images."""
     if not logger:
         return
-    from pytorch_lightning.loggers import WandbLogger
-
     metrics = {}
     for r in doc["results"]:
         metrics[f"bpd/{r['strategy']}/K{r['K']}"] = r["bpd"]

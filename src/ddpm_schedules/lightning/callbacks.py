@@ -7,9 +7,10 @@ from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ..cost_matrix import CostMatrix, candidate_grid, estimate_cost_matrix, full_grid
 from ..noise import shard
@@ -165,8 +166,6 @@ class FinalCheckpoint(Callback):
     """
 
     def save_last(self, trainer: pl.Trainer) -> None:
-        from pytorch_lightning.callbacks import ModelCheckpoint
-
         ckpt = trainer.checkpoint_callback
         if not isinstance(ckpt, ModelCheckpoint) or not ckpt.save_last or not ckpt.dirpath:
             return
@@ -179,7 +178,5 @@ class FinalCheckpoint(Callback):
             self.save_last(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
-
         if isinstance(exception, SIGTERMException):
             self.save_last(trainer)

@@ -1,0 +1,41 @@
+"""run_evaluation: the evaluate.py pipeline as a function of objects (no Hydra), and its results.json schema."""
+
+import json
+
+import pytest
+
+from conftest import quantized_data, tiny_model
+from ddpm_schedules import estimate_cost_matrix, evaluate_schedules, optimal_schedules
+from ddpm_schedules.run import EvaluationResult, Labels, SampleSettings, run_evaluation
+from ddpm_schedules.strategies import parse_strategies
+
+
+def test_stages_compose_into_the_results_of_the_library_calls(tmp_path):
+    model = tiny_model("learned_range", T=12)
+    cost_data, eval_data = quantized_data(10, seed=1), quantized_data(8, seed=2)
+    result = run_evaluation(
+        model, cost_data, eval_data, grid=None, budgets=[2, 4], strategies=parse_strategies(["dp", "even"], 12), out_dir=tmp_path / "out",
+        cache_dir=tmp_path / "cache", cost_seed=3, eval_seed=4, full_chain=False, batch_size=4, sample=SampleSettings(grid_size=4, chunk=2),
+        labels=Labels("python", "", "quantized", "val", "test"),
+    )  # fmt: skip
+    assert isinstance(result, EvaluationResult) and result.full_chain is None
+    cm = estimate_cost_matrix(model, cost_data, seed=3, progress=False)
+    dp = optimal_schedules(cm, [2, 4])
+    assert result.schedules[:2] == [dp[2], dp[4]]
+    direct = evaluate_schedules(model, eval_data, result.schedules, seed=4, batch_size=4, progress=False)
+    assert [r["bpd"] for r in result.results] == [r.bpd for r in direct]
+    # the path's entries summed in another order than the DP's: equal to rounding
+    assert [r["predicted_bpd"] for r in result.results[:2]] == pytest.approx([cm.bpd(s.predicted_nats) for s in dp.values()], rel=1e-13)
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc == json.loads(json.dumps(result.to_json()))
+    assert set(doc) == {"model", "data", "cost_matrix", "full_chain", "fid", "results", "timings"}
+    assert doc["fid"] == {"features": None, "reference_split": None, "reference_examples": None, "samples": None}
+    assert [tuple(s.shape) for s in result.samples.values()] == [(4, 1, 4, 4)] * 4
+    again = run_evaluation(
+        model, cost_data, eval_data, grid=None, budgets=[2, 4], strategies=parse_strategies(["dp", "even"], 12), out_dir=tmp_path / "out2",
+        cache_dir=tmp_path / "cache", cost_seed=3, eval_seed=4, batch_size=4, sample=SampleSettings(grid_size=4, chunk=2),
+        labels=Labels("python", "", "quantized", "val", "test"),
+    )  # fmt: skip
+    assert again.cost_matrix["cached"] and [r["schedule"] for r in again.results] == [r["schedule"] for r in result.results]
+    # the full chain joins the one union pass; the schedules' numbers stay those of the library call
+    assert again.full_chain["K"] == 12 and [r["bpd"] for r in again.results] == pytest.approx([r["bpd"] for r in result.results], rel=1e-12)

@@ -25,32 +25,36 @@ from .storage import data_fingerprint, load_checked, model_fingerprint, save_che
 from .terms import pair_tables, pair_terms, prior_nats
 
 
+OBJECTIVES = ("elbo", "mse", "ode")  # the pair costs a DP can run on (ode: see ode.py)
+
+
 class CostMatrixMetric(Metric):
-    """Per-pair sums of terms and squared terms, per-column example counts, and the prior's sums."""
+    """Per-pair sums of costs and squared costs of one or more objectives, per-column counts, the prior's sums."""
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = False
 
-    def __init__(self, size: int, **kwargs):
+    def __init__(self, size: int, objectives: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.size = size
         f64 = torch.float64
-        self.add_state("total", torch.zeros(size, size, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("total_sq", torch.zeros(size, size, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(objectives, size, size, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("total_sq", torch.zeros(objectives, size, size, dtype=f64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(size, dtype=f64), dist_reduce_fx="sum")
         self.add_state("prior_total", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         self.add_state("prior_total_sq", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         self.add_state("prior_count", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
 
     def update(self, terms: Tensor, column: int, prior: Tensor | None = None) -> None:
-        """Add ``terms`` [B, column] (the pairs (grid[i], grid[column]) for i < column) of B examples."""
+        """Add ``terms`` [B, column] or [O, B, column] (the pairs (grid[i], grid[column]), i < column) of B examples."""
         terms = terms.to(torch.float64)
-        if terms.ndim != 2 or terms.shape[1] != column:
-            raise ValueError(f"terms for column {column} must be [B, {column}], got {tuple(terms.shape)}")
-        self.total[:column, column] += terms.sum(0)
-        self.total_sq[:column, column] += (terms**2).sum(0)
-        self.count[column] += terms.shape[0]
+        terms = terms[None] if terms.ndim == 2 else terms
+        if terms.ndim != 3 or terms.shape[0] != self.total.shape[0] or terms.shape[2] != column:
+            raise ValueError(f"terms for column {column} must be [{self.total.shape[0]}, B, {column}], got {tuple(terms.shape)}")
+        self.total[:, :column, column] += terms.sum(1)
+        self.total_sq[:, :column, column] += (terms**2).sum(1)
+        self.count[column] += terms.shape[1]
         if prior is not None:
             prior = prior.to(torch.float64)
             self.prior_total += prior.sum()
@@ -58,12 +62,12 @@ class CostMatrixMetric(Metric):
             self.prior_count += prior.numel()
 
     def compute(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(mean, sem, prior mean, prior sem, examples per column); mean is inf and sem NaN where i >= j.
+        """(mean [O, N+1, N+1], sem, prior mean, prior sem, examples per column); mean is inf and sem NaN where i >= j.
 
         Under torch.distributed the sums of every process are added first (torchmetrics syncs).
         """
-        mean, sem = _mean_sem(self.total, self.total_sq, self.count[None, :])
-        valid = torch.ones_like(mean, dtype=torch.bool).triu(1)
+        mean, sem = _mean_sem(self.total, self.total_sq, self.count[None, None, :])
+        valid = torch.ones(self.size, self.size, dtype=torch.bool, device=mean.device).triu(1)
         mean = torch.where(valid, mean, torch.full_like(mean, math.inf))
         sem = torch.where(valid, sem, torch.full_like(sem, math.nan))
         prior, prior_sem = _mean_sem(self.prior_total, self.prior_total_sq, self.prior_count)
@@ -86,8 +90,9 @@ class CostMatrix:
     grid: Tensor  # [N+1] long
     prior: float  # mean prior KL, nats
     prior_sem: float
-    count: int  # examples per column
+    count: int  # examples (or trajectories) per column
     dims: int  # D = C * H * W, for bits/dim
+    objective: str = "elbo"  # elbo (nats), mse (paper's reweighting) or ode (trajectory error; ode.py)
 
     @property
     def T(self) -> int:
@@ -163,40 +168,84 @@ def estimate_cost_matrix(
     progress: bool = True,
     start_index: int = 0,
     partial: PartialFile | str | Path | None = None,
+    objective: str = "elbo",
 ) -> CostMatrix:
-    """Estimate C[s, t] for every pair of ``[0] + grid`` on ``data`` (x_0 in [-1, 1]).
+    """Estimate C[s, t] of ``objective`` for every pair of ``[0] + grid`` on ``data`` (x_0 in [-1, 1]).
 
-    Column t costs one forward pass per example, which serves every s < t on the grid.
-    ``start_index`` is the global index of the first example of ``data``: under torch.distributed
-    each process passes its own shard, and the sums of all shards are combined into one matrix.
-    With ``partial`` (a `PartialFile`, or a path: saved every 50 columns) the sums are saved as the
-    columns are done, a rerun with the same model, data, grid and seed resumes from them, and SIGTERM
-    saves and stops with `Preempted`. The file is removed once the matrix is complete.
+    Column t costs one forward pass per example, which serves every s < t on the grid:
+    ``elbo`` is the KL term of the pair (Watson et al.; nats), ``mse`` the paper's reweighting
+    (t - s) ||x_0 - x0_hat(x_t, t)||^2. ``start_index`` is the global index of the first example of
+    ``data``: under torch.distributed each process passes its own shard, and the sums of all shards
+    are combined into one matrix. With ``partial`` (a `PartialFile`, or a path: saved every 50
+    columns) the sums are saved as the columns are done, a rerun with the same model, data, grid and
+    seed resumes from them, and SIGTERM saves and stops with `Preempted`. The file is removed once
+    the matrix is complete. `estimate_cost_matrices` gives several objectives from the same passes.
     """
+    return estimate_cost_matrices(model, data, [objective], grid, seed, batch_size, progress, start_index, partial)[objective]
+
+
+def estimate_cost_matrices(
+    model: DiffusionModel,
+    data: Tensor | Iterable,
+    objectives: Sequence[str] = ("elbo",),
+    grid: Sequence[int] | Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+    start_index: int = 0,
+    partial: PartialFile | str | Path | None = None,
+) -> dict[str, CostMatrix]:
+    """`estimate_cost_matrix` of several data objectives (``elbo``, ``mse``) from one set of forward passes."""
+    if "ode" in objectives:
+        raise ValueError("the ode objective runs teacher trajectories from noise, not data: use ode.estimate_ode_matrix(model, trajectories)")
+    objectives = check_objectives(objectives, allowed=("elbo", "mse"))
     g = full_grid(grid, model.T)
     batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
     shape = tuple(batches[0][1].shape[1:])
     device = model.device
-    metric = CostMatrixMetric(g.numel()).to(device)
+    metric = CostMatrixMetric(g.numel(), len(objectives)).to(device)
     config = {"what": "cost_matrix", "model": model_fingerprint(model), "data": data_fingerprint(batches), "grid": g.tolist(), "seed": seed}
+    if objectives != ["elbo"]:
+        config["objectives"] = objectives
     with resumable(model, metric, PartialFile.of(partial, every=50), config) as (saver, done, stop_requested):
         for j in tqdm(range(done + 1, g.numel()), desc="cost matrix", unit="col", disable=not progress, initial=done, total=g.numel() - 1):
             t = int(g[j])
-            tables = pair_tables(model, t, g[:j], device)
+            tables = pair_tables(model, t, g[:j], device) if "elbo" in objectives else None
             for start, x0 in batches:
                 x0 = x0.to(device)
                 x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device))
-                terms = pair_terms(model, x0, x_t, t, g[:j], model.predict(x_t, t), tables=tables)
-                metric.update(terms, j, prior_nats(model, x0) if j == 1 else None)
+                pred = model.predict(x_t, t)
+                terms = [
+                    pair_terms(model, x0, x_t, t, g[:j], pred, tables=tables) if name == "elbo" else mse_terms(x0, pred.x0_hat, t, g[:j])
+                    for name in objectives
+                ]  # fmt: skip
+                metric.update(torch.stack(terms), j, prior_nats(model, x0) if j == 1 and "elbo" in objectives else None)
             saver.step(metric, j, stop_requested())
     mean, sem, prior, prior_sem, count = (v.cpu() for v in metric.compute())
     saver.remove()
-    return CostMatrix(
-        mean=mean,
-        sem=sem,
-        grid=g,
-        prior=float(prior),
-        prior_sem=float(prior_sem),
-        count=int(count[1:].min()),
-        dims=math.prod(shape),
-    )
+    return {
+        name: CostMatrix(
+            mean=mean[k], sem=sem[k], grid=g, prior=float(prior) if name == "elbo" else 0.0,
+            prior_sem=float(prior_sem) if name == "elbo" else 0.0, count=int(count[1:].min()), dims=math.prod(shape), objective=name,
+        )  # fmt: skip
+        for k, name in enumerate(objectives)
+    }
+
+
+def mse_terms(x0: Tensor, x0_hat: Tensor, t: int, s: Tensor) -> Tensor:
+    """[B, S]: the paper's reweighted cost (t - s) ||x_0 - x0_hat(x_t, t)||^2, summed over dimensions."""
+    sq_err = ((x0.double() - x0_hat.double()) ** 2).flatten(1).sum(1)
+    return sq_err[:, None] * (t - s.to(x0.device, torch.float64))[None, :]
+
+
+def check_objectives(objectives: Sequence[str], allowed: Sequence[str] = OBJECTIVES, key: str = "cost.objective") -> list[str]:
+    """Distinct objective names, in order, each one of ``allowed``."""
+    out = []
+    for name in objectives:
+        if name not in allowed:
+            raise ValueError(f"unknown {key} {name!r}; use one of {', '.join(allowed)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ValueError(f"{key} is empty; use one of {', '.join(allowed)}")
+    return out

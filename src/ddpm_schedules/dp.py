@@ -180,16 +180,19 @@ def optimal_schedules(
     grid: Iterable[int] | None = None,
     at_most: bool = False,
 ) -> dict[int, Schedule]:
-    """ELBO-optimal schedules for every budget from an estimated cost matrix.
+    """Optimal schedules for every budget from an estimated cost matrix (ELBO-optimal on the ELBO matrix).
 
     ``grid`` restricts the DP to candidate timesteps (a subset of the matrix's grid containing T);
-    the result is exact on that grid. Each schedule carries its predicted negative ELBO in nats.
+    the result is exact on that grid. On the ELBO matrix each schedule carries its predicted negative
+    ELBO in nats and is named ``dp``; on another objective's matrix it is named ``dp_<objective>``.
     """
     idx = cost_matrix.grid_indices(grid) if grid is not None else torch.arange(cost_matrix.grid.numel())
     sub = cost_matrix.mean[idx][:, idx]
     g = cost_matrix.grid[idx].tolist()
     T = g[-1]
+    elbo = cost_matrix.objective == "elbo"
     return {
-        K: Schedule(tuple(g[i] for i in path[1:]), T, "dp", predicted_nats=total + cost_matrix.prior)
+        K: Schedule(tuple(g[i] for i in path[1:]), T, "dp" if elbo else f"dp_{cost_matrix.objective}",
+                    predicted_nats=total + cost_matrix.prior if elbo else None)  # fmt: skip
         for K, (path, total) in optimal_paths(sub, budgets, at_most).items()
     }

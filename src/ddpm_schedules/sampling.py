@@ -1,7 +1,13 @@
 """Samplers: a model and a schedule in, samples out (one function per sampler, as k-diffusion's).
 
 Every sampler walks x_T ~ N(0, I) -> x_{tau_{K-1}} -> ... -> x0_hat along the schedule's timesteps
-and returns the final x0_hat quantized to the model's ``levels``.
+(one network evaluation per timestep) and returns the final x0_hat quantized to the model's ``levels``:
+
+- `sample_ancestral`: p(x_s | x_t) of every pair, the model's own reverse process;
+- `sample_ddim`: DDIM (Song et al. 2021) with eta (0 = the deterministic probability-flow sampler);
+- `sample_dpmpp`: DPM-Solver++(2M) (Lu et al. 2022), stepped by diffusers' DPMSolverMultistepScheduler.
+
+``SAMPLERS`` maps the names ``eval.samplers`` takes to these functions.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from torch import Tensor
 from . import diffusion as dm
 from .schedules import Schedule
 from .terms import pair_tables
+
+Draw = Callable[[], Tensor]  # the next standard normal tensor of the batch's shape (x_T first)
 
 if TYPE_CHECKING:
     from .model import DiffusionModel
@@ -35,6 +43,45 @@ def as_schedule(model: "DiffusionModel", schedule: Schedule | Sequence[int]) -> 
     return schedule
 
 
+def ddim_step(model: "DiffusionModel", x_t: Tensor, x0_hat: Tensor, t: int, s: int, eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
+    """DDIM's update from t to s (Song et al. 2021, eq. 12): sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z.
+
+    eps_hat is recomputed from the (clipped) x0_hat, as improved-diffusion's ddim_sample; sigma^2 = eta^2 btil(s|t).
+    """
+    ab = model.schedule.ab
+    ab_s, ab_t = float(ab[s]), float(ab[t])
+    eps = (x_t - ab_t**0.5 * x0_hat) / (1 - ab_t) ** 0.5
+    sigma2 = eta**2 * float(dm.btil(ab[s], ab[t])) if s > 0 else 0.0
+    out = ab_s**0.5 * x0_hat + max(1 - ab_s - sigma2, 0.0) ** 0.5 * eps
+    return out + sigma2**0.5 * noise if sigma2 > 0 and noise is not None else out
+
+
+def _batched(model: "DiffusionModel", schedule: Schedule | Sequence[int], n: int, generator: torch.Generator | None,
+             batch_size: int | None, noise: Sequence[Tensor] | None, run: Callable[[Schedule, Draw], Tensor]) -> Tensor:
+    """Run ``run(schedule, draw)`` over batches of n samples; ``noise`` (x_T first, then per-step draws) replaces the generator."""
+    schedule = as_schedule(model, schedule)
+    if noise is not None:
+        if not noise or any(tuple(z.shape) != (n, *model.image_shape) for z in noise):
+            raise ValueError(f"noise must be tensors of shape {(n, *model.image_shape)}: x_T first, then one per noisy step")
+        draws = iter(noise)
+        return run(schedule, lambda: next(draws).to(model.device, torch.float64))
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    out = []
+    for lo in range(0, n, batch_size or n):
+        m = min(batch_size or n, n - lo)
+
+        def draw(m: int = m) -> Tensor:
+            return torch.randn(m, *model.image_shape, generator=generator, device=gen_device, dtype=torch.float64).to(model.device)
+
+        out.append(run(schedule, draw))
+    return torch.cat(out)
+
+
+def _steps(schedule: Schedule) -> list[tuple[int, int]]:
+    """The schedule's pairs (s, t) in sampling order: (tau_{K-1}, T) first, (0, tau_1) last."""
+    return list(reversed(schedule.pairs()))
+
+
 @torch.no_grad()
 def sample_ancestral(
     model: "DiffusionModel",
@@ -51,38 +98,108 @@ def sample_ancestral(
     them, from t = T down). ``trajectory``, if given, receives x at every schedule point
     (x_T first, x_{tau_1} last) and then the final unquantized x0_hat.
     """
-    schedule = as_schedule(model, schedule)
-    if noise is not None:
-        if len(noise) != schedule.K or any(tuple(z.shape) != (n, *model.image_shape) for z in noise):
-            raise ValueError(f"noise must be {schedule.K} tensors of shape {(n, *model.image_shape)}: x_T and one per noisy step")
-        draws = iter(noise)
-        return _ancestral_batch(model, schedule, lambda: next(draws).to(model.device, torch.float64), trajectory)
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    batch_size = batch_size or n
-    out = []
-    for lo in range(0, n, batch_size):
-        m = min(batch_size, n - lo)
+    if noise is not None and len(noise) != as_schedule(model, schedule).K:
+        raise ValueError(f"noise must be {as_schedule(model, schedule).K} tensors: x_T and one per noisy step")
 
-        def randn(m: int = m) -> Tensor:
-            return torch.randn(m, *model.image_shape, generator=generator, device=gen_device, dtype=torch.float64).to(model.device)
-
-        out.append(_ancestral_batch(model, schedule, randn, trajectory))
-    return torch.cat(out)
-
-
-def _ancestral_batch(model: "DiffusionModel", schedule: Schedule, randn: Callable[[], Tensor], trajectory: list[Tensor] | None) -> Tensor:
-    x = randn()
-    points = (0,) + schedule.timesteps
-    for s, t in zip(reversed(points[:-1]), reversed(points[1:])):
-        if trajectory is not None:
-            trajectory.append(x)
-        pred = model.predict(x, t)
-        if s == 0:
+    def run(schedule: Schedule, draw: Draw) -> Tensor:
+        x = draw()
+        for s, t in _steps(schedule):
             if trajectory is not None:
-                trajectory.append(pred.x0_hat)
-            return quantize(pred.x0_hat, model.levels).float()
-        p = pair_tables(model, t, [s], model.device).kl
-        mean = p["c0"] * pred.x0_hat + p["c1"] * x
-        log_var = p["log_var"] if pred.frac is None else dm.learned_log_variance(pred.frac, p["min_log"], p["max_log"])
-        x = mean + torch.exp(0.5 * log_var) * randn()
-    raise AssertionError("unreachable: every schedule starts from s = 0")
+                trajectory.append(x)
+            pred = model.predict(x, t)
+            if s == 0:
+                if trajectory is not None:
+                    trajectory.append(pred.x0_hat)
+                return quantize(pred.x0_hat, model.levels).float()
+            p = pair_tables(model, t, [s], model.device).kl
+            mean = p["c0"] * pred.x0_hat + p["c1"] * x
+            log_var = p["log_var"] if pred.frac is None else dm.learned_log_variance(pred.frac, p["min_log"], p["max_log"])
+            x = mean + torch.exp(0.5 * log_var) * draw()
+        raise AssertionError("unreachable: every schedule starts from s = 0")
+
+    return _batched(model, schedule, n, generator, batch_size, noise, run)
+
+
+@torch.no_grad()
+def sample_ddim(
+    model: "DiffusionModel",
+    schedule: Schedule | Sequence[int],
+    n: int,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    noise: Sequence[Tensor] | None = None,
+    eta: float = 0.0,
+) -> Tensor:
+    """DDIM along the schedule (`ddim_step` for every pair; the last step returns x0_hat): [n, C, H, W] on ``levels``."""
+    check_eta(eta)
+
+    def run(schedule: Schedule, draw: Draw) -> Tensor:
+        x = draw()
+        for s, t in _steps(schedule):
+            x0_hat = model.predict(x, t).x0_hat
+            if s == 0:
+                return quantize(x0_hat, model.levels).float()
+            x = ddim_step(model, x, x0_hat, t, s, eta, draw() if eta > 0 else None)
+        raise AssertionError("unreachable: every schedule starts from s = 0")
+
+    return _batched(model, schedule, n, generator, batch_size, noise, run)
+
+
+@torch.no_grad()
+def sample_dpmpp(
+    model: "DiffusionModel",
+    schedule: Schedule | Sequence[int],
+    n: int,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    noise: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) with diffusers' DPMSolverMultistepScheduler on the model's own betas, fed the model's
+    (clipped) x0_hat as a data prediction, at the schedule's timesteps: [n, C, H, W] on ``levels``."""
+    scheduler = dpmpp_scheduler(model)
+
+    def run(schedule: Schedule, draw: Draw) -> Tensor:
+        x = draw()
+        scheduler.set_timesteps(timesteps=schedule.to_diffusers_timesteps())
+        for index in scheduler.timesteps.tolist():
+            x0_hat = model.predict(x, index + 1).x0_hat
+            x = scheduler.step(x0_hat, index, x).prev_sample
+        return quantize(x, model.levels).float()
+
+    return _batched(model, schedule, n, generator, batch_size, noise, run)
+
+
+def dpmpp_scheduler(model: "DiffusionModel"):
+    """diffusers' DPMSolverMultistepScheduler for this model: its betas, data prediction, second order, final sigma 0."""
+    try:
+        from diffusers import DPMSolverMultistepScheduler  # optional: only this sampler needs diffusers
+    except ImportError:
+        raise ValueError("the dpmpp sampler needs diffusers: pip install 'ddpm-schedules[diffusers]', or use eval.samplers=[ancestral,ddim]") from None
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=model.T, trained_betas=model.schedule.betas.numpy(), prediction_type="sample",
+        algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
+    )  # fmt: skip
+
+
+def check_eta(eta: float, key: str = "eta") -> None:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"{key} = {eta!r}; DDIM's eta must be a number >= 0 (0 = deterministic, 1 = DDPM-like noise)")
+
+
+SAMPLERS = {"ancestral": sample_ancestral, "ddim": sample_ddim, "dpmpp": sample_dpmpp}
+
+
+def check_samplers(names: Sequence[str], key: str = "eval.samplers") -> list[str]:
+    """Sampler names checked before any work (dpmpp also checks that diffusers is installed)."""
+    names = list(names)
+    if not names:
+        raise ValueError(f"{key} is empty; use e.g. [ancestral, ddim]")
+    for name in names:
+        if name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {name!r} in {key}; use {', '.join(SAMPLERS)}")
+    if "dpmpp" in names:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            raise ValueError(f"{key} has dpmpp, which needs diffusers: pip install 'ddpm-schedules[diffusers]'") from None
+    return names

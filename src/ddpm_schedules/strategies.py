@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar, Mapping, Sequence
 
 from .dp import optimal_schedules
 from .schedules import (
@@ -26,10 +26,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Strategy:
-    """A way to choose a schedule for each budget K; ``fixed`` strategies ignore K."""
+    """A way to choose a schedule for each budget K; ``fixed`` strategies ignore K.
+
+    ``objective`` names the cost matrix it is built from (None: it needs none).
+    """
 
     name: str
     fixed: ClassVar[bool] = False
+    objective: ClassVar[str | None] = None
 
     def build(self, cost_matrix: "CostMatrix", K: int) -> Schedule:
         raise NotImplementedError
@@ -41,14 +45,35 @@ class Strategy:
 
 @dataclass(frozen=True)
 class OptimalStrategy(Strategy):
-    """Watson et al.'s DP on the cost matrix: the schedule with the least predicted cost for each K."""
+    """Watson et al.'s DP on a cost matrix: the schedule with the least cost for each K."""
 
     def build(self, cost_matrix: "CostMatrix", K: int) -> Schedule:
         return self.build_all(cost_matrix, [K])[0]
 
     def build_all(self, cost_matrix: "CostMatrix", budgets: Sequence[int]) -> list[Schedule]:
         by_k = optimal_schedules(cost_matrix, budgets)  # one DP pass serves every budget
-        return [replace(by_k[K], strategy=self.name) if self.name != "dp" else by_k[K] for K in budgets]
+        return [replace(by_k[K], strategy=self.name) for K in budgets]
+
+
+@dataclass(frozen=True)
+class ElboStrategy(OptimalStrategy):
+    """``dp``: the ELBO-optimal schedules (Watson et al.)."""
+
+    objective: ClassVar[str] = "elbo"
+
+
+@dataclass(frozen=True)
+class MseStrategy(OptimalStrategy):
+    """``dp_mse``: the paper's MSE reweighting, (t - s) ||x_0 - x0_hat(x_t, t)||^2."""
+
+    objective: ClassVar[str] = "mse"
+
+
+@dataclass(frozen=True)
+class OdeStrategy(OptimalStrategy):
+    """``dp_ode``: the least deviation of one-step DDIM jumps from a DDIM teacher (GITS)."""
+
+    objective: ClassVar[str] = "ode"
 
 
 @dataclass(frozen=True)
@@ -94,7 +119,7 @@ def from_file(path: str, T: int) -> FixedStrategy:
     return FixedStrategy(name, schedules=tuple(out))
 
 
-STRATEGIES = {"dp": OptimalStrategy, "even": EvenStrategy, "quadratic": QuadraticStrategy}
+STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, "even": EvenStrategy, "quadratic": QuadraticStrategy}
 PREFIXED = {"respace": respace, "file": from_file}
 
 
@@ -117,6 +142,17 @@ def parse_strategies(names: Sequence[str], T: int, key: str = "eval.strategies")
     return [parse_strategy(n, T, key) for n in names]
 
 
-def build_schedules(strategies: Sequence[Strategy], cost_matrix: "CostMatrix", budgets: Sequence[int]) -> list[Schedule]:
-    """Every (strategy, K) schedule, strategy by strategy in the order given."""
-    return [sch for s in strategies for sch in s.build_all(cost_matrix, budgets)]
+def build_schedules(strategies: Sequence[Strategy], matrices: "CostMatrix | Mapping[str, CostMatrix]", budgets: Sequence[int]) -> list[Schedule]:
+    """Every (strategy, K) schedule, strategy by strategy in the order given; each DP runs on its objective's matrix."""
+    if not isinstance(matrices, Mapping):
+        matrices = {matrices.objective: matrices}
+    missing = sorted({s.objective for s in strategies if s.objective and s.objective not in matrices})
+    if missing:
+        raise ValueError(f"no {', '.join(missing)} cost matrix for strategies {[s.name for s in strategies if s.objective in missing]}")
+    some = next(iter(matrices.values()))
+    return [sch for s in strategies for sch in s.build_all(matrices[s.objective] if s.objective else some, budgets)]
+
+
+def objectives_of(strategies: Sequence[Strategy]) -> list[str]:
+    """The cost matrices the strategies need, ELBO first (it also gives every schedule's predicted bits/dim)."""
+    return ["elbo"] + sorted({s.objective for s in strategies if s.objective and s.objective != "elbo"})

@@ -1,0 +1,86 @@
+"""DDIM and DPM-Solver++(2M) along schedules, against loops written out from their papers."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from ddpm_schedules import Schedule, even_schedule, full_schedule
+from ddpm_schedules.sampling import SAMPLERS, check_samplers, quantize, sample_ddim, sample_dpmpp
+
+
+@torch.no_grad()
+def plain_ddim(model, x_T, timesteps, eta=0.0, draws=()):
+    """improved-diffusion's ddim_sample loop: sigma = eta sqrt((1 - ab_prev)/(1 - ab) (1 - ab/ab_prev))."""
+    ab, x, draws = model.schedule.ab, x_T.double(), iter(draws)
+    for t, s in zip(reversed(timesteps), list(reversed(timesteps))[1:] + [0]):
+        x0 = model.predict(x, t).x0_hat
+        eps = (x - ab[t].sqrt() * x0) / (1 - ab[t]).sqrt()
+        sigma = eta * ((1 - ab[s]) / (1 - ab[t]) * (1 - ab[t] / ab[s])).sqrt()
+        x = ab[s].sqrt() * x0 + (1 - ab[s] - sigma**2).sqrt() * eps
+        if s > 0 and eta > 0:
+            x = x + sigma * next(draws).double()
+    return quantize(x, model.levels).float()
+
+
+@pytest.mark.parametrize("var_type", ["fixed_large", "learned_range"])
+def test_ddim_along_the_full_chain_equals_a_plain_ddim_loop(var_type):
+    model = tiny_model(var_type, T=15)
+    x_T = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = sample_ddim(model, full_schedule(15), 6, noise=[x_T])
+    torch.testing.assert_close(got, plain_ddim(model, x_T, list(range(1, 16))), rtol=0, atol=0)
+
+
+def test_ddim_with_eta_draws_the_posterior_noise():
+    model = tiny_model("fixed_small", T=15)
+    sch = Schedule((2, 7, 11, 15), 15)
+    gen = torch.Generator().manual_seed(1)
+    draws = [torch.randn(5, 1, 4, 4, generator=gen, dtype=torch.float64) for _ in range(4)]
+    got = sample_ddim(model, sch, 5, noise=draws, eta=0.7)
+    torch.testing.assert_close(got, plain_ddim(model, draws[0], [2, 7, 11, 15], eta=0.7, draws=draws[1:]), rtol=0, atol=0)
+    assert not torch.equal(got, sample_ddim(model, sch, 5, noise=draws[:1]))  # eta = 0 ignores the extra draws
+
+
+@torch.no_grad()
+def plain_dpm_solver_pp_2m(model, x_T, timesteps):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in log-SNR time: first order at the first step, second order
+    after, and the last evaluation jumps to sigma = 0 (x_0 = x0_hat); x0 predictions are the model's x0_hat."""
+    ab = model.schedule.ab
+    alpha, sigma = (lambda t: ab[t].sqrt()), (lambda t: (1 - ab[t]).sqrt())
+    lam = lambda t: torch.log(alpha(t) / sigma(t))  # noqa: E731
+    ts = list(reversed(timesteps))
+    x, prev_x0, prev_h = x_T.double(), None, None
+    for i, t in enumerate(ts):
+        x0 = model.predict(x, t).x0_hat
+        if i == len(ts) - 1:  # to sigma = 0: x_0 = x0_hat
+            return quantize(x0, model.levels).float()
+        s = ts[i + 1]
+        h = lam(s) - lam(t)
+        r = None if prev_x0 is None else prev_h / h
+        D = x0 if r is None else (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev_x0
+        x = sigma(s) / sigma(t) * x - alpha(s) * torch.expm1(-h) * D
+        prev_x0, prev_h = x0, h
+    raise AssertionError
+
+
+def test_dpmpp_along_a_schedule_equals_dpm_solver_pp_2m_written_out():
+    pytest.importorskip("diffusers")
+    model = tiny_model("learned_range", T=50, schedule="linear", levels=256)
+    x_T = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for sch in (even_schedule(50, 6), Schedule((1, 3, 8, 20, 33, 41, 50), 50)):
+        got = sample_dpmpp(model, sch, 64, noise=[x_T])
+        # diffusers keeps alpha_bar in float32; on the 256-level grid the samples still agree exactly
+        assert torch.equal(got, plain_dpm_solver_pp_2m(model, x_T, list(sch.timesteps)))
+        assert not torch.equal(got, sample_ddim(model, sch, 64, noise=[x_T]))  # second order is not DDIM
+
+
+def test_sampler_names_and_eta_are_checked():
+    assert list(SAMPLERS) == ["ancestral", "ddim", "dpmpp"]
+    with pytest.raises(ValueError, match="unknown sampler 'euler' in eval.samplers; use ancestral, ddim, dpmpp"):
+        check_samplers(["ddim", "euler"])
+    with pytest.raises(ValueError, match="eval.samplers is empty"):
+        check_samplers([])
+    with pytest.raises(ValueError, match="eta = -0.5; DDIM's eta must be a number >= 0"):
+        sample_ddim(tiny_model("fixed_large", T=5), even_schedule(5, 2), 1, eta=-0.5)
+    assert math.isfinite(float(sample_ddim(tiny_model("fixed_large", T=5), even_schedule(5, 2), 2).sum()))

@@ -19,7 +19,8 @@ TINY = dict(
 )  # fmt: skip
 # evaluate.py sized for tests: synthetic 8x8 data, budgets 2 and 4, 16 examples everywhere
 SMALL = ["data=synthetic", "eval.budgets=[2,4]", "cost.examples=16", "eval.examples=16", "fid.samples=16",
-         "fid.reference_examples=16", "sample.grid_size=4", "batch_size=8"]  # fmt: skip
+         "fid.reference_examples=16", "sample.grid_size=4", "sample.chunk=8", "batch_size=8", "eval.sample_budgets=[2]",
+         "eval.teacher_samples=4", "fid.bootstrap=5", "cost.ode.trajectories=4", "cost.ode.grid=null"]  # fmt: skip
 
 
 def save_tiny_checkpoint(path: Path, flags: dict | None = None, state: dict | None = None, seed: int = 0) -> Path:

@@ -28,38 +28,40 @@ def test_end_to_end_files_schema_wandb_and_cache(tmp_path, tiny_ckpt, monkeypatc
     assert set(saved["model"]) >= {"source", "path", "T", "mean_type", "var_type"}
     assert set(saved["data"]) >= {"name", "levels", "dims", "cost_split", "cost_examples", "eval_split", "eval_examples"}
     assert set(saved["cost_matrix"]) >= {"grid_size", "seconds", "file"} and set(saved["full_chain"]) == {"K", "bpd", "bpd_sem"}
-    assert set(saved["fid"]) == {"features", "reference_split", "reference_examples", "samples"} and "not FID" in saved["fid"]["features"]
+    assert set(saved["fid"]) >= {"features", "reference_split", "reference_examples", "samples", "bootstrap", "samplers"}
+    assert "not FID" in saved["fid"]["features"]
     rows = {(r["strategy"], r["K"]) for r in saved["results"]}
     assert rows == {("dp", 2), ("dp", 4), ("even", 2), ("even", 4), ("quadratic", 2), ("quadratic", 4), ("respace:5", 5), ("file:mine", 3)}
     for r in saved["results"]:
         assert set(r) >= {"strategy", "K", "schedule", "bpd", "bpd_sem", "predicted_bpd", "fid", "terms_bpd"}
-        assert len(r["terms_bpd"]) == r["K"] and r["fid"] > 0
+        assert len(r["terms_bpd"]) == r["K"] and (r["fid"] is None) == (r["K"] == 4)  # sampled at eval.sample_budgets = [2]
         assert sum(r["terms_bpd"]) < r["bpd"]  # plus the prior
-    for name in ("results.md", "bpd_vs_K.png", "cost_matrix.png", "schedules.png"):
+    quality = {(q["strategy"], q["K"], q["sampler"]): q for q in saved["sample_quality"]}
+    assert set(quality) == {(n, k, s) for n, k in rows - {("dp", 4), ("even", 4), ("quadratic", 4)} for s in ("ancestral", "ddim")}
+    for (name, K, sampler), q in quality.items():
+        assert q["fid"] > 0 and q["fid_sem"] > 0 and (q["teacher_distance"] is not None) == (sampler == "ddim")
+    for name in ("results.md", "bpd_vs_K.png", "cost_matrix.png", "schedules.png", "fd_vs_K_ancestral.png", "fd_vs_K_ddim.png"):
         assert (run / name).is_file(), name
-    assert len(list((run / "samples").glob("*.png"))) == 8
+    assert {p.stem for p in (run / "samples").glob("*.png")} == {f"{n}_{s}_K{k}".replace(":", "_") for n, k, s in quality}
     # schedule exports round-trip and carry the diffusers form
     dp4 = Schedule.from_json((run / "schedules" / "dp_K4.json").read_text())
     assert list(dp4.timesteps) == next(r["schedule"] for r in saved["results"] if r["strategy"] == "dp" and r["K"] == 4)
     assert json.loads((run / "schedules" / "dp_K4.json").read_text())["diffusers_timesteps"] == [t - 1 for t in reversed(dp4.timesteps)]
-    # the W&B offline run holds the results table
-    tables = list((run / "wandb").glob("offline-run-*/files/media/table/results_*.table.json"))
-    assert len(tables) == 1
-    table = json.loads(tables[0].read_text())
-    assert table["columns"][:3] == ["strategy", "K", "bpd"] and len(table["data"]) == len(saved["results"])
-    # a rerun takes the cached matrix: no forward pass for it
-    import ddpm_schedules.cost_matrix as cost_matrix
+    # the W&B offline run holds the results and sample-quality tables and the fid/<strategy>/<sampler>/K<K> keys
+    tables = {t.name.split("_")[0]: t for t in (run / "wandb").glob("offline-run-*/files/media/table/*.table.json")}
+    results_table = json.loads(next(t for n, t in tables.items() if n == "results").read_text())
+    assert results_table["columns"][:3] == ["strategy", "K", "bpd"] and len(results_table["data"]) == len(saved["results"])
+    quality_table = json.loads(tables["sample"].read_text())
+    assert quality_table["columns"][:4] == ["strategy", "K", "sampler", "fid"] and len(quality_table["data"]) == len(quality)
+    # a rerun takes the cached matrix and the cached reference statistics: no forward pass for either
+    import ddpm_schedules.frechet as frechet
+    import ddpm_schedules.run as run_module
 
-    monkeypatch.setattr(cost_matrix, "estimate_cost_matrix", lambda *a, **k: pytest.fail("the cost matrix was recomputed"))
-    import torchmetrics.image.fid as tm_fid
-
-    real_updates = []
-    original_update = tm_fid.FrechetInceptionDistance.update
-    monkeypatch.setattr(tm_fid.FrechetInceptionDistance, "update", lambda self, x, real: real_updates.append(real) or original_update(self, x, real))
-    again = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none"))
+    monkeypatch.setattr(run_module, "estimate_cost_matrices", lambda *a, **k: pytest.fail("the cost matrix was recomputed"))
+    monkeypatch.setattr(frechet, "gather_rows", lambda *a, **k: pytest.fail("the reference statistics were recomputed"))
+    again = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", f"eval.strategies=[dp,even,quadratic,respace:5,file:{tmp_path / 'mine.json'}]"))
     assert again["cost_matrix"]["cached"] is True
-    assert real_updates and not any(real_updates)  # the reference statistics came from the cache too
-    assert [r["fid"] for r in again["results"][:6]] == pytest.approx([r["fid"] for r in saved["results"][:6]], rel=1e-9)
+    assert [q["fid"] for q in again["sample_quality"]] == pytest.approx([q["fid"] for q in saved["sample_quality"]], rel=1e-9)
     assert [r["schedule"] for r in again["results"] if r["strategy"] == "dp"] == [r["schedule"] for r in saved["results"] if r["strategy"] == "dp"]
 
 
@@ -124,3 +126,10 @@ def test_launcher_configs_compose(launcher):
     assert "_target_" in cfg.hydra.launcher
     if launcher == "slurm_ddp":
         assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
+
+
+def test_csv_logger_gets_the_per_sampler_keys(tmp_path, tiny_ckpt):
+    evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=csv", "eval.strategies=[dp,dp_mse,dp_ode,even]"))
+    header = next((tmp_path / "run" / "csv").glob("*/metrics.csv")).read_text().splitlines()[0].split(",")
+    for key in ("bpd/dp_ode/K4", "fid/dp_mse/ancestral/K2", "fid/dp_ode/ddim/K2", "fid_sem/even/ddim/K2", "teacher_distance/dp_ode/ddim/K2"):
+        assert key in header, key

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import quantized_data, tiny_model
 from ddpm_schedules import estimate_cost_matrix, evaluate_schedules, optimal_schedules
-from ddpm_schedules.run import EvaluationResult, Labels, SampleSettings, run_evaluation
+from ddpm_schedules.quality import QualitySettings
+from ddpm_schedules.run import EvaluationResult, Labels, run_evaluation
 from ddpm_schedules.strategies import parse_strategies
 
 
@@ -15,7 +16,7 @@ def test_stages_compose_into_the_results_of_the_library_calls(tmp_path):
     cost_data, eval_data = quantized_data(10, seed=1), quantized_data(8, seed=2)
     result = run_evaluation(
         model, cost_data, eval_data, grid=None, budgets=[2, 4], strategies=parse_strategies(["dp", "even"], 12), out_dir=tmp_path / "out",
-        cache_dir=tmp_path / "cache", cost_seed=3, eval_seed=4, full_chain=False, batch_size=4, sample=SampleSettings(grid_size=4, chunk=2),
+        cache_dir=tmp_path / "cache", cost_seed=3, eval_seed=4, full_chain=False, batch_size=4, sample_budgets=[2], quality=QualitySettings(samples=4, grid_size=4, chunk=2),
         labels=Labels("python", "", "quantized", "val", "test"),
     )  # fmt: skip
     assert isinstance(result, EvaluationResult) and result.full_chain is None
@@ -28,12 +29,13 @@ def test_stages_compose_into_the_results_of_the_library_calls(tmp_path):
     assert [r["predicted_bpd"] for r in result.results[:2]] == pytest.approx([cm.bpd(s.predicted_nats) for s in dp.values()], rel=1e-13)
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     assert doc == json.loads(json.dumps(result.to_json()))
-    assert set(doc) == {"model", "data", "cost_matrix", "full_chain", "fid", "results", "timings"}
-    assert doc["fid"] == {"features": None, "reference_split": None, "reference_examples": None, "samples": None}
-    assert [tuple(s.shape) for s in result.samples.values()] == [(4, 1, 4, 4)] * 4
+    assert set(doc) == {"model", "data", "cost_matrix", "full_chain", "fid", "results", "sample_quality", "timings"}
+    assert doc["fid"]["features"] is None and [q["fid"] for q in doc["sample_quality"]] == [None] * 4
+    assert [(q["strategy"], q["sampler"]) for q in doc["sample_quality"]] == [("dp", "ancestral"), ("even", "ancestral"), ("dp", "ddim"), ("even", "ddim")]
+    assert [tuple(g.shape) for g in result.grids.values()] == [(4, 1, 4, 4)] * 4
     again = run_evaluation(
         model, cost_data, eval_data, grid=None, budgets=[2, 4], strategies=parse_strategies(["dp", "even"], 12), out_dir=tmp_path / "out2",
-        cache_dir=tmp_path / "cache", cost_seed=3, eval_seed=4, batch_size=4, sample=SampleSettings(grid_size=4, chunk=2),
+        cache_dir=tmp_path / "cache", cost_seed=3, eval_seed=4, batch_size=4, sample_budgets=[2], quality=QualitySettings(samples=4, grid_size=4, chunk=2),
         labels=Labels("python", "", "quantized", "val", "test"),
     )  # fmt: skip
     assert again.cost_matrix["cached"] and [r["schedule"] for r in again.results] == [r["schedule"] for r in result.results]

@@ -24,7 +24,6 @@ from .schedules import Schedule
 from .storage import data_fingerprint, load_checked, model_fingerprint, save_checked
 from .terms import pair_tables, pair_terms, prior_nats
 
-
 OBJECTIVES = ("elbo", "mse", "ode")  # the pair costs a DP can run on (ode: see ode.py)
 
 

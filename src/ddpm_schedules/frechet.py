@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 
 from .storage import load_checked, save_checked
 
@@ -85,6 +87,78 @@ def fid_feature_extractor(features: str, digits_weights: str | None = None, ince
     raise ValueError(f"unknown fid.features {features!r}; use one of {FEATURE_KINDS}")
 
 
+def feature_network(features: str = "digits", digits_weights: str | None = None, inception_weights: str | None = None,
+                    antialias: bool = False) -> Callable[[Tensor], Tensor]:
+    """x in [-1, 1] -> [n, F] float64 features of torchmetrics' FrechetInceptionDistance extractor.
+
+    ``features="inception"`` is FID proper (Inception-v3 pool3 of uint8 RGB, ``antialias=False`` for
+    numbers comparable with the literature); ``"digits"`` uses the digits classifier's features.
+    """
+    extractor = fid_feature_extractor(features, digits_weights, inception_weights)
+    if extractor is not None:
+        net = FrechetInceptionDistance(feature=extractor).inception
+        return lambda x: net(x.float()).double()
+    net = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=inception_weights, antialias=antialias).inception
+
+    def inception(x: Tensor) -> Tensor:
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).double()
+
+    return inception
+
+
+@torch.no_grad()
+def features_of(network: Callable[[Tensor], Tensor], images: Tensor, batch_size: int = 200) -> Tensor:
+    """[n, F] float64 features of n images, in batches."""
+    return torch.cat([network(chunk) for chunk in images.split(batch_size)])
+
+
+def moments(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased covariance of feature rows, as torchmetrics' FrechetInceptionDistance forms them."""
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {n}; raise fid.samples")
+    mean = features.mean(0)
+    return mean, (features.T @ features - n * torch.outer(mean, mean)) / (n - 1)
+
+
+def frechet_distance(reference: tuple[Tensor, Tensor], features: Tensor, bootstrap: int = 0, seed: int = 0) -> tuple[float, float | None]:
+    """The Fréchet distance of feature rows to the reference moments, and its bootstrap standard error
+    (the spread over ``bootstrap`` resamples of the rows with replacement; None below 2 resamples)."""
+    mu, cov = reference
+    fd = float(_compute_fid(mu, cov, *moments(features)))
+    if bootstrap < 2:
+        return fd, None
+    gen = torch.Generator().manual_seed(seed)
+    n = features.shape[0]
+    draws = [float(_compute_fid(mu, cov, *moments(features[torch.randint(n, (n,), generator=gen)]))) for _ in range(bootstrap)]
+    return fd, float(torch.tensor(draws, dtype=torch.float64).std())
+
+
+def reference_moments(network: Callable[[Tensor], Tensor], reference: Tensor, cache: str | Path | None = None) -> tuple[Tensor, Tensor]:
+    """Moments of the reference images' features (every process's shard); with ``cache`` (a file) computed once."""
+    cache = Path(cache) if cache else None
+    if cache is not None and cache.is_file():
+        try:
+            saved = load_checked(cache)
+            return saved["mean"], saved["cov"]
+        except (ValueError, KeyError, TypeError):
+            pass  # damaged: compute again
+    mean, cov = moments(gather_rows(features_of(network, reference)))
+    if cache is not None:
+        save_checked({"mean": mean, "cov": cov}, cache)
+    return mean, cov
+
+
+def gather_rows(rows: Tensor) -> Tensor:
+    """The rows of every process in rank order (torch.distributed), or ``rows`` in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows.cpu())
+    return torch.cat(parts).to(rows.device)
+
+
 def frechet_distances(
     reference: Tensor,
     fakes: dict,
@@ -92,53 +166,9 @@ def frechet_distances(
     digits_weights: str | None = None,
     inception_weights: str | None = None,
     antialias: bool = False,
-    batch_size: int = 100,
     reference_cache: str | None = None,
 ) -> dict:
-    """Fréchet distance of each set of samples (values in [-1, 1]) to ``reference``, with torchmetrics.
-
-    ``features="inception"`` is FID proper (Inception-v3 pool3, uint8 RGB, ``antialias=False`` for
-    numbers comparable with the literature); ``"digits"`` uses the digits classifier's features.
-    Reference statistics are computed once and kept across the sets; with ``reference_cache`` (a
-    file path) they are saved there and reused by later runs.
-    """
-    extractor = fid_feature_extractor(features, digits_weights, inception_weights)
-    if extractor is not None:
-        fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
-        prepare = lambda x: x.float()  # noqa: E731
-    else:
-        fid = FrechetInceptionDistance(feature=2048, reset_real_features=False, feature_extractor_weights_path=inception_weights, antialias=antialias)
-
-        def prepare(x: Tensor) -> Tensor:
-            x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-    real_states = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
-    cache = Path(reference_cache) if reference_cache else None
-    saved = _load_reference_stats(cache, real_states)
-    if saved is not None:
-        for name, value in saved.items():
-            setattr(fid, name, value)
-    else:
-        for chunk in reference.split(batch_size):
-            fid.update(prepare(chunk), real=True)
-        if cache is not None:
-            save_checked({name: getattr(fid, name) for name in real_states}, cache)
-    out = {}
-    for key, samples in fakes.items():
-        fid.reset()  # keeps the reference features (reset_real_features=False)
-        for chunk in samples.split(batch_size):
-            fid.update(prepare(chunk), real=False)
-        out[key] = float(fid.compute())
-    return out
-
-
-def _load_reference_stats(cache: Path | None, names: tuple[str, ...]) -> dict[str, Tensor] | None:
-    """Cached reference statistics, or None when there are none or the file is damaged (then they are recomputed)."""
-    if cache is None or not cache.is_file():
-        return None
-    try:
-        saved = load_checked(cache)
-    except ValueError:
-        return None
-    return saved if isinstance(saved, dict) and set(saved) == set(names) else None
+    """Fréchet distance of each set of samples (values in [-1, 1]) to ``reference`` (`frechet_distance`, no bootstrap)."""
+    network = feature_network(features, digits_weights, inception_weights, antialias)
+    ref = reference_moments(network, reference, reference_cache)
+    return {key: frechet_distance(ref, features_of(network, samples))[0] for key, samples in fakes.items()}

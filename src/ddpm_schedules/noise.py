@@ -6,6 +6,8 @@ not depend on batch size, on how examples are split across processes, or on a re
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
@@ -50,6 +52,25 @@ def example_noise(seed: int, start: int, count: int, t: int, shape: tuple[int, .
 def shard(n: int, rank: int, world: int) -> tuple[int, int]:
     """The contiguous slice [lo, hi) of n examples that process ``rank`` of ``world`` takes; its lo is its start_index."""
     return rank * n // world, (rank + 1) * n // world
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among ``world`` processes (one by default): how it shares examples and chunks."""
+
+    rank: int = 0
+    world: int = 1
+
+    def shard(self, n: int) -> tuple[int, int]:
+        return shard(n, self.rank, self.world)
+
+    def chunks(self, n: int, chunk: int) -> list[int]:
+        """The chunks of n samples this process draws (round robin over processes)."""
+        return list(range(self.rank, math.ceil(n / chunk), self.world))
+
+    @property
+    def partial_suffix(self) -> str:
+        return f".rank{self.rank}.partial.pt" if self.world > 1 else ".partial.pt"
 
 
 def indexed_batches(

@@ -24,15 +24,11 @@ from .cli import user_error
 from .cost_matrix import candidate_grid, full_grid
 from .frechet import fid_feature_extractor
 from .lightning.data import ImageDataModule
+from .noise import Processes
+from .quality import QualitySettings
 from .resume import Preempted
-from .run import (
-    FrechetSettings,
-    Labels,
-    Processes,
-    ResumeSettings,
-    SampleSettings,
-    run_evaluation,
-)
+from .run import FrechetSettings, Labels, OdeSettings, ResumeSettings, run_evaluation
+from .sampling import check_eta, check_samplers
 from .schedules import check_budgets
 from .strategies import parse_strategies
 
@@ -127,22 +123,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
 # --- evaluate.py ------------------------------------------------------------------------------
 
 _ABSENT = object()
-# every count a user types: a positive integer, or null where null means "all of the split"
+# every count a user types: a positive integer, or null where null means "all of the split" (all) or "none" (none)
 COUNTS = {
-    "cost.examples": True, "eval.examples": True, "fid.reference_examples": True, "fid.samples": False, "sample.grid_size": False,
-    "sample.chunk": False, "batch_size": False, "data.batch_size": False, "data.eval_batch_size": True,
-    "resume.every_columns": False, "resume.every_batches": False,
+    "cost.examples": "all", "eval.examples": "all", "fid.reference_examples": "all", "fid.samples": None, "sample.grid_size": None,
+    "sample.chunk": None, "batch_size": None, "data.batch_size": None, "data.eval_batch_size": "all",
+    "resume.every_columns": None, "resume.every_batches": None, "cost.ode.trajectories": None, "eval.teacher_samples": "none",
+    "fid.bootstrap": "none",
 }  # fmt: skip
 
 
 def check_counts(cfg: DictConfig) -> None:
-    """Every count key is a positive integer (or null where it means all); resume.every_seconds a positive number."""
-    for key, null_means_all in COUNTS.items():
+    """Every count key is a positive integer (or null where it means all or none); resume.every_seconds a positive number."""
+    for key, null_means in COUNTS.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is _ABSENT or (value is None and null_means_all):
+        if value is _ABSENT or (value is None and null_means):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            allowed = "a positive integer or null (all)" if null_means_all else "a positive integer"
+            allowed = f"a positive integer or null ({null_means})" if null_means else "a positive integer"
             raise ValueError(f"{key} = {value!r}; it must be {allowed}")
     seconds = OmegaConf.select(cfg, "resume.every_seconds", default=None)
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0):
@@ -160,8 +157,36 @@ def frechet_settings(cfg: DictConfig) -> FrechetSettings | None:
     if not cfg.fid.enabled:
         return None
     fid_feature_extractor(cfg.fid.features, cfg.fid.digits_weights, cfg.fid.inception_weights)
-    keys = ("features", "digits_weights", "inception_weights", "antialias", "samples", "reference_split")
+    keys = ("features", "digits_weights", "inception_weights", "antialias", "reference_split")
     return FrechetSettings(**{k: cfg.fid[k] for k in keys})
+
+
+def quality_settings(cfg: DictConfig) -> QualitySettings:
+    """Samplers, DDIM's eta and sample counts, checked before any heavy work."""
+    samplers = check_samplers(list(cfg.eval.samplers))
+    check_eta(cfg.eval.ddim_eta, "eval.ddim_eta")
+    samples = cfg.fid.samples if cfg.fid.enabled else cfg.sample.grid_size
+    teacher = cfg.eval.teacher_samples or 0
+    if teacher > samples:
+        raise ValueError(f"eval.teacher_samples = {teacher} exceeds the {samples} samples drawn per schedule; lower it or raise fid.samples")
+    return QualitySettings(tuple(samplers), float(cfg.eval.ddim_eta), samples, cfg.sample.grid_size, cfg.sample.chunk, cfg.sample.seed,
+                           teacher, cfg.fid.bootstrap or 0)  # fmt: skip
+
+
+def schedule_inputs(cfg: DictConfig, T: int) -> tuple[list[int] | None, list[int], list[int], list, OdeSettings]:
+    """(cost grid, budgets, sample budgets, strategies, ode settings), each checked against the grids it needs."""
+    spec = lambda node: OmegaConf.to_container(node) if OmegaConf.is_config(node) else node  # noqa: E731
+    grid = candidate_grid(spec(cfg.cost.grid), T)
+    strategies = parse_strategies(list(cfg.eval.strategies), T)
+    ode = OdeSettings(cfg.cost.ode.trajectories, spec(cfg.cost.ode.grid), float(cfg.cost.ode.memory_gb))
+    sizes = {"the cost grid's size": full_grid(grid, T).numel() - 1}
+    if any(s.objective == "ode" for s in strategies):
+        ode_grid = candidate_grid(ode.grid, T, "cost.ode.grid") if ode.grid is not None else grid
+        sizes["the size of cost.ode.grid"] = full_grid(ode_grid, T).numel() - 1
+    name, limit = min(sizes.items(), key=lambda kv: kv[1])
+    budgets = check_budgets(list(cfg.eval.budgets), limit, "eval.budgets", name)
+    sample_budgets = check_budgets(list(cfg.eval.sample_budgets), limit, "eval.sample_budgets", name) if cfg.eval.sample_budgets else []
+    return grid, budgets, sample_budgets, strategies, ode
 
 
 def launch_processes(cfg: DictConfig) -> Processes:
@@ -214,19 +239,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """
     try:
         check_counts(cfg)
-        fid = frechet_settings(cfg)
+        fid, quality = frechet_settings(cfg), quality_settings(cfg)
         procs = launch_processes(cfg)
         model = build(cfg.model).to(device_for(procs))
         datamodule, cost_data, eval_data, reference = evaluation_data(cfg, model, procs)
-        grid = candidate_grid(OmegaConf.to_container(cfg.cost.grid) if OmegaConf.is_config(cfg.cost.grid) else cfg.cost.grid, model.T)
-        budgets = check_budgets(list(cfg.eval.budgets), full_grid(grid, model.T).numel() - 1, "eval.budgets", "the cost grid's size")
-        strategies = parse_strategies(list(cfg.eval.strategies), model.T)
+        grid, budgets, sample_budgets, strategies, ode = schedule_inputs(cfg, model.T)
         source, path = model_labels(cfg)
         result = run_evaluation(
             model, cost_data, eval_data, grid=grid, budgets=budgets, strategies=strategies, out_dir=cfg.paths.output_dir,
-            cache_dir=cfg.cache_dir, cost_seed=cfg.cost.seed, eval_seed=cfg.eval.seed, full_chain=cfg.eval.full_chain,
-            batch_size=cfg.batch_size, fid=fid, reference=reference, sample=SampleSettings(**cfg.sample), resume=ResumeSettings(**cfg.resume),
-            procs=procs, labels=Labels(source, path, type(datamodule).__name__, cfg.cost.split, cfg.eval.split),
+            cache_dir=cfg.cache_dir, sample_budgets=sample_budgets, cost_seed=cfg.cost.seed, eval_seed=cfg.eval.seed,
+            full_chain=cfg.eval.full_chain, batch_size=cfg.batch_size, quality=quality, fid=fid, reference=reference, ode=ode,
+            resume=ResumeSettings(**cfg.resume), procs=procs, labels=Labels(source, path, type(datamodule).__name__, cfg.cost.split, cfg.eval.split),
             logger=build_logger(cfg) if procs.rank == 0 else None,
         )  # fmt: skip
         if procs.rank != 0:

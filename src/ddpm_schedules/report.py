@@ -74,22 +74,51 @@ def figure_array(fig: Figure) -> np.ndarray:
 
 
 def results_table(doc: dict[str, Any]) -> str:
-    """Markdown table: rows = strategy, columns = K, cells = bits/dim (and the Fréchet distance)."""
-    rows: dict[str, dict[int, str]] = {}
-    for r in doc["results"]:
-        cell = f"{r['bpd']:.3f}" + (f" / {r['fid']:.2f}" if r.get("fid") is not None else "")
-        rows.setdefault(r["strategy"], {})[r["K"]] = cell
+    """Markdown: bits/dim (± standard error) per strategy and K, then one Fréchet-distance table per sampler."""
     ks = sorted({r["K"] for r in doc["results"]})
-    fid_name = doc["fid"]["features"]
-    lines = [f"bits/dim on {doc['data']['eval_split']} ({doc['data']['eval_examples']} examples)"
-             + (f" / Fréchet distance, {fid_name}" if fid_name else "")]  # fmt: skip
-    lines += ["", "| strategy | " + " | ".join(f"K={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-    for name, by_k in rows.items():
-        lines.append(f"| {name} | " + " | ".join(by_k.get(k, "") for k in ks) + " |")
+    lines = [f"bits/dim on {doc['data']['eval_split']} ({doc['data']['eval_examples']} examples), ancestral sampling's ELBO", ""]
+    lines += _table({(r["strategy"], r["K"]): f"{r['bpd']:.3f} ± {r['bpd_sem']:.3f}" for r in doc["results"]}, ks)
     if doc.get("full_chain"):
         fc = doc["full_chain"]
         lines += ["", f"full chain (K = {fc['K']}): {fc['bpd']:.3f} ± {fc['bpd_sem']:.3f} bits/dim"]
+    quality = doc.get("sample_quality") or []
+    fid = doc["fid"]
+    for sampler in dict.fromkeys(q["sampler"] for q in quality):
+        rows = [q for q in quality if q["sampler"] == sampler]
+        if fid["features"]:
+            eta = f", eta = {fid['ddim_eta']}" if sampler == "ddim" else ""
+            lines += ["", f"Fréchet distance ± bootstrap standard error, {sampler} sampler{eta}: {fid['samples']} samples against "
+                      f"{fid['reference_examples']} {fid['reference_split']} images, {fid['features']}", ""]  # fmt: skip
+            cells = {(q["strategy"], q["K"]): f"{q['fid']:.2f}" + (f" ± {q['fid_sem']:.2f}" if q["fid_sem"] is not None else "") for q in rows}
+            lines += _table(cells, sorted({q["K"] for q in rows}))
+        if any(q["teacher_distance"] is not None for q in rows):
+            lines += ["", f"mean L2 distance of {sampler} samples to the {fid['teacher']['steps']}-step DDIM teacher's from the same x_T "
+                      f"({fid['teacher_samples']} samples)", ""]  # fmt: skip
+            lines += _table({(q["strategy"], q["K"]): f"{q['teacher_distance']:.3f}" for q in rows if q["teacher_distance"] is not None},
+                            sorted({q["K"] for q in rows}))  # fmt: skip
     return "\n".join(lines)
+
+
+def _table(cells: dict[tuple[str, int], str], ks: Sequence[int]) -> list[str]:
+    names = list(dict.fromkeys(name for name, _ in cells))
+    out = ["| strategy | " + " | ".join(f"K={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    return out + [f"| {n} | " + " | ".join(cells.get((n, k), "") for k in ks) + " |" for n in names]
+
+
+def plot_fd_vs_budget(quality: Sequence[dict[str, Any]], sampler: str, features: str) -> Figure:
+    """Fréchet distance against K for one sampler, one line per strategy, with bootstrap error bars."""
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
+    for name in dict.fromkeys(q["strategy"] for q in quality):
+        rows = sorted((q for q in quality if q["strategy"] == name and q["sampler"] == sampler and q["fid"] is not None), key=lambda q: q["K"])
+        if rows:
+            ax.errorbar([q["K"] for q in rows], [q["fid"] for q in rows], yerr=[q["fid_sem"] or 0 for q in rows], marker="o", capsize=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("steps K")
+    ax.set_ylabel("Fréchet distance")
+    ax.set_title(f"{sampler} sampler, {features}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 def sample_grid(samples: torch.Tensor, n: int = 64) -> np.ndarray:
@@ -108,7 +137,8 @@ def sample_grid(samples: torch.Tensor, n: int = 64) -> np.ndarray:
     return grid.permute(1, 2, 0).numpy()
 
 
-def write_evaluation(out_dir: Path, doc: dict[str, Any], cm: CostMatrix, schedules: Sequence[Schedule], samples: dict, logger) -> None:
+def write_evaluation(out_dir: Path, doc: dict[str, Any], cm: CostMatrix, schedules: Sequence[Schedule], grids: dict[str, torch.Tensor],
+                     logger) -> None:
     """results.md, plots, sample grids, schedules/*.json, and the same to the logger (W&B, CSV)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(results_table(doc) + "\n")
@@ -126,34 +156,42 @@ def write_evaluation(out_dir: Path, doc: dict[str, Any], cm: CostMatrix, schedul
         "cost_matrix": plot_cost_matrix(cm),
         "schedules": plot_schedules([s for s in schedules if s.K <= 256]),
     }
+    if doc["fid"]["features"]:
+        for sampler in dict.fromkeys(q["sampler"] for q in doc.get("sample_quality") or []):
+            figures[f"fd_vs_K_{sampler}"] = plot_fd_vs_budget(doc["sample_quality"], sampler, doc["fid"]["features"])
     for name, fig in figures.items():
         fig.savefig(out_dir / f"{name}.png")
-    grids = {}
-    for i, sch in enumerate(schedules):
-        name = f"{_safe(sch.strategy)}_K{sch.K}"
-        grids[name] = grid = sample_grid(samples[i])
-        Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(grid_dir / f"{name}.png")
-    log_evaluation(logger, doc, figures, grids)
+    images = {}
+    for name, samples in grids.items():
+        images[name] = grid = sample_grid(samples)
+        Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(grid_dir / f"{_safe(name)}.png")
+    log_evaluation(logger, doc, figures, images)
     for fig in figures.values():
         plt.close(fig)
 
 
 def log_evaluation(logger, doc: dict[str, Any], figures: dict, grids: dict) -> None:
-    """Summary keys bpd/<strategy>/K<K> and fid/<strategy>/K<K>, a results table and the images."""
+    """Summary keys bpd/<strategy>/K<K>, fid/<strategy>/<sampler>/K<K> (and _sem), teacher_distance/<strategy>/K<K>,
+    results tables and the images."""
     if not logger:
         return
-    metrics = {}
-    for r in doc["results"]:
-        metrics[f"bpd/{r['strategy']}/K{r['K']}"] = r["bpd"]
-        if r.get("fid") is not None:
-            metrics[f"fid/{r['strategy']}/K{r['K']}"] = r["fid"]
+    metrics = {f"bpd/{r['strategy']}/K{r['K']}": r["bpd"] for r in doc["results"]}
+    for q in doc.get("sample_quality") or []:
+        for key, value in (("fid", q["fid"]), ("fid_sem", q["fid_sem"])):
+            if value is not None:
+                metrics[f"{key}/{q['strategy']}/{q['sampler']}/K{q['K']}"] = value
+        if q["teacher_distance"] is not None:
+            metrics[f"teacher_distance/{q['strategy']}/{q['sampler']}/K{q['K']}"] = q["teacher_distance"]
     if doc.get("full_chain"):
         metrics["bpd/full_chain"] = doc["full_chain"]["bpd"]
     if isinstance(logger, WandbLogger):
         logger.experiment.summary.update(metrics)
-        columns = ["strategy", "K", "bpd", "bpd_sem", "predicted_bpd", "fid", "schedule"]
-        rows = [[r["strategy"], r["K"], r["bpd"], r["bpd_sem"], r["predicted_bpd"], r["fid"], json.dumps(r["schedule"])] for r in doc["results"]]
+        columns = ["strategy", "K", "bpd", "bpd_sem", "predicted_bpd", "schedule"]
+        rows = [[r["strategy"], r["K"], r["bpd"], r["bpd_sem"], r["predicted_bpd"], json.dumps(r["schedule"])] for r in doc["results"]]
         logger.log_table("results", columns=columns, data=rows)
+        columns = ["strategy", "K", "sampler", "fid", "fid_sem", "teacher_distance", "schedule"]
+        rows = [[q[c] if c != "schedule" else json.dumps(q[c]) for c in columns] for q in doc.get("sample_quality") or []]
+        logger.log_table("sample_quality", columns=columns, data=rows)
         for name, fig in figures.items():
             logger.log_image(f"plots/{name}", images=[figure_array(fig)])
         for name, grid in grids.items():

@@ -1,8 +1,9 @@
 """run_evaluation: from a model and data to an EvaluationResult, in named stages.
 
-cost matrix (cached) -> schedules -> held-out bits/dim -> samples -> Fréchet distances -> reports.
-No Hydra here: `pipeline.evaluate` maps a config onto this call. Under several processes every
-stage shards its examples (or sample chunks) by rank, and the sums combine into the one-process result.
+cost matrices (cached, one per objective the strategies need) -> schedules -> held-out bits/dim ->
+sample quality per (schedule, sampler) -> reports. No Hydra here: `pipeline.evaluate` maps a config
+onto this call. Under several processes every stage shards its examples (or sample chunks) by rank,
+and the sums combine into the one-process result.
 """
 
 from __future__ import annotations
@@ -14,34 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import torch
 from torch import Tensor
 
 from . import report
-from .cost_matrix import CostMatrix, estimate_cost_matrix, full_grid
+from .cost_matrix import CostMatrix, candidate_grid, estimate_cost_matrices, full_grid
 from .evaluation import ScheduleResult, evaluate_schedules
-from .frechet import frechet_distances
 from .model import DiffusionModel
-from .noise import mix, shard
+from .noise import Processes
+from .ode import estimate_ode_matrix
+from .quality import QualitySettings, quality_stage
 from .resume import PartialFile
 from .schedules import Schedule, full_schedule
 from .storage import atomic_write_json, cache_key, file_digest, hash_parts
-from .strategies import Strategy, build_schedules
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place among ``world`` processes (one by default)."""
-
-    rank: int = 0
-    world: int = 1
-
-    def shard(self, n: int) -> tuple[int, int]:
-        return shard(n, self.rank, self.world)
-
-    @property
-    def partial_suffix(self) -> str:
-        return f".rank{self.rank}.partial.pt" if self.world > 1 else ".partial.pt"
+from .strategies import Strategy, build_schedules, objectives_of
 
 
 @dataclass(frozen=True)
@@ -65,10 +51,12 @@ class ResumeSettings:
 
 
 @dataclass(frozen=True)
-class SampleSettings:
-    seed: int = 0
-    grid_size: int = 64  # samples shown per schedule
-    chunk: int = 64  # samples per generator seeding: the unit shared out between processes
+class OdeSettings:
+    """The dp_ode objective's teacher: trajectories, its grid (a `candidate_grid` spec; None: the cost grid), memory."""
+
+    trajectories: int = 64
+    grid: Any = None
+    memory_gb: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +65,6 @@ class FrechetSettings:
     digits_weights: str | None = None
     inception_weights: str | None = None
     antialias: bool = False
-    samples: int = 200
     reference_split: str = "test"
 
     @property
@@ -95,13 +82,14 @@ class EvaluationResult:
     full_chain: dict[str, Any] | None
     fid: dict[str, Any]
     results: list[dict[str, Any]]
+    sample_quality: list[dict[str, Any]]
     timings: dict[str, float]
-    matrix: CostMatrix | None = field(default=None, repr=False)
+    matrices: dict[str, CostMatrix] = field(default_factory=dict, repr=False)
     schedules: list[Schedule] = field(default_factory=list, repr=False)
-    samples: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    grids: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        keys = ("model", "data", "cost_matrix", "full_chain", "fid", "results", "timings")
+        keys = ("model", "data", "cost_matrix", "full_chain", "fid", "results", "sample_quality", "timings")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -126,6 +114,9 @@ class Context:
         yield
         self.timings[name] = time.perf_counter() - start
 
+    def partial(self, file: Path, every: int) -> PartialFile:
+        return PartialFile(file.with_suffix(self.procs.partial_suffix), every, self.resume.every_seconds)
+
 
 @dataclass
 class CostStage:
@@ -134,25 +125,53 @@ class CostStage:
     file: Path
     cached: bool
 
+    def describe(self) -> dict[str, Any]:
+        return {"grid_size": self.matrix.grid.numel() - 1, "file": str(self.file), "cached": self.cached, "count": self.matrix.count}
 
-def cost_matrix_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: int, labels: Labels) -> CostStage:
-    """The cost matrix, read from the cache (keyed by weights, data, grid, seed, conventions) or estimated."""
+
+def _load(file: Path) -> CostMatrix | None:
+    try:
+        return CostMatrix.load(file) if file.is_file() else None
+    except ValueError:
+        return None  # damaged: estimate again and overwrite
+
+
+def data_matrices_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: int, labels: Labels, objectives: Sequence[str]) -> dict[str, CostStage]:
+    """The data objectives' matrices (elbo, mse), from the cache (keyed by weights, data, grid, seed, conventions)
+    or estimated together from one set of forward passes."""
     g = full_grid(grid, ctx.model.T)
-    key = cache_key(ctx.model, data=labels.data_name, split=labels.cost_split, examples=len(data), grid=g.tolist(), seed=seed)
+    base = dict(data=labels.data_name, split=labels.cost_split, examples=len(data), grid=g.tolist(), seed=seed)
+    keys = {o: cache_key(ctx.model, **base, **({} if o == "elbo" else {"objective": o})) for o in objectives}
+    files = {o: ctx.cache_dir / f"cost_matrix_{k[:20]}.pt" for o, k in keys.items()}
+    out = {o: CostStage(cm, keys[o], files[o], True) for o in objectives if (cm := _load(files[o])) is not None}
+    missing = [o for o in objectives if o not in out]
+    if missing:
+        lo, hi = ctx.procs.shard(len(data))
+        estimated = estimate_cost_matrices(
+            ctx.model, data[lo:hi], missing, grid=grid, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
+            partial=ctx.partial(files[missing[0]], ctx.resume.every_columns),
+        )  # fmt: skip
+        for o, cm in estimated.items():
+            if ctx.procs.rank == 0:
+                cm.save(files[o])
+            out[o] = CostStage(cm, keys[o], files[o], False)
+    return out
+
+
+def ode_matrix_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[int] | None) -> CostStage:
+    """The dp_ode matrix from teacher DDIM trajectories (ode.py), cached like the others."""
+    g = full_grid(grid, ctx.model.T)
+    key = cache_key(ctx.model, objective="ode", grid=g.tolist(), seed=seed, trajectories=settings.trajectories)
     file = ctx.cache_dir / f"cost_matrix_{key[:20]}.pt"
-    if file.is_file():
-        try:
-            return CostStage(CostMatrix.load(file), key, file, cached=True)
-        except ValueError:
-            pass  # damaged: estimate again and overwrite
-    lo, hi = ctx.procs.shard(len(data))
-    cm = estimate_cost_matrix(
-        ctx.model, data[lo:hi], grid=grid, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
-        partial=PartialFile(file.with_suffix(ctx.procs.partial_suffix), ctx.resume.every_columns, ctx.resume.every_seconds),
-    )  # fmt: skip
+    cm = _load(file)
+    if cm is not None:
+        return CostStage(cm, key, file, True)
+    lo, hi = ctx.procs.shard(settings.trajectories)
+    cm = estimate_ode_matrix(ctx.model, hi - lo, grid=grid, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
+                             partial=ctx.partial(file, 1), memory_gb=settings.memory_gb)  # fmt: skip
     if ctx.procs.rank == 0:
         cm.save(file)
-    return CostStage(cm, key, file, cached=False)
+    return CostStage(cm, key, file, False)
 
 
 def held_out_stage(
@@ -164,58 +183,34 @@ def held_out_stage(
     lo, hi = ctx.procs.shard(len(data))
     results = evaluate_schedules(
         ctx.model, data[lo:hi], schedules + extra, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
-        partial=PartialFile(ctx.cache_dir / f"held_out_{held_key[:20]}{ctx.procs.partial_suffix}", ctx.resume.every_batches,
-                            ctx.resume.every_seconds),
+        partial=ctx.partial(ctx.cache_dir / f"held_out_{held_key[:20]}.pt", ctx.resume.every_batches),
     )  # fmt: skip
     return results[: len(schedules)], (results[-1] if extra else None)
 
 
-def sample_chunks(n: int, chunk: int, procs: Processes) -> list[int]:
-    """The chunks of n samples this process draws (round robin over processes)."""
-    return list(range(procs.rank, math.ceil(n / chunk), procs.world))
-
-
-def sample_stage(ctx: Context, schedules: list[Schedule], n: int, settings: SampleSettings) -> dict[int, Tensor]:
-    """n ancestral samples per schedule; chunk c of schedule i always gets the same noise, whichever process draws it."""
-    out = {}
-    for i, sch in enumerate(schedules):
-        parts = [
-            ctx.model.sample(sch, min(settings.chunk, n - c * settings.chunk), generator=torch.Generator().manual_seed(mix(settings.seed, i, c)),
-                             batch_size=ctx.batch_size).cpu()
-            for c in sample_chunks(n, settings.chunk, ctx.procs)
-        ]  # fmt: skip
-        out[i] = torch.cat(parts) if parts else torch.empty(0, *ctx.model.image_shape)
-    return out
-
-
-def frechet_stage(
-    ctx: Context, samples: dict[int, Tensor], reference: Tensor, settings: FrechetSettings, chunk: int, data_name: str
-) -> dict[int, float]:
-    """The Fréchet distance of each schedule's first ``settings.samples`` samples to the reference images."""
-    weights = settings.digits_weights if settings.features == "digits" else settings.inception_weights
-    ref_key = hash_parts(features=settings.features, weights=file_digest(weights), data=data_name, split=settings.reference_split,
-                         examples=len(reference), antialias=bool(settings.antialias))  # fmt: skip
-    # this process holds whole chunks, in order: its share of the first settings.samples lies at the front
-    keep = sum(min(chunk, settings.samples - c * chunk) for c in sample_chunks(settings.samples, chunk, ctx.procs))
-    lo, hi = ctx.procs.shard(len(reference))
-    return frechet_distances(
-        reference[lo:hi], {i: s[:keep] for i, s in samples.items()}, features=settings.features,
-        digits_weights=settings.digits_weights, inception_weights=settings.inception_weights, antialias=bool(settings.antialias),
-        reference_cache=str(ctx.cache_dir / f"fid_reference_{ref_key[:20]}.pt") if ctx.procs.world == 1 else None,
-    )  # fmt: skip
-
-
-def result_rows(results: list[ScheduleResult], fids: dict[int, float], cm: CostMatrix) -> list[dict[str, Any]]:
-    """One results.json entry per schedule; ``predicted_bpd`` where every timestep is on the matrix's grid."""
+def result_rows(results: list[ScheduleResult], quality: list[dict[str, Any]], cm: CostMatrix) -> list[dict[str, Any]]:
+    """One results.json entry per (strategy, K): bits/dim, ``predicted_bpd`` where every timestep is on the
+    ELBO matrix's grid, and ``fid`` of the ancestral sampler (the chain the bits/dim belong to) where sampled."""
     grid = set(cm.grid.tolist())
+    ancestral = {(q["strategy"], tuple(q["schedule"])): q["fid"] for q in quality if q["sampler"] == "ancestral"}
     return [
         {
             "strategy": r.schedule.strategy, "K": r.schedule.K, "schedule": list(r.schedule.timesteps), "bpd": r.bpd,
             "bpd_sem": r.bpd_sem, "predicted_bpd": cm.bpd(cm.schedule_nats(r.schedule)) if set(r.schedule.timesteps) <= grid else None,
-            "fid": fids.get(i), "terms_bpd": r.terms_bpd,
+            "fid": ancestral.get((r.schedule.strategy, r.schedule.timesteps)), "terms_bpd": r.terms_bpd,
         }
-        for i, r in enumerate(results)
+        for r in results
     ]  # fmt: skip
+
+
+def unique(schedules: Sequence[Schedule]) -> list[Schedule]:
+    """Schedules without repeats (a fixed strategy's schedule is built for every budget list)."""
+    seen, out = set(), []
+    for s in schedules:
+        if (s.strategy, s.timesteps) not in seen:
+            seen.add((s.strategy, s.timesteps))
+            out.append(s)
+    return out
 
 
 def run_evaluation(
@@ -228,13 +223,15 @@ def run_evaluation(
     strategies: Sequence[Strategy],
     out_dir: str | Path,
     cache_dir: str | Path,
+    sample_budgets: Sequence[int] = (),
     cost_seed: int = 0,
     eval_seed: int = 1,
     full_chain: bool = True,
     batch_size: int = 200,
+    quality: QualitySettings = QualitySettings(),
     fid: FrechetSettings | None = None,
     reference: Tensor | None = None,
-    sample: SampleSettings = SampleSettings(),
+    ode: OdeSettings = OdeSettings(),
     resume: ResumeSettings = ResumeSettings(),
     procs: Processes = Processes(),
     labels: Labels = Labels(),
@@ -242,30 +239,50 @@ def run_evaluation(
 ) -> EvaluationResult:
     """Every stage in order; process 0 writes the reports and, last and atomically, results.json."""
     ctx = Context(model, Path(cache_dir), batch_size, procs, resume)
+    objectives = objectives_of(strategies)
+    ode_grid = candidate_grid(ode.grid, model.T, "cost.ode.grid") if ode.grid is not None else grid
     with ctx.timed("cost_matrix"):
-        cost = cost_matrix_stage(ctx, cost_data, grid, cost_seed, labels)
+        costs = data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, [o for o in objectives if o != "ode"])
+    if "ode" in objectives:
+        with ctx.timed("ode_matrix"):
+            costs["ode"] = ode_matrix_stage(ctx, cost_seed, ode, ode_grid)
+    matrices = {o: c.matrix for o, c in costs.items()}
     with ctx.timed("dp_and_schedules"):
-        schedules = build_schedules(strategies, cost.matrix, budgets)
+        schedules = build_schedules(strategies, matrices, budgets)
+        sampled = unique(build_schedules(strategies, matrices, sample_budgets)) if sample_budgets else []
     with ctx.timed("held_out_bpd"):
-        results, full = held_out_stage(ctx, eval_data, schedules, eval_seed, cost.key, labels.eval_split, full_chain)
-    with ctx.timed("sampling"):
-        samples = sample_stage(ctx, schedules, max(fid.samples if fid else 0, sample.grid_size), sample)
-    with ctx.timed("fid"):
-        fids = frechet_stage(ctx, samples, reference, fid, sample.chunk, labels.data_name) if fid else {}
-    cm = cost.matrix
+        results, full = held_out_stage(ctx, eval_data, schedules, eval_seed, costs["elbo"].key, labels.eval_split, full_chain)
+    with ctx.timed("sample_quality"):
+        ref_cache = _reference_cache(ctx, fid, reference, labels) if fid and procs.world == 1 else None
+        shard = reference[slice(*procs.shard(len(reference)))] if fid else None
+        teacher = Schedule(tuple(full_grid(ode_grid, model.T)[1:].tolist()), model.T, "teacher") if "ddim" in quality.samplers else None
+        entries, grids = quality_stage(model, sampled, quality, procs, batch_size, fid, shard, ref_cache, teacher)
+    elbo = costs["elbo"]
     result = EvaluationResult(
         model={"source": labels.model_source, "path": labels.model_path, "T": model.T, "mean_type": model.mean_type, "var_type": model.var_type},
         data={"name": labels.data_name, "levels": model.levels, "dims": math.prod(model.image_shape), "cost_split": labels.cost_split,
               "cost_examples": len(cost_data), "eval_split": labels.eval_split, "eval_examples": len(eval_data)},
-        cost_matrix={"grid_size": cm.grid.numel() - 1, "seconds": ctx.timings["cost_matrix"], "file": str(cost.file), "cached": cost.cached,
-                     "seed": cost_seed},
+        cost_matrix={"grid_size": elbo.matrix.grid.numel() - 1, "seconds": ctx.timings["cost_matrix"], "file": str(elbo.file),
+                     "cached": elbo.cached, "seed": cost_seed, "objectives": {o: c.describe() for o, c in costs.items()}},
         full_chain={"K": model.T, "bpd": full.bpd, "bpd_sem": full.bpd_sem} if full else None,
         fid={"features": fid.description if fid else None, "reference_split": fid.reference_split if fid else None,
-             "reference_examples": len(reference) if fid else None, "samples": fid.samples if fid else None},
-        results=result_rows(results, fids, cm), timings=ctx.timings, matrix=cm, schedules=schedules, samples=samples,
+             "reference_examples": len(reference) if fid else None, "samples": quality.samples if fid else None,
+             "bootstrap": quality.bootstrap if fid else None, "samplers": list(quality.samplers), "ddim_eta": quality.ddim_eta,
+             "sample_budgets": list(sample_budgets), "teacher_samples": quality.teacher_samples if teacher else None,
+             "teacher": {"sampler": "ddim", "eta": 0.0, "steps": teacher.K} if teacher else None},
+        results=result_rows(results, entries, elbo.matrix), sample_quality=entries, timings=ctx.timings,
+        matrices=matrices, schedules=schedules, grids=grids,
     )  # fmt: skip
     if procs.rank == 0:
         with ctx.timed("report"):
-            report.write_evaluation(Path(out_dir), result.to_json(), cm, schedules, samples, logger)
+            report.write_evaluation(Path(out_dir), result.to_json(), elbo.matrix, unique(schedules + sampled), grids, logger)
         atomic_write_json(Path(out_dir) / "results.json", result.to_json())
     return result
+
+
+def _reference_cache(ctx: Context, fid: FrechetSettings, reference: Tensor, labels: Labels) -> str | None:
+    """Where the reference images' feature moments are cached (one process only: the shards would differ)."""
+    weights = fid.digits_weights if fid.features == "digits" else fid.inception_weights
+    key = hash_parts(features=fid.features, weights=file_digest(weights), data=labels.data_name, split=fid.reference_split,
+                     examples=len(reference), antialias=bool(fid.antialias), moments=True)  # fmt: skip
+    return str(ctx.cache_dir / f"fid_reference_{key[:20]}.pt")

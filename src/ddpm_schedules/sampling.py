@@ -57,9 +57,17 @@ def ddim_step(model: "DiffusionModel", x_t: Tensor, x0_hat: Tensor, t: int, s: i
 
 
 def _batched(model: "DiffusionModel", schedule: Schedule | Sequence[int], n: int, generator: torch.Generator | None,
-             batch_size: int | None, noise: Sequence[Tensor] | None, run: Callable[[Schedule, Draw], Tensor]) -> Tensor:
-    """Run ``run(schedule, draw)`` over batches of n samples; ``noise`` (x_T first, then per-step draws) replaces the generator."""
+             batch_size: int | None, noise: Sequence[Tensor] | None, run: Callable[[Schedule, Draw], Tensor],
+             x_T: Tensor | None = None) -> Tensor:
+    """Run ``run(schedule, draw)`` over batches of n samples; ``noise`` (x_T first, then per-step draws) replaces the
+    generator, ``x_T`` only its first draw (then one batch of n: samplers given the same x_T start from the same points)."""
     schedule = as_schedule(model, schedule)
+    if x_T is not None:
+        if tuple(x_T.shape) != (n, *model.image_shape):
+            raise ValueError(f"x_T must have shape {(n, *model.image_shape)}, got {tuple(x_T.shape)}")
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        first = iter([x_T.to(model.device, torch.float64)])
+        return run(schedule, lambda: _next_or_draw(first, n, model, generator, gen_device))
     if noise is not None:
         if not noise or any(tuple(z.shape) != (n, *model.image_shape) for z in noise):
             raise ValueError(f"noise must be tensors of shape {(n, *model.image_shape)}: x_T first, then one per noisy step")
@@ -77,6 +85,11 @@ def _batched(model: "DiffusionModel", schedule: Schedule | Sequence[int], n: int
     return torch.cat(out)
 
 
+def _next_or_draw(first, n: int, model: "DiffusionModel", generator: torch.Generator | None, device: torch.device) -> Tensor:
+    x = next(first, None)
+    return x if x is not None else torch.randn(n, *model.image_shape, generator=generator, device=device, dtype=torch.float64).to(model.device)
+
+
 def _steps(schedule: Schedule) -> list[tuple[int, int]]:
     """The schedule's pairs (s, t) in sampling order: (tau_{K-1}, T) first, (0, tau_1) last."""
     return list(reversed(schedule.pairs()))
@@ -91,6 +104,7 @@ def sample_ancestral(
     batch_size: int | None = None,
     noise: Sequence[Tensor] | None = None,
     trajectory: list[Tensor] | None = None,
+    x_T: Tensor | None = None,
 ) -> Tensor:
     """Ancestral sampling through p(x_s | x_t) of every schedule pair (docs/design.md §1): [n, C, H, W] on ``levels``.
 
@@ -117,7 +131,7 @@ def sample_ancestral(
             x = mean + torch.exp(0.5 * log_var) * draw()
         raise AssertionError("unreachable: every schedule starts from s = 0")
 
-    return _batched(model, schedule, n, generator, batch_size, noise, run)
+    return _batched(model, schedule, n, generator, batch_size, noise, run, x_T)
 
 
 @torch.no_grad()
@@ -129,6 +143,7 @@ def sample_ddim(
     batch_size: int | None = None,
     noise: Sequence[Tensor] | None = None,
     eta: float = 0.0,
+    x_T: Tensor | None = None,
 ) -> Tensor:
     """DDIM along the schedule (`ddim_step` for every pair; the last step returns x0_hat): [n, C, H, W] on ``levels``."""
     check_eta(eta)
@@ -142,7 +157,7 @@ def sample_ddim(
             x = ddim_step(model, x, x0_hat, t, s, eta, draw() if eta > 0 else None)
         raise AssertionError("unreachable: every schedule starts from s = 0")
 
-    return _batched(model, schedule, n, generator, batch_size, noise, run)
+    return _batched(model, schedule, n, generator, batch_size, noise, run, x_T)
 
 
 @torch.no_grad()
@@ -153,6 +168,7 @@ def sample_dpmpp(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     noise: Sequence[Tensor] | None = None,
+    x_T: Tensor | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) with diffusers' DPMSolverMultistepScheduler on the model's own betas, fed the model's
     (clipped) x0_hat as a data prediction, at the schedule's timesteps: [n, C, H, W] on ``levels``."""
@@ -166,13 +182,15 @@ def sample_dpmpp(
             x = scheduler.step(x0_hat, index, x).prev_sample
         return quantize(x, model.levels).float()
 
-    return _batched(model, schedule, n, generator, batch_size, noise, run)
+    return _batched(model, schedule, n, generator, batch_size, noise, run, x_T)
 
 
 def dpmpp_scheduler(model: "DiffusionModel"):
     """diffusers' DPMSolverMultistepScheduler for this model: its betas, data prediction, second order, final sigma 0."""
     try:
-        from diffusers import DPMSolverMultistepScheduler  # optional: only this sampler needs diffusers
+        from diffusers import (
+            DPMSolverMultistepScheduler,  # optional: only this sampler needs diffusers
+        )
     except ImportError:
         raise ValueError("the dpmpp sampler needs diffusers: pip install 'ddpm-schedules[diffusers]', or use eval.samplers=[ancestral,ddim]") from None
     return DPMSolverMultistepScheduler(

@@ -14,7 +14,16 @@ import torch
 from torch import Tensor, nn
 
 from .unet_blocks import (
-    NORM_GROUPS, AttentionBlock, Downsample, ResBlock, TimestepSequential, Upsample, conv_nd, normalization, timestep_embedding, zero_module,
+    NORM_GROUPS,
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    TimestepSequential,
+    Upsample,
+    conv_nd,
+    normalization,
+    timestep_embedding,
+    zero_module,
 )  # fmt: skip
 
 NUM_CLASSES = 1000  # improved-diffusion's script_util.NUM_CLASSES (ImageNet): the label_emb rows of class_cond checkpoints

@@ -198,3 +198,25 @@ def test_sigterm_saves_and_resume_continues_with_the_same_ema(tmp_path, monkeypa
     for k, v in state["state_dict"].items():
         assert torch.equal(seen["ema"][k], v), k
     assert torch.load(last, weights_only=True)["global_step"] == step + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["mse", "ode"])
+def test_monitor_logs_the_same_keys_for_any_objective(tmp_path, objective):
+    metrics = train(train_cfg(tmp_path, "logger=none", f"callbacks.schedule_monitor.objective={objective}", "trainer.max_steps=3"))
+    dp = f"dp_{objective}"
+    for K in (2, 4):
+        assert metrics[f"schedules/{dp}_{objective}/K{K}"] <= metrics[f"schedules/even_{objective}/K{K}"] + 1e-9  # optimal on its matrix
+        assert math.isfinite(metrics[f"schedules/{dp}_gap/K{K}"])
+    if objective == "ode":  # the teacher's own steps jump exactly onto the teacher: the full grid chain costs 0
+        assert metrics["schedules/full_ode"] == 0.0
+    record = json.loads((tmp_path / "schedules" / "step_3.json").read_text())
+    assert record["objective"] == objective and {r["strategy"] for r in record["results"]} == {dp, "even", "quadratic"}
+    assert all(f"predicted_{objective}" in r for r in record["results"])
+
+
+def test_monitor_refuses_strategies_of_another_objective(tmp_path):
+    with pytest.raises(ValueError, match="need another matrix than the monitored objective 'elbo'"):
+        train(train_cfg(tmp_path, "logger=none", "callbacks.schedule_monitor.strategies=[dp,dp_ode]"))
+    with pytest.raises(ValueError, match="unknown callbacks.schedule_monitor.objective 'fid'"):
+        train(train_cfg(tmp_path, "logger=none", "callbacks.schedule_monitor.objective=fid"))

@@ -81,10 +81,22 @@ def fid_feature_extractor(features: str, digits_weights: str | None = None, ince
     if features == "inception":
         if not inception_weights or not Path(inception_weights).is_file():
             raise ValueError(f"fid.inception_weights file {inception_weights!r} is missing; {INCEPTION_HINT}")
+        _check_plain_state_dict(Path(inception_weights))
         if importlib.util.find_spec("torch_fidelity") is None:
             raise ValueError("fid.features=inception needs torch-fidelity: pip install 'ddpm-schedules[inception]'")
         return None
     raise ValueError(f"unknown fid.features {features!r}; use one of {FEATURE_KINDS}")
+
+
+def _check_plain_state_dict(path: Path) -> None:
+    """torch-fidelity unpickles the weights file in full: it must first prove to be a plain state dict (data, no code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"fid.inception_weights file {str(path)!r} is not a plain state dict that torch.load(weights_only=True) "
+                         f"reads ({type(e).__name__}); use the released pt_inception-2015-12-05-6726825d.pth") from None  # fmt: skip
+    if not isinstance(state, dict) or "fc.weight" not in state:
+        raise ValueError(f"fid.inception_weights file {str(path)!r} is not torch-fidelity's FID Inception state dict (no fc.weight)")
 
 
 def feature_network(features: str = "digits", digits_weights: str | None = None, inception_weights: str | None = None,

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .frechet import (
     feature_network,
@@ -89,18 +90,18 @@ def quality_stage(model: DiffusionModel, schedules: Sequence[Schedule], settings
     ref = reference_moments(network, reference, reference_cache) if fid else None
     targets = teacher_samples(model, teacher, settings, procs) if teacher is not None and settings.teacher_samples else {}
     entries, grids = [], {}
-    for sampler in settings.samplers:
-        for i, sch in enumerate(schedules):
-            parts = draw_samples(model, sampler, sch, settings, procs, batch_size)
-            entry = {"strategy": sch.strategy, "K": sch.K, "sampler": sampler, "schedule": list(sch.timesteps),
-                     "fid": None, "fid_sem": None, "teacher_distance": None}  # fmt: skip
-            if network is not None:
-                feats = gather_chunks([(c, features_of(network, x)) for c, x in parts], ref[0].numel())
-                entry["fid"], entry["fid_sem"] = frechet_distance(ref, feats, settings.bootstrap, seed=mix(settings.seed, i))
-            if sampler == "ddim" and targets:
-                dist = [(c, (x[: len(targets[c])] - targets[c]).flatten(1).norm(dim=1, keepdim=True)) for c, x in parts if c in targets]
-                entry["teacher_distance"] = float(gather_chunks(dist, 1).mean())
-            entries.append(entry)
-            if parts:
-                grids[f"{sch.strategy}_{sampler}_K{sch.K}"] = torch.cat([x for _, x in parts])[: settings.grid_size]
+    work = [(sampler, i, sch) for sampler in settings.samplers for i, sch in enumerate(schedules)]
+    for sampler, i, sch in tqdm(work, desc="samples", unit="set", disable=procs.rank != 0):
+        parts = draw_samples(model, sampler, sch, settings, procs, batch_size)
+        entry = {"strategy": sch.strategy, "K": sch.K, "sampler": sampler, "schedule": list(sch.timesteps),
+                 "fid": None, "fid_sem": None, "teacher_distance": None}  # fmt: skip
+        if network is not None:
+            feats = gather_chunks([(c, features_of(network, x)) for c, x in parts], ref[0].numel())
+            entry["fid"], entry["fid_sem"] = frechet_distance(ref, feats, settings.bootstrap, seed=mix(settings.seed, i))
+        if sampler == "ddim" and targets:
+            dist = [(c, (x[: len(targets[c])] - targets[c]).flatten(1).norm(dim=1, keepdim=True)) for c, x in parts if c in targets]
+            entry["teacher_distance"] = float(gather_chunks(dist, 1).mean())
+        entries.append(entry)
+        if parts:
+            grids[f"{sch.strategy}_{sampler}_K{sch.K}"] = torch.cat([x for _, x in parts])[: settings.grid_size]
     return entries, grids

@@ -12,8 +12,9 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ..cost_matrix import CostMatrix, candidate_grid, estimate_cost_matrix, full_grid
+from ..cost_matrix import CostMatrix, candidate_grid, check_objectives, estimate_cost_matrix, full_grid
 from ..noise import shard
+from ..ode import estimate_ode_matrix
 from ..report import figure_array, plot_cost_matrix, plot_schedules
 from ..schedules import Schedule, check_budgets
 from ..storage import atomic_write_json
@@ -42,7 +43,8 @@ class ScheduleMonitor(Callback):
         every_n_validations: int = 1,
         examples: int = 64,
         grid: Sequence[int] | int | None = None,
-        strategies: Sequence[str] = ("dp", "even", "quadratic"),
+        strategies: Sequence[str] | None = None,
+        objective: str = "elbo",
         seed: int = 0,
         batch_size: int = 64,
         out_dir: str | None = None,
@@ -56,7 +58,9 @@ class ScheduleMonitor(Callback):
         self.budgets = check_budgets(list(budgets), None, f"{key}.budgets")
         self.every_n_validations = every_n_validations
         self.examples, self.grid, self.seed, self.batch_size = examples, grid, seed, batch_size
-        self.strategy_names, self.strategies = list(strategies), list[Strategy]()
+        self.objective = check_objectives([objective], key=f"{key}.objective")[0]
+        dp = "dp" if self.objective == "elbo" else f"dp_{self.objective}"
+        self.strategy_names, self.strategies = list(strategies or (dp, "even", "quadratic")), list[Strategy]()
         self.out_dir, self.progress = out_dir, progress
         self.validations = 0
         self.history: list[dict[str, Any]] = []
@@ -82,6 +86,10 @@ class ScheduleMonitor(Callback):
         if too_big:
             raise ValueError(f"callbacks.schedule_monitor.budgets {too_big} exceed the {n} grid points; lower them or refine the grid")
         self.strategies = parse_strategies(self.strategy_names, T, "callbacks.schedule_monitor.strategies")
+        other = [s.name for s in self.strategies if s.objective and s.objective != self.objective]
+        if other:
+            raise ValueError(f"callbacks.schedule_monitor.strategies {other} need another matrix than the monitored objective "
+                             f"{self.objective!r}; set callbacks.schedule_monitor.objective to theirs")  # fmt: skip
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -96,10 +104,13 @@ class ScheduleMonitor(Callback):
         model = pl_module.model
         data = trainer.datamodule.tensor("val", self.examples)
         lo, hi = shard(len(data), trainer.global_rank, trainer.world_size)
-        cm = estimate_cost_matrix(
-            model, data[lo:hi], grid=self.timesteps(model.T), seed=self.seed, batch_size=self.batch_size,
-            progress=self.progress and trainer.is_global_zero, start_index=lo,
-        )  # fmt: skip
+        progress = self.progress and trainer.is_global_zero
+        if self.objective == "ode":  # trajectories from noise: as many as the examples the other objectives use
+            cm = estimate_ode_matrix(model, hi - lo, grid=self.timesteps(model.T), seed=self.seed, batch_size=self.batch_size,
+                                     progress=progress, start_index=lo)  # fmt: skip
+        else:
+            cm = estimate_cost_matrix(model, data[lo:hi], grid=self.timesteps(model.T), seed=self.seed, batch_size=self.batch_size,
+                                      progress=progress, start_index=lo, objective=self.objective)  # fmt: skip
         record = summarize(cm, self.budgets, trainer.global_step, self.strategies)
         for key, value in record["metrics"].items():
             pl_module.log(key, value, rank_zero_only=True)
@@ -121,8 +132,9 @@ class ScheduleMonitor(Callback):
             fig.savefig(out / f"{name}_step_{step}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                rows = [[r["strategy"], r["K"], r["predicted_bpd"], str(r["schedule"])] for r in record["results"]]
-                logger.log_table("schedules/table", columns=["strategy", "K", "predicted_bpd", "timesteps"], data=rows, step=step)
+                name = f"predicted_{record['unit']}"
+                rows = [[r["strategy"], r["K"], r[name], str(r["schedule"])] for r in record["results"]]
+                logger.log_table("schedules/table", columns=["strategy", "K", name, "timesteps"], data=rows, step=step)
                 for name, fig in figures.items():
                     logger.log_image(f"schedules/{name}", images=[figure_array(fig)], step=step)
         for fig in figures.values():
@@ -130,8 +142,17 @@ class ScheduleMonitor(Callback):
 
 
 def summarize(cm: CostMatrix, budgets: Sequence[int], global_step: int = 0, strategies: Sequence[Strategy] | None = None) -> dict[str, Any]:
-    """The strategies' schedules that lie on the grid, with predicted bits/dim, as results.json-shaped entries."""
-    strategies = strategies or parse_strategies(["dp", "even", "quadratic"], cm.T)
+    """The strategies' schedules that lie on the grid with their predicted cost, as results.json-shaped entries.
+
+    The unit is bits/dim on the ELBO matrix (keys ``schedules/<strategy>_bpd/K<K>``) and the objective's
+    own cost otherwise (``schedules/<strategy>_mse/K<K>``, ``..._ode``); the same keys for the full grid
+    chain (``schedules/full_<unit>``) and the DP's gap to it (``schedules/<dp strategy>_gap/K<K>``).
+    """
+    elbo = cm.objective == "elbo"
+    dp = "dp" if elbo else f"dp_{cm.objective}"
+    strategies = strategies or parse_strategies([dp, "even", "quadratic"], cm.T)
+    unit = "bpd" if elbo else cm.objective
+    cost = (lambda s: cm.bpd(cm.schedule_nats(s))) if elbo else cm.schedule_nats  # noqa: E731
     grid = set(cm.grid.tolist())
     schedules, skipped = [], []
     for sch in build_schedules(strategies, cm, budgets):
@@ -139,17 +160,20 @@ def summarize(cm: CostMatrix, budgets: Sequence[int], global_step: int = 0, stra
     if skipped:
         rank_zero_warn(f"ScheduleMonitor: {', '.join(f'{s.strategy} K={s.K}' for s in skipped)} not on the cost-matrix grid; use grid=null")
     chain = Schedule(tuple(cm.grid[1:].tolist()), cm.T, "full" if len(grid) == cm.T + 1 else "grid")
-    full = cm.bpd(cm.schedule_nats(chain))
-    results = [{"strategy": s.strategy, "K": s.K, "schedule": list(s.timesteps), "predicted_bpd": cm.bpd(cm.schedule_nats(s))} for s in schedules]
-    metrics = {f"schedules/{r['strategy']}_bpd/K{r['K']}": r["predicted_bpd"] for r in results}
-    metrics["schedules/full_bpd"] = full
-    metrics.update({f"schedules/dp_gap/K{r['K']}": r["predicted_bpd"] - full for r in results if r["strategy"] == "dp"})
+    full = cost(chain)
+    key = f"predicted_{unit}"
+    results = [{"strategy": s.strategy, "K": s.K, "schedule": list(s.timesteps), key: cost(s)} for s in schedules]
+    metrics = {f"schedules/{r['strategy']}_{unit}/K{r['K']}": r[key] for r in results}
+    metrics[f"schedules/full_{unit}"] = full
+    metrics.update({f"schedules/{dp}_gap/K{r['K']}": r[key] - full for r in results if r["strategy"] == dp})
     return {
         "global_step": int(global_step),
+        "objective": cm.objective,
+        "unit": unit,
         "examples": cm.count,
         "grid_size": cm.grid.numel() - 1,
         "budgets": list(budgets),
-        "full_chain": {"strategy": chain.strategy, "K": chain.K, "predicted_bpd": full},
+        "full_chain": {"strategy": chain.strategy, "K": chain.K, key: full},
         "results": results,
         "metrics": metrics,
     }

@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,12 @@ EVALUATE_CASES = [
     ("digits feature network missing", ["fid.digits_weights={d}/none.pt"], "digits feature network .* is missing"),
     ("image size differs", ["data.image_size=16"], "does not match the model"),
     ("levels differ", ["data.levels=256"], "levels=256\\) does not match the model"),
+    ("unknown sampler", ["eval.samplers=[ancestral,euler]"], "unknown sampler 'euler' in eval.samplers; use ancestral, ddim, dpmpp"),
+    ("negative DDIM eta", ["eval.ddim_eta=-1"], "eval.ddim_eta = -1; DDIM's eta must be a number >= 0"),
+    ("unknown objective", ["eval.strategies=[dp_fid]"], "unknown strategy 'dp_fid' in eval.strategies; use dp, dp_mse, dp_ode"),
+    ("sample budget above the grid", ["eval.sample_budgets=[30]"], "eval.sample_budgets has 30; every budget must be an integer in 1..20"),
+    ("ode grid smaller than a budget", ["eval.strategies=[dp_ode]", "cost.ode.grid=10"], "eval.budgets has 4; .* 1..2 \\(the size of cost.ode.grid\\)"),
+    ("more teacher samples than samples", ["eval.teacher_samples=40"], "eval.teacher_samples = 40 exceeds the 16 samples"),
     ("grid without T", ["cost.grid=[5,10]"], "must contain T = 20"),
     ("grid stride 0", ["cost.grid=0"], "stride >= 1"),
     ("more examples than the split", ["cost.examples=5000"], "cost.examples = 5000 asks for 5000 val examples"),
@@ -111,3 +118,10 @@ def test_corrupt_cached_cost_matrix_is_recomputed(tmp_path, files):
     again = evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", "fid.enabled=false"))
     assert again["cost_matrix"]["cached"] is False
     assert [r["bpd"] for r in again["results"]] == [r["bpd"] for r in first["results"]]
+
+
+def test_dpmpp_without_diffusers_is_refused_before_any_work(tmp_path, files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if it were not installed
+    with pytest.raises(ValueError, match="eval.samplers has dpmpp, which needs diffusers: pip install 'ddpm-schedules\\[diffusers\\]'"):
+        evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", "eval.samplers=[ddim,dpmpp]"))
+    assert not (tmp_path / "cache").exists()

@@ -102,9 +102,13 @@ def test_two_process_ddp_evaluation_equals_one_process(tmp_path, tiny_ckpt):
     valid = torch.isfinite(one.mean)
     torch.testing.assert_close(two.mean[valid], one.mean[valid], rtol=1e-9, atol=0)
     assert one.count == two.count == 16
-    for a, b in zip(docs[1]["results"], docs[2]["results"]):
+    for a, b in zip(docs[1]["results"], docs[2]["results"], strict=True):
         assert a["schedule"] == b["schedule"]
         assert a["bpd"] == pytest.approx(b["bpd"], rel=1e-9) and a["fid"] == pytest.approx(b["fid"], rel=1e-6)
+    for a, b in zip(docs[1]["sample_quality"], docs[2]["sample_quality"], strict=True):  # chunks gathered in order
+        assert (a["strategy"], a["K"], a["sampler"]) == (b["strategy"], b["K"], b["sampler"])
+        for key in ("fid", "fid_sem", "teacher_distance"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
 
 
 @pytest.mark.slow

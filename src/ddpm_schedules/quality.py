@@ -98,7 +98,7 @@ def quality_stage(model: DiffusionModel, schedules: Sequence[Schedule], settings
         if network is not None:
             feats = gather_chunks([(c, features_of(network, x)) for c, x in parts], ref[0].numel())
             entry["fid"], entry["fid_sem"] = frechet_distance(ref, feats, settings.bootstrap, seed=mix(settings.seed, i))
-        if sampler == "ddim" and targets:
+        if sampler == "ddim" and teacher is not None and settings.teacher_samples:  # the same on every process: a collective
             dist = [(c, (x[: len(targets[c])] - targets[c]).flatten(1).norm(dim=1, keepdim=True)) for c, x in parts if c in targets]
             entry["teacher_distance"] = float(gather_chunks(dist, 1).mean())
         entries.append(entry)

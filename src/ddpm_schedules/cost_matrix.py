@@ -17,6 +17,7 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from .diffusion import nats_to_bpd
+from .grids import full_grid
 from .model import DiffusionModel
 from .noise import example_noise, indexed_batches
 from .resume import PartialFile, resumable
@@ -131,31 +132,6 @@ class CostMatrix:
             return cls(**load_checked(path))
         except Exception as e:
             raise ValueError(f"cost matrix file {str(path)!r} is not a saved CostMatrix ({type(e).__name__}); recompute it") from None
-
-
-def candidate_grid(spec: int | Sequence[int] | None, T: int, key: str = "cost.grid") -> list[int] | None:
-    """A grid spec -> candidate timesteps: None = every step, k = every k-th step plus T, or a list as given."""
-    if spec is None:
-        return None
-    if isinstance(spec, bool) or not isinstance(spec, (int, list, tuple)):
-        raise ValueError(f"{key} = {spec!r}; use null (every step), an integer stride k >= 1, or a list of timesteps")
-    if isinstance(spec, int):
-        if not 1 <= spec <= T:
-            raise ValueError(f"{key} = {spec}; an integer grid is a stride >= 1 and <= T = {T} (every k-th step, plus T)")
-        return sorted(set(range(spec, T + 1, spec)) | {T})
-    return sorted(int(t) for t in spec)
-
-
-def full_grid(grid: Sequence[int] | Tensor | None, T: int) -> Tensor:
-    """[0] + the candidate timesteps, validated: integers in 1..T, containing T."""
-    if grid is None:
-        return torch.arange(T + 1)
-    g = sorted({int(t) for t in torch.as_tensor(grid).reshape(-1).tolist()})
-    if not g or g[0] < 1 or g[-1] > T:
-        raise ValueError(f"grid values must lie in 1..{T}, got {g[:1] + g[-1:] if g else 'an empty grid'}")
-    if g[-1] != T:
-        raise ValueError(f"the grid must contain T = {T} (every schedule ends there); append {T} to it")
-    return torch.tensor([0] + g)
 
 
 def estimate_cost_matrix(

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .cost_matrix import CostMatrix, CostMatrixMetric, full_grid
+from .cost_matrix import CostMatrix, CostMatrixMetric
+from .grids import full_grid
 from .model import DiffusionModel
 from .noise import example_noise
 from .resume import PartialFile, resumable

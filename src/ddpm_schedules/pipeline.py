@@ -21,8 +21,8 @@ from torch import Tensor
 from . import report
 from .checkpoints import UntrustedCheckpointError, read_checkpoint
 from .cli import user_error
-from .cost_matrix import candidate_grid, full_grid
 from .frechet import fid_feature_extractor
+from .grids import candidate_grid, full_grid
 from .lightning.data import ImageDataModule
 from .noise import Processes
 from .quality import QualitySettings

@@ -18,8 +18,9 @@ from typing import Any, Iterator, Sequence
 from torch import Tensor
 
 from . import report
-from .cost_matrix import CostMatrix, candidate_grid, estimate_cost_matrices, full_grid
+from .cost_matrix import CostMatrix, estimate_cost_matrices
 from .evaluation import ScheduleResult, evaluate_schedules
+from .grids import candidate_grid, full_grid
 from .model import DiffusionModel
 from .noise import Processes
 from .ode import estimate_ode_matrix

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
@@ -12,7 +13,8 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ..cost_matrix import CostMatrix, candidate_grid, check_objectives, estimate_cost_matrix, full_grid
+from ..cost_matrix import CostMatrix, check_objectives, estimate_cost_matrix
+from ..grids import candidate_grid, full_grid
 from ..noise import shard
 from ..ode import estimate_ode_matrix
 from ..report import figure_array, plot_cost_matrix, plot_schedules
@@ -76,20 +78,27 @@ class ScheduleMonitor(Callback):
     # --- hooks --------------------------------------------------------------------------------
 
     def timesteps(self, T: int) -> list[int]:
-        """The candidate grid (`candidate_grid`): every step, every ``grid``-th step plus T, or a list."""
-        return full_grid(candidate_grid(self.grid, T, "callbacks.schedule_monitor.grid"), T)[1:].tolist()
+        """The candidate grid (`candidate_grid` of ``grid``) plus the timesteps of the baseline schedules, so
+        that they can be priced on it (the DP, exact on any grid, may use them too)."""
+        grid = candidate_grid(self.grid, T, "callbacks.schedule_monitor.grid")
+        if grid is None:
+            return list(range(1, T + 1))
+        stub = SimpleNamespace(T=T)  # baselines need only T
+        extra = {t for s in self.strategies if s.objective is None for sch in s.build_all(stub, self.budgets) for t in sch.timesteps}
+        return full_grid(sorted(set(grid) | extra), T)[1:].tolist()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         T = pl_module.model.T
-        n = len(self.timesteps(T))
-        too_big = [k for k in self.budgets if k > n]
-        if too_big:
-            raise ValueError(f"callbacks.schedule_monitor.budgets {too_big} exceed the {n} grid points; lower them or refine the grid")
         self.strategies = parse_strategies(self.strategy_names, T, "callbacks.schedule_monitor.strategies")
         other = [s.name for s in self.strategies if s.objective and s.objective != self.objective]
         if other:
             raise ValueError(f"callbacks.schedule_monitor.strategies {other} need another matrix than the monitored objective "
                              f"{self.objective!r}; set callbacks.schedule_monitor.objective to theirs")  # fmt: skip
+        grid = candidate_grid(self.grid, T, "callbacks.schedule_monitor.grid")
+        n = T if grid is None else len(set(grid))
+        too_big = [k for k in self.budgets if k > n]
+        if too_big:
+            raise ValueError(f"callbacks.schedule_monitor.budgets {too_big} exceed the {n} grid points; lower them or refine the grid")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

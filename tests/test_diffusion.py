@@ -74,6 +74,47 @@ def test_learned_range_closed_form_matches_torch_distributions(f_lo, f_hi):
         torch.testing.assert_close(got[:, j], ref.sum(1), rtol=1e-10, atol=1e-12)
 
 
+def column_kl_reference(x0, x0_hat, frac, ns, t, s):
+    """KL of the pairs (s, t) per example, summed over dimensions with torch.distributions (no expansion)."""
+    min_log, max_log = ns.log_variance_range(s, t)
+    c0 = dm.c0(ns.ab[s], ns.ab[t])
+    out = torch.empty(x0.shape[0], s.numel(), dtype=f64)
+    for j in range(s.numel()):
+        log_var = frac * max_log[j] + (1 - frac) * min_log[j]
+        out[:, j] = kl_divergence(Normal(c0[j] * x0, (0.5 * min_log[j]).exp()), Normal(c0[j] * x0_hat, (0.5 * log_var).exp())).sum(1)
+    return out
+
+
+@pytest.mark.parametrize("extreme_v", [-7.0, -9.0])  # f = -3 and f = -4: improved-diffusion does not clamp v
+def test_one_example_with_an_extreme_variance_leaves_the_others_exact(extreme_v):
+    """Cosine T = 4000, column t = 4000: one dimension of one example at v = -7 (or -9) in the batch."""
+    ns = NoiseSchedule.named("cosine", 4000)
+    g = torch.Generator().manual_seed(5)
+    B, D, t = 4, 48, 4000
+    x0, x0_hat = torch.rand(B, D, generator=g, dtype=f64) * 2 - 1, torch.rand(B, D, generator=g, dtype=f64) * 2 - 1
+    v = torch.rand(B, D, generator=g, dtype=f64) * 2 - 1
+    v[2, 5] = extreme_v
+    frac = (v + 1) / 2
+    s = torch.tensor([1, 2, 40, 1000, 3000, 3999])
+    min_log, max_log = ns.log_variance_range(s, t)
+    got = dm.learned_range_kl((x0 - x0_hat) ** 2, frac, dm.c0(ns.ab[s], ns.ab[t]), min_log, max_log)
+    want = column_kl_reference(x0, x0_hat, frac, ns, t, s)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)  # every example, the extreme one included
+    alone = dm.learned_range_kl((x0[:1] - x0_hat[:1]) ** 2, frac[:1], dm.c0(ns.ab[s], ns.ab[t]), min_log, max_log)
+    torch.testing.assert_close(got[:1], alone, rtol=1e-12, atol=1e-12)  # an ordinary example is what it is alone
+
+
+def test_wide_ranges_fall_back_to_direct_sums_within_a_memory_bound():
+    g = torch.Generator().manual_seed(6)
+    frac = torch.rand(3, 20, generator=g, dtype=f64) * 2 - 0.5
+    frac[1, 3] = -6.0  # needs far more than 8 terms
+    weights, delta = torch.rand(2, 3, 20, generator=g, dtype=f64), torch.linspace(0.1, 13.0, 7, dtype=f64)
+    exact = torch.einsum("wbd,bsd->wbs", weights, torch.exp(-frac[:, None, :] * delta[None, :, None]))
+    got = dm.chebyshev_exp_sums(frac, weights, delta, max_order=8, max_elements=40)  # 40 elements: 2 s at a time
+    torch.testing.assert_close(got, exact, rtol=1e-12, atol=0)
+    assert dm.chebyshev_order(0.0) == 1 and dm.chebyshev_order(20.0) > dm.chebyshev_order(5.0)
+
+
 @pytest.mark.parametrize("levels", [2, 17, 256])
 @pytest.mark.parametrize("mean,log_scale", [(0.1, -3.0), (-0.97, -6.0), (0.5, 1.0), (3.0, -2.0)])
 def test_decoder_probabilities_sum_to_one(levels, mean, log_scale):

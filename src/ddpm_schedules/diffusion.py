@@ -7,6 +7,7 @@ whole column of the cost matrix.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -146,7 +147,7 @@ def learned_range_kl(sq_err: Tensor, frac: Tensor, c0_st: Tensor, log_btil: Tens
     With Delta = max_log - log btil and w = c0^2 / btil the sum is
     0.5 [sum_d (e^(-f_d Delta) - 1 + f_d Delta) + w sum_d e_d^2 e^(-f_d Delta)].
     The sums over d of e^(-f_d Delta_s) are done without B*S*D exponentials: e^(-f Delta_s) is
-    expanded in Chebyshev polynomials of f over the batch's range of f (`chebyshev_exp_sums`).
+    expanded in Chebyshev polynomials of f over each example's range of f (`chebyshev_exp_sums`).
     ``sq_err`` = (x_0 - x0_hat)^2 and ``frac`` = f are [B, D]; the pair tensors are [S].
     """
     D = frac.shape[1]
@@ -156,21 +157,67 @@ def learned_range_kl(sq_err: Tensor, frac: Tensor, c0_st: Tensor, log_btil: Tens
     return 0.5 * (sums[0] - D + delta[None, :] * frac.sum(1, keepdim=True) + w[None, :] * sums[1])
 
 
-def chebyshev_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, tol: float = 1e-17) -> Tensor:
-    """sum_d weights[w, b, d] exp(-frac[b, d] delta[s]) for every (w, b, s): [W, B, S].
-
-    On [lo, hi] = the range of frac, exp(-f delta) = sum_k c_k(delta) T_k(z), z = (f - mid) / half,
-    with c_k from K Chebyshev nodes; so the sum is (sum_d weights T_k(z_d)) @ c_k(delta_s).
-    K is chosen from the truncation bound 2 I_K(a) <= 2 (a/2)^K e^(a^2 / 4(K+1)) / K!, a = half max delta,
-    which keeps the error below ``tol`` times the largest exponential.
-    """
-    lo, hi = frac.min(), frac.max()
-    mid, half = (hi + lo) / 2, (hi - lo) / 2
-    a = float((half * delta.abs().max()).detach()) if delta.numel() else 0.0
+def chebyshev_order(a: float, tol: float = 1e-17) -> int:
+    """Terms K that keep the Chebyshev truncation error of exp(-f delta) on a range of half-width h below ``tol``
+    times its largest value, a = h max|delta|: the bound 2 I_K(a) <= 2 (a/2)^K e^(a^2 / 4(K+1)) / K!."""
     K = 1
     while K < 4096 and math.log(2) + K * math.log(max(a, 1e-300) / 2) + a * a / (4 * (K + 1)) - math.lgamma(K + 1) > math.log(tol):
         K += 1
-    z = (frac - mid) / half if half > 0 else torch.zeros_like(frac)
+    return K
+
+
+@functools.lru_cache(maxsize=None)
+def _largest_a(max_order: int, tol: float) -> float:
+    """The largest a = h max|delta| whose expansion needs at most ``max_order`` terms (bisection)."""
+    lo, hi = 0.0, 1.0
+    while chebyshev_order(hi, tol) <= max_order:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if chebyshev_order(mid, tol) <= max_order else (lo, mid)
+    return lo
+
+
+def chebyshev_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, tol: float = 1e-17, max_order: int = 64,
+                       max_elements: int = 1 << 24) -> Tensor:
+    """sum_d weights[w, b, d] exp(-frac[b, d] delta[s]) for every (w, b, s): [W, B, S].
+
+    Per example b, on [lo_b, hi_b] = the range of its frac, exp(-f delta) = sum_k c_k(b, delta) T_k(z),
+    z = (f - mid_b) / half_b, with c_k from K Chebyshev nodes; so the sum is (sum_d weights T_k(z_d)) @ c_k.
+    Fitting each example on its own range keeps every example's value exact to ``tol`` times its own
+    largest exponential, whatever the other examples' f. K follows `chebyshev_order` for the widest
+    example; an example that would need more than ``max_order`` terms (a very wide range of f) is
+    summed directly instead, in chunks of at most ``max_elements``, which also bounds the expansion's memory.
+    """
+    B, S = frac.shape[0], delta.numel()
+    out = torch.empty(weights.shape[0], B, S, dtype=frac.dtype, device=frac.device)
+    if S == 0 or B == 0:
+        return out
+    lo, hi = frac.min(1).values, frac.max(1).values
+    reach = ((hi - lo) / 2 * delta.abs().max()).detach()  # a of every example
+    direct = reach > _largest_a(max_order, tol)
+    if direct.any():
+        out[:, direct] = _direct_exp_sums(frac[direct], weights[:, direct], delta, max_elements)
+    if not direct.all():
+        keep = ~direct
+        K = chebyshev_order(float(reach[keep].max()), tol)
+        out[:, keep] = _chebyshev_exp_sums(frac[keep], weights[:, keep], delta, lo[keep], hi[keep], K)
+    return out
+
+
+def _direct_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, max_elements: int) -> Tensor:
+    B, D = frac.shape
+    out = torch.empty(weights.shape[0], B, delta.numel(), dtype=frac.dtype, device=frac.device)
+    chunk = max(1, max_elements // max(1, B * D))
+    for i in range(0, delta.numel(), chunk):
+        e = torch.exp(-frac[:, None, :] * delta[i : i + chunk, None])  # [B, S', D]
+        out[:, :, i : i + chunk] = torch.einsum("wbd,bsd->wbs", weights, e)
+    return out
+
+
+def _chebyshev_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, lo: Tensor, hi: Tensor, K: int) -> Tensor:
+    mid, half = ((hi + lo) / 2)[:, None], ((hi - lo) / 2)[:, None]
+    z = torch.where(half > 0, (frac - mid) / torch.where(half > 0, half, torch.ones_like(half)), torch.zeros_like(frac))
     if z.requires_grad:  # differentiable (a training loss)
         rows = [torch.ones_like(z), z]
         for _ in range(2, K):
@@ -189,8 +236,9 @@ def chebyshev_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, tol: float 
     nodes = torch.cos(math.pi * j / K)
     dct = torch.cos(math.pi * k[None, :] * j[:, None] / K) * (2.0 / K)  # [node, k]
     dct[:, 0] /= 2
-    coef = torch.exp(-delta[:, None] * (mid + half * nodes)[None, :]) @ dct  # [S, K]
-    return moments @ coef.T
+    points = mid + half * nodes[None, :]  # [B, node]: each example's own Chebyshev nodes
+    coef = torch.exp(-delta[None, :, None] * points[:, None, :]) @ dct  # [B, S, K]
+    return torch.einsum("wbk,bsk->wbs", moments, coef)
 
 
 def _log_sub_exp(log_a: Tensor, log_b: Tensor) -> Tensor:

@@ -120,7 +120,7 @@ def test_corrupt_or_mismatched_partial_sums_are_reported_and_recomputed(tmp_path
     model, data = tiny_model("fixed_small", T=8), quantized_data(6)
     partial = tmp_path / "p.pt"
     metric = CostMatrixMetric(9)
-    metric.total += 1e6  # would poison the result if it were used
+    metric.moments[1] += 1e6  # would poison the result if it were used
     config_seed = 99 if damage == "other_config" else 0
     saver = PartialSums(partial, {"what": "cost_matrix", "model": storage.model_fingerprint(model),
                                   "data": storage.data_fingerprint([(0, data)]), "grid": list(range(9)), "seed": config_seed})  # fmt: skip

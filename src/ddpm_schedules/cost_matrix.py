@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .diffusion import nats_to_bpd
 from .grids import full_grid
 from .model import DiffusionModel
+from .moments import batch_moments, empty_moments, mean_sem, merge_moments
 from .noise import example_noise, indexed_batches
 from .resume import PartialFile, resumable
 from .schedules import Schedule
@@ -29,7 +30,7 @@ OBJECTIVES = ("elbo", "mse", "ode")  # the pair costs a DP can run on (ode: see 
 
 
 class CostMatrixMetric(Metric):
-    """Per-pair sums of costs and squared costs of one or more objectives, per-column counts, the prior's sums."""
+    """Per-pair moments (count, mean, M2) of the costs of one or more objectives, per-column counts, the prior's moments."""
 
     full_state_update = False
     is_differentiable = False
@@ -38,47 +39,33 @@ class CostMatrixMetric(Metric):
     def __init__(self, size: int, objectives: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.size = size
-        f64 = torch.float64
-        self.add_state("total", torch.zeros(objectives, size, size, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("total_sq", torch.zeros(objectives, size, size, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros(size, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("prior_total", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        self.add_state("prior_total_sq", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        self.add_state("prior_count", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+        self.add_state("moments", empty_moments(objectives, size, size), dist_reduce_fx=merge_moments)
+        self.add_state("count", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("prior_moments", empty_moments(), dist_reduce_fx=merge_moments)
 
     def update(self, terms: Tensor, column: int, prior: Tensor | None = None) -> None:
         """Add ``terms`` [B, column] or [O, B, column] (the pairs (grid[i], grid[column]), i < column) of B examples."""
         terms = terms.to(torch.float64)
         terms = terms[None] if terms.ndim == 2 else terms
-        if terms.ndim != 3 or terms.shape[0] != self.total.shape[0] or terms.shape[2] != column:
-            raise ValueError(f"terms for column {column} must be [{self.total.shape[0]}, B, {column}], got {tuple(terms.shape)}")
-        self.total[:, :column, column] += terms.sum(1)
-        self.total_sq[:, :column, column] += (terms**2).sum(1)
+        if terms.ndim != 3 or terms.shape[0] != self.moments.shape[1] or terms.shape[2] != column:
+            raise ValueError(f"terms for column {column} must be [{self.moments.shape[1]}, B, {column}], got {tuple(terms.shape)}")
+        old = self.moments[:, :, :column, column]
+        self.moments[:, :, :column, column] = merge_moments(torch.stack([old, batch_moments(terms, dim=1)]))
         self.count[column] += terms.shape[1]
         if prior is not None:
-            prior = prior.to(torch.float64)
-            self.prior_total += prior.sum()
-            self.prior_total_sq += (prior**2).sum()
-            self.prior_count += prior.numel()
+            self.prior_moments = merge_moments(torch.stack([self.prior_moments, batch_moments(prior.reshape(-1))]))
 
     def compute(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(mean [O, N+1, N+1], sem, prior mean, prior sem, examples per column); mean is inf and sem NaN where i >= j.
 
-        Under torch.distributed the sums of every process are added first (torchmetrics syncs).
+        Under torch.distributed the moments of every process are merged first (torchmetrics syncs).
         """
-        mean, sem = _mean_sem(self.total, self.total_sq, self.count[None, None, :])
+        mean, sem = mean_sem(self.moments)
         valid = torch.ones(self.size, self.size, dtype=torch.bool, device=mean.device).triu(1)
         mean = torch.where(valid, mean, torch.full_like(mean, math.inf))
         sem = torch.where(valid, sem, torch.full_like(sem, math.nan))
-        prior, prior_sem = _mean_sem(self.prior_total, self.prior_total_sq, self.prior_count)
+        prior, prior_sem = mean_sem(self.prior_moments)
         return mean, sem, prior, prior_sem, self.count
-
-
-def _mean_sem(total: Tensor, total_sq: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and standard error of the mean from sums; SEM uses the unbiased variance."""
-    mean = total / n
-    var = ((total_sq - n * mean**2) / (n - 1)).clamp(min=0)
-    return mean, (var / n).sqrt()
 
 
 @dataclass
@@ -179,7 +166,7 @@ def estimate_cost_matrices(
     shape = tuple(batches[0][1].shape[1:])
     device = model.device
     metric = CostMatrixMetric(g.numel(), len(objectives)).to(device)
-    config = {"what": "cost_matrix", "model": model_fingerprint(model), "data": data_fingerprint(batches), "grid": g.tolist(), "seed": seed}
+    config = {"what": "cost_matrix", "sums": "moments", "model": model_fingerprint(model), "data": data_fingerprint(batches), "grid": g.tolist(), "seed": seed}
     if objectives != ["elbo"]:
         config["objectives"] = objectives
     with resumable(model, metric, PartialFile.of(partial, every=50), config) as (saver, done, stop_requested):

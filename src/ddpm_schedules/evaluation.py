@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .diffusion import nats_to_bpd
 from .model import DiffusionModel
+from .moments import batch_moments, empty_moments, mean_sem, merge_moments
 from .noise import example_noise, indexed_batches
 from .resume import PartialFile, resumable
 from .schedules import Schedule
@@ -41,7 +42,7 @@ class ScheduleResult:
 
 
 class ScheduleTermsMetric(Metric):
-    """Per-step sums of every schedule (flattened), per-example totals' first two moments, the prior."""
+    """Per-step sums of every schedule (flattened), the moments of each schedule's per-example totals, the prior."""
 
     full_state_update = False
     is_differentiable = False
@@ -51,24 +52,21 @@ class ScheduleTermsMetric(Metric):
         super().__init__(**kwargs)
         f64 = torch.float64
         self.add_state("step_total", torch.zeros(n_steps, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(n_schedules, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("total_sq", torch.zeros(n_schedules, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("moments", empty_moments(n_schedules), dist_reduce_fx=merge_moments)
         self.add_state("prior_total", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
 
     def update(self, step_terms: Tensor, totals: Tensor, prior: Tensor) -> None:
         """``step_terms`` [B, n_steps], ``totals`` [B, n_schedules] (prior included), ``prior`` [B]."""
         self.step_total += step_terms.sum(0)
-        self.total += totals.sum(0)
-        self.total_sq += (totals**2).sum(0)
+        self.moments = merge_moments(torch.stack([self.moments, batch_moments(totals)]))
         self.prior_total += prior.sum()
         self.count += prior.numel()
 
     def compute(self) -> dict[str, Tensor]:
         n = self.count
-        mean = self.total / n
-        var = ((self.total_sq - n * mean**2) / (n - 1)).clamp(min=0)
-        return {"steps": self.step_total / n, "mean": mean, "sem": (var / n).sqrt(), "prior": self.prior_total / n, "count": n}
+        mean, sem = mean_sem(self.moments)
+        return {"steps": self.step_total / n, "mean": mean, "sem": sem, "prior": self.prior_total / n, "count": n}
 
 
 def evaluate_schedules(
@@ -111,7 +109,7 @@ def evaluate_schedules(
     device = model.device
     metric = ScheduleTermsMetric(offsets[-1], len(schedules)).to(device)
     tables = {t: pair_tables(model, t, sorted(by_s), device) for t, by_s in needs.items()}
-    config = {"what": "held_out", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed,
+    config = {"what": "held_out", "sums": "moments", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed,
               "schedules": [list(s.timesteps) for s in schedules]}  # fmt: skip
     with resumable(model, metric, PartialFile.of(partial, every=10), config) as (saver, done, stop_requested), tqdm(
         total=len(batches) * len(needs), initial=done * len(needs), desc="held-out terms", unit="pass", disable=not progress

@@ -61,7 +61,7 @@ class PartialSums:
         except Exception as e:  # truncated, garbage, or tampered with
             log.warning("partial sums %s are unreadable (%s); starting afresh", self.path, e)
             return 0
-        if saved["config"] != json.dumps(self.config, sort_keys=True):
+        if saved["config"] != json.dumps(self.config, sort_keys=True) or set(saved["states"]) != set(metric._defaults):
             log.warning("partial sums %s belong to another configuration; starting afresh", self.path)
             return 0
         for name, value in saved["states"].items():

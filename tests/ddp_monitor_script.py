@@ -3,12 +3,11 @@
 import sys
 
 import pytorch_lightning as pl
-
 from conftest import TINY
+
 from ddpm_schedules.lightning.callbacks import ScheduleMonitor
 from ddpm_schedules.lightning.data import SyntheticDataModule
 from ddpm_schedules.lightning.module import DiffusionModule
-
 
 if __name__ == "__main__":
     out, devices = sys.argv[1], int(sys.argv[2])

@@ -4,8 +4,8 @@ import sys
 import time
 
 import torch
-
 from conftest import TinyNet, quantized_data
+
 from ddpm_schedules import DiffusionModel, NoiseSchedule, estimate_cost_matrix
 from ddpm_schedules.resume import PartialFile
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FIXTURE, TINY, eval_cfg, save_tiny_checkpoint, train_cfg
+
 from ddpm_schedules.pipeline import evaluate, train
 
 
@@ -58,6 +58,9 @@ EVALUATE_CASES = [
     ("sample budget above the grid", ["eval.sample_budgets=[30]"], "eval.sample_budgets has 30; every budget must be an integer in 1..20"),
     ("ode grid smaller than a budget", ["eval.strategies=[dp_ode]", "cost.ode.grid=10"], "eval.budgets has 4; .* 1..2 \\(the size of cost.ode.grid\\)"),
     ("more teacher samples than samples", ["eval.teacher_samples=40"], "eval.teacher_samples = 40 exceeds the 16 samples"),
+    ("target standard error 0", ["cost.target_sem=0"], "cost.target_sem = 0; it must be a positive number of bits/dim"),
+    ("target standard error negative", ["cost.target_sem=-0.1"], "cost.target_sem = -0.1; it must be a positive number"),
+    ("grid spec unknown", ["cost.grid=cubic:3"], "cost.grid = 'cubic:3'; use null"),
     ("grid without T", ["cost.grid=[5,10]"], "must contain T = 20"),
     ("grid stride 0", ["cost.grid=0"], "stride >= 1"),
     ("more examples than the split", ["cost.examples=5000"], "cost.examples = 5000 asks for 5000 val examples"),

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from conftest import quantized_data, tiny_model
 from torch.distributions import Normal, kl_divergence
 
-from conftest import quantized_data, tiny_model
 from ddpm_schedules import CostMatrix, estimate_cost_matrix
-from ddpm_schedules.noise import example_noise
 from ddpm_schedules.cost_matrix import CostMatrixMetric
+from ddpm_schedules.noise import example_noise
 
 f64 = torch.float64
 

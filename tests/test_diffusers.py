@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from conftest import eval_cfg, quantized_data
 from torch.distributions import Normal, kl_divergence
 
-from conftest import eval_cfg, quantized_data
 from ddpm_schedules import Schedule, load_diffusers
 
 diffusers = pytest.importorskip("diffusers")

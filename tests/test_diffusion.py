@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import quantized_data, tiny_model
 from torch.distributions import Normal, kl_divergence
 
-from conftest import quantized_data, tiny_model
 from ddpm_schedules import NoiseSchedule
 from ddpm_schedules import diffusion as dm
 from ddpm_schedules.terms import pair_terms

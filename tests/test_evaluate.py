@@ -7,12 +7,13 @@ import sys
 
 import pytest
 import torch
+from conftest import DIGITS_FEATURES, ROOT, SMALL, eval_cfg
 from hydra import compose, initialize_config_dir
 
-from conftest import DIGITS_FEATURES, ROOT, SMALL, eval_cfg
 from ddpm_schedules import CostMatrix, Schedule
 from ddpm_schedules.pipeline import evaluate
 from ddpm_schedules.schedules import save_schedules
+
 
 @pytest.mark.slow
 def test_end_to_end_files_schema_wandb_and_cache(tmp_path, tiny_ckpt, monkeypatch):
@@ -137,3 +138,12 @@ def test_csv_logger_gets_the_per_sampler_keys(tmp_path, tiny_ckpt):
     header = next((tmp_path / "run" / "csv").glob("*/metrics.csv")).read_text().splitlines()[0].split(",")
     for key in ("bpd/dp_ode/K4", "fid/dp_mse/ancestral/K2", "fid/dp_ode/ddim/K2", "fid_sem/even/ddim/K2", "teacher_distance/dp_ode/ddim/K2"):
         assert key in header, key
+
+
+def test_target_sem_reports_its_rounds_and_the_examples_used(tmp_path, tiny_ckpt):
+    doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "fid.enabled=false", "cost.target_sem=1000.0", "cost.first_round=4",
+                            "eval.strategies=[dp,dp_mse,even]", "cost.grid=log:10"))  # fmt: skip
+    rounds = doc["cost_matrix"]["rounds"]
+    assert doc["cost_matrix"]["target_sem"] == 1000.0 and [r["examples"] for r in rounds] == [4]  # one round is precise enough
+    assert doc["cost_matrix"]["objectives"]["elbo"]["count"] == doc["cost_matrix"]["objectives"]["mse"]["count"] == 4
+    assert doc["cost_matrix"]["grid_size"] == 10

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import CountingNet, quantized_data, tiny_model
+
 from ddpm_schedules import (
     Schedule,
     estimate_cost_matrix,

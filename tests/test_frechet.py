@@ -4,10 +4,16 @@ import pickle
 
 import pytest
 import torch
+from conftest import DIGITS_FEATURES, eval_cfg
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from conftest import DIGITS_FEATURES, eval_cfg
-from ddpm_schedules.frechet import feature_network, features_of, fid_feature_extractor, frechet_distance, moments
+from ddpm_schedules.frechet import (
+    feature_network,
+    features_of,
+    fid_feature_extractor,
+    frechet_distance,
+    moments,
+)
 from ddpm_schedules.lightning.data import DigitsDataModule
 from ddpm_schedules.pipeline import evaluate
 

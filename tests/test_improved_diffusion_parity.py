@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from conftest import FIXTURE
 from torch import nn
 
-from conftest import FIXTURE
 from ddpm_schedules import DiffusionModel, NoiseSchedule
 from ddpm_schedules import diffusion as dm
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import quantized_data, tiny_model
+
 from ddpm_schedules import DiffusionModel, NoiseSchedule, Schedule, even_schedule
 from ddpm_schedules.terms import step_terms
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CountingNet, quantized_data, tiny_model
+
 from ddpm_schedules import CostMatrix, estimate_cost_matrix
 from ddpm_schedules.cost_matrix import estimate_cost_matrices
 from ddpm_schedules.dp import brute_force_paths, optimal_paths
@@ -23,7 +23,7 @@ def mean_sem(values):
 
 @torch.no_grad()
 def test_mse_matrix_is_the_reweighted_squared_error_of_each_example():
-    model, data, T = tiny_model("fixed_small", T=9), quantized_data(5), 9
+    model, data = tiny_model("fixed_small", T=9), quantized_data(5)
     cm = estimate_cost_matrix(model, data, seed=2, batch_size=2, progress=False, objective="mse")
     for t in (1, 4, 9):
         per_example = []

@@ -9,13 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CountingNet, quantized_data, tiny_model
-from ddpm_schedules import Schedule, estimate_cost_matrix, evaluate_schedules, even_schedule
-from ddpm_schedules import storage
+from estimate_script import make_data, make_model
+
+from ddpm_schedules import (
+    Schedule,
+    estimate_cost_matrix,
+    evaluate_schedules,
+    even_schedule,
+    storage,
+)
 from ddpm_schedules.cost_matrix import CostMatrixMetric
 from ddpm_schedules.resume import PartialFile, PartialSums, Preempted
-from estimate_script import make_data, make_model
 
 HERE = Path(__file__).parent
 

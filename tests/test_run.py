@@ -3,11 +3,13 @@
 import json
 
 import pytest
-
+import torch
 from conftest import quantized_data, tiny_model
+
 from ddpm_schedules import estimate_cost_matrix, evaluate_schedules, optimal_schedules
 from ddpm_schedules.quality import QualitySettings
-from ddpm_schedules.run import EvaluationResult, Labels, run_evaluation
+from ddpm_schedules.run import EvaluationResult, run_evaluation
+from ddpm_schedules.settings import Labels
 from ddpm_schedules.strategies import parse_strategies
 
 
@@ -41,3 +43,28 @@ def test_stages_compose_into_the_results_of_the_library_calls(tmp_path):
     assert again.cost_matrix["cached"] and [r["schedule"] for r in again.results] == [r["schedule"] for r in result.results]
     # the full chain joins the one union pass; the schedules' numbers stay those of the library call
     assert again.full_chain["K"] == 12 and [r["bpd"] for r in again.results] == pytest.approx([r["bpd"] for r in result.results], rel=1e-12)
+
+
+def test_target_sem_adds_rounds_until_every_dp_path_is_that_precise():
+    from ddpm_schedules.evaluation import evaluate_schedules
+    from ddpm_schedules.precision import estimate_to_precision
+
+    model, data = tiny_model("learned_range", T=12), quantized_data(40, seed=3)
+    loose, loose_rounds = estimate_to_precision(model, data, [2, 4], target_sem=10.0, seed=1, first=8, progress=False)
+    assert [r["examples"] for r in loose_rounds] == [8] and loose.count == 8
+    cm, rounds = estimate_to_precision(model, data, [2, 4], target_sem=0.05, seed=1, first=8, progress=False)
+    used = [r["examples"] for r in rounds]
+    assert used == sorted(used) and used[0] == 8 and all(b == min(2 * a, 40) for a, b in zip(used, used[1:]))
+    final = rounds[-1]
+    assert max(final["sem_bpd"].values()) <= 0.05 or used[-1] == 40
+    assert all(max(r["sem_bpd"].values()) > 0.05 for r in rounds[:-1])  # it stopped at the first precise round
+    # the merged rounds are the matrix of all the examples used, estimated at once (the noise rule composes them)
+    whole = estimate_cost_matrix(model, data[: used[-1]], seed=1, progress=False)
+    valid = torch.isfinite(whole.mean)
+    torch.testing.assert_close(cm.mean[valid], whole.mean[valid], rtol=1e-10, atol=0)
+    torch.testing.assert_close(cm.sem[valid], whole.sem[valid], rtol=1e-8, atol=0)
+    # the reported errors are those of the DP paths' per-example totals, measured afresh
+    paths = optimal_schedules(cm, [2, 4])
+    measured = evaluate_schedules(model, data[: used[-1]], list(paths.values()), seed=1, progress=False)
+    assert [final["sem_bpd"][K] for K in (2, 4)] == pytest.approx([r.bpd_sem for r in measured], rel=1e-9)
+    assert [final["predicted_bpd"][K] for K in (2, 4)] == pytest.approx([cm.bpd(p.predicted_nats) for p in paths.values()], rel=1e-9)

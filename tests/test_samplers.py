@@ -4,10 +4,16 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from ddpm_schedules import Schedule, even_schedule, full_schedule
-from ddpm_schedules.sampling import SAMPLERS, check_samplers, quantize, sample_ddim, sample_dpmpp
+from ddpm_schedules.sampling import (
+    SAMPLERS,
+    check_samplers,
+    quantize,
+    sample_ddim,
+    sample_dpmpp,
+)
 
 
 @torch.no_grad()

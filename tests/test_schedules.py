@@ -4,8 +4,18 @@ import json
 
 import pytest
 
-from ddpm_schedules import Schedule, even_schedule, quadratic_schedule, respaced_schedule
-from ddpm_schedules.schedules import full_schedule, load_schedules, save_schedules, space_timesteps
+from ddpm_schedules import (
+    Schedule,
+    even_schedule,
+    quadratic_schedule,
+    respaced_schedule,
+)
+from ddpm_schedules.schedules import (
+    full_schedule,
+    load_schedules,
+    save_schedules,
+    space_timesteps,
+)
 
 
 @pytest.mark.parametrize("T", [2, 10, 100, 1000, 4000])

@@ -7,12 +7,21 @@ import os
 
 import pytest
 import torch
-
 from conftest import quantized_data, tiny_model
+
 from ddpm_schedules import storage
 from ddpm_schedules.storage import (
-    atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, cache_key, data_fingerprint, file_digest,
-    hash_parts, load_checked, model_fingerprint, save_checked,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    cache_key,
+    data_fingerprint,
+    file_digest,
+    hash_parts,
+    load_checked,
+    model_fingerprint,
+    save_checked,
 )  # fmt: skip
 
 

@@ -4,9 +4,15 @@ import json
 from dataclasses import dataclass
 
 import pytest
-
 from conftest import quantized_data, tiny_model
-from ddpm_schedules import estimate_cost_matrix, even_schedule, optimal_schedules, quadratic_schedule, respaced_schedule
+
+from ddpm_schedules import (
+    estimate_cost_matrix,
+    even_schedule,
+    optimal_schedules,
+    quadratic_schedule,
+    respaced_schedule,
+)
 from ddpm_schedules import strategies as st
 from ddpm_schedules.schedules import Schedule
 

@@ -8,13 +8,14 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY, train_cfg
 from hydra import compose, initialize_config_dir
 
-from conftest import ROOT, TINY, train_cfg
 from ddpm_schedules import CostMatrix, load_checkpoint
 from ddpm_schedules.lightning.data import SyntheticDataModule
 from ddpm_schedules.lightning.module import DiffusionModule, LossSecondMomentSampler
 from ddpm_schedules.pipeline import train
+
 
 @pytest.mark.parametrize("experiment", ["digits", "cifar10_hybrid", "imagenet64_hybrid"])
 def test_experiment_configs_compose(tmp_path, experiment):

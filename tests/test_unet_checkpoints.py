@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import FIXTURE
+
 from ddpm_schedules import DiffusionModel, load_improved_diffusion
 from ddpm_schedules.unet import NUM_CLASSES, UNetModel, create_unet
 

@@ -11,10 +11,14 @@ import sys
 
 import pytest
 import torch
+from conftest import FIXTURE, ROOT, TINY, eval_cfg, train_cfg
 from omegaconf import OmegaConf
 
-from conftest import FIXTURE, ROOT, TINY, eval_cfg, train_cfg
-from ddpm_schedules.checkpoints import export_checkpoint, load_checkpoint, load_improved_diffusion
+from ddpm_schedules.checkpoints import (
+    export_checkpoint,
+    load_checkpoint,
+    load_improved_diffusion,
+)
 from ddpm_schedules.pipeline import evaluate, train
 
 

@@ -7,7 +7,7 @@ processes combine into exactly the single-process matrix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -55,8 +55,9 @@ class CostMatrixMetric(Metric):
         if prior is not None:
             self.prior_moments = merge_moments(torch.stack([self.prior_moments, batch_moments(prior.reshape(-1))]))
 
-    def compute(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(mean [O, N+1, N+1], sem, prior mean, prior sem, examples per column); mean is inf and sem NaN where i >= j.
+    def compute(self) -> tuple[Tensor, ...]:
+        """(mean [O, N+1, N+1], sem, prior mean, prior sem, examples per column, moments, prior moments); mean is inf
+        and sem NaN where i >= j.
 
         Under torch.distributed the moments of every process are merged first (torchmetrics syncs).
         """
@@ -65,7 +66,7 @@ class CostMatrixMetric(Metric):
         mean = torch.where(valid, mean, torch.full_like(mean, math.inf))
         sem = torch.where(valid, sem, torch.full_like(sem, math.nan))
         prior, prior_sem = mean_sem(self.prior_moments)
-        return mean, sem, prior, prior_sem, self.count
+        return mean, sem, prior, prior_sem, self.count, self.moments.clone(), self.prior_moments.clone()
 
 
 @dataclass
@@ -80,6 +81,17 @@ class CostMatrix:
     count: int  # examples (or trajectories) per column
     dims: int  # D = C * H * W, for bits/dim
     objective: str = "elbo"  # elbo (nats), mse (paper's reweighting) or ode (trajectory error; ode.py)
+    moments: Tensor | None = field(default=None, repr=False)  # [3, N+1, N+1] (count, mean, M2): lets matrices merge
+    prior_moments: Tensor | None = field(default=None, repr=False)  # [3]
+
+    def merged(self, other: "CostMatrix") -> "CostMatrix":
+        """The matrix of both sets of examples (e.g. two rounds of `estimate_to_precision`), from their moments."""
+        if self.moments is None or other.moments is None:
+            raise ValueError("only matrices estimated with their moments can be merged; estimate them again")
+        if not torch.equal(self.grid, other.grid) or self.objective != other.objective:
+            raise ValueError("matrices of different grids or objectives cannot be merged")
+        return from_moments(merge_moments(torch.stack([self.moments, other.moments])),
+                            merge_moments(torch.stack([self.prior_moments, other.prior_moments])), self.grid, self.dims, self.objective)
 
     @property
     def T(self) -> int:
@@ -183,15 +195,22 @@ def estimate_cost_matrices(
                 ]  # fmt: skip
                 metric.update(torch.stack(terms), j, prior_nats(model, x0) if j == 1 and "elbo" in objectives else None)
             saver.step(metric, j, stop_requested())
-    mean, sem, prior, prior_sem, count = (v.cpu() for v in metric.compute())
+    moments, prior_moments = (v.cpu() for v in metric.compute()[5:])
     saver.remove()
-    return {
-        name: CostMatrix(
-            mean=mean[k], sem=sem[k], grid=g, prior=float(prior) if name == "elbo" else 0.0,
-            prior_sem=float(prior_sem) if name == "elbo" else 0.0, count=int(count[1:].min()), dims=math.prod(shape), objective=name,
-        )  # fmt: skip
-        for k, name in enumerate(objectives)
-    }
+    none = empty_moments()
+    return {name: from_moments(moments[:, k], prior_moments if name == "elbo" else none, g, math.prod(shape), name) for k, name in enumerate(objectives)}
+
+
+def from_moments(moments: Tensor, prior_moments: Tensor, grid: Tensor, dims: int, objective: str) -> CostMatrix:
+    """A CostMatrix from the moments [3, N+1, N+1] of its pairs and [3] of the prior (mean inf, sem NaN where i >= j)."""
+    mean, sem = mean_sem(moments)
+    valid = torch.ones_like(mean, dtype=torch.bool).triu(1)
+    prior, prior_sem = mean_sem(prior_moments) if prior_moments[0] > 0 else (torch.zeros(()), torch.zeros(()))
+    return CostMatrix(
+        mean=torch.where(valid, mean, torch.full_like(mean, math.inf)), sem=torch.where(valid, sem, torch.full_like(sem, math.nan)),
+        grid=grid, prior=float(prior), prior_sem=float(prior_sem), count=int(moments[0, 0, 1:].min()) if grid.numel() > 1 else 0,
+        dims=dims, objective=objective, moments=moments, prior_moments=prior_moments,
+    )  # fmt: skip
 
 
 def mse_terms(x0: Tensor, x0_hat: Tensor, t: int, s: Tensor) -> Tensor:

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .cost_matrix import CostMatrix, CostMatrixMetric
+from .cost_matrix import CostMatrix, CostMatrixMetric, from_moments
 from .grids import full_grid
 from .model import DiffusionModel
+from .moments import empty_moments
 from .noise import example_noise
 from .resume import PartialFile, resumable
 from .sampling import ddim_step
@@ -109,6 +110,6 @@ def estimate_ode_matrix(
                 metric.update(jump_distances(model, xs, x0s, g, j), j)
             bar.update(m)
             saver.step(metric, c + 1, stop_requested())
-    mean, sem, _, _, count = (v.cpu() for v in metric.compute())
+    moments = metric.compute()[5].cpu()
     saver.remove()
-    return CostMatrix(mean=mean[0], sem=sem[0], grid=g, prior=0.0, prior_sem=0.0, count=int(count[1:].min()), dims=dims, objective="ode")
+    return from_moments(moments[:, 0], empty_moments(), g, dims, "ode")

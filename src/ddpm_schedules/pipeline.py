@@ -25,9 +25,17 @@ from .frechet import fid_feature_extractor
 from .grids import candidate_grid, full_grid
 from .lightning.data import ImageDataModule
 from .noise import Processes
+from .precision import check_target_sem
 from .quality import QualitySettings
 from .resume import Preempted
-from .run import FrechetSettings, Labels, OdeSettings, ResumeSettings, run_evaluation
+from .run import (
+    FrechetSettings,
+    Labels,
+    OdeSettings,
+    PrecisionSettings,
+    ResumeSettings,
+    run_evaluation,
+)
 from .sampling import check_eta, check_samplers
 from .schedules import check_budgets
 from .strategies import parse_strategies
@@ -128,7 +136,7 @@ COUNTS = {
     "cost.examples": "all", "eval.examples": "all", "fid.reference_examples": "all", "fid.samples": None, "sample.grid_size": None,
     "sample.chunk": None, "batch_size": None, "data.batch_size": None, "data.eval_batch_size": "all",
     "resume.every_columns": None, "resume.every_batches": None, "cost.ode.trajectories": None, "eval.teacher_samples": "none",
-    "fid.bootstrap": "none",
+    "fid.bootstrap": "none", "cost.first_round": None,
 }  # fmt: skip
 
 
@@ -171,6 +179,12 @@ def quality_settings(cfg: DictConfig) -> QualitySettings:
         raise ValueError(f"eval.teacher_samples = {teacher} exceeds the {samples} samples drawn per schedule; lower it or raise fid.samples")
     return QualitySettings(tuple(samplers), float(cfg.eval.ddim_eta), samples, cfg.sample.grid_size, cfg.sample.chunk, cfg.sample.seed,
                            teacher, cfg.fid.bootstrap or 0)  # fmt: skip
+
+
+def precision_settings(cfg: DictConfig) -> PrecisionSettings:
+    """cost.target_sem (bits/dim, or null: all of cost.examples) and the first round's examples, checked."""
+    target = cfg.cost.get("target_sem")
+    return PrecisionSettings(None if target is None else check_target_sem(target), cfg.cost.get("first_round", 64))
 
 
 def schedule_inputs(cfg: DictConfig, T: int) -> tuple[list[int] | None, list[int], list[int], list, OdeSettings]:
@@ -239,7 +253,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """
     try:
         check_counts(cfg)
-        fid, quality = frechet_settings(cfg), quality_settings(cfg)
+        fid, quality, _ = frechet_settings(cfg), quality_settings(cfg), precision_settings(cfg)
         procs = launch_processes(cfg)
         model = build(cfg.model).to(device_for(procs))
         datamodule, cost_data, eval_data, reference = evaluation_data(cfg, model, procs)
@@ -249,7 +263,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             model, cost_data, eval_data, grid=grid, budgets=budgets, strategies=strategies, out_dir=cfg.paths.output_dir,
             cache_dir=cfg.cache_dir, sample_budgets=sample_budgets, cost_seed=cfg.cost.seed, eval_seed=cfg.eval.seed,
             full_chain=cfg.eval.full_chain, batch_size=cfg.batch_size, quality=quality, fid=fid, reference=reference, ode=ode,
-            resume=ResumeSettings(**cfg.resume), procs=procs, labels=Labels(source, path, type(datamodule).__name__, cfg.cost.split, cfg.eval.split),
+            precision=precision_settings(cfg), resume=ResumeSettings(**cfg.resume), procs=procs, labels=Labels(source, path, type(datamodule).__name__, cfg.cost.split, cfg.eval.split),
             logger=build_logger(cfg) if procs.rank == 0 else None,
         )  # fmt: skip
         if procs.rank != 0:

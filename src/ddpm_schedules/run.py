@@ -8,6 +8,7 @@ and the sums combine into the one-process result.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import contextmanager
@@ -24,53 +25,19 @@ from .grids import candidate_grid, full_grid
 from .model import DiffusionModel
 from .noise import Processes
 from .ode import estimate_ode_matrix
+from .precision import estimate_to_precision
 from .quality import QualitySettings, quality_stage
 from .resume import PartialFile
 from .schedules import Schedule, full_schedule
+from .settings import (
+    FrechetSettings,
+    Labels,
+    OdeSettings,
+    PrecisionSettings,
+    ResumeSettings,
+)
 from .storage import atomic_write_json, cache_key, file_digest, hash_parts
 from .strategies import Strategy, build_schedules, objectives_of
-
-
-@dataclass(frozen=True)
-class Labels:
-    """What the inputs are called in results.json (the objects themselves do not know)."""
-
-    model_source: str = "python"
-    model_path: str = ""
-    data_name: str = "data"
-    cost_split: str = "val"
-    eval_split: str = "test"
-
-
-@dataclass(frozen=True)
-class ResumeSettings:
-    """How often partial sums are saved (see `estimate_cost_matrix`)."""
-
-    every_columns: int = 50
-    every_batches: int = 10
-    every_seconds: float = 300.0
-
-
-@dataclass(frozen=True)
-class OdeSettings:
-    """The dp_ode objective's teacher: trajectories, its grid (a `candidate_grid` spec; None: the cost grid), memory."""
-
-    trajectories: int = 64
-    grid: Any = None
-    memory_gb: float = 2.0
-
-
-@dataclass(frozen=True)
-class FrechetSettings:
-    features: str = "digits"  # "digits" (FD in a digits classifier's features) or "inception" (FID)
-    digits_weights: str | None = None
-    inception_weights: str | None = None
-    antialias: bool = False
-    reference_split: str = "test"
-
-    @property
-    def description(self) -> str:
-        return "Inception-v3 pool3 (FID)" if self.features == "inception" else "digits classifier penultimate layer (FD, not FID)"
 
 
 @dataclass
@@ -135,6 +102,28 @@ def _load(file: Path) -> CostMatrix | None:
         return CostMatrix.load(file) if file.is_file() else None
     except ValueError:
         return None  # damaged: estimate again and overwrite
+
+
+def precision_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: int, labels: Labels, budgets: Sequence[int],
+                    settings: PrecisionSettings) -> tuple[Tensor, CostStage | None, list[dict[str, Any]]]:
+    """With a target, the ELBO matrix from `estimate_to_precision` (cached with its rounds); returns the examples it used."""
+    if settings.target_sem is None:
+        return data, None, []
+    g = full_grid(grid, ctx.model.T)
+    key = cache_key(ctx.model, data=labels.data_name, split=labels.cost_split, examples=len(data), grid=g.tolist(), seed=seed,
+                    target_sem=settings.target_sem, first=settings.first, budgets=list(budgets))  # fmt: skip
+    file = ctx.cache_dir / f"cost_matrix_{key[:20]}.pt"
+    rounds_file = file.with_suffix(".rounds.json")
+    cm = _load(file)
+    if cm is not None and rounds_file.is_file():
+        rounds = json.loads(rounds_file.read_text())
+        return data[: rounds[-1]["examples"]], CostStage(cm, key, file, True), rounds
+    cm, rounds = estimate_to_precision(ctx.model, data, budgets, settings.target_sem, grid, seed, ctx.batch_size, settings.first,
+                                       ctx.progress, ctx.procs)  # fmt: skip
+    if ctx.procs.rank == 0:
+        atomic_write_json(rounds_file, rounds)
+        cm.save(file)
+    return data[: rounds[-1]["examples"]], CostStage(cm, key, file, False), rounds
 
 
 def data_matrices_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: int, labels: Labels, objectives: Sequence[str]) -> dict[str, CostStage]:
@@ -233,6 +222,7 @@ def run_evaluation(
     fid: FrechetSettings | None = None,
     reference: Tensor | None = None,
     ode: OdeSettings = OdeSettings(),
+    precision: PrecisionSettings = PrecisionSettings(),
     resume: ResumeSettings = ResumeSettings(),
     procs: Processes = Processes(),
     labels: Labels = Labels(),
@@ -243,7 +233,9 @@ def run_evaluation(
     objectives = objectives_of(strategies)
     ode_grid = candidate_grid(ode.grid, model.T, "cost.ode.grid") if ode.grid is not None else grid
     with ctx.timed("cost_matrix"):
-        costs = data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, [o for o in objectives if o != "ode"])
+        cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision)
+        others = [o for o in objectives if o != "ode" and not (precise and o == "elbo")]
+        costs = ({"elbo": precise} if precise else {}) | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
     if "ode" in objectives:
         with ctx.timed("ode_matrix"):
             costs["ode"] = ode_matrix_stage(ctx, cost_seed, ode, ode_grid)
@@ -264,7 +256,8 @@ def run_evaluation(
         data={"name": labels.data_name, "levels": model.levels, "dims": math.prod(model.image_shape), "cost_split": labels.cost_split,
               "cost_examples": len(cost_data), "eval_split": labels.eval_split, "eval_examples": len(eval_data)},
         cost_matrix={"grid_size": elbo.matrix.grid.numel() - 1, "seconds": ctx.timings["cost_matrix"], "file": str(elbo.file),
-                     "cached": elbo.cached, "seed": cost_seed, "objectives": {o: c.describe() for o, c in costs.items()}},
+                     "cached": elbo.cached, "seed": cost_seed, "objectives": {o: c.describe() for o, c in costs.items()},
+                     "target_sem": precision.target_sem, "rounds": rounds},
         full_chain={"K": model.T, "bpd": full.bpd, "bpd_sem": full.bpd_sem} if full else None,
         fid={"features": fid.description if fid else None, "reference_split": fid.reference_split if fid else None,
              "reference_examples": len(reference) if fid else None, "samples": quality.samples if fid else None,

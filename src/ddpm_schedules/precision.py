@@ -1,0 +1,62 @@
+"""Sample size by precision (``cost.target_sem``): add examples in rounds until every requested DP path is precise.
+
+A fixed ``cost.examples`` is either wasteful or too few. Here the ELBO matrix is estimated on a first
+round of examples, the DP runs, and the standard error of each DP path's predicted bits/dim is
+measured: the per-example totals of the path's pairs, on the same examples and noise as the matrix,
+so their mean is exactly the prediction. While any is above the target, another round (as many
+examples again) is estimated and merged; the noise rule makes the rounds one estimate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import Tensor
+
+from .cost_matrix import CostMatrix, estimate_cost_matrix
+from .dp import optimal_schedules
+from .evaluation import evaluate_schedules
+from .model import DiffusionModel
+from .noise import Processes
+
+
+def check_target_sem(target_sem: Any, key: str = "cost.target_sem") -> float:
+    if isinstance(target_sem, bool) or not isinstance(target_sem, (int, float)) or not target_sem > 0:
+        raise ValueError(f"{key} = {target_sem!r}; it must be a positive number of bits/dim (e.g. 0.01), or null for cost.examples")
+    return float(target_sem)
+
+
+def estimate_to_precision(
+    model: DiffusionModel,
+    data: Tensor,
+    budgets: Sequence[int],
+    target_sem: float,
+    grid: Sequence[int] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    first: int = 64,
+    progress: bool = True,
+    procs: Processes = Processes(),
+) -> tuple[CostMatrix, list[dict[str, Any]]]:
+    """The ELBO matrix on the fewest rounds of ``data`` (``first`` examples, then doubling) for which the standard
+    error of every budget's DP path is at most ``target_sem`` bits/dim; all of ``data`` if none is enough.
+
+    Returns the matrix and one record per round: examples used, and each budget's predicted bits/dim and its error.
+    """
+    target_sem = check_target_sem(target_sem)
+    cm: CostMatrix | None = None
+    rounds: list[dict[str, Any]] = []
+    used, size = 0, min(max(1, first), len(data))
+    while True:
+        lo, hi = procs.shard(size)
+        part = estimate_cost_matrix(model, data[used + lo : used + hi], grid, seed, batch_size, progress, start_index=used + lo)
+        cm = part if cm is None else cm.merged(part)
+        used += size
+        paths = optimal_schedules(cm, budgets)
+        lo, hi = procs.shard(used)
+        results = evaluate_schedules(model, data[lo:hi], list(paths.values()), seed=seed, batch_size=batch_size, progress=False, start_index=lo)
+        sems = {K: r.bpd_sem for K, r in zip(paths, results)}
+        rounds.append({"examples": used, "predicted_bpd": {K: r.bpd for K, r in zip(paths, results)}, "sem_bpd": sems})
+        if max(sems.values()) <= target_sem or used >= len(data):
+            return cm, rounds
+        size = min(used, len(data) - used)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
 
 def empty_moments(*shape: int) -> Tensor:
@@ -43,3 +44,21 @@ def mean_sem(moments: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and standard error of the mean (unbiased variance) from moments [3, ...]."""
     n, mean, m2 = moments.unbind(0)
     return mean, (m2.clamp(min=0) / (n - 1) / n).sqrt()
+
+
+class MeanSem(Metric):
+    """The mean of a stream of values and its standard error, from mergeable moments (any number of processes)."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("moments", empty_moments(), dist_reduce_fx=merge_moments)
+
+    def update(self, values: Tensor) -> None:
+        self.moments = merge_moments(torch.stack([self.moments, batch_moments(values.detach().reshape(-1))]))
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return mean_sem(self.moments)

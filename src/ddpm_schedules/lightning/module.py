@@ -8,12 +8,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric
 
 from ..diffusion import nats_to_bpd
 from ..flags import model_from_flags
 from ..model import DiffusionModel
-from ..terms import prior_nats, step_terms
+from ..moments import MeanSem
+from ..terms import full_chain_estimate, step_terms
 
 LOSSES = ("simple", "hybrid", "vlb")
 
@@ -74,8 +74,10 @@ class DiffusionModule(pl.LightningModule):
       lambda = 0.001, i.e. the vb term times T / 1000 (improved-diffusion's RESCALED_MSE). Needs learn_sigma.
     - ``vlb``: T E_t[L_t], t drawn by `LossSecondMomentSampler` (improved-diffusion's RESCALED_KL).
 
-    Validation logs ``val/bpd``, an unbiased estimate of the full-chain negative ELBO: T L_t at one
-    random t per example plus the prior, with the same t and noise at every validation.
+    Validation logs ``val/bpd``, an unbiased estimate of the full-chain negative ELBO per example
+    (`full_chain_estimate`: the terms of t <= ``val_exact_below`` exactly, ``val_strata`` stratified
+    draws above, the prior), with the same t and noise at every validation, and ``val/bpd_sem``, its
+    standard error over the validation examples.
     Keep an EMA of the weights with Lightning's `EMAWeightAveraging` callback: it validates and
     checkpoints with the averaged weights.
     """
@@ -90,6 +92,8 @@ class DiffusionModule(pl.LightningModule):
         sampler_history: int = 10,
         uniform_prob: float = 0.001,
         val_seed: int = 0,
+        val_exact_below: int = 10,
+        val_strata: int = 8,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -100,7 +104,7 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError("loss 'hybrid' trains the variances: set learn_sigma=true, or use loss=simple")
         self.loss_name = loss
         self.sampler = LossSecondMomentSampler(self.model.T, sampler_history, uniform_prob) if loss == "vlb" else None
-        self.val_bpd = MeanMetric()
+        self.val_bpd = MeanSem()
 
     @property
     def dims(self) -> int:
@@ -155,13 +159,13 @@ class DiffusionModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         g = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx + 1_000_000 * self.global_rank)
-        t = torch.randint(1, self.model.T + 1, (x0.shape[0],), generator=g).to(x0.device)
-        noise = torch.randn(x0.shape, generator=g).to(x0)
-        m = self.model
-        x_t = m.q_sample(x0, t, noise).to(x0.dtype)
-        nats = m.T * step_terms(m, x0, x_t, t, m.predict(x_t, t)) + prior_nats(m, x0)
+        nats = full_chain_estimate(self.model, x0, g, self.hparams.val_exact_below, self.hparams.val_strata)
         self.val_bpd.update(nats_to_bpd(nats, self.dims))
-        self.log("val/bpd", self.val_bpd, prog_bar=True, on_epoch=True, on_step=False)
+
+    def on_validation_epoch_end(self) -> None:
+        mean, sem = self.val_bpd.compute()  # every process's examples (torchmetrics syncs)
+        self.log_dict({"val/bpd": mean, "val/bpd_sem": sem}, prog_bar=True)  # already the same on every process
+        self.val_bpd.reset()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,125 @@
+"""Coarse-to-fine grid refinement (``cost.refine``): forward passes only where the DP's paths go.
+
+Start from a coarse grid that keeps small t dense (e.g. ``log:100``), run the DP for every requested
+budget, add every timestep within ``window`` of a timestep any optimal path uses, and run the DP again
+on the union grid; repeat until the paths need no new timestep (or a round or pass budget is spent).
+A column's forward passes are made once: each example's prediction at t is kept, so the pairs of an
+old column with a newly added s cost no pass. The result is a `CostMatrix` on the final candidate
+grid, on which the DP is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .cost_matrix import CostMatrix, CostMatrixMetric, from_moments, mse_terms
+from .dp import optimal_schedules
+from .grids import GridSpec, candidate_grid, full_grid
+from .model import DiffusionModel, Prediction
+from .moments import empty_moments
+from .noise import example_noise, indexed_batches
+from .terms import pair_tables, pair_terms, prior_nats
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    coarse: GridSpec = "log:100"  # the first grid
+    window: int = 5  # timesteps added on each side of every timestep an optimal path uses
+    max_rounds: int = 10
+    max_passes: int | None = None  # forward passes (examples x columns) at most; None: no limit
+    memory_gb: float = 4.0  # the kept predictions (examples x dims x columns, float64) at most
+
+
+def check_refine(settings: RefineSettings, T: int, examples: int, key: str = "cost.refine") -> None:
+    """One-line errors for a window < 0, rounds < 1, or a pass budget below what the coarse grid needs."""
+    coarse = candidate_grid(settings.coarse, T, f"{key}.coarse")
+    if isinstance(settings.window, bool) or not isinstance(settings.window, int) or settings.window < 0:
+        raise ValueError(f"{key}.window = {settings.window!r}; it must be an integer >= 0 (timesteps added on each side)")
+    if isinstance(settings.max_rounds, bool) or not isinstance(settings.max_rounds, int) or settings.max_rounds < 1:
+        raise ValueError(f"{key}.max_rounds = {settings.max_rounds!r}; it must be a positive integer")
+    need = examples * (T if coarse is None else len(set(coarse) | {T}))
+    if settings.max_passes is not None and settings.max_passes < need:
+        raise ValueError(f"{key}.max_passes = {settings.max_passes} is below the {need} passes the coarse grid needs "
+                         f"({examples} examples); raise it or coarsen {key}.coarse")  # fmt: skip
+
+
+def refine_cost_matrices(
+    model: DiffusionModel,
+    data: Tensor,
+    budgets: Sequence[int],
+    settings: RefineSettings = RefineSettings(),
+    objectives: Sequence[str] = ("elbo",),
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[dict[str, CostMatrix], list[dict[str, Any]]]:
+    """The refined matrices of the data objectives (the DP follows the ELBO one) and one record per round."""
+    T = model.T
+    check_refine(settings, T, len(data))
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, 0)
+    grid = set(candidate_grid(settings.coarse, T, "cost.refine.coarse") or range(1, T + 1)) | {T}
+    predictions: dict[int, list[Prediction]] = {}
+    history: list[dict[str, Any]] = []
+    passes, paths = 0, None
+    for round_ in range(settings.max_rounds):
+        new = sorted(grid - set(predictions))
+        if settings.max_passes is not None and passes + len(new) * len(data) > settings.max_passes:
+            history.append({"round": round_, "stopped": "max_passes", "passes": passes})
+            break
+        _predict_columns(model, batches, new, predictions, seed, settings.memory_gb, progress)
+        passes += len(new) * len(data)
+        matrices = matrices_from_predictions(model, batches, predictions, sorted(grid), objectives, seed)
+        paths = optimal_schedules(matrices["elbo"], budgets)
+        history.append({"round": round_, "grid_size": len(grid), "new_columns": len(new), "passes": passes,
+                        "paths": {K: list(p.timesteps) for K, p in paths.items()}})  # fmt: skip
+        near = {u for p in paths.values() for t in p.timesteps for u in range(t - settings.window, t + settings.window + 1) if 1 <= u <= T}
+        if near <= grid:
+            break  # the paths need nothing new: the DP on a larger grid would give them again
+        grid |= near
+    return matrices, history
+
+
+@torch.no_grad()
+def _predict_columns(model: DiffusionModel, batches: list, columns: list[int], out: dict, seed: int, memory_gb: float, progress: bool) -> None:
+    per_column = sum(x0.numel() for _, x0 in batches) * (2 if model.var_type == "learned_range" else 1) * 8
+    if (len(out) + len(columns)) * per_column > memory_gb * 2**30:
+        raise ValueError(f"keeping {len(out) + len(columns)} columns of predictions needs more than cost.refine.memory_gb = {memory_gb}; "
+                         "raise it, use fewer cost.examples or a coarser grid")  # fmt: skip
+    was_training = model.training
+    model.eval()
+    try:
+        for t in tqdm(columns, desc="refine", unit="col", disable=not progress):
+            preds = []
+            for start, x0 in batches:
+                x0 = x0.to(model.device)
+                x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, tuple(x0.shape[1:])).to(model.device))
+                preds.append(model.predict(x_t, t))
+            out[t] = preds
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def matrices_from_predictions(model: DiffusionModel, batches: list, predictions: dict, grid: list[int], objectives: Sequence[str],
+                              seed: int) -> dict[str, CostMatrix]:
+    """Every pair of ``[0] + grid`` from the kept predictions (x_t is the noise rule's again: no forward pass)."""
+    g = full_grid(grid, model.T)
+    metric = CostMatrixMetric(g.numel(), len(objectives))
+    for j in range(1, g.numel()):
+        t = int(g[j])
+        tables = pair_tables(model, t, g[:j], model.device) if "elbo" in objectives else None
+        for (start, x0), pred in zip(batches, predictions[t]):
+            x0 = x0.to(model.device)
+            x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, tuple(x0.shape[1:])).to(model.device))
+            terms = [pair_terms(model, x0, x_t, t, g[:j], pred, tables=tables) if o == "elbo" else mse_terms(x0, pred.x0_hat, t, g[:j])
+                     for o in objectives]  # fmt: skip
+            metric.update(torch.stack(terms), j, prior_nats(model, x0) if j == 1 and "elbo" in objectives else None)
+    moments, prior_moments = metric.compute()[5:]
+    dims = math.prod(batches[0][1].shape[1:])
+    return {o: from_moments(moments[:, k], prior_moments if o == "elbo" else empty_moments(), g, dims, o) for k, o in enumerate(objectives)}

@@ -1,0 +1,47 @@
+"""Coarse-to-fine refinement: passes only for new columns, the matrix of the final grid, a stop when the paths settle."""
+
+import pytest
+import torch
+
+from conftest import CountingNet, quantized_data, tiny_model
+from ddpm_schedules import estimate_cost_matrix, optimal_schedules
+from ddpm_schedules.refine import RefineSettings, check_refine, refine_cost_matrices
+
+
+def test_refinement_spends_one_pass_per_example_and_column_and_gives_the_final_grids_matrix():
+    model, data = tiny_model("learned_range", T=60), quantized_data(6)
+    counting = CountingNet(model.net)
+    model.net = counting
+    settings = RefineSettings(coarse="log:8", window=2, max_rounds=6)
+    matrices, history = refine_cost_matrices(model, data, [2, 3, 5], settings, objectives=("elbo", "mse"), seed=4, batch_size=4, progress=False)
+    model.net = counting.net
+    cm = matrices["elbo"]
+    grid = cm.grid[1:].tolist()
+    assert len(counting.calls) == len(grid) and set(counting.calls.values()) == {6}  # one pass per example and column, ever
+    assert history[-1]["passes"] == 6 * len(grid) and [h["grid_size"] for h in history] == sorted(h["grid_size"] for h in history)
+    assert len(grid) < 60  # it did not need every column
+    for name in ("elbo", "mse"):  # the same matrix as estimating the final grid directly
+        direct = estimate_cost_matrix(model, data, grid=grid, seed=4, progress=False, objective=name)
+        valid = torch.isfinite(direct.mean)
+        torch.testing.assert_close(matrices[name].mean[valid], direct.mean[valid], rtol=1e-10, atol=0)
+    # it stopped because the final paths need no timestep it lacks
+    paths = optimal_schedules(cm, [2, 3, 5])
+    near = {u for p in paths.values() for t in p.timesteps for u in range(t - 2, t + 3) if 1 <= u <= 60}
+    assert near <= set(grid) or len(history) == 6
+
+
+def test_a_pass_budget_stops_refinement():
+    model, data = tiny_model("fixed_large", T=80), quantized_data(4)
+    matrices, history = refine_cost_matrices(model, data, [3], RefineSettings(coarse=20, window=3, max_passes=4 * 6), progress=False)
+    assert history[-1].get("stopped") == "max_passes" and matrices["elbo"].grid.numel() - 1 == 4  # the coarse grid only
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [(RefineSettings(window=-1), "cost.refine.window = -1"), (RefineSettings(coarse=0), "cost.refine.coarse = 0"),
+     (RefineSettings(coarse=100), "cost.refine.coarse = 100; an integer grid is a stride >= 1 and <= T = 50"),
+     (RefineSettings(max_rounds=0), "cost.refine.max_rounds = 0"), (RefineSettings(coarse="log:10", max_passes=5), "below the 40 passes")],
+)  # fmt: skip
+def test_bad_refinement_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        check_refine(settings, 50, 4)

@@ -147,3 +147,15 @@ def test_target_sem_reports_its_rounds_and_the_examples_used(tmp_path, tiny_ckpt
     assert doc["cost_matrix"]["target_sem"] == 1000.0 and [r["examples"] for r in rounds] == [4]  # one round is precise enough
     assert doc["cost_matrix"]["objectives"]["elbo"]["count"] == doc["cost_matrix"]["objectives"]["mse"]["count"] == 4
     assert doc["cost_matrix"]["grid_size"] == 10
+
+
+def test_refinement_through_evaluate_reports_its_rounds(tmp_path, tiny_ckpt):
+    doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "fid.enabled=false", "cost.refine.enabled=true", "cost.refine.coarse=log:6",
+                            "eval.strategies=[dp,dp_mse,even]"))  # fmt: skip
+    rounds = doc["cost_matrix"]["rounds"]
+    assert rounds and rounds[-1]["passes"] == 16 * doc["cost_matrix"]["grid_size"] and doc["cost_matrix"]["refine"]["coarse"] == "log:6"
+    assert doc["cost_matrix"]["objectives"]["mse"]["grid_size"] == doc["cost_matrix"]["grid_size"] < 20
+    with pytest.raises(ValueError, match="cost.refine.window = -2"):
+        evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "cost.refine.enabled=true", "cost.refine.window=-2"))
+    with pytest.raises(ValueError, match="cost.refine.coarse has 3 timesteps but the largest budget is K = 4"):
+        evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "cost.refine.enabled=true", "cost.refine.coarse=log:3"))

@@ -27,6 +27,7 @@ from .lightning.data import ImageDataModule
 from .noise import Processes
 from .precision import check_target_sem
 from .quality import QualitySettings
+from .refine import RefineSettings, check_refine
 from .resume import Preempted
 from .run import (
     FrechetSettings,
@@ -181,6 +182,18 @@ def quality_settings(cfg: DictConfig) -> QualitySettings:
                            teacher, cfg.fid.bootstrap or 0)  # fmt: skip
 
 
+def refine_settings(cfg: DictConfig, T: int, budgets: list[int], examples: int) -> RefineSettings | None:
+    """cost.refine as settings (None when disabled), checked against T, the budgets and the examples."""
+    node = cfg.cost.get("refine")
+    if not node or not node.get("enabled"):
+        return None
+    if cfg.cost.get("target_sem") is not None:
+        raise ValueError("cost.refine.enabled=true and cost.target_sem do not combine yet: use one of them (cost.target_sem=null)")
+    settings = RefineSettings(**{k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "enabled"})
+    check_refine(settings, T, examples, budgets)
+    return settings
+
+
 def precision_settings(cfg: DictConfig) -> PrecisionSettings:
     """cost.target_sem (bits/dim, or null: all of cost.examples) and the first round's examples, checked."""
     target = cfg.cost.get("target_sem")
@@ -263,7 +276,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             model, cost_data, eval_data, grid=grid, budgets=budgets, strategies=strategies, out_dir=cfg.paths.output_dir,
             cache_dir=cfg.cache_dir, sample_budgets=sample_budgets, cost_seed=cfg.cost.seed, eval_seed=cfg.eval.seed,
             full_chain=cfg.eval.full_chain, batch_size=cfg.batch_size, quality=quality, fid=fid, reference=reference, ode=ode,
-            precision=precision_settings(cfg), resume=ResumeSettings(**cfg.resume), procs=procs, labels=Labels(source, path, type(datamodule).__name__, cfg.cost.split, cfg.eval.split),
+            precision=precision_settings(cfg), refine=refine_settings(cfg, model.T, sorted(set(budgets) | set(sample_budgets)), len(cost_data)),
+            resume=ResumeSettings(**cfg.resume), procs=procs, labels=Labels(source, path, type(datamodule).__name__, cfg.cost.split, cfg.eval.split),
             logger=build_logger(cfg) if procs.rank == 0 else None,
         )  # fmt: skip
         if procs.rank != 0:

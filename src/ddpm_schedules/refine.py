@@ -36,14 +36,18 @@ class RefineSettings:
     memory_gb: float = 4.0  # the kept predictions (examples x dims x columns, float64) at most
 
 
-def check_refine(settings: RefineSettings, T: int, examples: int, key: str = "cost.refine") -> None:
-    """One-line errors for a window < 0, rounds < 1, or a pass budget below what the coarse grid needs."""
+def check_refine(settings: RefineSettings, T: int, examples: int, budgets: Sequence[int] = (), key: str = "cost.refine") -> None:
+    """One-line errors for a window < 0, rounds < 1, a coarse grid smaller than a budget, or a pass budget below
+    what the coarse grid needs."""
     coarse = candidate_grid(settings.coarse, T, f"{key}.coarse")
+    size = T if coarse is None else len(set(coarse) | {T})
+    if budgets and max(budgets) > size:
+        raise ValueError(f"{key}.coarse has {size} timesteps but the largest budget is K = {max(budgets)}; use a finer {key}.coarse")
     if isinstance(settings.window, bool) or not isinstance(settings.window, int) or settings.window < 0:
         raise ValueError(f"{key}.window = {settings.window!r}; it must be an integer >= 0 (timesteps added on each side)")
     if isinstance(settings.max_rounds, bool) or not isinstance(settings.max_rounds, int) or settings.max_rounds < 1:
         raise ValueError(f"{key}.max_rounds = {settings.max_rounds!r}; it must be a positive integer")
-    need = examples * (T if coarse is None else len(set(coarse) | {T}))
+    need = examples * size
     if settings.max_passes is not None and settings.max_passes < need:
         raise ValueError(f"{key}.max_passes = {settings.max_passes} is below the {need} passes the coarse grid needs "
                          f"({examples} examples); raise it or coarsen {key}.coarse")  # fmt: skip
@@ -58,22 +62,29 @@ def refine_cost_matrices(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    start_index: int = 0,
+    examples: int | None = None,
 ) -> tuple[dict[str, CostMatrix], list[dict[str, Any]]]:
-    """The refined matrices of the data objectives (the DP follows the ELBO one) and one record per round."""
+    """The refined matrices of the data objectives (the DP follows the ELBO one) and one record per round.
+
+    Under torch.distributed each process passes its shard (``start_index``: its first example's global
+    index) and ``examples``, the total, for the pass count; the matrices combine as `estimate_cost_matrix`'s.
+    """
     T = model.T
-    check_refine(settings, T, len(data))
-    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, 0)
+    examples = len(data) if examples is None else examples
+    check_refine(settings, T, examples, budgets)
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
     grid = set(candidate_grid(settings.coarse, T, "cost.refine.coarse") or range(1, T + 1)) | {T}
     predictions: dict[int, list[Prediction]] = {}
     history: list[dict[str, Any]] = []
     passes, paths = 0, None
     for round_ in range(settings.max_rounds):
         new = sorted(grid - set(predictions))
-        if settings.max_passes is not None and passes + len(new) * len(data) > settings.max_passes:
+        if settings.max_passes is not None and passes + len(new) * examples > settings.max_passes:
             history.append({"round": round_, "stopped": "max_passes", "passes": passes})
             break
         _predict_columns(model, batches, new, predictions, seed, settings.memory_gb, progress)
-        passes += len(new) * len(data)
+        passes += len(new) * examples
         matrices = matrices_from_predictions(model, batches, predictions, sorted(grid), objectives, seed)
         paths = optimal_schedules(matrices["elbo"], budgets)
         history.append({"round": round_, "grid_size": len(grid), "new_columns": len(new), "passes": passes,

@@ -8,26 +8,28 @@ and the sums combine into the one-process result.
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from torch import Tensor
 
 from . import report
-from .cost_matrix import CostMatrix, estimate_cost_matrices
+from .cost_matrix import CostMatrix
+from .cost_stages import (
+    Context,
+    data_matrices_stage,
+    ode_matrix_stage,
+    precision_stage,
+    refine_stage,
+)
 from .evaluation import ScheduleResult, evaluate_schedules
 from .grids import candidate_grid, full_grid
 from .model import DiffusionModel
 from .noise import Processes
-from .ode import estimate_ode_matrix
-from .precision import estimate_to_precision
 from .quality import QualitySettings, quality_stage
-from .resume import PartialFile
+from .refine import RefineSettings
 from .schedules import Schedule, full_schedule
 from .settings import (
     FrechetSettings,
@@ -36,7 +38,7 @@ from .settings import (
     PrecisionSettings,
     ResumeSettings,
 )
-from .storage import atomic_write_json, cache_key, file_digest, hash_parts
+from .storage import atomic_write_json, file_digest, hash_parts
 from .strategies import Strategy, build_schedules, objectives_of
 
 
@@ -59,109 +61,6 @@ class EvaluationResult:
     def to_json(self) -> dict[str, Any]:
         keys = ("model", "data", "cost_matrix", "full_chain", "fid", "results", "sample_quality", "timings")
         return {k: getattr(self, k) for k in keys}
-
-
-@dataclass
-class Context:
-    """What every stage needs: the model, where this process stands, caching and resuming."""
-
-    model: DiffusionModel
-    cache_dir: Path
-    batch_size: int = 200
-    procs: Processes = Processes()
-    resume: ResumeSettings = ResumeSettings()
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def progress(self) -> bool:
-        return self.procs.rank == 0
-
-    @contextmanager
-    def timed(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.timings[name] = time.perf_counter() - start
-
-    def partial(self, file: Path, every: int) -> PartialFile:
-        return PartialFile(file.with_suffix(self.procs.partial_suffix), every, self.resume.every_seconds)
-
-
-@dataclass
-class CostStage:
-    matrix: CostMatrix
-    key: str
-    file: Path
-    cached: bool
-
-    def describe(self) -> dict[str, Any]:
-        return {"grid_size": self.matrix.grid.numel() - 1, "file": str(self.file), "cached": self.cached, "count": self.matrix.count}
-
-
-def _load(file: Path) -> CostMatrix | None:
-    try:
-        return CostMatrix.load(file) if file.is_file() else None
-    except ValueError:
-        return None  # damaged: estimate again and overwrite
-
-
-def precision_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: int, labels: Labels, budgets: Sequence[int],
-                    settings: PrecisionSettings) -> tuple[Tensor, CostStage | None, list[dict[str, Any]]]:
-    """With a target, the ELBO matrix from `estimate_to_precision` (cached with its rounds); returns the examples it used."""
-    if settings.target_sem is None:
-        return data, None, []
-    g = full_grid(grid, ctx.model.T)
-    key = cache_key(ctx.model, data=labels.data_name, split=labels.cost_split, examples=len(data), grid=g.tolist(), seed=seed,
-                    target_sem=settings.target_sem, first=settings.first, budgets=list(budgets))  # fmt: skip
-    file = ctx.cache_dir / f"cost_matrix_{key[:20]}.pt"
-    rounds_file = file.with_suffix(".rounds.json")
-    cm = _load(file)
-    if cm is not None and rounds_file.is_file():
-        rounds = json.loads(rounds_file.read_text())
-        return data[: rounds[-1]["examples"]], CostStage(cm, key, file, True), rounds
-    cm, rounds = estimate_to_precision(ctx.model, data, budgets, settings.target_sem, grid, seed, ctx.batch_size, settings.first,
-                                       ctx.progress, ctx.procs)  # fmt: skip
-    if ctx.procs.rank == 0:
-        atomic_write_json(rounds_file, rounds)
-        cm.save(file)
-    return data[: rounds[-1]["examples"]], CostStage(cm, key, file, False), rounds
-
-
-def data_matrices_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: int, labels: Labels, objectives: Sequence[str]) -> dict[str, CostStage]:
-    """The data objectives' matrices (elbo, mse), from the cache (keyed by weights, data, grid, seed, conventions)
-    or estimated together from one set of forward passes."""
-    g = full_grid(grid, ctx.model.T)
-    base = dict(data=labels.data_name, split=labels.cost_split, examples=len(data), grid=g.tolist(), seed=seed)
-    keys = {o: cache_key(ctx.model, **base, **({} if o == "elbo" else {"objective": o})) for o in objectives}
-    files = {o: ctx.cache_dir / f"cost_matrix_{k[:20]}.pt" for o, k in keys.items()}
-    out = {o: CostStage(cm, keys[o], files[o], True) for o in objectives if (cm := _load(files[o])) is not None}
-    missing = [o for o in objectives if o not in out]
-    if missing:
-        lo, hi = ctx.procs.shard(len(data))
-        estimated = estimate_cost_matrices(
-            ctx.model, data[lo:hi], missing, grid=grid, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
-            partial=ctx.partial(files[missing[0]], ctx.resume.every_columns),
-        )  # fmt: skip
-        for o, cm in estimated.items():
-            if ctx.procs.rank == 0:
-                cm.save(files[o])
-            out[o] = CostStage(cm, keys[o], files[o], False)
-    return out
-
-
-def ode_matrix_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[int] | None) -> CostStage:
-    """The dp_ode matrix from teacher DDIM trajectories (ode.py), cached like the others."""
-    g = full_grid(grid, ctx.model.T)
-    key = cache_key(ctx.model, objective="ode", grid=g.tolist(), seed=seed, trajectories=settings.trajectories)
-    file = ctx.cache_dir / f"cost_matrix_{key[:20]}.pt"
-    cm = _load(file)
-    if cm is not None:
-        return CostStage(cm, key, file, True)
-    lo, hi = ctx.procs.shard(settings.trajectories)
-    cm = estimate_ode_matrix(ctx.model, hi - lo, grid=grid, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
-                             partial=ctx.partial(file, 1), memory_gb=settings.memory_gb)  # fmt: skip
-    if ctx.procs.rank == 0:
-        cm.save(file)
-    return CostStage(cm, key, file, False)
 
 
 def held_out_stage(
@@ -223,6 +122,7 @@ def run_evaluation(
     reference: Tensor | None = None,
     ode: OdeSettings = OdeSettings(),
     precision: PrecisionSettings = PrecisionSettings(),
+    refine: RefineSettings | None = None,
     resume: ResumeSettings = ResumeSettings(),
     procs: Processes = Processes(),
     labels: Labels = Labels(),
@@ -235,7 +135,10 @@ def run_evaluation(
     with ctx.timed("cost_matrix"):
         cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision)
         others = [o for o in objectives if o != "ode" and not (precise and o == "elbo")]
-        costs = ({"elbo": precise} if precise else {}) | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
+        if refine is not None:
+            costs, rounds = refine_stage(ctx, cost_data, cost_seed, labels, objectives, sorted(set(budgets) | set(sample_budgets)), refine)
+        else:
+            costs = ({"elbo": precise} if precise else {}) | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
     if "ode" in objectives:
         with ctx.timed("ode_matrix"):
             costs["ode"] = ode_matrix_stage(ctx, cost_seed, ode, ode_grid)
@@ -257,7 +160,7 @@ def run_evaluation(
               "cost_examples": len(cost_data), "eval_split": labels.eval_split, "eval_examples": len(eval_data)},
         cost_matrix={"grid_size": elbo.matrix.grid.numel() - 1, "seconds": ctx.timings["cost_matrix"], "file": str(elbo.file),
                      "cached": elbo.cached, "seed": cost_seed, "objectives": {o: c.describe() for o, c in costs.items()},
-                     "target_sem": precision.target_sem, "rounds": rounds},
+                     "target_sem": precision.target_sem, "refine": refine.__dict__ if refine else None, "rounds": rounds},
         full_chain={"K": model.T, "bpd": full.bpd, "bpd_sem": full.bpd_sem} if full else None,
         fid={"features": fid.description if fid else None, "reference_split": fid.reference_split if fid else None,
              "reference_examples": len(reference) if fid else None, "samples": quality.samples if fid else None,

@@ -61,6 +61,7 @@ EVALUATE_CASES = [
     ("target standard error 0", ["cost.target_sem=0"], "cost.target_sem = 0; it must be a positive number of bits/dim"),
     ("target standard error negative", ["cost.target_sem=-0.1"], "cost.target_sem = -0.1; it must be a positive number"),
     ("grid spec unknown", ["cost.grid=cubic:3"], "cost.grid = 'cubic:3'; use null"),
+    ("precision unknown", ["precision=8"], "precision = 8; use 32, bf16 or 16"),
     ("grid without T", ["cost.grid=[5,10]"], "must contain T = 20"),
     ("grid stride 0", ["cost.grid=0"], "stride >= 1"),
     ("more examples than the split", ["cost.examples=5000"], "cost.examples = 5000 asks for 5000 val examples"),

@@ -17,6 +17,7 @@ from .schedules import Schedule
 
 MeanType = Literal["eps", "x0", "v"]
 MEAN_TYPES = ("eps", "x0", "v")
+AUTOCAST = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}  # the network pass only (``precision``)
 
 
 @dataclass
@@ -36,6 +37,8 @@ class DiffusionModel(nn.Module):
     - ``rescale_timesteps``: the network sees (t - 1) * 1000 / T instead of the index t - 1.
     - ``clip_denoised``: x0_hat is clipped to [-1, 1] before it forms a mean.
     - ``levels``: the number of values per dimension of the data (256 for 8-bit images).
+    - ``precision``: ``"32"``, ``"bf16"`` or ``"16"``: autocast around the network pass only; everything
+      after it (x0_hat, variances, terms) is float64 whatever the network computed in.
     """
 
     def __init__(
@@ -65,6 +68,14 @@ class DiffusionModel(nn.Module):
         self.clip_denoised = clip_denoised
         self.levels = levels
         self.image_shape = tuple(image_shape) if image_shape is not None else None
+        self.precision = "32"
+
+    def set_precision(self, precision: str | int, key: str = "precision") -> "DiffusionModel":
+        """The network pass's precision: 32, bf16 or 16 (autocast; the terms stay float64)."""
+        if str(precision) not in AUTOCAST:
+            raise ValueError(f"{key} = {precision!r}; use 32, bf16 or 16 (autocast around the network pass)")
+        self.precision = str(precision)
+        return self
 
     @property
     def T(self) -> int:
@@ -72,21 +83,18 @@ class DiffusionModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        p = next(iter(self.parameters()), None) if isinstance(self.net, nn.Module) else None
-        return p.device if p is not None else torch.device("cpu")
+        return next(self.parameters(), torch.empty(0)).device
 
     @property
     def input_dtype(self) -> torch.dtype:
-        p = next(iter(self.parameters()), None) if isinstance(self.net, nn.Module) else None
+        p = next(self.parameters(), None)
         return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
     def extra_repr(self) -> str:
         return (
             f"T={self.T}, mean_type={self.mean_type}, var_type={self.var_type}, "
             f"rescale_timesteps={self.rescale_timesteps}, clip_denoised={self.clip_denoised}, levels={self.levels}"
-        )
-
-    # --- the network -------------------------------------------------------------------------
+        ) + (f", precision={self.precision}" if self.precision != "32" else "")  # in cache keys: 32 keeps the old ones
 
     def net_timesteps(self, t: Tensor) -> Tensor:
         """Paper t (1..T) -> what the network sees: the 0-based index, optionally scaled to 0..1000."""
@@ -101,7 +109,8 @@ class DiffusionModel(nn.Module):
     def predict(self, x_t: Tensor, t: int | Tensor) -> Prediction:
         """One forward pass at t: x0_hat (and the variance fraction for learned_range)."""
         t_vec = self._t_vec(t, x_t)
-        out = self.net(x_t.to(self.input_dtype), self.net_timesteps(t_vec))
+        with torch.autocast(self.device.type, dtype=AUTOCAST[self.precision], enabled=self.precision != "32"):
+            out = self.net(x_t.to(self.input_dtype), self.net_timesteps(t_vec))  # read in float64 by `prediction`
         if not torch.isfinite(out).all():
             raise ValueError(
                 f"the network produced NaN or Inf at t = {_describe(t)}; check the checkpoint, its flags and the input scaling"
@@ -158,8 +167,6 @@ class DiffusionModel(nn.Module):
     def sample(self, schedule: Schedule | Sequence[int], n: int, generator: torch.Generator | None = None, **kwargs) -> Tensor:
         """Ancestral samples along ``schedule`` (`sampling.sample_ancestral`): [n, C, H, W] on ``levels``."""
         return sample_ancestral(self, schedule, n, generator, **kwargs)
-
-    # --- helpers -----------------------------------------------------------------------------
 
     def _t_vec(self, t: int | Tensor, like: Tensor) -> Tensor:
         if torch.is_tensor(t) and t.ndim:

@@ -268,7 +268,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         check_counts(cfg)
         fid, quality, _ = frechet_settings(cfg), quality_settings(cfg), precision_settings(cfg)
         procs = launch_processes(cfg)
-        model = build(cfg.model).to(device_for(procs))
+        model = build(cfg.model).to(device_for(procs)).set_precision(cfg.get("precision", 32))
         datamodule, cost_data, eval_data, reference = evaluation_data(cfg, model, procs)
         grid, budgets, sample_budgets, strategies, ode = schedule_inputs(cfg, model.T)
         source, path = model_labels(cfg)

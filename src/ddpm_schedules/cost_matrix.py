@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -134,18 +134,12 @@ class CostMatrix:
 
 
 def estimate_cost_matrix(
-    model: DiffusionModel,
-    data: Tensor | Iterable,
-    grid: Sequence[int] | Tensor | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    progress: bool = True,
-    start_index: int = 0,
-    partial: PartialFile | str | Path | None = None,
-    objective: str = "elbo",
+    model: DiffusionModel, data: Tensor | Iterable, grid: Sequence[int] | Tensor | None = None, seed: int = 0, *, objective: str = "elbo",
+    **options: Any,
 ) -> CostMatrix:
     """Estimate C[s, t] of ``objective`` for every pair of ``[0] + grid`` on ``data`` (x_0 in [-1, 1]).
 
+    ``options`` are `estimate_cost_matrices`' (``batch_size``, ``progress``, ``start_index``, ``partial``).
     Column t costs one forward pass per example, which serves every s < t on the grid:
     ``elbo`` is the KL term of the pair (Watson et al.; nats), ``mse`` the paper's reweighting
     (t - s) ||x_0 - x0_hat(x_t, t)||^2. ``start_index`` is the global index of the first example of
@@ -155,7 +149,7 @@ def estimate_cost_matrix(
     seed resumes from them, and SIGTERM saves and stops with `Preempted`. The file is removed once
     the matrix is complete. `estimate_cost_matrices` gives several objectives from the same passes.
     """
-    return estimate_cost_matrices(model, data, [objective], grid, seed, batch_size, progress, start_index, partial)[objective]
+    return estimate_cost_matrices(model, data, [objective], grid, seed, **options)[objective]
 
 
 def estimate_cost_matrices(

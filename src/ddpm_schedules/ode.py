@@ -78,10 +78,10 @@ def estimate_ode_matrix(
     grid: Sequence[int] | Tensor | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    memory_gb: float = 2.0,
     progress: bool = True,
     start_index: int = 0,
     partial: PartialFile | str | Path | None = None,
-    memory_gb: float = 2.0,
 ) -> CostMatrix:
     """The GITS cost matrix on ``[0] + grid`` from ``trajectories`` teacher trajectories (global indices from ``start_index``).
 

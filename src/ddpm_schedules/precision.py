@@ -49,7 +49,7 @@ def estimate_to_precision(
     used, size = 0, min(max(1, first), len(data))
     while True:
         lo, hi = procs.shard(size)
-        part = estimate_cost_matrix(model, data[used + lo : used + hi], grid, seed, batch_size, progress, start_index=used + lo)
+        part = estimate_cost_matrix(model, data[used + lo : used + hi], grid, seed, batch_size=batch_size, progress=progress, start_index=used + lo)
         cm = part if cm is None else cm.merged(part)
         used += size
         paths = optimal_schedules(cm, budgets)

@@ -12,7 +12,7 @@ Every sampler walks x_T ~ N(0, I) -> x_{tau_{K-1}} -> ... -> x0_hat along the sc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -56,8 +56,8 @@ def ddim_step(model: "DiffusionModel", x_t: Tensor, x0_hat: Tensor, t: int, s: i
     return out + sigma2**0.5 * noise if sigma2 > 0 and noise is not None else out
 
 
-def _batched(model: "DiffusionModel", schedule: Schedule | Sequence[int], n: int, generator: torch.Generator | None,
-             batch_size: int | None, noise: Sequence[Tensor] | None, run: Callable[[Schedule, Draw], Tensor],
+def _batched(model: "DiffusionModel", schedule: Schedule | Sequence[int], n: int, run: Callable[[Schedule, Draw], Tensor],
+             generator: torch.Generator | None = None, batch_size: int | None = None, noise: Sequence[Tensor] | None = None,
              x_T: Tensor | None = None) -> Tensor:
     """Run ``run(schedule, draw)`` over batches of n samples; ``noise`` (x_T first, then per-step draws) replaces the
     generator, ``x_T`` only its first draw (then one batch of n: samplers given the same x_T start from the same points)."""
@@ -131,21 +131,15 @@ def sample_ancestral(
             x = mean + torch.exp(0.5 * log_var) * draw()
         raise AssertionError("unreachable: every schedule starts from s = 0")
 
-    return _batched(model, schedule, n, generator, batch_size, noise, run, x_T)
+    return _batched(model, schedule, n, run, generator=generator, batch_size=batch_size, noise=noise, x_T=x_T)
 
 
 @torch.no_grad()
-def sample_ddim(
-    model: "DiffusionModel",
-    schedule: Schedule | Sequence[int],
-    n: int,
-    generator: torch.Generator | None = None,
-    batch_size: int | None = None,
-    noise: Sequence[Tensor] | None = None,
-    eta: float = 0.0,
-    x_T: Tensor | None = None,
-) -> Tensor:
-    """DDIM along the schedule (`ddim_step` for every pair; the last step returns x0_hat): [n, C, H, W] on ``levels``."""
+def sample_ddim(model: "DiffusionModel", schedule: Schedule | Sequence[int], n: int, eta: float = 0.0, **draws: Any) -> Tensor:
+    """DDIM along the schedule (`ddim_step` for every pair; the last step returns x0_hat): [n, C, H, W] on ``levels``.
+
+    ``draws``: ``generator``, ``batch_size``, ``noise``, ``x_T`` as for `sample_ancestral`.
+    """
     check_eta(eta)
 
     def run(schedule: Schedule, draw: Draw) -> Tensor:
@@ -157,21 +151,16 @@ def sample_ddim(
             x = ddim_step(model, x, x0_hat, t, s, eta, draw() if eta > 0 else None)
         raise AssertionError("unreachable: every schedule starts from s = 0")
 
-    return _batched(model, schedule, n, generator, batch_size, noise, run, x_T)
+    return _batched(model, schedule, n, run, **draws)
 
 
 @torch.no_grad()
-def sample_dpmpp(
-    model: "DiffusionModel",
-    schedule: Schedule | Sequence[int],
-    n: int,
-    generator: torch.Generator | None = None,
-    batch_size: int | None = None,
-    noise: Sequence[Tensor] | None = None,
-    x_T: Tensor | None = None,
-) -> Tensor:
+def sample_dpmpp(model: "DiffusionModel", schedule: Schedule | Sequence[int], n: int, **draws: Any) -> Tensor:
     """DPM-Solver++(2M) with diffusers' DPMSolverMultistepScheduler on the model's own betas, fed the model's
-    (clipped) x0_hat as a data prediction, at the schedule's timesteps: [n, C, H, W] on ``levels``."""
+    (clipped) x0_hat as a data prediction, at the schedule's timesteps: [n, C, H, W] on ``levels``.
+
+    ``draws``: ``generator``, ``batch_size``, ``noise``, ``x_T`` as for `sample_ancestral`.
+    """
     scheduler = dpmpp_scheduler(model)
 
     def run(schedule: Schedule, draw: Draw) -> Tensor:
@@ -182,7 +171,7 @@ def sample_dpmpp(
             x = scheduler.step(x0_hat, index, x).prev_sample
         return quantize(x, model.levels).float()
 
-    return _batched(model, schedule, n, generator, batch_size, noise, run, x_T)
+    return _batched(model, schedule, n, run, **draws)
 
 
 def dpmpp_scheduler(model: "DiffusionModel"):

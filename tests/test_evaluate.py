@@ -56,9 +56,9 @@ def test_end_to_end_files_schema_wandb_and_cache(tmp_path, tiny_ckpt, monkeypatc
     assert quality_table["columns"][:4] == ["strategy", "K", "sampler", "fid"] and len(quality_table["data"]) == len(quality)
     # a rerun takes the cached matrix and the cached reference statistics: no forward pass for either
     import ddpm_schedules.frechet as frechet
-    import ddpm_schedules.run as run_module
+    import ddpm_schedules.cost_stages as cost_stages
 
-    monkeypatch.setattr(run_module, "estimate_cost_matrices", lambda *a, **k: pytest.fail("the cost matrix was recomputed"))
+    monkeypatch.setattr(cost_stages, "estimate_cost_matrices", lambda *a, **k: pytest.fail("the cost matrix was recomputed"))
     monkeypatch.setattr(frechet, "gather_rows", lambda *a, **k: pytest.fail("the reference statistics were recomputed"))
     again = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", f"eval.strategies=[dp,even,quadratic,respace:5,file:{tmp_path / 'mine.json'}]"))
     assert again["cost_matrix"]["cached"] is True

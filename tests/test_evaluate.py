@@ -20,7 +20,7 @@ def test_end_to_end_files_schema_wandb_and_cache(tmp_path, tiny_ckpt, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     save_schedules([Schedule((3, 11, 20), 20)], tmp_path / "mine.json")
-    cfg = eval_cfg(tmp_path, tiny_ckpt, "logger=wandb", f"eval.strategies=[dp,even,quadratic,respace:5,file:{tmp_path / 'mine.json'}]")
+    cfg = eval_cfg(tmp_path, tiny_ckpt, "logger=wandb", "eval.full_chain=true", f"eval.strategies=[dp,even,quadratic,respace:5,file:{tmp_path / 'mine.json'}]")
     doc = evaluate(cfg)
     run = tmp_path / "run"
     saved = json.loads((run / "results.json").read_text())

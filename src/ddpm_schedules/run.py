@@ -134,10 +134,10 @@ def run_evaluation(
     ode_grid = candidate_grid(ode.grid, model.T, "cost.ode.grid") if ode.grid is not None else grid
     with ctx.timed("cost_matrix"):
         cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision)
-        others = [o for o in objectives if o != "ode" and not (precise and o == "elbo")]
         if refine is not None:
             costs, rounds = refine_stage(ctx, cost_data, cost_seed, labels, objectives, sorted(set(budgets) | set(sample_budgets)), refine)
         else:
+            others = [o for o in objectives if o != "ode" and not (precise and o == "elbo")]
             costs = ({"elbo": precise} if precise else {}) | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
     if "ode" in objectives:
         with ctx.timed("ode_matrix"):

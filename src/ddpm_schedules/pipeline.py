@@ -259,6 +259,14 @@ def evaluation_data(cfg: DictConfig, model, procs: Processes) -> tuple[ImageData
     return datamodule, cost_data, eval_data, reference
 
 
+def compile_flag(cfg: DictConfig) -> bool:
+    """``compile``: true or false (torch.compile the network)."""
+    value = cfg.get("compile", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"compile = {value!r}; use true or false")
+    return value
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Cost matrix -> DP schedules -> held-out bits/dim, samples and FID per (strategy, K) -> reports; results.json's dict.
 
@@ -268,7 +276,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         check_counts(cfg)
         fid, quality, _ = frechet_settings(cfg), quality_settings(cfg), precision_settings(cfg)
         procs = launch_processes(cfg)
-        model = build(cfg.model).to(device_for(procs)).set_precision(cfg.get("precision", 32))
+        model = build(cfg.model).to(device_for(procs)).set_precision(cfg.get("precision", 32)).compile_network(compile_flag(cfg))
         datamodule, cost_data, eval_data, reference = evaluation_data(cfg, model, procs)
         grid, budgets, sample_budgets, strategies, ode = schedule_inputs(cfg, model.T)
         source, path = model_labels(cfg)

@@ -1,7 +1,7 @@
 """The building blocks of improved-diffusion's UNet: embeddings, GroupNorm32, ResBlock, attention, resampling.
 
 Names, shapes and numerics are improved-diffusion's (see unet.py): GroupNorm computed in float32,
-attention with the legacy head layout and q, k both scaled by ch^-1/4, softmax in float32.
+attention with the legacy head layout, softmax(q.k / sqrt(ch)) through scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -36,11 +36,6 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.detach().zero_()
     return module
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    """Half-precision tensors to float32 (as improved-diffusion's fp16 path); float32/float64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -145,13 +140,14 @@ class ResBlock(TimestepBlock):
 
 
 def qkv_attention(qkv: Tensor) -> Tensor:
-    """improved-diffusion's QKVAttention: [N, 3C, L] -> [N, C, L], q and k each scaled by C^-1/4, softmax in float32."""
+    """improved-diffusion's QKVAttention: [N, 3C, L] -> [N, C, L], softmax(q.k / sqrt(C)) v, one fused kernel.
+
+    improved-diffusion scales q and k each by C^-1/4 and takes the softmax in float32; SDPA's scale
+    1/sqrt(C) is the same product, and its CPU and CUDA kernels accumulate half inputs in float32.
+    """
     ch = qkv.shape[1] // 3
-    q, k, v = qkv.split(ch, dim=1)
-    scale = 1 / math.sqrt(math.sqrt(ch))
-    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-    weight = torch.softmax(_at_least_float32(weight), dim=-1).type(weight.dtype)
-    return torch.einsum("bts,bcs->bct", weight, v)
+    q, k, v = (part.transpose(1, 2) for part in qkv.split(ch, dim=1))
+    return F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(ch)).transpose(1, 2)
 
 
 class AttentionBlock(nn.Module):

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-VarType = Literal["fixed_small", "fixed_large", "learned_range"]
-VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
+VarType = Literal["fixed_small", "fixed_large", "learned_range", "analytic"]
+VAR_TYPES = ("fixed_small", "fixed_large", "learned_range", "analytic")
 BETA_SCHEDULES = ("linear", "cosine")
 
 
@@ -95,6 +95,45 @@ class NoiseSchedule:
         if var_type == "fixed_large":
             return torch.where((s == 0) & (torch.as_tensor(t) == 1), min_log, max_log)
         raise ValueError(f"{var_type!r} is not a fixed variance type; use 'fixed_small' or 'fixed_large'")
+
+    def analytic_log_variance(self, s: Tensor, t: int | Tensor, gamma_t: Tensor) -> Tensor:
+        """log sigma*^2(s, t) of Analytic-DPM (Bao et al. 2022, Thm. 1 with their clipped Cov[x_0 | x_t]):
+        btil(s|t) + c0(s,t)^2 clip((1 - ab_t) / ab_t (1 - Gamma_t), 0, 1), Gamma_t = E||eps_theta(x_t, t)||^2 / D;
+        the decoder (s = 0) takes btil(1|2), as the fixed_small rule."""
+        ab_s, ab_t = self.ab[s], self.ab[t]
+        cov_x0 = ((1 - ab_t) / ab_t * (1 - gamma_t)).clamp(0, 1)
+        sigma2 = btil(ab_s, ab_t) + c0(ab_s, ab_t) ** 2 * cov_x0
+        return torch.where(s == 0, self.decoder_log_variance_floor(), torch.log(sigma2))
+
+    def analytic_ot_costs(self, gamma: Tensor, dims: int) -> Tensor:
+        """[T+1, T+1] nats: Analytic-DPM's optimal-trajectory cost of each pair s >= 1, from Gamma alone.
+
+        With sigma*^2 unclipped, KL(s, t) = D/2 log(sigma*^2 / btil) and sigma*^2 = (ab_s / ab_t) beta(t|s)
+        (1 - beta(t|s) Gamma_t / (1 - ab_t)); so the pair costs D/2 [log(ab_s/(1-ab_s)) - log(ab_t/(1-ab_t))
+        + log(1 - beta(t|s) Gamma_t / (1 - ab_t))] (docs/design.md). inf where s = 0, s >= t or the log's
+        argument is not positive (Gamma_t > 1 breaks the closed form).
+        """
+        T = self.T
+        s, t = torch.arange(T + 1)[:, None], torch.arange(T + 1)[None, :]
+        ab_s, ab_t = self.ab[:, None], self.ab[None, :]
+        g = torch.nan_to_num(gamma.to(torch.float64), nan=math.inf)[None, :]
+        arg = 1 - beta_ts(ab_s, ab_t) * g / (1 - ab_t)
+        cost = dims / 2 * (torch.log(ab_s / (1 - ab_s)) - torch.log(ab_t / (1 - ab_t)) + torch.log(arg))
+        ok = (s >= 1) & (s < t) & (arg > 0) & torch.isfinite(cost)
+        return torch.where(ok, cost, torch.full_like(cost, math.inf))
+
+
+def check_gamma(gamma: Tensor, T: int) -> Tensor:
+    """Gamma [T+1] as float64 on the CPU (NaN = not estimated at that t); an error for a wrong length or a
+    negative or infinite value."""
+    gamma = torch.as_tensor(gamma, dtype=torch.float64).detach().cpu().reshape(-1)
+    if gamma.numel() != T + 1:
+        raise ValueError(f"Gamma has {gamma.numel()} entries; the model has T = {T}, so it needs T + 1 = {T + 1} (index 0 unused)")
+    known = gamma[1:][~torch.isnan(gamma[1:])]
+    bad = known[~torch.isfinite(known) | (known < 0)]
+    if bad.numel():
+        raise ValueError(f"Gamma_t = {bad[0].item()} is negative or not finite; Gamma_t = E||eps_theta||^2 / D must be a finite value >= 0")
+    return gamma
 
 
 def nats_to_bpd(nats, dims: int):

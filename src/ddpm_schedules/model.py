@@ -26,14 +26,17 @@ class Prediction:
 
     x0_hat: Tensor  # [B, C, H, W], clipped to [-1, 1] when clip_denoised
     frac: Tensor | None  # learned_range: f = (v + 1) / 2 per dimension, else None
+    eps: Tensor | None = None  # the network's eps (from the unclipped x0_hat): Gamma_t = E||eps||^2 / D (analytic)
 
 
 class DiffusionModel(nn.Module):
     """A denoising network with its conventions made explicit in one place.
 
     - ``mean_type``: what the network predicts: ``eps``, ``x0`` or ``v``.
-    - ``var_type``: ``fixed_small`` (btil), ``fixed_large`` (beta) or ``learned_range`` (the second
-      half of the output channels interpolates log-variances, Nichol & Dhariwal eq. 15).
+    - ``var_type``: ``fixed_small`` (btil), ``fixed_large`` (beta), ``learned_range`` (the second
+      half of the output channels interpolates log-variances, Nichol & Dhariwal eq. 15) or ``analytic``
+      (Analytic-DPM: a per-pair variance from Gamma_t = E||eps||^2 / D; `use_variance`).
+    - ``learn_sigma``: whether the network outputs the variance channels (its layout, whatever rule is used).
     - ``rescale_timesteps``: the network sees (t - 1) * 1000 / T instead of the index t - 1.
     - ``clip_denoised``: x0_hat is clipped to [-1, 1] before it forms a mean.
     - ``levels``: the number of values per dimension of the data (256 for 8-bit images).
@@ -52,6 +55,7 @@ class DiffusionModel(nn.Module):
         clip_denoised: bool = True,
         levels: int = 256,
         image_shape: Sequence[int] | None = None,
+        learn_sigma: bool | None = None,
     ):
         super().__init__()
         if mean_type not in MEAN_TYPES:
@@ -64,6 +68,9 @@ class DiffusionModel(nn.Module):
         self.schedule = schedule
         self.mean_type = mean_type
         self.var_type = var_type
+        self.learn_sigma = var_type == "learned_range" if learn_sigma is None else bool(learn_sigma)
+        self.trained_var_type = var_type  # what the checkpoint's own rule is; var_type may be overridden
+        self.gamma: Tensor | None = None  # [T+1] float64, NaN where unknown: Gamma_t of the analytic rule
         self.rescale_timesteps = rescale_timesteps
         self.clip_denoised = clip_denoised
         self.levels = levels
@@ -75,6 +82,34 @@ class DiffusionModel(nn.Module):
         if str(precision) not in AUTOCAST:
             raise ValueError(f"{key} = {precision!r}; use 32, bf16 or 16 (autocast around the network pass)")
         self.precision = str(precision)
+        return self
+
+    def use_variance(self, var_type: VarType, gamma: Tensor | None = None) -> "DiffusionModel":
+        """Evaluate with another reverse-variance rule than the checkpoint's (e.g. ``analytic``); the
+        network's output layout stays. ``gamma`` [T+1] (NaN where unknown) for analytic, else estimated
+        by the cost matrix from its own forward passes."""
+        if var_type not in dm.VAR_TYPES:
+            raise ValueError(f"var_type = {var_type!r}; use one of {dm.VAR_TYPES} (or null for the checkpoint's own rule)")
+        if var_type == "learned_range" and not self.learn_sigma:
+            raise ValueError("var_type = 'learned_range' needs a network that outputs variance channels (learn_sigma); this one does not")
+        self.var_type = var_type
+        self.gamma = None if gamma is None else dm.check_gamma(gamma, self.T)
+        return self
+
+    def gamma_at(self, t: int | Tensor) -> Tensor:
+        """Gamma_t of the analytic rule at t (a scalar or [B]); a clear error where it was not estimated."""
+        if self.gamma is None:
+            raise ValueError("var_type = 'analytic' needs Gamma_t = E||eps||^2 / D: estimate a cost matrix first or pass model.gamma_file")
+        g = self.gamma[torch.as_tensor(t).cpu()]
+        if torch.isnan(g).any():
+            missing = torch.as_tensor(t).reshape(-1)[torch.isnan(g.reshape(-1))][0].item()
+            raise ValueError(f"Gamma_t is not known at t = {missing} (estimated on other timesteps); use cost.grid=null or a model.gamma_file that has it")
+        return g
+
+    def compile_network(self, enabled: bool = True) -> "DiffusionModel":
+        """``torch.compile`` the network in place (state-dict keys unchanged): fused kernels, a one-off compile cost."""
+        if enabled:
+            self.net.compile()
         return self
 
     @property
@@ -94,7 +129,8 @@ class DiffusionModel(nn.Module):
         return (
             f"T={self.T}, mean_type={self.mean_type}, var_type={self.var_type}, "
             f"rescale_timesteps={self.rescale_timesteps}, clip_denoised={self.clip_denoised}, levels={self.levels}"
-        ) + (f", precision={self.precision}" if self.precision != "32" else "")  # in cache keys: 32 keeps the old ones
+        ) + (f", precision={self.precision}" if self.precision != "32" else "") + (  # in cache keys: 32 keeps the old ones
+            f", learn_sigma={self.learn_sigma}" if self.learn_sigma != (self.var_type == "learned_range") else "")
 
     def net_timesteps(self, t: Tensor) -> Tensor:
         """Paper t (1..T) -> what the network sees: the 0-based index, optionally scaled to 0..1000."""
@@ -119,13 +155,15 @@ class DiffusionModel(nn.Module):
 
     def split_output(self, out: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
         """Raw network output -> (mean part, raw variance part v or None)."""
-        want = 2 * channels if self.var_type == "learned_range" else channels
+        want = 2 * channels if self.learn_sigma else channels
         if out.shape[1] != want:
             raise ValueError(
                 f"the network returned {out.shape[1]} channels for {channels}-channel input; var_type={self.var_type!r} "
                 f"needs {want} (learn_sigma / var_type mismatch?)"
             )
-        return (out[:, :channels], out[:, channels:]) if self.var_type == "learned_range" else (out, None)
+        if not self.learn_sigma:
+            return out, None
+        return out[:, :channels], out[:, channels:] if self.var_type == "learned_range" else None
 
     def prediction(self, x_t: Tensor, t: int | Tensor, out: Tensor, clip: bool | None = None) -> Prediction:
         """Interpret a raw network output at t by the model's conventions, in float64.
@@ -141,9 +179,10 @@ class DiffusionModel(nn.Module):
             x0_hat = mean_out
         else:
             x0_hat = ab_t.sqrt() * x_t - (1 - ab_t).sqrt() * mean_out
+        eps = mean_out if self.mean_type == "eps" else (x_t - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
         if self.clip_denoised if clip is None else clip:
             x0_hat = x0_hat.clamp(-1, 1)
-        return Prediction(x0_hat, None if v is None else (v + 1) / 2)
+        return Prediction(x0_hat, None if v is None else (v + 1) / 2, eps)
 
     def target(self, x0: Tensor, noise: Tensor, t: int | Tensor) -> Tensor:
         """What the mean part of the output regresses on (L_simple): eps, x_0 or v."""

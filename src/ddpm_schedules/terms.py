@@ -52,11 +52,18 @@ def pair_tables(model: "DiffusionModel", t: int, s: Tensor | Sequence[int], devi
     if model.var_type == "learned_range":
         dec = ns.log_variance_range(zero, t)
     else:
-        kl["log_var"] = ns.fixed_log_variance(model.var_type, sk, t)
-        dec = (ns.fixed_log_variance(model.var_type, zero, t),) * 2
+        kl["log_var"] = reverse_log_variance(model, sk, t)
+        dec = (reverse_log_variance(model, zero, t),) * 2
     return PairTables(
         t=int(t), s=s, decoder=decoder, kl={k: v.to(device) for k, v in kl.items()}, decoder_log_var=tuple(v.to(device) for v in dec)
     )
+
+
+def reverse_log_variance(model: "DiffusionModel", s: Tensor, t: int | Tensor) -> Tensor:
+    """log sigma2(s, t) of a per-pair (not learned) variance rule: fixed_small, fixed_large or analytic."""
+    if model.var_type == "analytic":
+        return model.schedule.analytic_log_variance(s, t, model.gamma_at(t))
+    return model.schedule.fixed_log_variance(model.var_type, s, t)
 
 
 def pair_terms(
@@ -118,7 +125,7 @@ def step_terms(model: "DiffusionModel", x0: Tensor, x_t: Tensor, t: Tensor, pred
     ab_s, ab_t = ns.ab[s.cpu()].to(x0.device).reshape(shape), ns.ab[t.cpu()].to(x0.device).reshape(shape)
     min_log, max_log = (v.to(x0.device).reshape(shape) for v in ns.log_variance_range(s.cpu(), t.cpu()))
     if pred.frac is None:
-        log_var = ns.fixed_log_variance(model.var_type, s.cpu(), t.cpu()).to(x0.device).reshape(shape).expand_as(x0)
+        log_var = reverse_log_variance(model, s.cpu(), t.cpu()).to(x0.device).reshape(shape).expand_as(x0)
     else:
         log_var = dm.learned_log_variance(pred.frac, min_log, max_log)
     x0, x_t = x0.double(), x_t.double()

@@ -1,6 +1,7 @@
 """Coarse-to-fine refinement on the bundled digits model against the full-grid DP, with forward passes counted.
 
     python benchmarks/bench_refine.py [--coarse log:140] [--window 1] [--max-passes 50000]
+    python benchmarks/bench_refine.py --checkpoint <a cosine-4000 digits model>.ckpt --budgets 8,16,32,64 --max-passes 200000
 
 The matrix is estimated on the 200 validation digits (cost.seed 0), as evaluate.py does; both sets of DP
 schedules are then evaluated on the 200 test digits (eval.seed 1) in one pass, so their held-out
@@ -27,21 +28,24 @@ def main() -> None:
     p.add_argument("--coarse", default="log:140")
     p.add_argument("--window", type=int, default=1)
     p.add_argument("--max-passes", type=int, default=50_000, help="25%% of the full grid's 200,000")
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "digits.ckpt")
+    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     a = p.parse_args()
-    model = load_checkpoint(ROOT / "checkpoints" / "digits.ckpt")
+    budgets = [int(k) for k in a.budgets.split(",")]
+    model = load_checkpoint(a.checkpoint)
     dm = DigitsDataModule()
     cost, test = dm.tensor("val"), dm.tensor("test")
     start = time.perf_counter()
-    matrices, history = refine_cost_matrices(model, cost, BUDGETS, RefineSettings(coarse=a.coarse, window=a.window, max_passes=a.max_passes), batch_size=200)
+    matrices, history = refine_cost_matrices(model, cost, budgets, RefineSettings(coarse=a.coarse, window=a.window, max_passes=a.max_passes), batch_size=200)
     refine_s = time.perf_counter() - start
-    refined = optimal_schedules(matrices["elbo"], BUDGETS)
+    refined = optimal_schedules(matrices["elbo"], budgets)
     start = time.perf_counter()
-    full = optimal_schedules(estimate_cost_matrix(model, cost, batch_size=200), BUDGETS)
+    full = optimal_schedules(estimate_cost_matrix(model, cost, batch_size=200), budgets)
     full_s = time.perf_counter() - start
     results = evaluate_schedules(model, test, list(refined.values()) + list(full.values()), seed=1, batch_size=200)
-    rows = {K: (r, f) for K, r, f in zip(BUDGETS, results[: len(BUDGETS)], results[len(BUDGETS) :])}
+    rows = {K: (r, f) for K, r, f in zip(budgets, results[: len(budgets)], results[len(budgets) :])}
     passes, full_passes = history[-1]["passes"], model.T * len(cost)
-    print(json.dumps({"coarse": a.coarse, "window": a.window, "rounds": [{k: h[k] for k in ("grid_size", "new_columns", "passes", "stopped") if k in h} for h in history],
+    print(json.dumps({"checkpoint": str(a.checkpoint), "T": model.T, "coarse": a.coarse, "window": a.window, "rounds": [{k: h[k] for k in ("grid_size", "new_columns", "passes", "stopped") if k in h} for h in history],
                       "passes": passes, "full_grid_passes": full_passes, "fraction": round(passes / full_passes, 3),
                       "seconds_refined": round(refine_s, 1), "seconds_full_grid": round(full_s, 1)}, indent=1))  # fmt: skip
     print("| K | refined DP | full-grid DP | difference | max(SE, 0.005) |")

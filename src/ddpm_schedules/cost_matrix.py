@@ -16,9 +16,9 @@ from torch import Tensor
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from .diffusion import nats_to_bpd
+from .diffusion import btil, c0, fixed_variance_kl, nats_to_bpd
 from .grids import full_grid
-from .model import DiffusionModel
+from .model import DiffusionModel, Prediction
 from .moments import batch_moments, empty_moments, mean_sem, merge_moments
 from .noise import example_noise, indexed_batches
 from .resume import PartialFile, resumable
@@ -42,6 +42,8 @@ class CostMatrixMetric(Metric):
         self.add_state("moments", empty_moments(objectives, size, size), dist_reduce_fx=merge_moments)
         self.add_state("count", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("prior_moments", empty_moments(), dist_reduce_fx=merge_moments)
+        # analytic variance: per column, moments of ||x_0 - x0_hat||^2 and of ||eps||^2 / D (Gamma_t), see `analytic_moments`
+        self.add_state("column_moments", empty_moments(2, size), dist_reduce_fx=merge_moments)
 
     def update(self, terms: Tensor, column: int, prior: Tensor | None = None) -> None:
         """Add ``terms`` [B, column] or [O, B, column] (the pairs (grid[i], grid[column]), i < column) of B examples."""
@@ -55,6 +57,11 @@ class CostMatrixMetric(Metric):
         if prior is not None:
             self.prior_moments = merge_moments(torch.stack([self.prior_moments, batch_moments(prior.reshape(-1))]))
 
+    def update_columns(self, column: int, sq_err: Tensor, eps_sq: Tensor) -> None:
+        """Add B examples' ||x_0 - x0_hat||^2 and ||eps||^2 / D at column ``column`` (the analytic rule's statistics)."""
+        old = self.column_moments[:, :, column]
+        self.column_moments[:, :, column] = merge_moments(torch.stack([old, batch_moments(torch.stack([sq_err, eps_sq], 1), dim=0)]))
+
     def compute(self) -> tuple[Tensor, ...]:
         """(mean [O, N+1, N+1], sem, prior mean, prior sem, examples per column, moments, prior moments); mean is inf
         and sem NaN where i >= j.
@@ -66,7 +73,7 @@ class CostMatrixMetric(Metric):
         mean = torch.where(valid, mean, torch.full_like(mean, math.inf))
         sem = torch.where(valid, sem, torch.full_like(sem, math.nan))
         prior, prior_sem = mean_sem(self.prior_moments)
-        return mean, sem, prior, prior_sem, self.count, self.moments.clone(), self.prior_moments.clone()
+        return mean, sem, prior, prior_sem, self.count, self.moments.clone(), self.prior_moments.clone(), self.column_moments.clone()
 
 
 @dataclass
@@ -83,11 +90,15 @@ class CostMatrix:
     objective: str = "elbo"  # elbo (nats), mse (paper's reweighting) or ode (trajectory error; ode.py)
     moments: Tensor | None = field(default=None, repr=False)  # [3, N+1, N+1] (count, mean, M2): lets matrices merge
     prior_moments: Tensor | None = field(default=None, repr=False)  # [3]
+    gamma: Tensor | None = field(default=None, repr=False)  # [T+1] Gamma_t (NaN off the grid) of an analytic-variance matrix
+    betas: Tensor | None = field(default=None, repr=False)  # [T] the model's betas, with gamma (analytic_ot needs both)
 
     def merged(self, other: "CostMatrix") -> "CostMatrix":
         """The matrix of both sets of examples (e.g. two rounds of `estimate_to_precision`), from their moments."""
         if self.moments is None or other.moments is None:
             raise ValueError("only matrices estimated with their moments can be merged; estimate them again")
+        if self.gamma is not None or other.gamma is not None:
+            raise ValueError("analytic-variance matrices cannot be merged: each one's Gamma comes from its own examples")
         if not torch.equal(self.grid, other.grid) or self.objective != other.objective:
             raise ValueError("matrices of different grids or objectives cannot be merged")
         return from_moments(merge_moments(torch.stack([self.moments, other.moments])),
@@ -171,6 +182,11 @@ def estimate_cost_matrices(
     batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
     shape = tuple(batches[0][1].shape[1:])
     device = model.device
+    # analytic variance without a given Gamma: Gamma_t comes from the column's own passes, so the KL of s >= 1 is
+    # filled in afterwards from the moments of ||x_0 - x0_hat||^2 (it is affine in it); the decoder does not need Gamma
+    gamma_from_passes = "elbo" in objectives and model.var_type == "analytic" and model.gamma is None
+    if "elbo" in objectives and model.var_type == "analytic" and not gamma_from_passes:
+        model.gamma_at(g[1:])  # every grid t needs a given Gamma_t
     metric = CostMatrixMetric(g.numel(), len(objectives)).to(device)
     config = {"what": "cost_matrix", "sums": "moments", "model": model_fingerprint(model), "data": data_fingerprint(batches), "grid": g.tolist(), "seed": seed}
     if objectives != ["elbo"]:
@@ -178,24 +194,61 @@ def estimate_cost_matrices(
     with resumable(model, metric, PartialFile.of(partial, every=50), config) as (saver, done, stop_requested):
         for j in tqdm(range(done + 1, g.numel()), desc="cost matrix", unit="col", disable=not progress, initial=done, total=g.numel() - 1):
             t = int(g[j])
-            tables = pair_tables(model, t, g[:j], device) if "elbo" in objectives else None
+            tables = pair_tables(model, t, g[:1] if gamma_from_passes else g[:j], device) if "elbo" in objectives else None
             for start, x0 in batches:
                 x0 = x0.to(device)
                 x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device))
                 pred = model.predict(x_t, t)
-                terms = [
-                    pair_terms(model, x0, x_t, t, g[:j], pred, tables=tables) if name == "elbo" else mse_terms(x0, pred.x0_hat, t, g[:j])
-                    for name in objectives
-                ]  # fmt: skip
+                terms = [elbo_terms(model, x0, x_t, t, g[:j], pred, tables, gamma_from_passes) if name == "elbo" else mse_terms(x0, pred.x0_hat, t, g[:j])
+                         for name in objectives]  # fmt: skip
                 metric.update(torch.stack(terms), j, prior_nats(model, x0) if j == 1 and "elbo" in objectives else None)
+                if gamma_from_passes:
+                    metric.update_columns(j, ((x0.double() - pred.x0_hat) ** 2).flatten(1).sum(1), (pred.eps**2).flatten(1).mean(1))
             saver.step(metric, j, stop_requested())
-    moments, prior_moments = (v.cpu() for v in metric.compute()[5:])
+    moments, prior_moments, column_moments = (v.cpu() for v in metric.compute()[5:])
     saver.remove()
+    gamma = model.gamma if model.var_type == "analytic" else None
+    if gamma_from_passes:
+        k = objectives.index("elbo")
+        moments[:, k], gamma = analytic_moments(model, g, moments[:, k], column_moments, math.prod(shape))
+    analytic = {"gamma": gamma, "betas": model.schedule.betas} if gamma is not None else {}
     none = empty_moments()
-    return {name: from_moments(moments[:, k], prior_moments if name == "elbo" else none, g, math.prod(shape), name) for k, name in enumerate(objectives)}
+    return {name: from_moments(moments[:, k], prior_moments if name == "elbo" else none, g, math.prod(shape), name, **(analytic if name == "elbo" else {}))
+            for k, name in enumerate(objectives)}  # fmt: skip
 
 
-def from_moments(moments: Tensor, prior_moments: Tensor, grid: Tensor, dims: int, objective: str) -> CostMatrix:
+def elbo_terms(model: DiffusionModel, x0: Tensor, x_t: Tensor, t: int, s: Tensor, pred: Prediction, tables, decoder_only: bool) -> Tensor:
+    """[B, S] ELBO terms of the pairs (s, t); with ``decoder_only`` only s = 0 is computed (the rest: zeros, filled later)."""
+    if not decoder_only:
+        return pair_terms(model, x0, x_t, t, s, pred, tables=tables)
+    out = torch.zeros(x0.shape[0], s.numel(), dtype=torch.float64, device=x0.device)
+    out[:, :1] = pair_terms(model, x0, x_t, t, s[:1], pred, tables=tables)
+    return out
+
+
+def analytic_moments(model: DiffusionModel, grid: Tensor, moments: Tensor, column_moments: Tensor, dims: int) -> tuple[Tensor, Tensor]:
+    """The KL moments of every pair s >= 1 under the analytic variance, and Gamma [T+1] (NaN off the grid).
+
+    Gamma_t is the column's mean ||eps||^2 / D; with sigma2(s, t) then fixed, KL = a + b ||x_0 - x0_hat||^2
+    (`diffusion.fixed_variance_kl`), so its mean is a + b mean and its M2 is b^2 M2 of the squared errors.
+    """
+    gamma = torch.full((model.T + 1,), math.nan, dtype=torch.float64)
+    gamma[grid[1:]] = column_moments[1, 1, 1:]
+    moments = moments.clone()
+    ns = model.schedule
+    for j in range(2, grid.numel()):
+        t, s = int(grid[j]), grid[1:j]
+        sigma2 = torch.exp(ns.analytic_log_variance(s, t, gamma[t]))
+        a = fixed_variance_kl(torch.zeros(1, dtype=torch.float64), c0(ns.ab[s], ns.ab[t]), btil(ns.ab[s], ns.ab[t]), sigma2, dims)[0]
+        b = c0(ns.ab[s], ns.ab[t]) ** 2 / (2 * sigma2)
+        n, mean_sq, m2_sq = column_moments[:, 0, j]
+        moments[0, 1:j, j], moments[1, 1:j, j], moments[2, 1:j, j] = n, a + b * mean_sq, b**2 * m2_sq
+    return moments, gamma
+
+
+def from_moments(
+    moments: Tensor, prior_moments: Tensor, grid: Tensor, dims: int, objective: str, gamma: Tensor | None = None, betas: Tensor | None = None
+) -> CostMatrix:
     """A CostMatrix from the moments [3, N+1, N+1] of its pairs and [3] of the prior (mean inf, sem NaN where i >= j)."""
     mean, sem = mean_sem(moments)
     valid = torch.ones_like(mean, dtype=torch.bool).triu(1)
@@ -203,7 +256,7 @@ def from_moments(moments: Tensor, prior_moments: Tensor, grid: Tensor, dims: int
     return CostMatrix(
         mean=torch.where(valid, mean, torch.full_like(mean, math.inf)), sem=torch.where(valid, sem, torch.full_like(sem, math.nan)),
         grid=grid, prior=float(prior), prior_sem=float(prior_sem), count=int(moments[0, 0, 1:].min()) if grid.numel() > 1 else 0,
-        dims=dims, objective=objective, moments=moments, prior_moments=prior_moments,
+        dims=dims, objective=objective, moments=moments, prior_moments=prior_moments, gamma=gamma, betas=betas,
     )  # fmt: skip
 
 

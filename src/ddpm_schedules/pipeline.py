@@ -25,6 +25,8 @@ from .frechet import fid_feature_extractor
 from .grids import candidate_grid, full_grid
 from .lightning.data import ImageDataModule
 from .noise import Processes
+from .analytic import load_gamma
+from .model import DiffusionModel
 from .precision import check_target_sem
 from .quality import QualitySettings
 from .refine import RefineSettings, check_refine
@@ -259,6 +261,26 @@ def evaluation_data(cfg: DictConfig, model, procs: Processes) -> tuple[ImageData
     return datamodule, cost_data, eval_data, reference
 
 
+def build_model(cfg: DictConfig) -> DiffusionModel:
+    """The model from cfg.model's loader, with model.var_type (an override of the checkpoint's rule) and its Gamma file."""
+    node = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in ("var_type", "gamma_file")])
+    var_type, gamma_file = cfg.model.get("var_type"), cfg.model.get("gamma_file")
+    if gamma_file is not None and var_type != "analytic":
+        raise ValueError(f"model.gamma_file = {gamma_file!r} is only used with model.var_type=analytic; add it or drop the file")
+    if var_type == "analytic":
+        if cfg.cost.get("target_sem") is not None or (cfg.cost.get("refine") or {}).get("enabled"):
+            raise ValueError("model.var_type=analytic estimates Gamma with the cost matrix in one set of passes: "
+                             "use it without cost.target_sem and cost.refine")  # fmt: skip
+        if cfg.eval.get("full_chain") and cfg.cost.grid is not None and gamma_file is None:
+            raise ValueError(f"model.var_type=analytic with eval.full_chain=true needs Gamma at every t: use cost.grid=null, not {cfg.cost.grid!r}")
+    model = build(node)
+    if var_type is not None:
+        model.use_variance(var_type)
+        if gamma_file is not None:
+            model.use_variance(var_type, load_gamma(gamma_file, model))
+    return model
+
+
 def compile_flag(cfg: DictConfig) -> bool:
     """``compile``: true or false (torch.compile the network)."""
     value = cfg.get("compile", False)
@@ -276,7 +298,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         check_counts(cfg)
         fid, quality, _ = frechet_settings(cfg), quality_settings(cfg), precision_settings(cfg)
         procs = launch_processes(cfg)
-        model = build(cfg.model).to(device_for(procs)).set_precision(cfg.get("precision", 32)).compile_network(compile_flag(cfg))
+        model = build_model(cfg).to(device_for(procs)).set_precision(cfg.get("precision", 32)).compile_network(compile_flag(cfg))
         datamodule, cost_data, eval_data, reference = evaluation_data(cfg, model, procs)
         grid, budgets, sample_budgets, strategies, ode = schedule_inputs(cfg, model.T)
         source, path = model_labels(cfg)

@@ -131,6 +131,6 @@ def matrices_from_predictions(model: DiffusionModel, batches: list, predictions:
             terms = [pair_terms(model, x0, x_t, t, g[:j], pred, tables=tables) if o == "elbo" else mse_terms(x0, pred.x0_hat, t, g[:j])
                      for o in objectives]  # fmt: skip
             metric.update(torch.stack(terms), j, prior_nats(model, x0) if j == 1 and "elbo" in objectives else None)
-    moments, prior_moments = metric.compute()[5:]
+    moments, prior_moments = metric.compute()[5:7]
     dims = math.prod(batches[0][1].shape[1:])
     return {o: from_moments(moments[:, k], prior_moments if o == "elbo" else empty_moments(), g, dims, o) for k, o in enumerate(objectives)}

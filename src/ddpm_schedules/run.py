@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from . import report
+from .analytic import save_gamma
 from .cost_matrix import CostMatrix
 from .cost_stages import (
     Context,
@@ -143,6 +144,8 @@ def run_evaluation(
         with ctx.timed("ode_matrix"):
             costs["ode"] = ode_matrix_stage(ctx, cost_seed, ode, ode_grid)
     matrices = {o: c.matrix for o, c in costs.items()}
+    if model.var_type == "analytic" and model.gamma is None:  # Gamma of the cost examples serves held-out bits/dim and sampling
+        model.use_variance("analytic", matrices["elbo"].gamma)
     with ctx.timed("dp_and_schedules"):
         schedules = build_schedules(strategies, matrices, budgets)
         sampled = unique(build_schedules(strategies, matrices, sample_budgets)) if sample_budgets else []
@@ -155,7 +158,8 @@ def run_evaluation(
         entries, grids = quality_stage(model, sampled, quality, procs, batch_size, fid, shard, ref_cache, teacher)
     elbo = costs["elbo"]
     result = EvaluationResult(
-        model={"source": labels.model_source, "path": labels.model_path, "T": model.T, "mean_type": model.mean_type, "var_type": model.var_type},
+        model={"source": labels.model_source, "path": labels.model_path, "T": model.T, "mean_type": model.mean_type, "var_type": model.var_type,
+               "trained_var_type": model.trained_var_type, "var_type_override": model.var_type != model.trained_var_type},
         data={"name": labels.data_name, "levels": model.levels, "dims": math.prod(model.image_shape), "cost_split": labels.cost_split,
               "cost_examples": len(cost_data), "eval_split": labels.eval_split, "eval_examples": len(eval_data)},
         cost_matrix={"grid_size": elbo.matrix.grid.numel() - 1, "seconds": ctx.timings["cost_matrix"], "file": str(elbo.file),
@@ -173,6 +177,8 @@ def run_evaluation(
     if procs.rank == 0:
         with ctx.timed("report"):
             report.write_evaluation(Path(out_dir), result.to_json(), elbo.matrix, unique(schedules + sampled), grids, logger)
+        if model.var_type == "analytic":
+            save_gamma(Path(out_dir) / "gamma.pt", model.gamma, model)  # model.gamma_file= reuses it
         atomic_write_json(Path(out_dir) / "results.json", result.to_json())
     return result
 

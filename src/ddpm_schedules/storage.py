@@ -105,6 +105,15 @@ def file_digest(path: str | Path | None) -> str | None:
     return _sha256(Path(path).read_bytes())
 
 
+def weights_fingerprint(model) -> str:
+    """sha256 of a DiffusionModel's network weights and betas only (not its conventions): what a Gamma file is for."""
+    h = hashlib.sha256()
+    for value in model.net.state_dict().values() if isinstance(model.net, torch.nn.Module) else []:
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    h.update(model.schedule.betas.numpy().tobytes())
+    return h.hexdigest()
+
+
 def model_fingerprint(model) -> str:
     """sha256 of a DiffusionModel's weights (in order, whatever wraps the network), conventions and betas."""
     h = hashlib.sha256()
@@ -113,6 +122,8 @@ def model_fingerprint(model) -> str:
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     h.update(model.extra_repr().encode())
     h.update(model.schedule.betas.numpy().tobytes())
+    if getattr(model, "gamma", None) is not None:  # a given Gamma (analytic variance) changes every term
+        h.update(model.gamma.numpy().tobytes())
     return h.hexdigest()
 
 

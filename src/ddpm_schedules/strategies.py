@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Mapping, Sequence
 
+from .analytic import analytic_ot_schedule
+from .diffusion import NoiseSchedule
 from .dp import optimal_schedules
 from .schedules import (
     Schedule,
@@ -77,6 +79,21 @@ class OdeStrategy(OptimalStrategy):
 
 
 @dataclass(frozen=True)
+class AnalyticOtStrategy(Strategy):
+    """``analytic_ot``: Analytic-DPM's optimal trajectory from Gamma alone (no per-pair Monte Carlo; analytic.py).
+
+    It reads Gamma from the ELBO matrix of a ``model.var_type=analytic`` run.
+    """
+
+    objective: ClassVar[str] = "elbo"
+
+    def build(self, cost_matrix: "CostMatrix", K: int) -> Schedule:
+        if cost_matrix.gamma is None:
+            raise ValueError("the analytic_ot strategy needs Gamma: evaluate with model.var_type=analytic")
+        return analytic_ot_schedule(NoiseSchedule(cost_matrix.betas), cost_matrix.gamma, K, cost_matrix.dims)
+
+
+@dataclass(frozen=True)
 class EvenStrategy(Strategy):
     """improved-diffusion's even respacing (`even_schedule`)."""
 
@@ -119,7 +136,8 @@ def from_file(path: str, T: int) -> FixedStrategy:
     return FixedStrategy(name, schedules=tuple(out))
 
 
-STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, "even": EvenStrategy, "quadratic": QuadraticStrategy}
+STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, "analytic_ot": AnalyticOtStrategy, "even": EvenStrategy,
+              "quadratic": QuadraticStrategy}  # fmt: skip
 PREFIXED = {"respace": respace, "file": from_file}
 
 

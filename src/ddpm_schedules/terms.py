@@ -62,6 +62,8 @@ def pair_tables(model: "DiffusionModel", t: int, s: Tensor | Sequence[int], devi
 def reverse_log_variance(model: "DiffusionModel", s: Tensor, t: int | Tensor) -> Tensor:
     """log sigma2(s, t) of a per-pair (not learned) variance rule: fixed_small, fixed_large or analytic."""
     if model.var_type == "analytic":
+        if not bool((torch.as_tensor(s) > 0).any()):  # the decoder's btil(1|2) needs no Gamma
+            return model.schedule.decoder_log_variance_floor().expand(torch.as_tensor(s).shape)
         return model.schedule.analytic_log_variance(s, t, model.gamma_at(t))
     return model.schedule.fixed_log_variance(model.var_type, s, t)
 

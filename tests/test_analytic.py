@@ -161,3 +161,24 @@ def test_analytic_bad_inputs(tmp_path, tiny_ckpt, overrides, match):
 
     with pytest.raises(ValueError, match=match):
         evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", *overrides))
+
+
+@pytest.mark.slow
+def test_schedule_monitor_with_the_analytic_rule(tmp_path):
+    """During training the monitor prices schedules with the analytic variance and leaves the model's own rule in place."""
+    from conftest import train_cfg
+
+    from ddpm_schedules.pipeline import train
+
+    train(train_cfg(tmp_path, "logger=none", "callbacks.schedule_monitor.var_type=analytic", "callbacks.schedule_monitor.grid=null",
+                    "callbacks.schedule_monitor.strategies=[dp,analytic_ot,even]", "trainer.max_steps=3"))  # fmt: skip
+    record = json.loads((tmp_path / "schedules" / "step_3.json").read_text())
+    assert record["var_type"] == "analytic"
+    assert {r["strategy"] for r in record["results"]} == {"dp", "analytic_ot", "even"}
+    from ddpm_schedules.cost_matrix import CostMatrix
+    from ddpm_schedules.checkpoints import load_checkpoint
+
+    gamma = CostMatrix.load(tmp_path / "schedules" / "cost_matrix_step_3.pt").gamma
+    assert gamma is not None and bool(torch.isfinite(gamma[1:]).all())
+
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt").var_type == "learned_range"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import matplotlib.pyplot as plt
 import pytorch_lightning as pl
@@ -47,6 +48,7 @@ class ScheduleMonitor(Callback):
         grid: Sequence[int] | int | None = None,
         strategies: Sequence[str] | None = None,
         objective: str = "elbo",
+        var_type: str | None = None,
         seed: int = 0,
         batch_size: int = 64,
         out_dir: str | None = None,
@@ -61,6 +63,9 @@ class ScheduleMonitor(Callback):
         self.every_n_validations = every_n_validations
         self.examples, self.grid, self.seed, self.batch_size = examples, grid, seed, batch_size
         self.objective = check_objectives([objective], key=f"{key}.objective")[0]
+        if var_type not in (None, "analytic"):
+            raise ValueError(f"{key}.var_type = {var_type!r}; use null (the model's own variance) or analytic (Analytic-DPM)")
+        self.var_type = var_type
         dp = "dp" if self.objective == "elbo" else f"dp_{self.objective}"
         self.strategy_names, self.strategies = list(strategies or (dp, "even", "quadratic")), list[Strategy]()
         self.out_dir, self.progress = out_dir, progress
@@ -118,9 +123,11 @@ class ScheduleMonitor(Callback):
             cm = estimate_ode_matrix(model, hi - lo, grid=self.timesteps(model.T), seed=self.seed, batch_size=self.batch_size,
                                      progress=progress, start_index=lo)  # fmt: skip
         else:
-            cm = estimate_cost_matrix(model, data[lo:hi], grid=self.timesteps(model.T), seed=self.seed, batch_size=self.batch_size,
-                                      progress=progress, start_index=lo, objective=self.objective)  # fmt: skip
+            with variance_rule(model, self.var_type):
+                cm = estimate_cost_matrix(model, data[lo:hi], grid=self.timesteps(model.T), seed=self.seed, batch_size=self.batch_size,
+                                          progress=progress, start_index=lo, objective=self.objective)  # fmt: skip
         record = summarize(cm, self.budgets, trainer.global_step, self.strategies)
+        record["var_type"] = self.var_type or model.var_type
         for key, value in record["metrics"].items():
             pl_module.log(key, value, rank_zero_only=True)
         if trainer.is_global_zero:
@@ -148,6 +155,20 @@ class ScheduleMonitor(Callback):
                     logger.log_image(f"schedules/{name}", images=[figure_array(fig)], step=step)
         for fig in figures.values():
             plt.close(fig)
+
+
+@contextmanager
+def variance_rule(model, var_type: str | None) -> Iterator[None]:
+    """The model evaluated with ``var_type`` (analytic: Gamma from the estimate's own passes) inside, its own rule after."""
+    if var_type is None:
+        yield
+        return
+    saved = model.var_type, model.gamma
+    model.use_variance(var_type)
+    try:
+        yield
+    finally:
+        model.var_type, model.gamma = saved
 
 
 def summarize(cm: CostMatrix, budgets: Sequence[int], global_step: int = 0, strategies: Sequence[Strategy] | None = None) -> dict[str, Any]:

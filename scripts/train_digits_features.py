@@ -20,7 +20,7 @@ def train_digits_classifier(seed: int = 0, epochs: int = 40) -> tuple[DigitsClas
     torch.manual_seed(seed)
     dm = DigitsDataModule()
     dm.setup()
-    (x, y), (xt, yt) = dm.splits["train"], dm.splits["test"]
+    (x, y), (xt, yt) = (dm.tensor("train"), dm.labels("train")), (dm.tensor("test"), dm.labels("test"))
     model = DigitsClassifier()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(epochs):

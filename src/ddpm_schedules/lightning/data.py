@@ -1,12 +1,15 @@
-"""DataModules: images as float tensors in [-1, 1] with their number of `levels` and split sizes.
+"""DataModules: integer images (uint8; memory-mapped when large) with their number of `levels` and splits.
 
-Nothing is downloaded: digits ship with scikit-learn; CIFAR-10, image folders and .npz arrays are
-read from a local path, and a missing path is an error that says what to get and where to put it.
+Images stay integers until a batch reaches the model: `to_unit_range` maps them to [-1, 1] per batch (in
+`DiffusionModule`, on the device), and `ImageDataModule.tensor` per requested subset, reading only the
+examples it returns. Nothing is downloaded: digits ship with scikit-learn; CIFAR-10, image folders, .npy /
+.npz arrays and the official downsampled-ImageNet batches are read from a local path, and a missing path
+is an error that says what to get and where to put it.
 """
 
 from __future__ import annotations
 
-import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -17,37 +20,66 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..arrays import decompress_npz_member, imagenet_batches, load_pickle, map_npy, map_npz_member, npz_keys
+
 SPLITS = ("train", "val", "test")
 
 
-class ImageDataset(Dataset):
-    """(image, label) pairs from uint8 or [-1, 1] tensors, with optional random horizontal flips."""
+@dataclass
+class Split:
+    """The rows ``index`` of an integer image array [N, C, H, W] (in memory or memory-mapped) and its labels [N]."""
 
-    def __init__(self, images: Tensor, labels: Tensor | None = None, random_flip: bool = False):
-        self.images = images
-        self.labels = labels if labels is not None else torch.zeros(len(images), dtype=torch.long)
+    images: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read(self, rows: slice | np.ndarray) -> tuple[Tensor, Tensor]:
+        """(images [n, C, H, W] as stored, labels [n]) of the split's ``rows``: only those rows are read."""
+        idx = np.asarray(self.index[rows])
+        order = np.argsort(idx, kind="stable")  # sequential reads from a memory map, then back to the split's order
+        images = np.empty((len(idx), *self.images.shape[1:]), dtype=self.images.dtype)
+        images[order] = self.images[idx[order]]
+        return torch.from_numpy(images), torch.from_numpy(np.asarray(self.labels[idx], dtype=np.int64))
+
+
+def whole(images: np.ndarray, labels: np.ndarray | None = None, index: np.ndarray | None = None) -> Split:
+    labels = labels if labels is not None else np.zeros(len(images), dtype=np.int64)
+    return Split(images, labels, np.arange(len(images)) if index is None else np.asarray(index))
+
+
+class ImageDataset(Dataset):
+    """(integer image, label) pairs of a split, with optional random horizontal flips."""
+
+    def __init__(self, split: Split, random_flip: bool = False):
+        self.split = split
         self.random_flip = random_flip
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        x = self.images[i]
+        row = int(self.split.index[i])
+        x = torch.from_numpy(np.array(self.split.images[row]))
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        return x, self.labels[i]
+        return x, torch.tensor(int(self.split.labels[row]))
 
 
 def to_unit_range(images: Tensor, levels: int) -> Tensor:
-    """Integer pixel values 0..levels-1 -> floats in [-1, 1]."""
+    """Integer pixel values 0..levels-1 -> floats in [-1, 1] (floats are returned as they are)."""
+    if images.is_floating_point():
+        return images
     return images.float() / (levels - 1) * 2 - 1
 
 
-def split_indices(n: int, sizes: Sequence[int], seed: int = 0) -> list[Tensor]:
+def split_indices(n: int, sizes: Sequence[int], seed: int = 0) -> list[np.ndarray]:
     """Consecutive slices of one fixed random permutation of range(n)."""
     if sum(sizes) > n:
         raise ValueError(f"split sizes {list(sizes)} need {sum(sizes)} examples but the dataset has {n}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     out, start = [], 0
     for size in sizes:
         out.append(perm[start : start + size])
@@ -56,22 +88,38 @@ def split_indices(n: int, sizes: Sequence[int], seed: int = 0) -> list[Tensor]:
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Holds train / val / test tensors in [-1, 1]; subclasses only load them."""
+    """Holds train / val / test `Split`s of integer images; subclasses only load them.
+
+    ``pin_memory`` null = on when CUDA is available; ``persistent_workers`` null = on when ``num_workers`` > 0.
+    Under DDP, Lightning gives the training loader a DistributedSampler; evaluation shards its fixed subsets itself.
+    """
 
     levels: int = 256
 
-    def __init__(self, batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0, random_flip: bool = False):
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        random_flip: bool = False,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+    ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"data.batch_size = {batch_size!r}; it must be an integer >= 1")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers = {num_workers!r}; it must be an integer >= 0 (0 = load in the main process)")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.random_flip = random_flip
-        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers and num_workers > 0
+        self.splits: dict[str, Split] = {}
 
-    def load(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """{split: (images [N, C, H, W] in [-1, 1], labels [N])}."""
+    def load(self) -> dict[str, Split]:
+        """{split: Split of integer images 0..levels-1}."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
@@ -81,28 +129,37 @@ class ImageDataModule(pl.LightningDataModule):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         self.setup()
-        return tuple(self.splits["train"][0].shape[1:])
+        return tuple(self.splits["train"].images.shape[1:])
 
     @property
     def split_sizes(self) -> dict[str, int]:
         self.setup()
-        return {k: len(v[0]) for k, v in self.splits.items()}
+        return {k: len(v) for k, v in self.splits.items()}
 
-    def tensor(self, split: str, examples: int | None = None) -> Tensor:
-        """The first ``examples`` images of a split (all if None): a fixed, reproducible subset."""
+    def _split(self, split: str, examples: int | None) -> tuple[Split, int]:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
         self.setup()
-        images = self.splits[split][0]
-        if examples is not None and examples > len(images):
-            raise ValueError(f"asked for {examples} {split} examples but the split has {len(images)}; lower the number")
-        return images if examples is None else images[:examples]
+        part = self.splits[split]
+        if examples is not None and examples > len(part):
+            raise ValueError(f"asked for {examples} {split} examples but the split has {len(part)}; lower the number")
+        return part, len(part) if examples is None else examples
+
+    def tensor(self, split: str, examples: int | None = None) -> Tensor:
+        """The first ``examples`` images of a split (all if None) in [-1, 1]: a fixed subset; only it is read."""
+        part, n = self._split(split, examples)
+        return to_unit_range(part.read(slice(0, n))[0], self.levels)
+
+    def labels(self, split: str, examples: int | None = None) -> Tensor:
+        """The labels of `tensor`'s images."""
+        part, n = self._split(split, examples)
+        return part.read(slice(0, n))[1]
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         self.setup()
-        images, labels = self.splits[split]
-        ds = ImageDataset(images, labels, random_flip=self.random_flip and split == "train")
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, drop_last=shuffle)
+        ds = ImageDataset(self.splits[split], random_flip=self.random_flip and split == "train")
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, drop_last=shuffle,
+                          pin_memory=self.pin_memory, persistent_workers=self.persistent_workers)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)
@@ -123,16 +180,14 @@ class DigitsDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.sizes, self.seed = tuple(sizes), seed
 
-    def load(self) -> dict[str, tuple[Tensor, Tensor]]:
-        from sklearn.datasets import (
-            load_digits,  # 1.8 s to import: paid only by runs that use the digits
-        )
+    def load(self) -> dict[str, Split]:
+        from sklearn.datasets import load_digits  # 1.8 s to import: paid only by runs that use the digits
 
         digits = load_digits()
-        images = to_unit_range(torch.tensor(digits.images, dtype=torch.long)[:, None], self.levels)
-        labels = torch.tensor(digits.target, dtype=torch.long)
+        images = np.asarray(digits.images, dtype=np.uint8)[:, None]
+        labels = np.asarray(digits.target, dtype=np.int64)
         idx = split_indices(len(images), self.sizes, self.seed)
-        return {k: (images[i], labels[i]) for k, i in zip(SPLITS, idx)}
+        return {k: Split(images, labels, i) for k, i in zip(SPLITS, idx)}
 
 
 class SyntheticDataModule(ImageDataModule):
@@ -143,16 +198,15 @@ class SyntheticDataModule(ImageDataModule):
         self.sizes, self.image_size, self.channels, self.seed = tuple(sizes), image_size, channels, seed
         self.levels = levels
 
-    def load(self) -> dict[str, tuple[Tensor, Tensor]]:
+    def load(self) -> dict[str, Split]:
         g = torch.Generator().manual_seed(self.seed)
         n = sum(self.sizes)
         x = torch.randn(n, self.channels, self.image_size, self.image_size, generator=g)
         x = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
         x = (x / x.abs().amax(dim=(1, 2, 3), keepdim=True)).clamp(-1, 1)
-        images = to_unit_range(torch.round((x + 1) / 2 * (self.levels - 1)).long(), self.levels)
-        labels = torch.zeros(n, dtype=torch.long)
+        images = torch.round((x + 1) / 2 * (self.levels - 1)).to(torch.uint8 if self.levels <= 256 else torch.int32).numpy()
         idx = split_indices(n, self.sizes, 0)
-        return {k: (images[i], labels[i]) for k, i in zip(SPLITS, idx)}
+        return {k: whole(images, index=i) for k, i in zip(SPLITS, idx)}
 
 
 def _require(path: Path, what: str) -> None:
@@ -164,7 +218,7 @@ _HOW_TO_GET = {
     "CIFAR-10": "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it there "
     "(the folder cifar-10-batches-py), or set data.root",
     "image folder": "point data.root at a folder of .png / .jpg images",
-    ".npz array file": "point data.path at an .npz file (e.g. downsampled ImageNet 64x64 from image-net.org)",
+    "array file": "point data.path at an .npy or .npz file of uint8 images",
 }
 
 
@@ -176,23 +230,24 @@ class CIFAR10DataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.root, self.val_size, self.seed = Path(root), val_size, seed
 
-    def load(self) -> dict[str, tuple[Tensor, Tensor]]:
+    def load(self) -> dict[str, Split]:
         folder = self.root / "cifar-10-batches-py" if (self.root / "cifar-10-batches-py").exists() else self.root
         _require(folder / "data_batch_1", "CIFAR-10")
 
-        def read(names: list[str]) -> tuple[Tensor, Tensor]:
-            xs, ys = [], []
-            for name in names:
-                with open(folder / name, "rb") as f:
-                    d = pickle.load(f, encoding="bytes")
-                xs.append(torch.from_numpy(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)))
-                ys.append(torch.tensor(d[b"labels"], dtype=torch.long))
-            return to_unit_range(torch.cat(xs), 256), torch.cat(ys)
+        def read(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+            batches = [load_pickle(folder / name) for name in names]
+            x = np.concatenate([np.asarray(_key(d, "data"), dtype=np.uint8).reshape(-1, 3, 32, 32) for d in batches])
+            return x, np.concatenate([np.asarray(_key(d, "labels"), dtype=np.int64) for d in batches])
 
         train_x, train_y = read([f"data_batch_{i}" for i in range(1, 6)])
-        test = read(["test_batch"])
+        test_x, test_y = read(["test_batch"])
         train_idx, val_idx = split_indices(len(train_x), [len(train_x) - self.val_size, self.val_size], self.seed)
-        return {"train": (train_x[train_idx], train_y[train_idx]), "val": (train_x[val_idx], train_y[val_idx]), "test": test}
+        return {"train": Split(train_x, train_y, train_idx), "val": Split(train_x, train_y, val_idx), "test": whole(test_x, test_y)}
+
+
+def _key(d: dict, name: str):
+    """CIFAR-10's pickles have bytes keys (python 2)."""
+    return d[name] if name in d else d[name.encode()]
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -202,7 +257,7 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.root, self.image_size, self.val_size, self.test_size, self.seed = Path(root), image_size, val_size, test_size, seed
 
-    def load(self) -> dict[str, tuple[Tensor, Tensor]]:
+    def load(self) -> dict[str, Split]:
         _require(self.root, "image folder")
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
         if not files:
@@ -214,46 +269,76 @@ class ImageFolderDataModule(ImageDataModule):
             left, top = (img.width - side) // 2, (img.height - side) // 2
             img = img.crop((left, top, left + side, top + side)).resize((self.image_size,) * 2, Image.BICUBIC)
             arrays.append(np.asarray(img, dtype=np.uint8))
-        images = to_unit_range(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), 256)
+        images = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
         n_train = len(images) - self.val_size - self.test_size
         idx = split_indices(len(images), [n_train, self.val_size, self.test_size], self.seed)
-        labels = torch.zeros(len(images), dtype=torch.long)
-        return {k: (images[i], labels[i]) for k, i in zip(SPLITS, idx)}
+        return {k: whole(images, index=i) for k, i in zip(SPLITS, idx)}
+
+
+def open_images(path: Path, image_size: int, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images of an .npy or .npz file as a memory-mapped [N, C, S, S] view (never loaded whole), and labels.
+
+    Accepts [N, S, S, C], [N, C, S, S] or flattened [N, C*S*S] (downsampled ImageNet). A compressed .npz member
+    is converted once into an .npy cache next to the file (`arrays.decompress_npz_member`).
+    """
+    _require(path, "array file")
+    labels = None
+    if path.suffix == ".npy":
+        arr = map_npy(path)
+    else:
+        keys = npz_keys(path)
+        name = key or ("data" if "data" in keys else "arr_0" if "arr_0" in keys else keys[0] if keys else None)
+        if name not in keys:
+            raise ValueError(f"{str(path)!r} has no array {name!r}; it holds {keys}; set data.key")
+        arr = map_npz_member(path, name)
+        arr = decompress_npz_member(path, name) if arr is None else arr
+        if "labels" in keys:
+            with np.load(path) as f:
+                labels = np.asarray(f["labels"], dtype=np.int64)
+    s = image_size
+    if arr.ndim == 2 and arr.shape[1] % (s * s) == 0:
+        arr = arr.reshape(len(arr), -1, s, s)
+    elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] == s:
+        arr = arr.transpose(0, 3, 1, 2)  # a view: rows are read (and transposed) only when used
+    if arr.ndim != 4 or arr.shape[2:] != (s, s):
+        raise ValueError(f"{str(path)!r} holds images of shape {arr.shape[1:]}, not {s}x{s}; set data.image_size to match")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{str(path)!r} holds {arr.dtype} values; expected uint8 pixels 0..255")
+    return arr, labels if labels is not None else np.zeros(len(arr), dtype=np.int64)
 
 
 class NpzDataModule(ImageDataModule):
-    """uint8 images from an .npz file: [N, H, W, C], [N, C, H, W] or flattened [N, C*H*W] (downsampled ImageNet)."""
+    """uint8 images from an .npy / .npz file ([N, H, W, C], [N, C, H, W] or flattened [N, C*H*W]), memory-mapped."""
 
     def __init__(self, path: str, image_size: int = 64, key: str | None = None, val_size: int = 1000, test_path: str | None = None, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.path, self.image_size, self.key, self.val_size, self.seed = Path(path), image_size, key, val_size, seed
         self.test_path = Path(test_path) if test_path else None
 
-    def _read(self, path: Path) -> tuple[Tensor, Tensor]:
-        _require(path, ".npz array file")
-        with np.load(path) as f:
-            key = self.key or ("data" if "data" in f else "arr_0" if "arr_0" in f else f.files[0])
-            if key not in f:
-                raise ValueError(f"{str(path)!r} has no array {key!r}; it holds {f.files}; set data.key")
-            arr = np.asarray(f[key])
-            labels = torch.from_numpy(np.asarray(f["labels"], dtype=np.int64)) if "labels" in f else torch.zeros(len(arr), dtype=torch.long)
-        s = self.image_size
-        if arr.ndim == 2 and arr.shape[1] % (s * s) == 0:
-            arr = arr.reshape(len(arr), -1, s, s)
-        elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] == s:
-            arr = arr.transpose(0, 3, 1, 2)
-        if arr.ndim != 4 or arr.shape[2:] != (s, s):
-            raise ValueError(f"{str(path)!r} holds images of shape {arr.shape[1:]}, not {s}x{s}; set data.image_size to match")
-        if arr.dtype != np.uint8:
-            raise ValueError(f"{str(path)!r} holds {arr.dtype} values; expected uint8 pixels 0..255")
-        return to_unit_range(torch.from_numpy(np.ascontiguousarray(arr)), 256), labels
-
-    def load(self) -> dict[str, tuple[Tensor, Tensor]]:
-        x, y = self._read(self.path)
+    def load(self) -> dict[str, Split]:
+        x, y = open_images(self.path, self.image_size, self.key)
         if self.test_path is not None:
-            test = self._read(self.test_path)
+            test = whole(*open_images(self.test_path, self.image_size, self.key))
             train_idx, val_idx = split_indices(len(x), [len(x) - self.val_size, self.val_size], self.seed)
         else:
             train_idx, val_idx, test_idx = split_indices(len(x), [len(x) - 2 * self.val_size, self.val_size, self.val_size], self.seed)
-            test = (x[test_idx], y[test_idx])
-        return {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": test}
+            test = Split(x, y, test_idx)
+        return {"train": Split(x, y, train_idx), "val": Split(x, y, val_idx), "test": test}
+
+
+class DownsampledImageNetDataModule(ImageDataModule):
+    """The official downsampled ImageNet (Imagenet64 / Imagenet32 from image-net.org) read from its pickled batches in
+    ``root``: converted once into memory-mapped uint8 caches there. train = the training batches less ``val_size``
+    (a fixed subset), val = those, test = ``val_data`` (the official validation set); labels 0-based."""
+
+    def __init__(self, root: str, image_size: int = 64, val_size: int = 10000, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if image_size not in (32, 64):
+            raise ValueError(f"data.image_size = {image_size!r}; the official downsampled ImageNet comes in 32 and 64")
+        self.root, self.image_size, self.val_size, self.seed = Path(root), image_size, val_size, seed
+
+    def load(self) -> dict[str, Split]:
+        arrays = imagenet_batches(self.root, self.image_size)
+        (x, y), (tx, ty) = arrays["train"], arrays["val"]
+        train_idx, val_idx = split_indices(len(x), [len(x) - self.val_size, self.val_size], self.seed)
+        return {"train": Split(x, y, train_idx), "val": Split(x, y, val_idx), "test": whole(tx, ty)}

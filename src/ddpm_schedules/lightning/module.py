@@ -14,6 +14,7 @@ from ..flags import model_from_flags
 from ..model import DiffusionModel
 from ..moments import MeanSem
 from ..terms import full_chain_estimate, step_terms
+from .data import to_unit_range
 
 LOSSES = ("simple", "hybrid", "vlb")
 
@@ -135,8 +136,13 @@ class DiffusionModule(pl.LightningModule):
             terms["loss"] = terms["vb"] * m.T
         return terms
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def images(self, batch: Any) -> Tensor:
+        """The batch's images in [-1, 1]: integer pixels are converted here, on the batch's device (data stays uint8 until then)."""
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return to_unit_range(x0, self.model.levels)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x0 = self.images(batch)
         B = x0.shape[0]
         if self.sampler is not None:
             t, weights = self.sampler.sample(B, x0.device)
@@ -157,7 +163,7 @@ class DiffusionModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        x0 = self.images(batch)
         g = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx + 1_000_000 * self.global_rank)
         nats = full_chain_estimate(self.model, x0, g, self.hparams.val_exact_below, self.hparams.val_strata)
         self.val_bpd.update(nats_to_bpd(nats, self.dims))

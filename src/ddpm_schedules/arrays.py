@@ -1,0 +1,212 @@
+"""Image arrays that stay on disk: memory-mapped .npy / uncompressed .npz members, a checked conversion cache
+for compressed .npz and for the official downsampled-ImageNet pickled batches, and a pickle reader that
+only rebuilds numpy arrays (user files are data, never code).
+
+Several processes that map the same file share its pages, so DDP does not multiply the data in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+CHUNK_BYTES = 1 << 26  # conversion copies 64 MB at a time
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+}  # fmt: skip
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, numbers and numpy arrays only; anything else (code) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are read from data files")
+
+
+def load_pickle(path: str | Path) -> Any:
+    """A pickled data file (CIFAR-10 / downsampled-ImageNet batches) read as data: numpy arrays, lists, dicts."""
+    with open(path, "rb") as f:
+        try:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise ValueError(f"{str(path)!r} is not a pickled batch of arrays ({e}); download the file again") from None
+
+
+def map_npy(path: str | Path) -> np.ndarray:
+    """A read-only memory map of an .npy file (pages are read when touched and shared between processes)."""
+    return np.load(path, mmap_mode="r")
+
+
+def map_npz_member(path: str | Path, key: str) -> np.ndarray | None:
+    """A memory map of one member of an uncompressed .npz (None if the member is compressed)."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        shape, fortran, dtype = _npy_header(f)
+        offset = f.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy header at the file's position; the position moves to the data."""
+    major, _ = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+def npz_keys(path: str | Path) -> list[str]:
+    with zipfile.ZipFile(path) as zf:
+        return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+
+
+def signature(paths: Iterable[Path], samples: int = 16, block: int = 1 << 16) -> dict[str, Any]:
+    """Name, size and a sampled sha256 (``samples`` blocks spread over the file) of each source file: cheap to
+    recompute on every open, and it changes when a file is replaced, truncated or rewritten."""
+    out = {}
+    for path in paths:
+        size = path.stat().st_size
+        h = hashlib.sha256(str(size).encode())
+        with open(path, "rb") as f:
+            for k in range(samples):
+                f.seek(max(0, (size - block) * k // max(samples - 1, 1)))
+                h.update(f.read(block))
+        out[path.name] = {"size": size, "sampled_sha256": h.hexdigest()}
+    return out
+
+
+def cached_array(cache: Path, sources: list[Path], shape: tuple[int, ...], dtype: np.dtype, fill: Callable[[np.ndarray], None]) -> np.ndarray:
+    """The memory-mapped cache ``cache`` (.npy) of an array converted from ``sources``: written once by
+    ``fill(out)`` into a temporary file and renamed (never half-written), then checked against its sources
+    on every open (their sizes and sampled checksums, and the cache's own size)."""
+    meta = cache.with_suffix(".json")
+    want = {"sources": signature(sources), "shape": list(shape), "dtype": np.dtype(dtype).str}
+    if cache.exists() and meta.exists():
+        have = json.loads(meta.read_text())
+        if have.get("sources") != want["sources"] or have.get("shape") != want["shape"] or have.get("dtype") != want["dtype"]:
+            raise ValueError(f"cache {str(cache)!r} does not match its source files {[p.name for p in sources]} (size or checksum); "
+                             "delete it (and its .json) to convert again")  # fmt: skip
+        array = map_npy(cache)
+        if array.shape != tuple(shape) or cache.stat().st_size != have.get("bytes"):
+            raise ValueError(f"cache {str(cache)!r} has {cache.stat().st_size} bytes, not the {have.get('bytes')} written; delete it to convert again")
+        return array
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        fill(out)
+        out.flush()
+        del out
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta_tmp = meta.with_name(f".{meta.name}.tmp")
+    meta_tmp.write_text(json.dumps({**want, "bytes": cache.stat().st_size}))
+    os.replace(meta_tmp, meta)
+    return map_npy(cache)
+
+
+def decompress_npz_member(path: Path, key: str) -> np.ndarray:
+    """A compressed .npz member as a memory-mapped .npy cache next to it (``<name>.<key>.npy``), converted once by
+    streaming (never the whole array in memory)."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        shape, fortran, dtype = _npy_header(f)
+    if fortran:
+        raise ValueError(f"{str(path)!r} stores {key!r} in Fortran order; save it in C order (np.savez with a C-contiguous array)")
+
+    def fill(out: np.ndarray) -> None:
+        flat = out.reshape(-1).view(np.uint8)
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            _npy_header(f)
+            done = 0
+            while done < flat.size:
+                chunk = f.read(min(CHUNK_BYTES, flat.size - done))
+                if not chunk:
+                    raise ValueError(f"{str(path)!r} ends inside {key!r}; the file is truncated: download it again")
+                flat[done : done + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                done += len(chunk)
+
+    return cached_array(path.with_name(f"{path.stem}.{key}.npy"), [path], tuple(shape), dtype, fill)
+
+
+def imagenet_batches(root: Path, image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The official downsampled-ImageNet pickled batches of ``root`` (``train_data_batch_1..`` and ``val_data``:
+    ``data`` [N, 3 * S * S] uint8 in CHW planes, 1-based ``labels``), each converted once into a memory-mapped
+    [N, 3, S, S] uint8 cache and 0-based int64 labels in ``root``: {"train": ..., "val": ...}."""
+    if not root.is_dir():
+        raise ValueError(f"data.root = {str(root)!r} is not a folder; point it at the extracted Imagenet{image_size}_train / _val files")
+    train = sorted(root.glob("train_data_batch_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]) if p.name.rsplit("_", 1)[-1].isdigit() else 0)
+    train = [p for p in train if p.name.rsplit("_", 1)[-1].isdigit()]
+    missing = [n for n, files in (("train_data_batch_1", train), ("val_data", [root / "val_data"] if (root / "val_data").exists() else [])) if not files]
+    if missing:
+        raise ValueError(f"data.root {str(root)!r} has no {missing[0]}; it needs the image-net.org Imagenet{image_size} files "
+                         "train_data_batch_1..10 and val_data (extracted, in one folder)")  # fmt: skip
+    return {"train": _converted(root, "train", train, image_size), "val": _converted(root, "val", [root / "val_data"], image_size)}
+
+
+def _converted(root: Path, name: str, files: list[Path], size: int) -> tuple[np.ndarray, np.ndarray]:
+    cache = root / f"imagenet{size}_{name}.u8.npy"
+    labels_cache = root / f"imagenet{size}_{name}_labels.npy"
+    meta = cache.with_suffix(".json")
+    if cache.exists() and meta.exists():
+        counts = json.loads(meta.read_text())["shape"][0]
+    else:
+        counts = sum(len(_batch(f, size)[1]) for f in files)  # a first pass for the total (labels only are kept)
+    collected: list[np.ndarray] = []
+
+    def fill(out: np.ndarray) -> None:
+        start = 0
+        for f in files:
+            data, labels = _batch(f, size)
+            out[start : start + len(data)] = data.reshape(-1, 3, size, size)
+            collected.append(labels)
+            start += len(data)
+
+    images = cached_array(cache, files, (counts, 3, size, size), np.uint8, fill)
+    if collected:
+        _atomic_npy(labels_cache, np.concatenate(collected))
+    if not labels_cache.exists():
+        raise ValueError(f"labels cache {str(labels_cache)!r} is missing; delete {str(cache)!r} to convert again")
+    labels = np.load(labels_cache)
+    if len(labels) != len(images):
+        raise ValueError(f"labels cache {str(labels_cache)!r} holds {len(labels)} labels for {len(images)} images; delete both to convert again")
+    return images, labels
+
+
+def _batch(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled batch: (data [N, 3*S*S] uint8, 0-based labels [N] int64), checked."""
+    d = load_pickle(path)
+    if not isinstance(d, dict) or "data" not in d or "labels" not in d:
+        raise ValueError(f"{str(path)!r} is not a downsampled-ImageNet batch (a dict with 'data' and 'labels'); download it again")
+    data = np.asarray(d["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * size * size:
+        raise ValueError(f"{str(path)!r} holds data of shape {data.shape} ({data.dtype}), not [N, {3 * size * size}] uint8: "
+                         f"is it Imagenet{size}? set data.image_size to match the files")  # fmt: skip
+    labels = np.asarray(d["labels"], dtype=np.int64) - 1
+    if len(labels) != len(data) or (len(labels) and labels.min() < 0):
+        raise ValueError(f"{str(path)!r} has {len(labels)} labels (1-based) for {len(data)} images; download it again")
+    return data, labels
+
+
+def _atomic_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)

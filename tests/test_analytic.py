@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import FIXTURE
 
-from ddpm_schedules import estimate_cost_matrix, load_improved_diffusion
 from ddpm_schedules import diffusion as dm
-from ddpm_schedules.noise import example_noise
+from ddpm_schedules import estimate_cost_matrix, load_improved_diffusion
 from ddpm_schedules.analytic import analytic_ot_schedule, load_gamma, save_gamma
+from ddpm_schedules.noise import example_noise
 from ddpm_schedules.terms import reverse_log_variance
 
 ADPM = Path(__file__).parent / "fixtures" / "analytic_dpm"
@@ -175,8 +175,8 @@ def test_schedule_monitor_with_the_analytic_rule(tmp_path):
     record = json.loads((tmp_path / "schedules" / "step_3.json").read_text())
     assert record["var_type"] == "analytic"
     assert {r["strategy"] for r in record["results"]} == {"dp", "analytic_ot", "even"}
-    from ddpm_schedules.cost_matrix import CostMatrix
     from ddpm_schedules.checkpoints import load_checkpoint
+    from ddpm_schedules.cost_matrix import CostMatrix
 
     gamma = CostMatrix.load(tmp_path / "schedules" / "cost_matrix_step_3.pt").gamma
     assert gamma is not None and bool(torch.isfinite(gamma[1:]).all())

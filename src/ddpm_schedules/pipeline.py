@@ -19,14 +19,14 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from . import report
+from .analytic import load_gamma
 from .checkpoints import UntrustedCheckpointError, read_checkpoint
 from .cli import user_error
 from .frechet import fid_feature_extractor
 from .grids import candidate_grid, full_grid
 from .lightning.data import ImageDataModule
-from .noise import Processes
-from .analytic import load_gamma
 from .model import DiffusionModel
+from .noise import Processes
 from .precision import check_target_sem
 from .quality import QualitySettings
 from .refine import RefineSettings, check_refine

@@ -153,6 +153,7 @@ def test_evaluate_with_the_analytic_override(tmp_path, tiny_ckpt):
     (["model.gamma_file=g.pt"], "only used with model.var_type=analytic"),
     (["model.var_type=bogus"], "var_type = 'bogus'"),
     (["eval.strategies=[analytic_ot]"], "evaluate with model.var_type=analytic"),
+    (["model.var_type=analytic", "eval.strategies=[analytic_ot]", "cost.grid=5", "eval.full_chain=false"], "use cost.grid=null"),
 ])  # fmt: skip
 def test_analytic_bad_inputs(tmp_path, tiny_ckpt, overrides, match):
     from conftest import eval_cfg

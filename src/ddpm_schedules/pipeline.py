@@ -281,6 +281,16 @@ def build_model(cfg: DictConfig) -> DiffusionModel:
     return model
 
 
+def check_analytic_strategies(strategies: list, model: DiffusionModel, grid: list[int] | None) -> None:
+    """analytic_ot reads Gamma at every t = 1..T: refused before any work without the analytic rule or with a coarse grid."""
+    if not any(s.name == "analytic_ot" for s in strategies):
+        return
+    if model.var_type != "analytic":
+        raise ValueError("eval.strategies has analytic_ot, which needs Gamma: evaluate with model.var_type=analytic")
+    if grid is not None and model.gamma is None:
+        raise ValueError(f"analytic_ot needs Gamma at every t = 1..T: use cost.grid=null, not {grid[:5]}...")
+
+
 def compile_flag(cfg: DictConfig) -> bool:
     """``compile``: true or false (torch.compile the network)."""
     value = cfg.get("compile", False)
@@ -301,6 +311,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         model = build_model(cfg).to(device_for(procs)).set_precision(cfg.get("precision", 32)).compile_network(compile_flag(cfg))
         datamodule, cost_data, eval_data, reference = evaluation_data(cfg, model, procs)
         grid, budgets, sample_budgets, strategies, ode = schedule_inputs(cfg, model.T)
+        check_analytic_strategies(strategies, model, grid)
         source, path = model_labels(cfg)
         result = run_evaluation(
             model, cost_data, eval_data, grid=grid, budgets=budgets, strategies=strategies, out_dir=cfg.paths.output_dir,

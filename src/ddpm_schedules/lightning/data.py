@@ -315,6 +315,10 @@ class NpzDataModule(ImageDataModule):
         self.path, self.image_size, self.key, self.val_size, self.seed = Path(path), image_size, key, val_size, seed
         self.test_path = Path(test_path) if test_path else None
 
+    def prepare_data(self) -> None:
+        """Once per node, before any process's setup (Lightning): a compressed .npz is converted here."""
+        self.load()
+
     def load(self) -> dict[str, Split]:
         x, y = open_images(self.path, self.image_size, self.key)
         if self.test_path is not None:
@@ -336,6 +340,10 @@ class DownsampledImageNetDataModule(ImageDataModule):
         if image_size not in (32, 64):
             raise ValueError(f"data.image_size = {image_size!r}; the official downsampled ImageNet comes in 32 and 64")
         self.root, self.image_size, self.val_size, self.seed = Path(root), image_size, val_size, seed
+
+    def prepare_data(self) -> None:
+        """Once per node, before any process's setup (Lightning): the batches are converted here."""
+        imagenet_batches(self.root, self.image_size)
 
     def load(self) -> dict[str, Split]:
         arrays = imagenet_batches(self.root, self.image_size)

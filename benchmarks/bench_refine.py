@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ddpm_schedules import estimate_cost_matrix, evaluate_schedules, load_checkpoint, optimal_schedules
+from ddpm_schedules.cost_matrix import CostMatrix
 from ddpm_schedules.lightning.data import DigitsDataModule
 from ddpm_schedules.refine import RefineSettings, refine_cost_matrices
 
@@ -30,17 +31,25 @@ def main() -> None:
     p.add_argument("--max-passes", type=int, default=50_000, help="25%% of the full grid's 200,000")
     p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "digits.ckpt")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    p.add_argument("--max-rounds", type=int, default=10)
+    p.add_argument("--full-cache", type=Path, default=None, help="keep the full-grid matrix in this file (reused when it exists)")
     a = p.parse_args()
     budgets = [int(k) for k in a.budgets.split(",")]
     model = load_checkpoint(a.checkpoint)
     dm = DigitsDataModule()
     cost, test = dm.tensor("val"), dm.tensor("test")
     start = time.perf_counter()
-    matrices, history = refine_cost_matrices(model, cost, budgets, RefineSettings(coarse=a.coarse, window=a.window, max_passes=a.max_passes), batch_size=200)
+    matrices, history = refine_cost_matrices(model, cost, budgets, RefineSettings(coarse=a.coarse, window=a.window, max_passes=a.max_passes, max_rounds=a.max_rounds), batch_size=200)
     refine_s = time.perf_counter() - start
     refined = optimal_schedules(matrices["elbo"], budgets)
     start = time.perf_counter()
-    full = optimal_schedules(estimate_cost_matrix(model, cost, batch_size=200), budgets)
+    if a.full_cache is not None and a.full_cache.exists():
+        full_cm = CostMatrix.load(a.full_cache)
+    else:
+        full_cm = estimate_cost_matrix(model, cost, batch_size=200)
+        if a.full_cache is not None:
+            full_cm.save(a.full_cache)
+    full = optimal_schedules(full_cm, budgets)
     full_s = time.perf_counter() - start
     results = evaluate_schedules(model, test, list(refined.values()) + list(full.values()), seed=1, batch_size=200)
     rows = {K: (r, f) for K, r, f in zip(budgets, results[: len(budgets)], results[len(budgets) :])}

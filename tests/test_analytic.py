@@ -183,3 +183,13 @@ def test_schedule_monitor_with_the_analytic_rule(tmp_path):
     assert gamma is not None and bool(torch.isfinite(gamma[1:]).all())
 
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt").var_type == "learned_range"
+
+
+def test_analytic_ot_with_gamma_above_one_at_small_t():
+    """A model that overshoots at small t (Gamma_1 > 1) still gets a K-step trajectory; their rule would drop every step."""
+    ns = dm.NoiseSchedule.named("linear", 100)
+    gamma = torch.cat([torch.zeros(1), torch.linspace(0.3, 0.99, 100, dtype=torch.float64)])
+    gamma[1:3] = 1.2
+    for K in (2, 5, 10):
+        sch = analytic_ot_schedule(ns, gamma, K, 64)
+        assert sch.K == K and sch.timesteps[0] == 1 and sch.timesteps[-1] == 100

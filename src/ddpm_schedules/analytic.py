@@ -49,11 +49,13 @@ def bad_region_split(gamma: Tensor, K: int) -> tuple[int, int, int]:
     """Analytic-DPM's split for Gamma_t > 1 (where the closed form breaks): (K1, N1, K2).
 
     From the first t with Gamma_t > 1, the last 2 (T - t + 1) steps are "bad": K1 points go to the DP on
-    1..N1, K2 = K - K1 evenly spaced points to (N1, T], with K1 = ceil((1 - 0.8 bad / T) K).
+    1..N1, K2 = K - K1 evenly spaced points to (N1, T], with K1 = ceil((1 - 0.8 bad / T) K). Their rule
+    assumes the bad points are the last ones; Gamma_t > 1 in the first half (small t, where a model may
+    overshoot) is not a bad region here: `analytic_ot_gamma` caps it just below 1 instead.
     """
     T = gamma.numel() - 1
-    over = torch.nonzero(gamma[1:] > 1).reshape(-1)
-    bad = min(2 * (T - (int(over[0]) + 1) + 1), T) if over.numel() else 0
+    over = torch.nonzero(gamma[T // 2 + 1 :] > 1).reshape(-1)
+    bad = min(2 * (T - (int(over[0]) + T // 2 + 1) + 1), T) if over.numel() else 0
     n1 = T - bad
     k1 = math.ceil((1 - 0.8 * bad / T) * K)
     k1 = min(k1, n1)
@@ -62,6 +64,13 @@ def bad_region_split(gamma: Tensor, K: int) -> tuple[int, int, int]:
     if bad and k2 == 0:
         k1, k2 = K - 1, 1
     return k1, n1, k2
+
+
+def analytic_ot_gamma(gamma: Tensor, n1: int) -> Tensor:
+    """Gamma for the closed-form cost on 1..n1: values above 1 there (first half only) capped just below 1."""
+    out = gamma.clone()
+    out[1 : n1 + 1] = out[1 : n1 + 1].clamp(max=1 - 1e-9)
+    return out
 
 
 def analytic_ot_schedule(schedule: NoiseSchedule, gamma: Tensor, K: int, dims: int) -> Schedule:
@@ -77,7 +86,7 @@ def analytic_ot_schedule(schedule: NoiseSchedule, gamma: Tensor, K: int, dims: i
     if not 2 <= K <= T:
         raise ValueError(f"analytic_ot needs a budget K in 2..{T}, got {K}")
     k1, n1, k2 = bad_region_split(gamma, K)
-    costs = schedule.analytic_ot_costs(gamma, dims)[: n1 + 1, : n1 + 1].clone()
+    costs = schedule.analytic_ot_costs(analytic_ot_gamma(gamma, n1), dims)[: n1 + 1, : n1 + 1].clone()
     costs[0, :] = math.inf
     costs[0, 1] = 0.0  # every trajectory starts with the decoder pair (0, 1)
     path, _ = optimal_paths(costs, [k1])[k1]

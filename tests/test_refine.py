@@ -5,7 +5,9 @@ import torch
 
 from conftest import CountingNet, quantized_data, tiny_model
 from ddpm_schedules import estimate_cost_matrix, optimal_schedules
+from ddpm_schedules.model import Prediction
 from ddpm_schedules.refine import RefineSettings, check_refine, refine_cost_matrices
+from ddpm_schedules.terms import column_stats, pair_tables, pair_terms, stats_terms
 
 
 def test_refinement_spends_one_pass_per_example_and_column_and_gives_the_final_grids_matrix():
@@ -45,3 +47,27 @@ def test_a_pass_budget_stops_refinement():
 def test_bad_refinement_settings(settings, message):
     with pytest.raises(ValueError, match=message):
         check_refine(settings, 50, 4)
+
+
+@pytest.mark.parametrize("var_type", ["fixed_large", "fixed_small", "learned_range"])
+def test_column_statistics_give_the_pairs_of_rows_chosen_after_the_pass(var_type):
+    """A column's kept statistics reproduce the elementwise KL of every s < t (the reference), with adversarial
+    ranges of f in one batch (one example beyond what the expansion takes: it is kept whole)."""
+    T, t = 400, 300
+    model = tiny_model(var_type, T=T, shape=(3, 8, 8))
+    g = torch.Generator().manual_seed(0)
+    x0 = quantized_data(5, shape=(3, 8, 8))
+    x_t = model.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
+    frac = None
+    if var_type == "learned_range":
+        frac = torch.rand(x0.shape, generator=g, dtype=torch.float64)
+        frac[1, 0, 0, 0], frac[2, 0, 0, 0], frac[3, 0, 0, 0] = -3.0, 4.0, -60.0  # v = -7, v = 7, and an extreme one
+    pred = Prediction(torch.rand(x0.shape, generator=g, dtype=torch.float64) * 2 - 1, frac)
+    stats = column_stats(model, x0, pred, t)
+    s = torch.tensor([0, 1, 2, 7, 150, 298, 299])
+    got = stats_terms(model, stats, pair_tables(model, t, s))
+    want = pair_terms(model, x0, x_t, t, s, pred, fast=False)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert stats.nbytes < pred.x0_hat.numel() * 8 * (2 if frac is not None else 1) / 2  # far smaller than the prediction
+    if var_type == "learned_range":
+        assert stats.direct.tolist() == [False, False, False, True, False] and stats.moments.shape[1] == 4

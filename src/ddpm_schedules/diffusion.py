@@ -232,19 +232,27 @@ def chebyshev_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, tol: float 
     out = torch.empty(weights.shape[0], B, S, dtype=frac.dtype, device=frac.device)
     if S == 0 or B == 0:
         return out
-    lo, hi = frac.min(1).values, frac.max(1).values
-    reach = ((hi - lo) / 2 * delta.abs().max()).detach()  # a of every example
-    direct = reach > _largest_a(max_order, tol)
+    lo, hi, direct, K = chebyshev_plan(frac, float(delta.abs().max()), tol, max_order)
     if direct.any():
-        out[:, direct] = _direct_exp_sums(frac[direct], weights[:, direct], delta, max_elements)
+        out[:, direct] = direct_exp_sums(frac[direct], weights[:, direct], delta, max_elements)
     if not direct.all():
         keep = ~direct
-        K = chebyshev_order(float(reach[keep].max()), tol)
         out[:, keep] = _chebyshev_exp_sums(frac[keep], weights[:, keep], delta, lo[keep], hi[keep], K)
     return out
 
 
-def _direct_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, max_elements: int) -> Tensor:
+def chebyshev_plan(frac: Tensor, delta_max: float, tol: float = 1e-17, max_order: int = 64) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(lo [B], hi [B], direct [B] bool, K): each example's range of f, which examples need more than ``max_order``
+    terms for |delta| <= ``delta_max`` (to be summed directly), and the terms K of the others."""
+    lo, hi = frac.min(1).values.detach(), frac.max(1).values.detach()
+    reach = (hi - lo) / 2 * delta_max  # a of every example
+    direct = reach > _largest_a(max_order, tol)
+    K = chebyshev_order(float(reach[~direct].max()), tol) if not direct.all() else 0
+    return lo, hi, direct, K
+
+
+def direct_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, max_elements: int = 1 << 24) -> Tensor:
+    """[W, B, S]: sum_d weights exp(-frac delta_s) by exponentials, in chunks of at most ``max_elements``."""
     B, D = frac.shape
     out = torch.empty(weights.shape[0], B, delta.numel(), dtype=frac.dtype, device=frac.device)
     chunk = max(1, max_elements // max(1, B * D))
@@ -255,6 +263,12 @@ def _direct_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, max_elements:
 
 
 def _chebyshev_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, lo: Tensor, hi: Tensor, K: int) -> Tensor:
+    return chebyshev_sums(chebyshev_moments(frac, weights, lo, hi, K), lo, hi, delta)
+
+
+def chebyshev_moments(frac: Tensor, weights: Tensor, lo: Tensor, hi: Tensor, K: int) -> Tensor:
+    """[W, B, K]: sum_d weights[w, b, d] T_k(z_bd), z = f mapped from [lo_b, hi_b] onto [-1, 1]: what
+    `chebyshev_sums` needs of the [B, D] values to give sum_d weights exp(-f delta) for any delta later."""
     mid, half = ((hi + lo) / 2)[:, None], ((hi - lo) / 2)[:, None]
     z = torch.where(half > 0, (frac - mid) / torch.where(half > 0, half, torch.ones_like(half)), torch.zeros_like(frac))
     if z.requires_grad:  # differentiable (a training loss)
@@ -269,9 +283,16 @@ def _chebyshev_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, lo: Tensor
             basis[1] = z
         for k in range(2, K):
             torch.mul(2 * z, basis[k - 1], out=basis[k]).sub_(basis[k - 2])
-    moments = torch.einsum("wbd,kbd->wbk", weights, basis)  # [W, B, K]
-    j = torch.arange(K, dtype=frac.dtype, device=frac.device) + 0.5
-    k = torch.arange(K, dtype=frac.dtype, device=frac.device)
+    return torch.einsum("wbd,kbd->wbk", weights, basis)
+
+
+def chebyshev_sums(moments: Tensor, lo: Tensor, hi: Tensor, delta: Tensor) -> Tensor:
+    """[W, B, S]: sum_d weights exp(-f delta_s) from `chebyshev_moments`, the K-node Chebyshev interpolant of
+    exp(-f delta_s) on each example's own [lo_b, hi_b]."""
+    K = moments.shape[-1]
+    mid, half = ((hi + lo) / 2)[:, None], ((hi - lo) / 2)[:, None]
+    j = torch.arange(K, dtype=moments.dtype, device=moments.device) + 0.5
+    k = torch.arange(K, dtype=moments.dtype, device=moments.device)
     nodes = torch.cos(math.pi * j / K)
     dct = torch.cos(math.pi * k[None, :] * j[:, None] / K) * (2.0 / K)  # [node, k]
     dct[:, 0] /= 2

@@ -3,9 +3,10 @@
 Start from a coarse grid that keeps small t dense (e.g. ``log:100``), run the DP for every requested
 budget, add every timestep within ``window`` of a timestep any optimal path uses, and run the DP again
 on the union grid; repeat until the paths need no new timestep (or a round or pass budget is spent).
-A column's forward passes are made once: each example's prediction at t is kept, so the pairs of an
-old column with a newly added s cost no pass. The result is a `CostMatrix` on the final candidate
-grid, on which the DP is exact.
+A column's forward passes are made once: what its pairs need of each example's prediction at t is
+kept (`terms.ColumnStats`: one number per example for fixed variances, a few dozen Chebyshev moments
+for learned ones, not the [D] prediction), so the pairs of an old column with a newly added s cost no
+pass. The result is a `CostMatrix` on the final candidate grid, on which the DP is exact.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .cost_matrix import CostMatrix, CostMatrixMetric, from_moments, mse_terms
+from .cost_matrix import CostMatrix, CostMatrixMetric, from_moments
 from .dp import optimal_schedules
 from .grids import GridSpec, candidate_grid, full_grid
-from .model import DiffusionModel, Prediction
+from .model import DiffusionModel
 from .moments import empty_moments
 from .noise import example_noise, indexed_batches
-from .terms import pair_tables, pair_terms, prior_nats
+from .terms import ColumnStats, column_stats, pair_tables, prior_nats, stats_terms
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class RefineSettings:
     window: int = 5  # timesteps added on each side of every timestep an optimal path uses
     max_rounds: int = 10
     max_passes: int | None = None  # forward passes (examples x columns) at most; None: no limit
-    memory_gb: float = 4.0  # the kept predictions (examples x dims x columns, float64) at most
+    memory_gb: float = 4.0  # the kept column statistics (about 8 (2K + 5) bytes per example and column) at most
 
 
 def check_refine(settings: RefineSettings, T: int, examples: int, budgets: Sequence[int] = (), key: str = "cost.refine") -> None:
@@ -75,17 +76,17 @@ def refine_cost_matrices(
     check_refine(settings, T, examples, budgets)
     batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
     grid = set(candidate_grid(settings.coarse, T, "cost.refine.coarse") or range(1, T + 1)) | {T}
-    predictions: dict[int, list[Prediction]] = {}
+    kept: dict[int, list[ColumnStats]] = {}
     history: list[dict[str, Any]] = []
     passes, paths = 0, None
     for round_ in range(settings.max_rounds):
-        new = sorted(grid - set(predictions))
+        new = sorted(grid - set(kept))
         if settings.max_passes is not None and passes + len(new) * examples > settings.max_passes:
             history.append({"round": round_, "stopped": "max_passes", "passes": passes})
             break
-        _predict_columns(model, batches, new, predictions, seed, settings.memory_gb, progress)
+        _estimate_columns(model, batches, new, kept, seed, settings.memory_gb, progress)
         passes += len(new) * examples
-        matrices = matrices_from_predictions(model, batches, predictions, sorted(grid), objectives, seed)
+        matrices = matrices_from_stats(model, batches, kept, sorted(grid), objectives)
         paths = optimal_schedules(matrices["elbo"], budgets)
         history.append({"round": round_, "grid_size": len(grid), "new_columns": len(new), "passes": passes,
                         "paths": {K: list(p.timesteps) for K, p in paths.items()}})  # fmt: skip
@@ -97,40 +98,44 @@ def refine_cost_matrices(
 
 
 @torch.no_grad()
-def _predict_columns(model: DiffusionModel, batches: list, columns: list[int], out: dict, seed: int, memory_gb: float, progress: bool) -> None:
-    per_column = sum(x0.numel() for _, x0 in batches) * (2 if model.var_type == "learned_range" else 1) * 8
-    if (len(out) + len(columns)) * per_column > memory_gb * 2**30:
-        raise ValueError(f"keeping {len(out) + len(columns)} columns of predictions needs more than cost.refine.memory_gb = {memory_gb}; "
-                         "raise it, use fewer cost.examples or a coarser grid")  # fmt: skip
+def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], out: dict, seed: int, memory_gb: float, progress: bool) -> None:
+    kept = sum(st.nbytes for stats in out.values() for st in stats)
+    if out and kept / len(out) * (len(out) + len(columns)) > memory_gb * 2**30:  # checked before the round's passes
+        raise _too_much(len(out) + len(columns), memory_gb)
     was_training = model.training
     model.eval()
     try:
         for t in tqdm(columns, desc="refine", unit="col", disable=not progress):
-            preds = []
+            stats = []
             for start, x0 in batches:
                 x0 = x0.to(model.device)
                 x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, tuple(x0.shape[1:])).to(model.device))
-                preds.append(model.predict(x_t, t))
-            out[t] = preds
+                stats.append(column_stats(model, x0, model.predict(x_t, t), t))
+            out[t] = stats
+            kept += sum(st.nbytes for st in stats)
+            if kept > memory_gb * 2**30:
+                raise _too_much(len(out), memory_gb)
     finally:
         model.train(was_training)
 
 
-@torch.no_grad()
-def matrices_from_predictions(model: DiffusionModel, batches: list, predictions: dict, grid: list[int], objectives: Sequence[str],
-                              seed: int) -> dict[str, CostMatrix]:
-    """Every pair of ``[0] + grid`` from the kept predictions (x_t is the noise rule's again: no forward pass)."""
+def _too_much(columns: int, memory_gb: float) -> ValueError:
+    return ValueError(f"keeping the statistics of {columns} columns needs more than cost.refine.memory_gb = {memory_gb}; "
+                      "raise it, use fewer cost.examples or a coarser grid")
+
+
+def matrices_from_stats(model: DiffusionModel, batches: list, kept: dict, grid: list[int], objectives: Sequence[str]) -> dict[str, CostMatrix]:
+    """Every pair of ``[0] + grid`` from the kept column statistics (no forward pass)."""
     g = full_grid(grid, model.T)
     metric = CostMatrixMetric(g.numel(), len(objectives))
     for j in range(1, g.numel()):
         t = int(g[j])
         tables = pair_tables(model, t, g[:j], model.device) if "elbo" in objectives else None
-        for (start, x0), pred in zip(batches, predictions[t]):
-            x0 = x0.to(model.device)
-            x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, tuple(x0.shape[1:])).to(model.device))
-            terms = [pair_terms(model, x0, x_t, t, g[:j], pred, tables=tables) if o == "elbo" else mse_terms(x0, pred.x0_hat, t, g[:j])
+        for (_, x0), stats in zip(batches, kept[t]):
+            terms = [stats_terms(model, stats, tables) if o == "elbo" else stats.sq_err[:, None] * (t - g[:j].to(stats.sq_err))[None, :]
                      for o in objectives]  # fmt: skip
-            metric.update(torch.stack(terms), j, prior_nats(model, x0) if j == 1 and "elbo" in objectives else None)
+            prior = prior_nats(model, x0.to(model.device)) if j == 1 and "elbo" in objectives else None
+            metric.update(torch.stack(terms), j, prior)
     moments, prior_moments = metric.compute()[5:7]
     dims = math.prod(batches[0][1].shape[1:])
     return {o: from_moments(moments[:, k], prior_moments if o == "elbo" else empty_moments(), g, dims, o) for k, o in enumerate(objectives)}

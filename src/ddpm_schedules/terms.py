@@ -99,6 +99,81 @@ def pair_terms(
     return out
 
 
+@dataclass
+class ColumnStats:
+    """What the pairs (s, t) of one column need of a batch's prediction at t, for rows s chosen later
+    (refinement adds rows to columns already passed): a few numbers per example instead of [B, D] values.
+
+    Fixed variances need ||x_0 - x0_hat||^2 only (`fixed_variance_kl`); learned ones the Chebyshev moments
+    of sum_d e^(-f_d Delta) and sum_d e_d^2 e^(-f_d Delta) on each example's range of f, with K set by the
+    largest Delta of any s < t (`learned_range_kl`); an example whose range of f would need more than
+    ``max_order`` terms keeps its [D] values instead.
+    """
+
+    t: int
+    decoder: Tensor  # [B] nats of the pair (0, t)
+    sq_err: Tensor  # [B] ||x_0 - x0_hat||^2
+    dims: int
+    frac_sum: Tensor | None = None  # [B] sum_d f_d (learned_range)
+    moments: Tensor | None = None  # [2, B', K] of the examples not in ``direct``
+    lo: Tensor | None = None  # [B'] each example's smallest f
+    hi: Tensor | None = None
+    direct: Tensor | None = None  # [B] bool: examples kept whole
+    kept: tuple[Tensor, Tensor] | None = None  # (f, e^2), [B'', D] each, of the ``direct`` examples
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.decoder, self.sq_err, self.frac_sum, self.moments, self.lo, self.hi, *(self.kept or ())]
+        return sum(v.numel() * v.element_size() for v in parts if v is not None)
+
+
+def column_stats(model: "DiffusionModel", x0: Tensor, pred: "Prediction", t: int, max_order: int = 64) -> ColumnStats:
+    """The `ColumnStats` of one batch's prediction at t (see `stats_terms`)."""
+    tables = pair_tables(model, t, torch.arange(t) if pred.frac is not None else [0], x0.device)  # every s: the largest Delta
+    x0 = x0.double().flatten(1)
+    x0_hat = pred.x0_hat.flatten(1)
+    frac = pred.frac.flatten(1) if pred.frac is not None else None
+    err2 = (x0 - x0_hat) ** 2
+    stats = ColumnStats(int(t), decoder_nll(x0, x0_hat, frac, tables.decoder_log_var, model.levels), err2.sum(1), x0.shape[1])
+    if frac is None:
+        return stats
+    delta = tables.kl["max_log"] - torch.log(tables.kl["btil"])
+    lo, hi, direct, K = dm.chebyshev_plan(frac, float(delta.abs().max()) if delta.numel() else 0.0, max_order=max_order)
+    keep = ~direct
+    stats.frac_sum, stats.direct, stats.lo, stats.hi = frac.sum(1), direct, lo[keep], hi[keep]
+    stats.moments = dm.chebyshev_moments(frac[keep], torch.stack([torch.ones_like(err2[keep]), err2[keep]]), lo[keep], hi[keep], max(K, 1))
+    if direct.any():
+        stats.kept = (frac[direct].clone(), err2[direct].clone())
+    return stats
+
+
+def stats_terms(model: "DiffusionModel", stats: ColumnStats, tables: PairTables) -> Tensor:
+    """[B, S] nats of the pairs (s, t) of ``tables`` from a batch's `ColumnStats` at t: `pair_terms` without the prediction."""
+    if tables.t != stats.t:
+        raise ValueError(f"pair tables were made for t = {tables.t}, the statistics for t = {stats.t}")
+    B = stats.decoder.shape[0]
+    out = torch.empty(B, tables.s.numel(), dtype=torch.float64, device=stats.decoder.device)
+    out[:, tables.decoder] = stats.decoder[:, None]
+    if tables.decoder.all():
+        return out
+    p = tables.kl
+    if stats.frac_sum is None:
+        out[:, ~tables.decoder] = dm.fixed_variance_kl(stats.sq_err, p["c0"], p["btil"], torch.exp(p["log_var"]), stats.dims)
+        return out
+    log_btil = torch.log(p["btil"])
+    delta = p["max_log"] - log_btil
+    sums = torch.empty(2, B, delta.numel(), dtype=torch.float64, device=out.device)
+    keep = ~stats.direct
+    if keep.any():
+        sums[:, keep] = dm.chebyshev_sums(stats.moments, stats.lo, stats.hi, delta)
+    if stats.kept is not None:
+        f, e2 = stats.kept
+        sums[:, stats.direct] = dm.direct_exp_sums(f, torch.stack([torch.ones_like(e2), e2]), delta)
+    w = p["c0"] ** 2 / p["btil"]
+    out[:, ~tables.decoder] = 0.5 * (sums[0] - stats.dims + delta[None, :] * stats.frac_sum[:, None] + w[None, :] * sums[1])
+    return out
+
+
 def terms(model: "DiffusionModel", x0: Tensor, t: int, s: Tensor | Sequence[int], noise: Tensor | None = None) -> Tensor:
     """[B, S] nats: KL(q(x_s|x_t,x_0) || p(x_s|x_t)) for s >= 1, -log p(x_0|x_t) for s = 0; one pass at t."""
     s = check_pairs(model, s, t)

@@ -1,13 +1,15 @@
 """Data at ImageNet size: a synthetic set in the official downsampled-ImageNet 64x64 format (pickled batches),
 converted once, then training-loader throughput and the peak memory of 1- and 2-process CPU DDP training runs.
 
-    python benchmarks/bench_data.py [--images 200000] [--workers 2] [--folder /tmp/imagenet64_synthetic]
+    python benchmarks/bench_data.py [--images 200000] [--workers 2] [--batch-size 16] [--folder /tmp/imagenet64_synthetic]
 
 The images (uint8, 12,288 bytes each: 2.46 GB for 200,000) are written into ``--folder`` (a temporary folder
 by default, removed at the end). Memory is sampled every 0.1 s over the whole process tree of ``train.py``
 (the DDP processes and their loader workers): the sum of RSS counts pages shared between processes (the
 memory-mapped images, torch's libraries) once per process; the sum of PSS splits each shared page between
-its users, so it adds up to the memory the run really holds.
+its users, so it adds up to the memory the run really holds. Each run is repeated on a set of
+``--baseline-images`` (4,000) images: the difference is what the data itself costs, the rest is torch,
+Lightning and the model's activations, the same for any data set.
 """
 
 from __future__ import annotations
@@ -85,9 +87,9 @@ def memory(pids: list[int]) -> tuple[int, int]:
     return rss, pss
 
 
-def training_peak(folder: Path, processes: int, workers: int, steps: int, out: Path) -> dict:
+def training_peak(folder: Path, processes: int, workers: int, steps: int, out: Path, batch_size: int = 16) -> dict:
     """Peak summed RSS / PSS of ``train.py`` on the set: a 64x64 UNet with 32 channels, CPU DDP, a few steps."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "data=imagenet64", f"data.root={folder}", "data.val_size=1000", "data.batch_size=16",
+    cmd = [sys.executable, str(ROOT / "train.py"), "data=imagenet64", f"data.root={folder}", "data.val_size=1000", f"data.batch_size={batch_size}",
            f"data.num_workers={workers}", "unet=tiny", "unet.image_size=64", "unet.in_channels=3", "diffusion.diffusion_steps=100",
            "trainer=cpu", f"trainer.devices={processes}", "+trainer.strategy=" + ("ddp" if processes > 1 else "auto"),
            f"trainer.max_steps={steps}", "+trainer.limit_val_batches=0", "trainer.val_check_interval=null", "logger=none",
@@ -103,7 +105,7 @@ def training_peak(folder: Path, processes: int, workers: int, steps: int, out: P
     log = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"train.py failed ({proc.returncode}):\n{log[-3000:]}")
-    return {"processes": processes, "workers_per_process": workers, "steps": steps, "seconds": round(time.perf_counter() - start, 1),
+    return {"processes": processes, "workers_per_process": workers, "batch_size": batch_size, "steps": steps, "seconds": round(time.perf_counter() - start, 1),
             "peak_rss_sum_gb": round(peak_rss / 1e9, 3), "peak_pss_sum_gb": round(peak_pss / 1e9, 3), "most_processes_seen": most}  # fmt: skip
 
 
@@ -113,6 +115,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=200, help="loader batches of 128 timed")
     p.add_argument("--steps", type=int, default=5, help="training steps per run")
+    p.add_argument("--batch-size", type=int, default=16, help="training batch per process (the model's activations grow with it)")
+    p.add_argument("--baseline-images", type=int, default=4000,
+                   help="the same runs on a set this small give the cost of the software stack and the model alone (0: skip)")
     p.add_argument("--folder", type=Path, default=None, help="keep the set here (default: a temporary folder, removed)")
     a = p.parse_args()
     tmp = None if a.folder else Path(tempfile.mkdtemp(prefix="imagenet64_synthetic_"))
@@ -129,10 +134,21 @@ def main() -> None:
         data_gb = (a.images * 3 * SIZE * SIZE) / 1e9
         result = {"images": a.images, "uint8_gb": round(data_gb, 3), "write_s": round(written, 1), "convert_s": round(converted, 1),
                   "loader_images_per_s": {w: round(loader_rate(folder, w, a.batches)) for w in sorted({0, a.workers})}}  # fmt: skip
-        runs = [training_peak(folder, n, a.workers, a.steps, folder / f"run_{n}") for n in (1, 2)]
-        for r in runs:
-            r["pss_over_data"] = round(r["peak_pss_sum_gb"] / data_gb, 3)
-            r["rss_over_data"] = round(r["peak_rss_sum_gb"] / data_gb, 3)
+        small = folder / "baseline"
+        if a.baseline_images and not (small / "val_data").exists():
+            write_batches(small, a.baseline_images, val=1000)
+        runs = []
+        for workers in sorted({0, a.workers}):
+            for n in (1, 2):
+                r = training_peak(folder, n, workers, a.steps, folder / f"run_{n}_{workers}", a.batch_size)
+                r["rss_over_data"] = round(r["peak_rss_sum_gb"] / data_gb, 3)
+                r["pss_over_data"] = round(r["peak_pss_sum_gb"] / data_gb, 3)
+                if a.baseline_images:
+                    base = training_peak(small, n, workers, a.steps, small / f"run_{n}_{workers}", a.batch_size)
+                    r["baseline_rss_sum_gb"], r["baseline_pss_sum_gb"] = base["peak_rss_sum_gb"], base["peak_pss_sum_gb"]
+                    r["data_rss_over_data"] = round((r["peak_rss_sum_gb"] - base["peak_rss_sum_gb"]) / data_gb, 3)
+                    r["data_pss_over_data"] = round((r["peak_pss_sum_gb"] - base["peak_pss_sum_gb"]) / data_gb, 3)
+                runs.append(r)
         result["training"] = runs
         print(json.dumps(result, indent=1))
     finally:

@@ -1,7 +1,7 @@
 """Coarse-to-fine refinement on the bundled digits model against the full-grid DP, with forward passes counted.
 
     python benchmarks/bench_refine.py [--coarse log:140] [--window 1] [--max-passes 50000]
-    python benchmarks/bench_refine.py --checkpoint <a cosine-4000 digits model>.ckpt --budgets 8,16,32,64 --max-passes 200000
+    python benchmarks/bench_refine.py --checkpoint <a cosine-4000 digits model>.ckpt --budgets 8,16,32,64 --window 4 --max-passes 200000
 
 The matrix is estimated on the 200 validation digits (cost.seed 0), as evaluate.py does; both sets of DP
 schedules are then evaluated on the 200 test digits (eval.seed 1) in one pass, so their held-out
@@ -28,6 +28,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--coarse", default="log:140")
     p.add_argument("--window", type=int, default=1)
+    p.add_argument("--bisect", action="store_true", help="also add the midpoints to each path timestep's grid neighbours")
     p.add_argument("--max-passes", type=int, default=50_000, help="25%% of the full grid's 200,000")
     p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "digits.ckpt")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
@@ -39,7 +40,7 @@ def main() -> None:
     dm = DigitsDataModule()
     cost, test = dm.tensor("val"), dm.tensor("test")
     start = time.perf_counter()
-    matrices, history = refine_cost_matrices(model, cost, budgets, RefineSettings(coarse=a.coarse, window=a.window, max_passes=a.max_passes, max_rounds=a.max_rounds), batch_size=200)
+    matrices, history = refine_cost_matrices(model, cost, budgets, RefineSettings(coarse=a.coarse, window=a.window, bisect=a.bisect, max_passes=a.max_passes, max_rounds=a.max_rounds), batch_size=200)
     refine_s = time.perf_counter() - start
     refined = optimal_schedules(matrices["elbo"], budgets)
     start = time.perf_counter()
@@ -54,7 +55,7 @@ def main() -> None:
     results = evaluate_schedules(model, test, list(refined.values()) + list(full.values()), seed=1, batch_size=200)
     rows = {K: (r, f) for K, r, f in zip(budgets, results[: len(budgets)], results[len(budgets) :])}
     passes, full_passes = history[-1]["passes"], model.T * len(cost)
-    print(json.dumps({"checkpoint": str(a.checkpoint), "T": model.T, "coarse": a.coarse, "window": a.window, "rounds": [{k: h[k] for k in ("grid_size", "new_columns", "passes", "stopped") if k in h} for h in history],
+    print(json.dumps({"checkpoint": str(a.checkpoint), "T": model.T, "coarse": a.coarse, "window": a.window, "bisect": a.bisect, "rounds": [{k: h[k] for k in ("grid_size", "new_columns", "passes", "stopped") if k in h} for h in history],
                       "passes": passes, "full_grid_passes": full_passes, "fraction": round(passes / full_passes, 3),
                       "seconds_refined": round(refine_s, 1), "seconds_full_grid": round(full_s, 1)}, indent=1))  # fmt: skip
     print("| K | refined DP | full-grid DP | difference | max(SE, 0.005) |")

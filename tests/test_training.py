@@ -245,3 +245,14 @@ def test_val_bpd_estimator_is_unbiased_and_far_less_noisy_than_one_uniform_t():
     (mean, sem), (_, sem_one_t) = ours.compute(), one_t.compute()
     assert abs(float(mean) - exact_mean) < 3 * (float(sem) ** 2 + exact_se**2) ** 0.5
     assert sem < sem_one_t / 2  # the exact small-t terms and the strata remove most of the t-sampling noise
+
+
+@pytest.mark.parametrize("start,T,strata", [(10, 4000, 8), (10, 1000, 8), (0, 30, 4), (5, 30, 4), (10, 12, 8), (1, 2, 3)])
+def test_val_bpd_strata_cover_every_t_once_and_grow_geometrically(start, T, strata):
+    from ddpm_schedules.terms import stratum_edges
+
+    edges = stratum_edges(start, T, strata)
+    assert edges[0] == start and edges[-1] == T and len(edges) - 1 <= strata
+    assert all(a < b for a, b in zip(edges, edges[1:]))  # the ranges (e_i, e_i+1] partition start+1..T
+    widths = [b - a for a, b in zip(edges, edges[1:])]
+    assert widths == sorted(widths) or T - start <= strata  # later ranges are wider (the terms are smaller there)

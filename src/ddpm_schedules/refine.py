@@ -1,8 +1,9 @@
 """Coarse-to-fine grid refinement (``cost.refine``): forward passes only where the DP's paths go.
 
 Start from a coarse grid that keeps small t dense (e.g. ``log:100``), run the DP for every requested
-budget, add every timestep within ``window`` of a timestep any optimal path uses, and run the DP again
-on the union grid; repeat until the paths need no new timestep (or a round or pass budget is spent).
+budget, add every timestep within ``window`` of a timestep any optimal path uses (and, with ``bisect``,
+the midpoints between it and its neighbours on the grid, so that a wide gap of a coarse grid at large t
+is searched in a few rounds, not only at its edges), and run the DP again on the union grid; repeat until the paths need no new timestep (or a round or pass budget is spent).
 A column's forward passes are made once: what its pairs need of each example's prediction at t is
 kept (`terms.ColumnStats`: one number per example for fixed variances, a few dozen Chebyshev moments
 for learned ones, not the [D] prediction), so the pairs of an old column with a newly added s cost no
@@ -32,6 +33,7 @@ from .terms import ColumnStats, column_stats, pair_tables, prior_nats, stats_ter
 class RefineSettings:
     coarse: GridSpec = "log:100"  # the first grid
     window: int = 5  # timesteps added on each side of every timestep an optimal path uses
+    bisect: bool = False  # also the midpoints between each path timestep and its grid neighbours: wide gaps shrink by half a round
     max_rounds: int = 10
     max_passes: int | None = None  # forward passes (examples x columns) at most; None: no limit
     memory_gb: float = 4.0  # the kept column statistics (about 8 (2K + 5) bytes per example and column) at most
@@ -46,6 +48,8 @@ def check_refine(settings: RefineSettings, T: int, examples: int, budgets: Seque
         raise ValueError(f"{key}.coarse has {size} timesteps but the largest budget is K = {max(budgets)}; use a finer {key}.coarse")
     if isinstance(settings.window, bool) or not isinstance(settings.window, int) or settings.window < 0:
         raise ValueError(f"{key}.window = {settings.window!r}; it must be an integer >= 0 (timesteps added on each side)")
+    if not isinstance(settings.bisect, bool):
+        raise ValueError(f"{key}.bisect = {settings.bisect!r}; it must be true or false")
     if isinstance(settings.max_rounds, bool) or not isinstance(settings.max_rounds, int) or settings.max_rounds < 1:
         raise ValueError(f"{key}.max_rounds = {settings.max_rounds!r}; it must be a positive integer")
     need = examples * size
@@ -90,11 +94,23 @@ def refine_cost_matrices(
         paths = optimal_schedules(matrices["elbo"], budgets)
         history.append({"round": round_, "grid_size": len(grid), "new_columns": len(new), "passes": passes,
                         "paths": {K: list(p.timesteps) for K, p in paths.items()}})  # fmt: skip
-        near = {u for p in paths.values() for t in p.timesteps for u in range(t - settings.window, t + settings.window + 1) if 1 <= u <= T}
+        near = _wanted(sorted(grid), [t for p in paths.values() for t in p.timesteps], settings.window, settings.bisect, T)
         if near <= grid:
             break  # the paths need nothing new: the DP on a larger grid would give them again
         grid |= near
     return matrices, history
+
+
+def _wanted(grid: list[int], used: list[int], window: int, bisect: bool, T: int) -> set[int]:
+    """The timesteps within ``window`` of each used one and, with ``bisect``, halfway to its neighbours on ``grid``."""
+    out = {u for t in used for u in range(max(1, t - window), min(T, t + window) + 1)}
+    if bisect:
+        pos = {t: i for i, t in enumerate(grid)}
+        for t in used:
+            i = pos[t]
+            below, above = grid[i - 1] if i else 0, grid[i + 1] if i + 1 < len(grid) else t
+            out |= {u for u in ((below + t) // 2, (t + above + 1) // 2) if below < u < above}
+    return out
 
 
 @torch.no_grad()

@@ -8,6 +8,8 @@ All in nats per example, in float64.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -216,8 +218,10 @@ def full_chain_estimate(model: "DiffusionModel", x0: Tensor, generator: torch.Ge
     """[B] nats: an unbiased, low-variance estimate of each example's full-chain negative ELBO.
 
     The terms of t = 1..exact_below (where 8-bit data keeps most of its bits) are computed exactly; the
-    remaining t are split into ``strata`` equal ranges, each estimated by its width times the term at one
-    uniform t in it (stratified sampling); plus the prior. exact_below + strata forward passes per example.
+    remaining t are split into ``strata`` geometrically growing ranges (the terms fall roughly like 1/t, so
+    equal ranges would leave most of the spread in the first one), each estimated by its width times the
+    term at one uniform t in it (stratified sampling); plus the prior. At most exact_below + strata forward
+    passes per example.
     """
     T, B = model.T, x0.shape[0]
     exact_below = min(exact_below, T)
@@ -225,12 +229,20 @@ def full_chain_estimate(model: "DiffusionModel", x0: Tensor, generator: torch.Ge
     for t in range(1, exact_below + 1):
         t_vec = torch.full((B,), t, dtype=torch.long, device=x0.device)
         total = total + _step_at(model, x0, t_vec, generator)
-    edges = torch.linspace(exact_below, T, min(strata, T - exact_below) + 1).round().long().tolist() if T > exact_below else []
+    edges = stratum_edges(exact_below, T, strata)
     for lo, hi in zip(edges, edges[1:]):
         if hi > lo:
             t_vec = torch.randint(lo + 1, hi + 1, (B,), generator=generator).to(x0.device)
             total = total + (hi - lo) * _step_at(model, x0, t_vec, generator)
     return total
+
+
+def stratum_edges(start: int, T: int, strata: int) -> list[int]:
+    """start = e_0 < e_1 < ... = T, at most ``strata`` ranges (e_i, e_i+1], spaced geometrically."""
+    if T <= start:
+        return []
+    points = torch.logspace(math.log10(max(start, 1)), math.log10(T), strata + 1, dtype=torch.float64).round().long().tolist()
+    return sorted({start, *points[1:-1], T} - set(range(0, start)))
 
 
 def _step_at(model: "DiffusionModel", x0: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:

@@ -141,3 +141,10 @@ def test_loaders_yield_integers_and_the_module_converts_them():
 def test_num_workers_must_be_a_count(workers):
     with pytest.raises(ValueError, match=f"data.num_workers = {workers}"):
         DigitsDataModule(num_workers=workers)
+
+
+def test_null_workers_mean_four_with_cuda_and_none_on_cpu(monkeypatch):
+    assert DigitsDataModule(num_workers=None).num_workers == (4 if torch.cuda.is_available() else 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    dm = DigitsDataModule(num_workers=None)
+    assert dm.num_workers == 4 and dm.pin_memory and dm.persistent_workers

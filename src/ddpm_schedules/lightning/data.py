@@ -90,6 +90,8 @@ def split_indices(n: int, sizes: Sequence[int], seed: int = 0) -> list[np.ndarra
 class ImageDataModule(pl.LightningDataModule):
     """Holds train / val / test `Split`s of integer images; subclasses only load them.
 
+    ``num_workers`` null = 4 when CUDA is available, else 0 (on a CPU run, batches of uint8 images sliced from memory
+    load faster in the training process itself than through workers, and forked workers add their own memory);
     ``pin_memory`` null = on when CUDA is available; ``persistent_workers`` null = on when ``num_workers`` > 0.
     Under DDP, Lightning gives the training loader a DistributedSampler; evaluation shards its fixed subsets itself.
     """
@@ -100,7 +102,7 @@ class ImageDataModule(pl.LightningDataModule):
         self,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         random_flip: bool = False,
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
@@ -108,8 +110,10 @@ class ImageDataModule(pl.LightningDataModule):
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"data.batch_size = {batch_size!r}; it must be an integer >= 1")
+        if num_workers is None:
+            num_workers = 4 if torch.cuda.is_available() else 0
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"data.num_workers = {num_workers!r}; it must be an integer >= 0 (0 = load in the main process)")
+            raise ValueError(f"data.num_workers = {num_workers!r}; it must be an integer >= 0 (0 = load in the main process) or null")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers

@@ -145,6 +145,7 @@ def test_target_sem_reports_its_rounds_and_the_examples_used(tmp_path, tiny_ckpt
                             "eval.strategies=[dp,dp_mse,even]", "cost.grid=log:10"))  # fmt: skip
     rounds = doc["cost_matrix"]["rounds"]
     assert doc["cost_matrix"]["target_sem"] == 1000.0 and [r["examples"] for r in rounds] == [4]  # one round is precise enough
+    assert doc["cost_matrix"]["target_met"] is True and rounds[0]["met"]
     assert doc["cost_matrix"]["objectives"]["elbo"]["count"] == doc["cost_matrix"]["objectives"]["mse"]["count"] == 4
     assert doc["cost_matrix"]["grid_size"] == 10
 

@@ -57,6 +57,7 @@ def test_target_sem_adds_rounds_until_every_dp_path_is_that_precise():
     assert used == sorted(used) and used[0] == 8 and all(b == min(2 * a, 40) for a, b in zip(used, used[1:]))
     final = rounds[-1]
     assert max(final["sem_bpd"].values()) <= 0.05 or used[-1] == 40
+    assert [r["met"] for r in rounds] == [max(r["sem_bpd"].values()) <= 0.05 for r in rounds]
     assert all(max(r["sem_bpd"].values()) > 0.05 for r in rounds[:-1])  # it stopped at the first precise round
     # the merged rounds are the matrix of all the examples used, estimated at once (the noise rule composes them)
     whole = estimate_cost_matrix(model, data[: used[-1]], seed=1, progress=False)
@@ -68,3 +69,13 @@ def test_target_sem_adds_rounds_until_every_dp_path_is_that_precise():
     measured = evaluate_schedules(model, data[: used[-1]], list(paths.values()), seed=1, progress=False)
     assert [final["sem_bpd"][K] for K in (2, 4)] == pytest.approx([r.bpd_sem for r in measured], rel=1e-9)
     assert [final["predicted_bpd"][K] for K in (2, 4)] == pytest.approx([cm.bpd(p.predicted_nats) for p in paths.values()], rel=1e-9)
+
+
+def test_an_unreachable_target_sem_uses_every_example_and_says_so(caplog):
+    from ddpm_schedules.precision import estimate_to_precision
+
+    model, data = tiny_model("fixed_large", T=12), quantized_data(12, seed=3)
+    with caplog.at_level("WARNING", logger="ddpm_schedules.precision"):
+        cm, rounds = estimate_to_precision(model, data, [2, 4], target_sem=1e-9, seed=1, first=4, progress=False)
+    assert [r["examples"] for r in rounds] == [4, 8, 12] and cm.count == 12 and not rounds[-1]["met"]
+    assert "cost.target_sem = 1e-09 bits/dim is not reached with all 12 examples" in caplog.text

@@ -9,6 +9,7 @@ examples again) is estimated and merged; the noise rule makes the rounds one est
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 from torch import Tensor
@@ -18,6 +19,8 @@ from .dp import optimal_schedules
 from .evaluation import evaluate_schedules
 from .model import DiffusionModel
 from .noise import Processes
+
+log = logging.getLogger(__name__)
 
 
 def check_target_sem(target_sem: Any, key: str = "cost.target_sem") -> float:
@@ -41,7 +44,8 @@ def estimate_to_precision(
     """The ELBO matrix on the fewest rounds of ``data`` (``first`` examples, then doubling) for which the standard
     error of every budget's DP path is at most ``target_sem`` bits/dim; all of ``data`` if none is enough.
 
-    Returns the matrix and one record per round: examples used, and each budget's predicted bits/dim and its error.
+    Returns the matrix and one record per round: examples used, each budget's predicted bits/dim and its error,
+    and whether the target was met (a warning says so when all of ``data`` was not enough).
     """
     target_sem = check_target_sem(target_sem)
     cm: CostMatrix | None = None
@@ -56,7 +60,12 @@ def estimate_to_precision(
         lo, hi = procs.shard(used)
         results = evaluate_schedules(model, data[lo:hi], list(paths.values()), seed=seed, batch_size=batch_size, progress=False, start_index=lo)
         sems = {K: r.bpd_sem for K, r in zip(paths, results)}
-        rounds.append({"examples": used, "predicted_bpd": {K: r.bpd for K, r in zip(paths, results)}, "sem_bpd": sems})
-        if max(sems.values()) <= target_sem or used >= len(data):
+        met = max(sems.values()) <= target_sem
+        rounds.append({"examples": used, "predicted_bpd": {K: r.bpd for K, r in zip(paths, results)}, "sem_bpd": sems, "met": met})
+        if met or used >= len(data):
+            if not met and procs.rank == 0:
+                worst = max(sems, key=sems.get)
+                log.warning("cost.target_sem = %g bits/dim is not reached with all %d examples (K = %d: %.4f); raise cost.examples",
+                            target_sem, used, worst, sems[worst])  # fmt: skip
             return cm, rounds
         size = min(used, len(data) - used)

@@ -26,7 +26,7 @@ from .grids import GridSpec, candidate_grid, full_grid
 from .model import DiffusionModel
 from .moments import empty_moments
 from .noise import example_noise, indexed_batches
-from .terms import ColumnStats, column_stats, pair_tables, prior_nats, stats_terms
+from .terms import ColumnStats, column_stats, pair_tables, prior_nats, stats_tables, stats_terms
 
 
 @dataclass(frozen=True)
@@ -122,11 +122,11 @@ def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], 
     model.eval()
     try:
         for t in tqdm(columns, desc="refine", unit="col", disable=not progress):
-            stats = []
+            stats, tables = [], stats_tables(model, t, model.device)
             for start, x0 in batches:
                 x0 = x0.to(model.device)
                 x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, tuple(x0.shape[1:])).to(model.device))
-                stats.append(column_stats(model, x0, model.predict(x_t, t), t))
+                stats.append(column_stats(model, x0, model.predict(x_t, t), t, tables=tables))
             out[t] = stats
             kept += sum(st.nbytes for st in stats)
             if kept > memory_gb * 2**30:

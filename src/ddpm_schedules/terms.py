@@ -129,9 +129,10 @@ class ColumnStats:
         return sum(v.numel() * v.element_size() for v in parts if v is not None)
 
 
-def column_stats(model: "DiffusionModel", x0: Tensor, pred: "Prediction", t: int, max_order: int = 64) -> ColumnStats:
-    """The `ColumnStats` of one batch's prediction at t (see `stats_terms`)."""
-    tables = pair_tables(model, t, torch.arange(t) if pred.frac is not None else [0], x0.device)  # every s: the largest Delta
+def column_stats(model: "DiffusionModel", x0: Tensor, pred: "Prediction", t: int, max_order: int = 64,
+                 tables: PairTables | None = None) -> ColumnStats:
+    """The `ColumnStats` of one batch's prediction at t (see `stats_terms`); ``tables``: `stats_tables` of t, reused."""
+    tables = stats_tables(model, t, x0.device) if tables is None else tables
     x0 = x0.double().flatten(1)
     x0_hat = pred.x0_hat.flatten(1)
     frac = pred.frac.flatten(1) if pred.frac is not None else None
@@ -147,6 +148,11 @@ def column_stats(model: "DiffusionModel", x0: Tensor, pred: "Prediction", t: int
     if direct.any():
         stats.kept = (frac[direct].clone(), err2[direct].clone())
     return stats
+
+
+def stats_tables(model: "DiffusionModel", t: int, device: torch.device | str | None = None) -> PairTables:
+    """The pair tables `column_stats` needs at t: the decoder's and, for learned variances, every s < t (the largest Delta)."""
+    return pair_tables(model, t, torch.arange(t) if model.var_type == "learned_range" else [0], device)
 
 
 def stats_terms(model: "DiffusionModel", stats: ColumnStats, tables: PairTables) -> Tensor:

@@ -150,6 +150,17 @@ def test_target_sem_reports_its_rounds_and_the_examples_used(tmp_path, tiny_ckpt
     assert doc["cost_matrix"]["grid_size"] == 10
 
 
+def test_refinement_and_target_sem_together(tmp_path, tiny_ckpt):
+    """The grid is refined on the first round's examples, then rounds of examples are added on it."""
+    doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "fid.enabled=false", "cost.refine.enabled=true", "cost.refine.coarse=log:6",
+                            "cost.target_sem=1e-9", "cost.first_round=4", "eval.strategies=[dp,dp_mse,even]"))  # fmt: skip
+    cm = doc["cost_matrix"]
+    assert cm["refine_rounds"][-1]["passes"] == 4 * cm["grid_size"]  # refinement saw the first round only
+    assert [r["examples"] for r in cm["rounds"]] == [4, 8, 16] and cm["target_met"] is False and doc["data"]["cost_examples"] == 16
+    assert cm["objectives"]["elbo"]["count"] == cm["objectives"]["mse"]["count"] == 16
+    assert cm["objectives"]["mse"]["grid_size"] == cm["grid_size"] < 20
+
+
 def test_refinement_through_evaluate_reports_its_rounds(tmp_path, tiny_ckpt):
     doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "fid.enabled=false", "cost.refine.enabled=true", "cost.refine.coarse=log:6",
                             "eval.strategies=[dp,dp_mse,even]"))  # fmt: skip

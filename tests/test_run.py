@@ -79,3 +79,18 @@ def test_an_unreachable_target_sem_uses_every_example_and_says_so(caplog):
         cm, rounds = estimate_to_precision(model, data, [2, 4], target_sem=1e-9, seed=1, first=4, progress=False)
     assert [r["examples"] for r in rounds] == [4, 8, 12] and cm.count == 12 and not rounds[-1]["met"]
     assert "cost.target_sem = 1e-09 bits/dim is not reached with all 12 examples" in caplog.text
+
+
+def test_target_sem_continues_from_a_refined_first_round_on_its_grid():
+    from ddpm_schedules.precision import estimate_to_precision
+    from ddpm_schedules.refine import RefineSettings, refine_cost_matrices
+
+    model, data = tiny_model("learned_range", T=40), quantized_data(24, seed=5)
+    refined = refine_cost_matrices(model, data[:6], [2, 4], RefineSettings(coarse="log:8", window=1), seed=2, progress=False)[0]["elbo"]
+    cm, rounds = estimate_to_precision(model, data, [2, 4], target_sem=1e-9, seed=2, progress=False, start=refined)
+    assert [r["examples"] for r in rounds] == [6, 12, 24] and torch.equal(cm.grid, refined.grid) and cm.count == 24
+    # the first round's refined columns and the later rounds are one estimate on the refined grid
+    whole = estimate_cost_matrix(model, data, grid=refined.grid[1:].tolist(), seed=2, progress=False)
+    valid = torch.isfinite(whole.mean)
+    torch.testing.assert_close(cm.mean[valid], whole.mean[valid], rtol=1e-10, atol=0)
+    torch.testing.assert_close(cm.sem[valid], whole.sem[valid], rtol=1e-8, atol=0)

@@ -67,13 +67,14 @@ def _load(file: Path) -> CostMatrix | None:
 
 
 def precision_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: int, labels: Labels, budgets: Sequence[int],
-                    settings: PrecisionSettings) -> tuple[Tensor, CostStage | None, list[dict[str, Any]]]:
-    """With a target, the ELBO matrix from `estimate_to_precision` (cached with its rounds); returns the examples it used."""
+                    settings: PrecisionSettings, start: CostStage | None = None) -> tuple[Tensor, CostStage | None, list[dict[str, Any]]]:
+    """With a target, the ELBO matrix from `estimate_to_precision` (cached with its rounds); returns the examples it used.
+    ``start``: refinement's matrix of the first examples, continued on its grid."""
     if settings.target_sem is None:
         return data, None, []
-    g = full_grid(grid, ctx.model.T)
+    g = full_grid(grid, ctx.model.T) if start is None else start.matrix.grid
     key = cache_key(ctx.model, data=labels.data_name, split=labels.cost_split, examples=len(data), grid=g.tolist(), seed=seed,
-                    target_sem=settings.target_sem, first=settings.first, budgets=list(budgets))  # fmt: skip
+                    target_sem=settings.target_sem, first=settings.first, budgets=list(budgets), start=start.key if start else None)  # fmt: skip
     file = ctx.cache_dir / f"cost_matrix_{key[:20]}.pt"
     rounds_file = file.with_suffix(".rounds.json")
     cm = _load(file)
@@ -81,7 +82,7 @@ def precision_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: in
         rounds = json.loads(rounds_file.read_text())
         return data[: rounds[-1]["examples"]], CostStage(cm, key, file, True), rounds
     cm, rounds = estimate_to_precision(ctx.model, data, budgets, settings.target_sem, grid, seed, ctx.batch_size, settings.first,
-                                       ctx.progress, ctx.procs)  # fmt: skip
+                                       ctx.progress, ctx.procs, start.matrix if start else None)  # fmt: skip
     if ctx.procs.rank == 0:
         atomic_write_json(rounds_file, rounds)
         cm.save(file)

@@ -185,12 +185,13 @@ def quality_settings(cfg: DictConfig) -> QualitySettings:
 
 
 def refine_settings(cfg: DictConfig, T: int, budgets: list[int], examples: int) -> RefineSettings | None:
-    """cost.refine as settings (None when disabled), checked against T, the budgets and the examples."""
+    """cost.refine as settings (None when disabled), checked against T, the budgets and the examples (with
+    cost.target_sem, refinement runs on the first round's examples)."""
     node = cfg.cost.get("refine")
     if not node or not node.get("enabled"):
         return None
     if cfg.cost.get("target_sem") is not None:
-        raise ValueError("cost.refine.enabled=true and cost.target_sem do not combine yet: use one of them (cost.target_sem=null)")
+        examples = min(max(1, int(cfg.cost.get("first_round", 64))), examples)
     settings = RefineSettings(**{k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "enabled"})
     check_refine(settings, T, examples, budgets)
     return settings

@@ -40,22 +40,30 @@ def estimate_to_precision(
     first: int = 64,
     progress: bool = True,
     procs: Processes = Processes(),
+    start: CostMatrix | None = None,
 ) -> tuple[CostMatrix, list[dict[str, Any]]]:
     """The ELBO matrix on the fewest rounds of ``data`` (``first`` examples, then doubling) for which the standard
     error of every budget's DP path is at most ``target_sem`` bits/dim; all of ``data`` if none is enough.
+
+    ``start``: a matrix of the first ``start.count`` examples of ``data`` (e.g. refinement's, on its grid), taken
+    as the first round; later rounds are estimated on its grid.
 
     Returns the matrix and one record per round: examples used, each budget's predicted bits/dim and its error,
     and whether the target was met (a warning says so when all of ``data`` was not enough).
     """
     target_sem = check_target_sem(target_sem)
-    cm: CostMatrix | None = None
+    cm: CostMatrix | None = start
     rounds: list[dict[str, Any]] = []
-    used, size = 0, min(max(1, first), len(data))
+    used, size = (0, min(max(1, first), len(data))) if start is None else (start.count, 0)
+    if start is not None:
+        grid = start.grid[1:].tolist()
     while True:
-        lo, hi = procs.shard(size)
-        part = estimate_cost_matrix(model, data[used + lo : used + hi], grid, seed, batch_size=batch_size, progress=progress, start_index=used + lo)
-        cm = part if cm is None else cm.merged(part)
-        used += size
+        if size:
+            lo, hi = procs.shard(size)
+            part = estimate_cost_matrix(model, data[used + lo : used + hi], grid, seed, batch_size=batch_size, progress=progress,
+                                        start_index=used + lo)  # fmt: skip
+            cm = part if cm is None else cm.merged(part)
+            used += size
         paths = optimal_schedules(cm, budgets)
         lo, hi = procs.shard(used)
         results = evaluate_schedules(model, data[lo:hi], list(paths.values()), seed=seed, batch_size=batch_size, progress=False, start_index=lo)

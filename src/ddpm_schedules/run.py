@@ -134,10 +134,18 @@ def run_evaluation(
     objectives = objectives_of(strategies)
     ode_grid = candidate_grid(ode.grid, model.T, "cost.ode.grid") if ode.grid is not None else grid
     with ctx.timed("cost_matrix"):
-        cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision)
-        if refine is not None:
+        refine_rounds = None
+        if refine is not None and precision.target_sem is not None:  # the grid from the first round, then rounds of examples on it
+            first = cost_data[: min(max(1, precision.first), len(cost_data))]
+            refined, refine_rounds = refine_stage(ctx, first, cost_seed, labels, ["elbo"], sorted(set(budgets) | set(sample_budgets)), refine)
+            grid = refined["elbo"].matrix.grid[1:].tolist()
+            cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision, refined["elbo"])
+            others = [o for o in objectives if o not in ("ode", "elbo")]
+            costs = {"elbo": precise} | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
+        elif refine is not None:
             costs, rounds = refine_stage(ctx, cost_data, cost_seed, labels, objectives, sorted(set(budgets) | set(sample_budgets)), refine)
         else:
+            cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision)
             others = [o for o in objectives if o != "ode" and not (precise and o == "elbo")]
             costs = ({"elbo": precise} if precise else {}) | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
     if "ode" in objectives:
@@ -165,7 +173,7 @@ def run_evaluation(
         cost_matrix={"grid_size": elbo.matrix.grid.numel() - 1, "seconds": ctx.timings["cost_matrix"], "file": str(elbo.file),
                      "cached": elbo.cached, "seed": cost_seed, "objectives": {o: c.describe() for o, c in costs.items()},
                      "target_sem": precision.target_sem, "target_met": rounds[-1].get("met") if precision.target_sem is not None else None,
-                     "refine": refine.__dict__ if refine else None, "rounds": rounds},
+                     "refine": refine.__dict__ if refine else None, "rounds": rounds, "refine_rounds": refine_rounds},
         full_chain={"K": model.T, "bpd": full.bpd, "bpd_sem": full.bpd_sem} if full else None,
         fid={"features": fid.description if fid else None, "reference_split": fid.reference_split if fid else None,
              "reference_examples": len(reference) if fid else None, "samples": quality.samples if fid else None,

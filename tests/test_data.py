@@ -53,6 +53,21 @@ def test_official_batches_images_labels_and_splits(imagenet32):
     assert cache.stat().st_mtime_ns == stamp  # converted once
 
 
+def test_conversion_reads_each_batch_file_once(imagenet32, monkeypatch):
+    import ddpm_schedules.arrays as arrays
+
+    root, images, _ = imagenet32
+    reads = []
+    real = arrays.load_pickle
+    monkeypatch.setattr(arrays, "load_pickle", lambda path: reads.append(os.path.basename(path)) or real(path))
+    DownsampledImageNetDataModule(str(root), image_size=32, val_size=2).setup()
+    assert sorted(reads) == ["train_data_batch_1", "train_data_batch_2", "val_data"]
+    reads.clear()
+    DownsampledImageNetDataModule(str(root), image_size=32, val_size=2).setup()
+    assert reads == []  # later opens map the checked cache
+    assert np.array_equal(np.load(root / "imagenet32_train.u8.npy"), images[:7])  # a plain .npy, its header completed at the end
+
+
 def test_a_cache_that_does_not_match_its_source_is_refused(imagenet32):
     root, images, labels = imagenet32
     DownsampledImageNetDataModule(str(root), image_size=32, val_size=2).setup()

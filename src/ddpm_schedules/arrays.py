@@ -96,17 +96,10 @@ def cached_array(cache: Path, sources: list[Path], shape: tuple[int, ...], dtype
     """The memory-mapped cache ``cache`` (.npy) of an array converted from ``sources``: written once by
     ``fill(out)`` into a temporary file and renamed (never half-written), then checked against its sources
     on every open (their sizes and sampled checksums, and the cache's own size)."""
-    meta = cache.with_suffix(".json")
-    want = {"sources": signature(sources), "shape": list(shape), "dtype": np.dtype(dtype).str}
-    if cache.exists() and meta.exists():
-        have = json.loads(meta.read_text())
-        if have.get("sources") != want["sources"] or have.get("shape") != want["shape"] or have.get("dtype") != want["dtype"]:
-            raise ValueError(f"cache {str(cache)!r} does not match its source files {[p.name for p in sources]} (size or checksum); "
-                             "delete it (and its .json) to convert again")  # fmt: skip
-        array = map_npy(cache)
-        if array.shape != tuple(shape) or cache.stat().st_size != have.get("bytes"):
-            raise ValueError(f"cache {str(cache)!r} has {cache.stat().st_size} bytes, not the {have.get('bytes')} written; delete it to convert again")
-        return array
+    found = _open_cache(cache, sources, dtype, list(shape))
+    if found is not None:
+        return found
+    want = signature(sources)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
@@ -116,8 +109,64 @@ def cached_array(cache: Path, sources: list[Path], shape: tuple[int, ...], dtype
         os.replace(tmp, cache)
     finally:
         tmp.unlink(missing_ok=True)
+    return _publish(cache, want, list(shape), dtype)
+
+
+def cached_rows(cache: Path, sources: list[Path], row_shape: tuple[int, ...], dtype: np.dtype, rows: Callable[[], Iterable[np.ndarray]]) -> np.ndarray:
+    """`cached_array` for an array whose number of rows is known only once its sources are read: the blocks of
+    ``rows()`` are written one after the other (each source read once), and the .npy header, written first with
+    room to spare, gets the final row count at the end."""
+    found = _open_cache(cache, sources, dtype, None, list(row_shape))
+    if found is not None:
+        return found
+    want = signature(sources)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    n = 0
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_npy_header_bytes(dtype, (0, *row_shape)))
+            for block in rows():
+                block = np.ascontiguousarray(block, dtype=dtype).reshape(-1, *row_shape)
+                f.write(memoryview(block).cast("B"))
+                n += len(block)
+            f.seek(0)
+            f.write(_npy_header_bytes(dtype, (n, *row_shape)))
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _publish(cache, want, [n, *row_shape], dtype)
+
+
+def _npy_header_bytes(dtype: np.dtype, shape: tuple[int, ...], length: int = 128) -> bytes:
+    """A version 1.0 .npy header of exactly ``length`` bytes (so that it can be rewritten in place)."""
+    text = f"{{'descr': {np.dtype(dtype).str!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
+    body = text.ljust(length - 11) + "\n"
+    if len(body) + 10 != length:
+        raise ValueError(f"an .npy header for shape {shape} does not fit in {length} bytes")
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+
+
+def _open_cache(cache: Path, sources: list[Path], dtype: np.dtype, shape: list[int] | None, row_shape: list[int] | None = None) -> np.ndarray | None:
+    """The cache mapped, after checking it against its sources and itself; None when there is none yet."""
+    meta = cache.with_suffix(".json")
+    if not (cache.exists() and meta.exists()):
+        return None
+    have = json.loads(meta.read_text())
+    shape_ok = have.get("shape") == shape if shape is not None else (have.get("shape") or [None])[1:] == row_shape
+    if have.get("sources") != signature(sources) or not shape_ok or have.get("dtype") != np.dtype(dtype).str:
+        raise ValueError(f"cache {str(cache)!r} does not match its source files {[p.name for p in sources]} (size or checksum); "
+                         "delete it (and its .json) to convert again")  # fmt: skip
+    array = map_npy(cache)
+    if list(array.shape) != have["shape"] or cache.stat().st_size != have.get("bytes"):
+        raise ValueError(f"cache {str(cache)!r} has {cache.stat().st_size} bytes, not the {have.get('bytes')} written; delete it to convert again")
+    return array
+
+
+def _publish(cache: Path, sources: dict[str, Any], shape: list[int], dtype: np.dtype) -> np.ndarray:
+    """Write the cache's .json (its sources' signature, shape, dtype and size) and map the cache."""
+    meta = cache.with_suffix(".json")
     meta_tmp = meta.with_name(f".{meta.name}.tmp")
-    meta_tmp.write_text(json.dumps({**want, "bytes": cache.stat().st_size}))
+    meta_tmp.write_text(json.dumps({"sources": sources, "shape": shape, "dtype": np.dtype(dtype).str, "bytes": cache.stat().st_size}))
     os.replace(meta_tmp, meta)
     return map_npy(cache)
 
@@ -163,22 +212,15 @@ def imagenet_batches(root: Path, image_size: int) -> dict[str, tuple[np.ndarray,
 def _converted(root: Path, name: str, files: list[Path], size: int) -> tuple[np.ndarray, np.ndarray]:
     cache = root / f"imagenet{size}_{name}.u8.npy"
     labels_cache = root / f"imagenet{size}_{name}_labels.npy"
-    meta = cache.with_suffix(".json")
-    if cache.exists() and meta.exists():
-        counts = json.loads(meta.read_text())["shape"][0]
-    else:
-        counts = sum(len(_batch(f, size)[1]) for f in files)  # a first pass for the total (labels only are kept)
     collected: list[np.ndarray] = []
 
-    def fill(out: np.ndarray) -> None:
-        start = 0
-        for f in files:
+    def rows() -> Iterable[np.ndarray]:
+        for f in files:  # each pickle read once
             data, labels = _batch(f, size)
-            out[start : start + len(data)] = data.reshape(-1, 3, size, size)
             collected.append(labels)
-            start += len(data)
+            yield data
 
-    images = cached_array(cache, files, (counts, 3, size, size), np.uint8, fill)
+    images = cached_rows(cache, files, (3, size, size), np.uint8, rows)
     if collected:
         _atomic_npy(labels_cache, np.concatenate(collected))
     if not labels_cache.exists():

@@ -9,7 +9,6 @@ All in nats per example, in float64.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -248,7 +247,7 @@ def stratum_edges(start: int, T: int, strata: int) -> list[int]:
     if T <= start:
         return []
     points = torch.logspace(math.log10(max(start, 1)), math.log10(T), strata + 1, dtype=torch.float64).round().long().tolist()
-    return sorted({start, *points[1:-1], T} - set(range(0, start)))
+    return sorted({start, T} | {p for p in points[1:-1] if start < p < T})
 
 
 def _step_at(model: "DiffusionModel", x0: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:

@@ -256,3 +256,9 @@ def test_val_bpd_strata_cover_every_t_once_and_grow_geometrically(start, T, stra
     assert all(a < b for a, b in zip(edges, edges[1:]))  # the ranges (e_i, e_i+1] partition start+1..T
     widths = [b - a for a, b in zip(edges, edges[1:])]
     assert widths == sorted(widths) or T - start <= strata  # later ranges are wider (the terms are smaller there)
+
+
+def test_val_bpd_strata_are_the_geometric_sequence():
+    from ddpm_schedules.terms import stratum_edges
+
+    assert stratum_edges(10, 1000, 8) == [round(10 * 10 ** (k / 4)) for k in range(9)]  # 10, 18, 32, ..., 562, 1000

@@ -276,9 +276,7 @@ def build_model(cfg: DictConfig) -> DiffusionModel:
             raise ValueError(f"model.var_type=analytic with eval.full_chain=true needs Gamma at every t: use cost.grid=null, not {cfg.cost.grid!r}")
     model = build(node)
     if var_type is not None:
-        model.use_variance(var_type)
-        if gamma_file is not None:
-            model.use_variance(var_type, load_gamma(gamma_file, model))
+        model.use_variance(var_type, load_gamma(gamma_file, model) if gamma_file is not None else None)
     return model
 
 

@@ -105,11 +105,18 @@ def file_digest(path: str | Path | None) -> str | None:
     return _sha256(Path(path).read_bytes())
 
 
+def _hash_weights(h, model, shapes: bool) -> None:
+    """Feed the network's state-dict tensors (in order, with their dtype and shape if ``shapes``) to ``h``."""
+    for value in model.net.state_dict().values() if isinstance(model.net, torch.nn.Module) else []:
+        if shapes:
+            h.update(str((value.dtype, tuple(value.shape))).encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+
+
 def weights_fingerprint(model) -> str:
     """sha256 of a DiffusionModel's network weights and betas only (not its conventions): what a Gamma file is for."""
     h = hashlib.sha256()
-    for value in model.net.state_dict().values() if isinstance(model.net, torch.nn.Module) else []:
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    _hash_weights(h, model, shapes=False)
     h.update(model.schedule.betas.numpy().tobytes())
     return h.hexdigest()
 
@@ -117,9 +124,7 @@ def weights_fingerprint(model) -> str:
 def model_fingerprint(model) -> str:
     """sha256 of a DiffusionModel's weights (in order, whatever wraps the network), conventions and betas."""
     h = hashlib.sha256()
-    for value in model.net.state_dict().values() if isinstance(model.net, torch.nn.Module) else []:
-        h.update(str((value.dtype, tuple(value.shape))).encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    _hash_weights(h, model, shapes=True)
     h.update(model.extra_repr().encode())
     h.update(model.schedule.betas.numpy().tobytes())
     if getattr(model, "gamma", None) is not None:  # a given Gamma (analytic variance) changes every term

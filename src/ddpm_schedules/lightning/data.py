@@ -140,24 +140,15 @@ class ImageDataModule(pl.LightningDataModule):
         self.setup()
         return {k: len(v) for k, v in self.splits.items()}
 
-    def _split(self, split: str, examples: int | None) -> tuple[Split, int]:
+    def tensor(self, split: str, examples: int | None = None) -> Tensor:
+        """The first ``examples`` images of a split (all if None) in [-1, 1]: a fixed subset; only it is read."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
         self.setup()
         part = self.splits[split]
         if examples is not None and examples > len(part):
             raise ValueError(f"asked for {examples} {split} examples but the split has {len(part)}; lower the number")
-        return part, len(part) if examples is None else examples
-
-    def tensor(self, split: str, examples: int | None = None) -> Tensor:
-        """The first ``examples`` images of a split (all if None) in [-1, 1]: a fixed subset; only it is read."""
-        part, n = self._split(split, examples)
-        return to_unit_range(part.read(slice(0, n))[0], self.levels)
-
-    def labels(self, split: str, examples: int | None = None) -> Tensor:
-        """The labels of `tensor`'s images."""
-        part, n = self._split(split, examples)
-        return part.read(slice(0, n))[1]
+        return to_unit_range(part.read(slice(0, len(part) if examples is None else examples))[0], self.levels)
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         self.setup()

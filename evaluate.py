@@ -3,12 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from ddpm_schedules.cli import run
+from ddpm_schedules.app.cli import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from ddpm_schedules.pipeline import evaluate
+    from ddpm_schedules.app.pipeline import evaluate
 
     run(evaluate, cfg)
 

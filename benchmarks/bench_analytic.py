@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from ddpm_schedules import estimate_cost_matrix, evaluate_schedules, even_schedule, load_checkpoint, optimal_schedules
-from ddpm_schedules.analytic import analytic_ot_schedule
 from ddpm_schedules.lightning.data import DigitsDataModule
+from ddpm_schedules.schedules.analytic import analytic_ot_schedule
 
 BUDGETS = [8, 16, 32, 64]
 

@@ -14,11 +14,11 @@ import time
 
 import torch
 import torch.utils.flop_counter
+from nets import SmallConvNet
 
 from ddpm_schedules import DiffusionModel, NoiseSchedule, estimate_cost_matrix
-from ddpm_schedules.noise import example_noise
-from ddpm_schedules.terms import pair_terms
-from nets import SmallConvNet
+from ddpm_schedules.costs.terms import pair_terms
+from ddpm_schedules.models.noise import example_noise
 
 
 def make_net(name: str, out_channels: int) -> torch.nn.Module:
@@ -29,7 +29,7 @@ def make_net(name: str, out_channels: int) -> torch.nn.Module:
 
     import yaml
 
-    from ddpm_schedules.unet import create_unet
+    from ddpm_schedules.models.unet import create_unet
 
     flags = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "unet" / "digits.yaml").read_text())
     return create_unet(**{**flags, "learn_sigma": out_channels == 2})

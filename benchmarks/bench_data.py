@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm_schedules.lightning.data import DownsampledImageNetDataModule
+from ddpm_schedules.lightning.data_files import DownsampledImageNetDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from ddpm_schedules import optimal_paths
-from ddpm_schedules.dp import classic_paths
+from ddpm_schedules.schedules.dp import classic_paths
 
 
 def cost_like(n: int, seed: int = 0) -> np.ndarray:

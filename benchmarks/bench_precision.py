@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ddpm_schedules import estimate_cost_matrix, evaluate_schedules, load_checkpoint, optimal_schedules
-from ddpm_schedules.grids import candidate_grid
+from ddpm_schedules.costs.grids import candidate_grid
 from ddpm_schedules.lightning.data import DigitsDataModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from ddpm_schedules import estimate_cost_matrix, evaluate_schedules, load_checkpoint, optimal_schedules
-from ddpm_schedules.cost_matrix import CostMatrix
+from ddpm_schedules.costs.cost_matrix import CostMatrix
+from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
 from ddpm_schedules.lightning.data import DigitsDataModule
-from ddpm_schedules.refine import RefineSettings, refine_cost_matrices
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = [8, 16, 32, 64, 128]

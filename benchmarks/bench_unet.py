@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from ddpm_schedules.lightning.module import DiffusionModule
-from ddpm_schedules.unet import create_unet
+from ddpm_schedules.models.unet import create_unet
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from ddpm_schedules import evaluate_schedules, load_improved_diffusion
-from ddpm_schedules.schedules import full_schedule
-from ddpm_schedules.unet import create_unet
+from ddpm_schedules.models.unet import create_unet
+from ddpm_schedules.schedules.schedule import full_schedule
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "improved_diffusion_tiny"
 FLAG_KEYS = ("image_size", "num_channels", "num_res_blocks", "channel_mult", "attention_resolutions", "num_heads",

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from ddpm_schedules import evaluate_schedules, full_schedule, load_checkpoint, load_improved_diffusion
+from ddpm_schedules.costs.moments import MeanSem
+from ddpm_schedules.costs.terms import full_chain_estimate, prior_nats, step_terms
 from ddpm_schedules.lightning.data import DigitsDataModule, SyntheticDataModule
-from ddpm_schedules.moments import MeanSem
-from ddpm_schedules.terms import full_chain_estimate, prior_nats, step_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 

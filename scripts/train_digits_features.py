@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ddpm_schedules.frechet import DigitsClassifier
 from ddpm_schedules.lightning.data import DigitsDataModule
+from ddpm_schedules.sampling.frechet import DigitsClassifier
 
 
 def train_digits_classifier(seed: int = 0, epochs: int = 40) -> tuple[DigitsClassifier, float]:

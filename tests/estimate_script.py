@@ -7,7 +7,7 @@ import torch
 from conftest import TinyNet, quantized_data
 
 from ddpm_schedules import DiffusionModel, NoiseSchedule, estimate_cost_matrix
-from ddpm_schedules.resume import PartialFile
+from ddpm_schedules.storage.resume import PartialFile
 
 
 class Slow(torch.nn.Module):

@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import FIXTURE
 
-from ddpm_schedules import diffusion as dm
 from ddpm_schedules import estimate_cost_matrix, load_improved_diffusion
-from ddpm_schedules.analytic import analytic_ot_schedule, load_gamma, save_gamma
-from ddpm_schedules.noise import example_noise
-from ddpm_schedules.terms import reverse_log_variance
+from ddpm_schedules.costs.terms import terms
+from ddpm_schedules.models import diffusion as dm
+from ddpm_schedules.models.noise import example_noise
+from ddpm_schedules.models.pairs import reverse_log_variance
+from ddpm_schedules.schedules.analytic import analytic_ot_schedule, load_gamma, save_gamma
 
 ADPM = Path(__file__).parent / "fixtures" / "analytic_dpm"
 
@@ -40,7 +41,7 @@ def test_variances_and_kl_terms_equal_analytic_dpm(reference, key):
         if s == 0:
             continue
         clipped += not 0 < ref["cov_x_0"][i] < 1
-        ours = model.terms(reference["x0"], t, [s], noise=ref["noise"][t])[:, 0]
+        ours = terms(model, reference["x0"], t, [s], noise=ref["noise"][t])[:, 0]
         torch.testing.assert_close(ours, ref["terms"][i], rtol=1e-6, atol=0)
     assert clipped > 0  # the clip of Cov[x_0 | x_t] to [0, 1] is exercised (Gamma > 1 and large t)
 
@@ -130,7 +131,7 @@ def test_evaluate_with_the_analytic_override(tmp_path, tiny_ckpt):
     and reusable, analytic_ot schedules built, and a different cache entry from the learned rule's."""
     from conftest import eval_cfg
 
-    from ddpm_schedules.pipeline import evaluate
+    from ddpm_schedules.app.pipeline import evaluate
 
     out = evaluate(eval_cfg(tmp_path, tiny_ckpt, "model.var_type=analytic", "eval.strategies=[dp,analytic_ot,even]", "logger=none"))
     assert out["model"]["var_type"] == "analytic" and out["model"]["trained_var_type"] == "learned_range" and out["model"]["var_type_override"]
@@ -158,7 +159,7 @@ def test_evaluate_with_the_analytic_override(tmp_path, tiny_ckpt):
 def test_analytic_bad_inputs(tmp_path, tiny_ckpt, overrides, match):
     from conftest import eval_cfg
 
-    from ddpm_schedules.pipeline import evaluate
+    from ddpm_schedules.app.pipeline import evaluate
 
     with pytest.raises(ValueError, match=match):
         evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", *overrides))
@@ -169,15 +170,15 @@ def test_schedule_monitor_with_the_analytic_rule(tmp_path):
     """During training the monitor prices schedules with the analytic variance and leaves the model's own rule in place."""
     from conftest import train_cfg
 
-    from ddpm_schedules.pipeline import train
+    from ddpm_schedules.app.pipeline import train
 
     train(train_cfg(tmp_path, "logger=none", "callbacks.schedule_monitor.var_type=analytic", "callbacks.schedule_monitor.grid=null",
                     "callbacks.schedule_monitor.strategies=[dp,analytic_ot,even]", "trainer.max_steps=3"))  # fmt: skip
     record = json.loads((tmp_path / "schedules" / "step_3.json").read_text())
     assert record["var_type"] == "analytic"
     assert {r["strategy"] for r in record["results"]} == {"dp", "analytic_ot", "even"}
-    from ddpm_schedules.checkpoints import load_checkpoint
-    from ddpm_schedules.cost_matrix import CostMatrix
+    from ddpm_schedules.costs.cost_matrix import CostMatrix
+    from ddpm_schedules.models.checkpoints import load_checkpoint
 
     gamma = CostMatrix.load(tmp_path / "schedules" / "cost_matrix_step_3.pt").gamma
     assert gamma is not None and bool(torch.isfinite(gamma[1:]).all())

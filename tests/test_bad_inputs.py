@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import FIXTURE, TINY, eval_cfg, save_tiny_checkpoint, train_cfg
 
-from ddpm_schedules.pipeline import evaluate, train
+from ddpm_schedules.app.pipeline import evaluate, train
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ from conftest import quantized_data, tiny_model
 from torch.distributions import Normal, kl_divergence
 
 from ddpm_schedules import CostMatrix, estimate_cost_matrix
-from ddpm_schedules.cost_matrix import CostMatrixMetric
-from ddpm_schedules.noise import example_noise
+from ddpm_schedules.costs.cost_matrix import CostMatrixMetric
+from ddpm_schedules.costs.terms import terms
+from ddpm_schedules.models.noise import example_noise
 
 f64 = torch.float64
 
@@ -51,7 +52,7 @@ def test_mean_and_sem_are_those_of_the_per_example_terms(var_type):
         if t == 0:
             continue
         s = cm.grid[:j]
-        per_example = torch.cat([model.terms(data[i : i + 1], t, s, example_noise(1, i, 1, t, (1, 4, 4))) for i in range(9)])
+        per_example = torch.cat([terms(model, data[i : i + 1], t, s, example_noise(1, i, 1, t, (1, 4, 4))) for i in range(9)])
         torch.testing.assert_close(cm.mean[:j, j], per_example.mean(0), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(cm.sem[:j, j], per_example.std(0) / 3, rtol=1e-6, atol=1e-12)
         assert torch.isinf(cm.mean[j:, j]).all() and torch.isnan(cm.sem[j:, j]).all()
@@ -111,10 +112,10 @@ def test_metric_shards_merge_into_the_whole():
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand(5, j, generator=g, dtype=f64), torch.rand(5, generator=g, dtype=f64)) for j in (1, 2, 3, 1, 2, 3)]
     whole, a, b = CostMatrixMetric(4), CostMatrixMetric(4), CostMatrixMetric(4)
-    for k, (terms, prior) in enumerate(batches):
-        j = terms.shape[1]
-        whole.update(terms, j, prior if j == 1 else None)
-        (a if k < 3 else b).update(terms, j, prior if j == 1 else None)
+    for k, (column, prior) in enumerate(batches):
+        j = column.shape[1]
+        whole.update(column, j, prior if j == 1 else None)
+        (a if k < 3 else b).update(column, j, prior if j == 1 else None)
     a.merge_state(b)
     for x, y in zip(a.compute(), whole.compute()):  # mean, sem, prior, prior sem, counts
         torch.testing.assert_close(x, y, rtol=1e-12, atol=0, equal_nan=True)

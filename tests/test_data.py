@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_schedules.arrays import load_pickle
-from ddpm_schedules.lightning.data import DigitsDataModule, DownsampledImageNetDataModule, NpzDataModule, to_unit_range
+from ddpm_schedules.lightning.data import DigitsDataModule, to_unit_range
+from ddpm_schedules.lightning.data_files import DownsampledImageNetDataModule, NpzDataModule
+from ddpm_schedules.storage.arrays import load_pickle
 
 
 def write_batch(path, images, labels_1based, protocol=pickle.HIGHEST_PROTOCOL):
@@ -54,7 +55,7 @@ def test_official_batches_images_labels_and_splits(imagenet32):
 
 
 def test_conversion_reads_each_batch_file_once(imagenet32, monkeypatch):
-    import ddpm_schedules.arrays as arrays
+    import ddpm_schedules.storage.arrays as arrays
 
     root, images, _ = imagenet32
     reads = []

@@ -13,7 +13,11 @@ from ddpm_schedules import Schedule, load_diffusers
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 
-from ddpm_schedules.diffusers_bridge import diffusers_sample  # noqa: E402
+from ddpm_schedules.costs.terms import terms
+from ddpm_schedules.sampling.samplers import (
+    diffusers_sample,  # noqa: E402
+    sample_ancestral,
+)
 
 T = 50
 PREDICTIONS = ["epsilon", "sample", "v_prediction"]
@@ -56,7 +60,7 @@ def test_pair_terms_match_ddpm_scheduler_step(tmp_path, monkeypatch, prediction_
     x0 = quantized_data(4, (1, 8, 8), levels=17).double()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for s, t in [(7, 31), (30, 31), (1, 50), (12, 20)]:
-        ours = model.terms(x0, t, [s], noise)[:, 0]
+        ours = terms(model, x0, t, [s], noise)[:, 0]
         x_t = model.q_sample(x0, t, noise).float()
         scheduler.set_timesteps(timesteps=[t - 1, s - 1])  # diffusers' 0-based, descending: the jump t -> s
         with torch.no_grad():
@@ -88,7 +92,7 @@ def test_sampler_matches_diffusers_scheduler(tmp_path, prediction_type, variance
     g = torch.Generator().manual_seed(9)
     draws = [torch.randn(shape, generator=g) for _ in range(schedule.K - 1)]
     trajectory = []
-    model.sample(schedule, 2, noise=[x_T, *draws], trajectory=trajectory)
+    sample_ancestral(model, schedule, 2, noise=[x_T, *draws], trajectory=trajectory)
     assert len(trajectory) == len(points_theirs) + 1
     for ours, theirs in zip(trajectory, points_theirs):
         torch.testing.assert_close(ours.float(), theirs, rtol=1e-4, atol=1e-4)
@@ -115,7 +119,7 @@ def test_refuses_what_has_no_ddpm_elbo(tmp_path):
 @pytest.mark.slow
 def test_evaluate_runs_on_a_diffusers_folder(tmp_path):
 
-    from ddpm_schedules.pipeline import evaluate
+    from ddpm_schedules.app.pipeline import evaluate
 
     folder = save_tiny(tmp_path / "model", "epsilon", "learned_range")
     cfg = eval_cfg(tmp_path, folder, "logger=none", "model=diffusers", "model.levels=17", "eval.budgets=[2,4]")

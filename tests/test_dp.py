@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddpm_schedules import CostMatrix, optimal_paths, optimal_schedules
-from ddpm_schedules.dp import brute_force_paths, classic_paths
+from ddpm_schedules.schedules.dp import brute_force_paths, classic_paths
 
 
 def random_costs(n, seed, integer=False):

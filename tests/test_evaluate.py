@@ -11,8 +11,8 @@ from conftest import DIGITS_FEATURES, ROOT, SMALL, eval_cfg
 from hydra import compose, initialize_config_dir
 
 from ddpm_schedules import CostMatrix, Schedule
-from ddpm_schedules.pipeline import evaluate
-from ddpm_schedules.schedules import save_schedules
+from ddpm_schedules.app.pipeline import evaluate
+from ddpm_schedules.schedules.schedule import save_schedules
 
 
 @pytest.mark.slow
@@ -55,8 +55,8 @@ def test_end_to_end_files_schema_wandb_and_cache(tmp_path, tiny_ckpt, monkeypatc
     quality_table = json.loads(tables["sample"].read_text())
     assert quality_table["columns"][:4] == ["strategy", "K", "sampler", "fid"] and len(quality_table["data"]) == len(quality)
     # a rerun takes the cached matrix and the cached reference statistics: no forward pass for either
-    import ddpm_schedules.frechet as frechet
-    import ddpm_schedules.cost_stages as cost_stages
+    import ddpm_schedules.app.stages as cost_stages
+    import ddpm_schedules.sampling.frechet as frechet
 
     monkeypatch.setattr(cost_stages, "estimate_cost_matrices", lambda *a, **k: pytest.fail("the cost matrix was recomputed"))
     monkeypatch.setattr(frechet, "gather_rows", lambda *a, **k: pytest.fail("the reference statistics were recomputed"))

@@ -15,8 +15,9 @@ from ddpm_schedules import (
     quadratic_schedule,
     respaced_schedule,
 )
-from ddpm_schedules.noise import example_noise
-from ddpm_schedules.schedules import full_schedule
+from ddpm_schedules.costs.terms import prior_nats, terms
+from ddpm_schedules.models.noise import example_noise
+from ddpm_schedules.schedules.schedule import full_schedule
 
 
 def test_one_forward_pass_per_example_per_distinct_timestep():
@@ -60,8 +61,8 @@ def test_sem_is_that_of_the_per_example_totals():
     for i in range(7):
         x = data[i : i + 1]
         for s, t in sch.pairs():
-            per_example[i] += model.terms(x, t, [s], example_noise(2, i, 1, t, (1, 4, 4)))[0, 0]
-        per_example[i] += model.prior_nats(x)[0]
+            per_example[i] += terms(model, x, t, [s], example_noise(2, i, 1, t, (1, 4, 4)))[0, 0]
+        per_example[i] += prior_nats(model, x)[0]
     to_bpd = 1 / (16 * math.log(2))
     assert r.bpd == pytest.approx(per_example.mean().item() * to_bpd, rel=1e-10)
     assert r.bpd_sem == pytest.approx(per_example.std().item() / math.sqrt(7) * to_bpd, rel=1e-6)

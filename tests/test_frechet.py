@@ -7,15 +7,15 @@ import torch
 from conftest import DIGITS_FEATURES, eval_cfg
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ddpm_schedules.frechet import (
+from ddpm_schedules.app.pipeline import evaluate
+from ddpm_schedules.lightning.data import DigitsDataModule
+from ddpm_schedules.sampling.frechet import (
     feature_network,
     features_of,
     fid_feature_extractor,
     frechet_distance,
     moments,
 )
-from ddpm_schedules.lightning.data import DigitsDataModule
-from ddpm_schedules.pipeline import evaluate
 
 
 @pytest.fixture(scope="module")

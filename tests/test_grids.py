@@ -2,7 +2,7 @@
 
 import pytest
 
-from ddpm_schedules.grids import candidate_grid, dense_grid, grid_size, log_grid
+from ddpm_schedules.costs.grids import candidate_grid, dense_grid, grid_size, log_grid
 
 
 @pytest.mark.parametrize("n,T", [(2, 1000), (10, 1000), (100, 1000), (200, 4000), (50, 50), (7, 4000)])

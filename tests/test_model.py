@@ -5,16 +5,17 @@ import torch
 from conftest import quantized_data, tiny_model
 
 from ddpm_schedules import DiffusionModel, NoiseSchedule, Schedule, even_schedule
-from ddpm_schedules.terms import step_terms
+from ddpm_schedules.costs.terms import step_terms, terms
+from ddpm_schedules.sampling.samplers import sample_ancestral
 
 
 @pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large", "learned_range"])
 def test_samples_are_on_the_levels_grid_and_reproducible(var_type):
     model = tiny_model(var_type, T=20, levels=17)
     sch = even_schedule(20, 5)
-    a = model.sample(sch, 9, generator=torch.Generator().manual_seed(0), batch_size=4)
-    b = model.sample(sch, 9, generator=torch.Generator().manual_seed(0), batch_size=4)
-    c = model.sample(sch, 9, generator=torch.Generator().manual_seed(1), batch_size=4)
+    a = sample_ancestral(model, sch, 9, generator=torch.Generator().manual_seed(0), batch_size=4)
+    b = sample_ancestral(model, sch, 9, generator=torch.Generator().manual_seed(0), batch_size=4)
+    c = sample_ancestral(model, sch, 9, generator=torch.Generator().manual_seed(1), batch_size=4)
     assert a.shape == (9, 1, 4, 4) and a.dtype == torch.float32
     assert torch.equal(a, b) and not torch.equal(a, c)
     steps = (a.double() + 1) * 16 / 2
@@ -24,7 +25,7 @@ def test_samples_are_on_the_levels_grid_and_reproducible(var_type):
 def test_one_step_sample_is_the_quantized_denoised_prior_draw():
     model = tiny_model("fixed_small", T=10, levels=5)
     x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    got = model.sample(Schedule((10,), 10), 3, generator=torch.Generator().manual_seed(4))
+    got = sample_ancestral(model, Schedule((10,), 10), 3, generator=torch.Generator().manual_seed(4))
     x0_hat = model.predict(x_T, 10).x0_hat
     assert torch.equal(got, (torch.round((x0_hat + 1) / 2 * 4) / 4 * 2 - 1).float())
 
@@ -51,7 +52,7 @@ def test_sampler_uses_the_pair_posterior():
         return original(x, tt)
 
     model.predict = spy
-    model.sample(Schedule((s, t), 50), 64, generator=torch.Generator().manual_seed(0))
+    sample_ancestral(model, Schedule((s, t), 50), 64, generator=torch.Generator().manual_seed(0))
     assert seen[0][0] == t and seen[1][0] == s
     assert seen[1][1] == pytest.approx((c1**2 + btil).item(), rel=0.05)
 
@@ -82,13 +83,13 @@ def test_bad_input():
     model = tiny_model("fixed_small", T=10)
     x0 = quantized_data(2).double()
     with pytest.raises(ValueError, match="s = 5 is not in 0..4"):
-        model.terms(x0, 5, [1, 5])
+        terms(model, x0, 5, [1, 5])
     with pytest.raises(ValueError, match="t = 11 is outside 1..10"):
-        model.terms(x0, 11, [1])
+        terms(model, x0, 11, [1])
     with pytest.raises(ValueError, match="t = 0 is outside"):
-        model.terms(x0, 0, [0])
+        terms(model, x0, 0, [0])
     with pytest.raises(ValueError, match="noise has shape"):
-        model.terms(x0, 5, [1], noise=torch.zeros(3, 1, 4, 4))
+        terms(model, x0, 5, [1], noise=torch.zeros(3, 1, 4, 4))
     with pytest.raises(ValueError, match="unknown mean_type 'epsilon'"):
         DiffusionModel(model.net, model.schedule, mean_type="epsilon")
     with pytest.raises(ValueError, match="unknown var_type"):
@@ -97,11 +98,11 @@ def test_bad_input():
         DiffusionModel(model.net, model.schedule, levels=1)
     learned = DiffusionModel(model.net, model.schedule, var_type="learned_range")
     with pytest.raises(ValueError, match="returned 1 channels for 1-channel input; var_type='learned_range' needs 2"):
-        learned.terms(x0, 3, [0])
+        terms(learned, x0, 3, [0])
     with pytest.raises(ValueError, match="no image_shape"):
-        DiffusionModel(model.net, model.schedule).sample(even_schedule(10, 2), 1)
+        sample_ancestral(DiffusionModel(model.net, model.schedule), even_schedule(10, 2), 1)
     with pytest.raises(ValueError, match="ends at T = 12"):
-        model.sample(even_schedule(12, 2), 1)
+        sample_ancestral(model, even_schedule(12, 2), 1)
 
 
 @pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large", "learned_range"])
@@ -114,5 +115,5 @@ def test_step_terms_are_the_consecutive_pair_terms(var_type):
     x_t = torch.cat([model.q_sample(x0[i : i + 1], int(t[i]), noise[i : i + 1]) for i in range(5)])
     got = step_terms(model, x0, x_t, t, model.predict(x_t, t))
     for i in range(5):
-        ref = model.terms(x0[i : i + 1], int(t[i]), [int(t[i]) - 1], noise[i : i + 1])[0, 0]
+        ref = terms(model, x0[i : i + 1], int(t[i]), [int(t[i]) - 1], noise[i : i + 1])[0, 0]
         assert got[i].item() == pytest.approx(ref.item(), rel=1e-10)

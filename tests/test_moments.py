@@ -2,9 +2,9 @@
 
 import torch
 
-from ddpm_schedules.cost_matrix import CostMatrixMetric
-from ddpm_schedules.evaluation import ScheduleTermsMetric
-from ddpm_schedules.moments import batch_moments, mean_sem, merge_moments
+from ddpm_schedules.costs.cost_matrix import CostMatrixMetric
+from ddpm_schedules.costs.evaluation import ScheduleTermsMetric
+from ddpm_schedules.costs.moments import batch_moments, mean_sem, merge_moments
 
 f64 = torch.float64
 

@@ -10,10 +10,10 @@ import torch
 from conftest import CountingNet, quantized_data, tiny_model
 
 from ddpm_schedules import CostMatrix, estimate_cost_matrix
-from ddpm_schedules.cost_matrix import estimate_cost_matrices
-from ddpm_schedules.dp import brute_force_paths, optimal_paths
-from ddpm_schedules.noise import example_noise
-from ddpm_schedules.ode import estimate_ode_matrix, trajectory_noise
+from ddpm_schedules.costs.cost_matrix import estimate_cost_matrices
+from ddpm_schedules.costs.ode import estimate_ode_matrix, trajectory_noise
+from ddpm_schedules.models.noise import example_noise
+from ddpm_schedules.schedules.dp import brute_force_paths, optimal_paths
 
 
 def mean_sem(values):
@@ -128,8 +128,8 @@ import sys, torch
 from lightning_fabric import Fabric
 sys.path.insert(0, {tests!r})
 from conftest import tiny_model
-from ddpm_schedules.noise import shard
-from ddpm_schedules.ode import estimate_ode_matrix
+from ddpm_schedules.models.noise import shard
+from ddpm_schedules.costs.ode import estimate_ode_matrix
 devices, out = int(sys.argv[1]), sys.argv[2]
 fabric = Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto")
 fabric.launch()

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import CountingNet, quantized_data, tiny_model
+
 from ddpm_schedules import estimate_cost_matrix, optimal_schedules
-from ddpm_schedules.model import Prediction
-from ddpm_schedules.refine import RefineSettings, check_refine, refine_cost_matrices
-from ddpm_schedules.terms import column_stats, pair_tables, pair_terms, stats_terms
+from ddpm_schedules.costs.refine import RefineSettings, check_refine, refine_cost_matrices
+from ddpm_schedules.costs.terms import column_stats, pair_tables, pair_terms, stats_terms
+from ddpm_schedules.models.model import Prediction
 
 
 def test_refinement_spends_one_pass_per_example_and_column_and_gives_the_final_grids_matrix():
@@ -74,7 +74,7 @@ def test_column_statistics_give_the_pairs_of_rows_chosen_after_the_pass(var_type
 
 
 def test_bisection_adds_the_midpoints_to_each_used_timesteps_grid_neighbours():
-    from ddpm_schedules.refine import _wanted
+    from ddpm_schedules.costs.refine import _wanted
 
     grid = [1, 2, 3, 10, 50, 200]
     assert _wanted(grid, [10], 1, False, 200) == {9, 10, 11}

@@ -17,10 +17,10 @@ from ddpm_schedules import (
     estimate_cost_matrix,
     evaluate_schedules,
     even_schedule,
-    storage,
 )
-from ddpm_schedules.cost_matrix import CostMatrixMetric
-from ddpm_schedules.resume import PartialFile, PartialSums, Preempted
+from ddpm_schedules.costs.cost_matrix import CostMatrixMetric
+from ddpm_schedules.storage import files as storage
+from ddpm_schedules.storage.resume import PartialFile, PartialSums, Preempted
 
 HERE = Path(__file__).parent
 
@@ -94,7 +94,7 @@ def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
 def test_sigterm_in_process_then_resume(tmp_path, monkeypatch):
     model, data = tiny_model("fixed_large", T=10), quantized_data(9)
     partial = tmp_path / "p.pt"
-    monkeypatch.setattr("ddpm_schedules.resume.sigterm_requests", stop_after(3))
+    monkeypatch.setattr("ddpm_schedules.storage.resume.sigterm_requests", stop_after(3))
     with pytest.raises(Preempted, match="after 3 units; partial sums saved"):
         estimate_cost_matrix(model, data, seed=1, progress=False, partial=PartialFile(partial, every=100))
     monkeypatch.undo()
@@ -108,7 +108,7 @@ def test_held_out_evaluation_resumes(tmp_path, monkeypatch):
     schedules = [even_schedule(12, 3), Schedule((2, 7, 12), 12)]
     ref = evaluate_schedules(model, data, schedules, seed=2, batch_size=3, progress=False)
     partial = tmp_path / "h.pt"
-    monkeypatch.setattr("ddpm_schedules.resume.sigterm_requests", stop_after(2))
+    monkeypatch.setattr("ddpm_schedules.storage.resume.sigterm_requests", stop_after(2))
     with pytest.raises(Preempted):
         evaluate_schedules(model, data, schedules, seed=2, batch_size=3, progress=False, partial=partial)
     monkeypatch.undo()
@@ -136,7 +136,7 @@ def test_corrupt_or_mismatched_partial_sums_are_reported_and_recomputed(tmp_path
     elif damage == "flip":
         raw[len(raw) // 2] ^= 0xFF
         partial.write_bytes(bytes(raw))
-    with caplog.at_level("WARNING", logger="ddpm_schedules.resume"):
+    with caplog.at_level("WARNING", logger="ddpm_schedules.storage.resume"):
         cm = estimate_cost_matrix(model, data, seed=0, batch_size=64, progress=False, partial=partial)
     assert "starting afresh" in caplog.text
     assert_same_matrix(cm, estimate_cost_matrix(model, data, seed=0, batch_size=64, progress=False))

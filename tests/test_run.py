@@ -7,10 +7,10 @@ import torch
 from conftest import quantized_data, tiny_model
 
 from ddpm_schedules import estimate_cost_matrix, evaluate_schedules, optimal_schedules
-from ddpm_schedules.quality import QualitySettings
-from ddpm_schedules.run import EvaluationResult, run_evaluation
-from ddpm_schedules.settings import Labels
-from ddpm_schedules.strategies import parse_strategies
+from ddpm_schedules.app.run import EvaluationResult, run_evaluation
+from ddpm_schedules.app.settings import Labels
+from ddpm_schedules.sampling.quality import QualitySettings
+from ddpm_schedules.schedules.strategies import parse_strategies
 
 
 def test_stages_compose_into_the_results_of_the_library_calls(tmp_path):
@@ -46,8 +46,8 @@ def test_stages_compose_into_the_results_of_the_library_calls(tmp_path):
 
 
 def test_target_sem_adds_rounds_until_every_dp_path_is_that_precise():
-    from ddpm_schedules.evaluation import evaluate_schedules
-    from ddpm_schedules.precision import estimate_to_precision
+    from ddpm_schedules.costs.evaluation import evaluate_schedules
+    from ddpm_schedules.costs.precision import estimate_to_precision
 
     model, data = tiny_model("learned_range", T=12), quantized_data(40, seed=3)
     loose, loose_rounds = estimate_to_precision(model, data, [2, 4], target_sem=10.0, seed=1, first=8, progress=False)
@@ -72,18 +72,18 @@ def test_target_sem_adds_rounds_until_every_dp_path_is_that_precise():
 
 
 def test_an_unreachable_target_sem_uses_every_example_and_says_so(caplog):
-    from ddpm_schedules.precision import estimate_to_precision
+    from ddpm_schedules.costs.precision import estimate_to_precision
 
     model, data = tiny_model("fixed_large", T=12), quantized_data(12, seed=3)
-    with caplog.at_level("WARNING", logger="ddpm_schedules.precision"):
+    with caplog.at_level("WARNING", logger="ddpm_schedules.costs.precision"):
         cm, rounds = estimate_to_precision(model, data, [2, 4], target_sem=1e-9, seed=1, first=4, progress=False)
     assert [r["examples"] for r in rounds] == [4, 8, 12] and cm.count == 12 and not rounds[-1]["met"]
     assert "cost.target_sem = 1e-09 bits/dim is not reached with all 12 examples" in caplog.text
 
 
 def test_target_sem_continues_from_a_refined_first_round_on_its_grid():
-    from ddpm_schedules.precision import estimate_to_precision
-    from ddpm_schedules.refine import RefineSettings, refine_cost_matrices
+    from ddpm_schedules.costs.precision import estimate_to_precision
+    from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
 
     model, data = tiny_model("learned_range", T=40), quantized_data(24, seed=5)
     refined = refine_cost_matrices(model, data[:6], [2, 4], RefineSettings(coarse="log:8", window=1), seed=2, progress=False)[0]["elbo"]

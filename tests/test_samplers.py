@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 
 from ddpm_schedules import Schedule, even_schedule, full_schedule
-from ddpm_schedules.sampling import (
+from ddpm_schedules.sampling.samplers import (
     SAMPLERS,
     check_samplers,
     quantize,

@@ -10,7 +10,7 @@ from ddpm_schedules import (
     quadratic_schedule,
     respaced_schedule,
 )
-from ddpm_schedules.schedules import (
+from ddpm_schedules.schedules.schedule import (
     full_schedule,
     load_schedules,
     save_schedules,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import quantized_data, tiny_model
 
-from ddpm_schedules import storage
-from ddpm_schedules.storage import (
+from ddpm_schedules.storage import files as storage
+from ddpm_schedules.storage.files import (
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,

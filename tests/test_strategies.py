@@ -13,8 +13,8 @@ from ddpm_schedules import (
     quadratic_schedule,
     respaced_schedule,
 )
-from ddpm_schedules import strategies as st
-from ddpm_schedules.schedules import Schedule
+from ddpm_schedules.schedules import strategies as st
+from ddpm_schedules.schedules.schedule import Schedule
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from conftest import ROOT, TINY, train_cfg
 from hydra import compose, initialize_config_dir
 
 from ddpm_schedules import CostMatrix, load_checkpoint
+from ddpm_schedules.app.pipeline import train
 from ddpm_schedules.lightning.data import SyntheticDataModule
 from ddpm_schedules.lightning.module import DiffusionModule, LossSecondMomentSampler
-from ddpm_schedules.pipeline import train
 
 
 @pytest.mark.parametrize("experiment", ["digits", "cifar10_hybrid", "imagenet64_hybrid"])
@@ -161,7 +161,7 @@ def test_sigterm_saves_and_resume_continues_with_the_same_ema(tmp_path, monkeypa
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import EMAWeightAveraging
 
-    import ddpm_schedules.pipeline as pipeline
+    import ddpm_schedules.app.pipeline as pipeline
 
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "data=digits", "data.batch_size=16", "unet=tiny", "diffusion.diffusion_steps=20",
@@ -226,9 +226,10 @@ def test_monitor_refuses_strategies_of_another_objective(tmp_path):
 @torch.no_grad()
 def test_val_bpd_estimator_is_unbiased_and_far_less_noisy_than_one_uniform_t():
     from conftest import quantized_data, tiny_model
+
     from ddpm_schedules import evaluate_schedules, full_schedule
-    from ddpm_schedules.moments import MeanSem
-    from ddpm_schedules.terms import full_chain_estimate, prior_nats, step_terms
+    from ddpm_schedules.costs.moments import MeanSem
+    from ddpm_schedules.costs.terms import full_chain_estimate, prior_nats, step_terms
 
     model, data = tiny_model("learned_range", T=30, levels=17), quantized_data(8, levels=17).double()
     exact = [evaluate_schedules(model, data, [full_schedule(30)], seed=s, progress=False)[0] for s in range(30)]
@@ -249,7 +250,7 @@ def test_val_bpd_estimator_is_unbiased_and_far_less_noisy_than_one_uniform_t():
 
 @pytest.mark.parametrize("start,T,strata", [(10, 4000, 8), (10, 1000, 8), (0, 30, 4), (5, 30, 4), (10, 12, 8), (1, 2, 3)])
 def test_val_bpd_strata_cover_every_t_once_and_grow_geometrically(start, T, strata):
-    from ddpm_schedules.terms import stratum_edges
+    from ddpm_schedules.costs.terms import stratum_edges
 
     edges = stratum_edges(start, T, strata)
     assert edges[0] == start and edges[-1] == T and len(edges) - 1 <= strata
@@ -259,6 +260,6 @@ def test_val_bpd_strata_cover_every_t_once_and_grow_geometrically(start, T, stra
 
 
 def test_val_bpd_strata_are_the_geometric_sequence():
-    from ddpm_schedules.terms import stratum_edges
+    from ddpm_schedules.costs.terms import stratum_edges
 
     assert stratum_edges(10, 1000, 8) == [round(10 * 10 ** (k / 4)) for k in range(9)]  # 10, 18, 32, ..., 562, 1000

@@ -14,12 +14,12 @@ import torch
 from conftest import FIXTURE, ROOT, TINY, eval_cfg, train_cfg
 from omegaconf import OmegaConf
 
-from ddpm_schedules.checkpoints import (
+from ddpm_schedules.app.pipeline import evaluate, train
+from ddpm_schedules.models.checkpoints import (
     export_checkpoint,
     load_checkpoint,
     load_improved_diffusion,
 )
-from ddpm_schedules.pipeline import evaluate, train
 
 
 class Touch:
@@ -70,7 +70,7 @@ def test_improved_diffusion_loader_refuses_and_runs_nothing(tmp_path, evil):
 def test_export_command_refuses_and_writes_nothing(tmp_path, evil):
     path, marker = evil
     out = tmp_path / "exported" / "out.ckpt"
-    proc = subprocess.run([sys.executable, "-m", "ddpm_schedules.export", str(path), str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "ddpm_schedules.app.export", str(path), str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--trust-checkpoint" in lines[0] and str(path) in lines[0], proc.stderr
@@ -90,7 +90,7 @@ def test_lightning_resume_itself_loads_as_data(tmp_path, evil, monkeypatch):
     """Past the up-front check, Lightning's own load in trainer.fit is restricted to data too."""
     import pickle
 
-    import ddpm_schedules.pipeline as pipeline
+    import ddpm_schedules.app.pipeline as pipeline
 
     path, marker = evil
     monkeypatch.setattr(pipeline, "check_resume_checkpoint", lambda *args, **kwargs: None)
@@ -101,7 +101,7 @@ def test_lightning_resume_itself_loads_as_data(tmp_path, evil, monkeypatch):
 
 @pytest.mark.skipif(
     "_target_" not in OmegaConf.load(ROOT / "conf" / "model" / "checkpoint.yaml"),
-    reason="needs conf/model/checkpoint.yaml as `_target_: ddpm_schedules.checkpoints.load_checkpoint` with trust_checkpoint",
+    reason="needs conf/model/checkpoint.yaml as `_target_: ddpm_schedules.models.checkpoints.load_checkpoint` with trust_checkpoint",
 )
 def test_evaluate_refuses_and_runs_nothing(tmp_path, evil):
     path, marker = evil
@@ -143,7 +143,7 @@ def test_a_fresh_training_checkpoint_loads_as_data_resumes_and_exports(tmp_path)
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 9
     # the export command keeps flags, levels and the (EMA) weights, as plain data
     out = tmp_path / "exported.ckpt"
-    proc = subprocess.run([sys.executable, "-m", "ddpm_schedules.export", str(last), str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "ddpm_schedules.app.export", str(last), str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     exported = torch.load(out, map_location="cpu", weights_only=True)
     source = torch.load(last, map_location="cpu", weights_only=True)

@@ -1,25 +1,28 @@
 """ELBO-optimal inference schedules for pre-trained DDPMs (Watson et al. 2021)."""
 
-from .checkpoints import load_checkpoint, load_improved_diffusion
-from .cost_matrix import CostMatrix, estimate_cost_matrix
-from .diffusion import NoiseSchedule
-from .dp import optimal_paths, optimal_schedules
-from .evaluation import ScheduleResult, evaluate_schedules
-from .model import DiffusionModel
-from .run import EvaluationResult, run_evaluation
-from .sampling import sample_ancestral
-from .schedules import (
+from ddpm_schedules.app.run import EvaluationResult, run_evaluation
+from ddpm_schedules.costs.cost_matrix import CostMatrix, estimate_cost_matrix
+from ddpm_schedules.costs.evaluation import ScheduleResult, evaluate_schedules
+from ddpm_schedules.costs.terms import prior_nats, terms
+from ddpm_schedules.models.checkpoints import load_checkpoint, load_improved_diffusion
+from ddpm_schedules.models.diffusion import NoiseSchedule
+from ddpm_schedules.models.model import DiffusionModel
+from ddpm_schedules.sampling.samplers import sample_ancestral
+from ddpm_schedules.schedules.dp import optimal_paths, optimal_schedules
+from ddpm_schedules.schedules.schedule import (
     Schedule,
     even_schedule,
     full_schedule,
+    load_schedules,
     quadratic_schedule,
     respaced_schedule,
+    save_schedules,
 )
 
 
 def load_diffusers(path, levels: int = 256) -> DiffusionModel:
     """A local diffusers folder (unet/ + scheduler/) as a DiffusionModel; needs the [diffusers] extra."""
-    from .diffusers_bridge import load_diffusers as load
+    from ddpm_schedules.models.diffusers_bridge import load_diffusers as load
 
     return load(path, levels)
 
@@ -38,10 +41,14 @@ __all__ = [
     "load_checkpoint",
     "load_diffusers",
     "load_improved_diffusion",
+    "load_schedules",
     "optimal_paths",
     "optimal_schedules",
+    "prior_nats",
     "quadratic_schedule",
     "respaced_schedule",
     "run_evaluation",
     "sample_ancestral",
+    "save_schedules",
+    "terms",
 ]

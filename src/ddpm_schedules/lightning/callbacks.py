@@ -14,14 +14,14 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ..cost_matrix import CostMatrix, check_objectives, estimate_cost_matrix
-from ..grids import candidate_grid, full_grid
-from ..noise import shard
-from ..ode import estimate_ode_matrix
-from ..report import figure_array, plot_cost_matrix, plot_schedules
-from ..schedules import Schedule, check_budgets
-from ..storage import atomic_write_json
-from ..strategies import Strategy, build_schedules, parse_strategies
+from ddpm_schedules.costs.cost_matrix import CostMatrix, check_objectives, estimate_cost_matrix
+from ddpm_schedules.costs.grids import candidate_grid, full_grid
+from ddpm_schedules.costs.ode import estimate_ode_matrix
+from ddpm_schedules.models.noise import shard
+from ddpm_schedules.reports.report import figure_array, plot_cost_matrix, plot_schedules
+from ddpm_schedules.schedules.schedule import Schedule, check_budgets
+from ddpm_schedules.schedules.strategies import Strategy, build_schedules, parse_strategies
+from ddpm_schedules.storage.files import atomic_write_json
 
 
 class ScheduleMonitor(Callback):

@@ -7,7 +7,7 @@ from typing import Any
 
 from lightning_fabric.plugins import TorchCheckpointIO
 
-from ..storage import atomic_torch_save
+from ddpm_schedules.storage.files import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -9,12 +9,12 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from ..diffusion import nats_to_bpd
-from ..flags import model_from_flags
-from ..model import DiffusionModel
-from ..moments import MeanSem
-from ..terms import full_chain_estimate, step_terms
-from .data import to_unit_range
+from ddpm_schedules.costs.moments import MeanSem
+from ddpm_schedules.costs.terms import full_chain_estimate, step_terms
+from ddpm_schedules.lightning.data import to_unit_range
+from ddpm_schedules.models.diffusion import nats_to_bpd
+from ddpm_schedules.models.flags import model_from_flags
+from ddpm_schedules.models.model import DiffusionModel
 
 LOSSES = ("simple", "hybrid", "vlb")
 

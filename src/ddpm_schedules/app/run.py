@@ -1,0 +1,200 @@
+"""run_evaluation: from a model and data to an EvaluationResult, in named stages.
+
+cost matrices (cached, one per objective the strategies need) -> schedules -> held-out bits/dim ->
+sample quality per (schedule, sampler) -> reports. No Hydra here: `pipeline.evaluate` maps a config
+onto this call. Under several processes every stage shards its examples (or sample chunks) by rank,
+and the sums combine into the one-process result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import Tensor
+
+from ddpm_schedules.app.settings import (
+    FrechetSettings,
+    Labels,
+    OdeSettings,
+    PrecisionSettings,
+    ResumeSettings,
+)
+from ddpm_schedules.app.stages import (
+    Context,
+    data_matrices_stage,
+    ode_matrix_stage,
+    precision_stage,
+    refine_stage,
+)
+from ddpm_schedules.costs.cost_matrix import CostMatrix
+from ddpm_schedules.costs.evaluation import ScheduleResult, evaluate_schedules
+from ddpm_schedules.costs.grids import candidate_grid, full_grid
+from ddpm_schedules.costs.refine import RefineSettings
+from ddpm_schedules.models.model import DiffusionModel
+from ddpm_schedules.models.noise import Processes
+from ddpm_schedules.reports import report
+from ddpm_schedules.sampling.quality import QualitySettings, quality_stage
+from ddpm_schedules.schedules.analytic import save_gamma
+from ddpm_schedules.schedules.schedule import Schedule, full_schedule
+from ddpm_schedules.schedules.strategies import Strategy, build_schedules, objectives_of
+from ddpm_schedules.storage.files import atomic_write_json, file_digest, hash_parts
+
+
+@dataclass
+class EvaluationResult:
+    """What evaluate.py reports; ``to_json()`` is results.json."""
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    cost_matrix: dict[str, Any]
+    full_chain: dict[str, Any] | None
+    fid: dict[str, Any]
+    results: list[dict[str, Any]]
+    sample_quality: list[dict[str, Any]]
+    timings: dict[str, float]
+    matrices: dict[str, CostMatrix] = field(default_factory=dict, repr=False)
+    schedules: list[Schedule] = field(default_factory=list, repr=False)
+    grids: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        keys = ("model", "data", "cost_matrix", "full_chain", "fid", "results", "sample_quality", "timings")
+        return {k: getattr(self, k) for k in keys}
+
+
+def held_out_stage(
+    ctx: Context, data: Tensor, schedules: list[Schedule], seed: int, key: str, split: str, full_chain: bool
+) -> tuple[list[ScheduleResult], ScheduleResult | None]:
+    """Held-out bits/dim of every schedule (and the full chain) in one union pass."""
+    extra = [full_schedule(ctx.model.T)] if full_chain else []
+    held_key = hash_parts(key=key, split=split, examples=len(data))
+    lo, hi = ctx.procs.shard(len(data))
+    results = evaluate_schedules(
+        ctx.model, data[lo:hi], schedules + extra, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
+        partial=ctx.partial(ctx.cache_dir / f"held_out_{held_key[:20]}.pt", ctx.resume.every_batches),
+    )  # fmt: skip
+    return results[: len(schedules)], (results[-1] if extra else None)
+
+
+def result_rows(results: list[ScheduleResult], quality: list[dict[str, Any]], cm: CostMatrix) -> list[dict[str, Any]]:
+    """One results.json entry per (strategy, K): bits/dim, ``predicted_bpd`` where every timestep is on the
+    ELBO matrix's grid, and ``fid`` of the ancestral sampler (the chain the bits/dim belong to) where sampled."""
+    grid = set(cm.grid.tolist())
+    ancestral = {(q["strategy"], tuple(q["schedule"])): q["fid"] for q in quality if q["sampler"] == "ancestral"}
+    return [
+        {
+            "strategy": r.schedule.strategy, "K": r.schedule.K, "schedule": list(r.schedule.timesteps), "bpd": r.bpd,
+            "bpd_sem": r.bpd_sem, "predicted_bpd": cm.bpd(cm.schedule_nats(r.schedule)) if set(r.schedule.timesteps) <= grid else None,
+            "fid": ancestral.get((r.schedule.strategy, r.schedule.timesteps)), "terms_bpd": r.terms_bpd,
+        }
+        for r in results
+    ]  # fmt: skip
+
+
+def unique(schedules: Sequence[Schedule]) -> list[Schedule]:
+    """Schedules without repeats (a fixed strategy's schedule is built for every budget list)."""
+    seen, out = set(), []
+    for s in schedules:
+        if (s.strategy, s.timesteps) not in seen:
+            seen.add((s.strategy, s.timesteps))
+            out.append(s)
+    return out
+
+
+def run_evaluation(
+    model: DiffusionModel,
+    cost_data: Tensor,
+    eval_data: Tensor,
+    *,
+    grid: list[int] | None,
+    budgets: Sequence[int],
+    strategies: Sequence[Strategy],
+    out_dir: str | Path,
+    cache_dir: str | Path,
+    sample_budgets: Sequence[int] = (),
+    cost_seed: int = 0,
+    eval_seed: int = 1,
+    full_chain: bool = True,
+    batch_size: int = 200,
+    quality: QualitySettings = QualitySettings(),
+    fid: FrechetSettings | None = None,
+    reference: Tensor | None = None,
+    ode: OdeSettings = OdeSettings(),
+    precision: PrecisionSettings = PrecisionSettings(),
+    refine: RefineSettings | None = None,
+    resume: ResumeSettings = ResumeSettings(),
+    procs: Processes = Processes(),
+    labels: Labels = Labels(),
+    logger: Any = None,
+) -> EvaluationResult:
+    """Every stage in order; process 0 writes the reports and, last and atomically, results.json."""
+    ctx = Context(model, Path(cache_dir), batch_size, procs, resume)
+    objectives = objectives_of(strategies)
+    ode_grid = candidate_grid(ode.grid, model.T, "cost.ode.grid") if ode.grid is not None else grid
+    with ctx.timed("cost_matrix"):
+        refine_rounds = None
+        if refine is not None and precision.target_sem is not None:  # the grid from the first round, then rounds of examples on it
+            first = cost_data[: min(max(1, precision.first), len(cost_data))]
+            refined, refine_rounds = refine_stage(ctx, first, cost_seed, labels, ["elbo"], sorted(set(budgets) | set(sample_budgets)), refine)
+            grid = refined["elbo"].matrix.grid[1:].tolist()
+            cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision, refined["elbo"])
+            others = [o for o in objectives if o not in ("ode", "elbo")]
+            costs = {"elbo": precise} | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
+        elif refine is not None:
+            costs, rounds = refine_stage(ctx, cost_data, cost_seed, labels, objectives, sorted(set(budgets) | set(sample_budgets)), refine)
+        else:
+            cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision)
+            others = [o for o in objectives if o != "ode" and not (precise and o == "elbo")]
+            costs = ({"elbo": precise} if precise else {}) | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
+    if "ode" in objectives:
+        with ctx.timed("ode_matrix"):
+            costs["ode"] = ode_matrix_stage(ctx, cost_seed, ode, ode_grid)
+    matrices = {o: c.matrix for o, c in costs.items()}
+    if model.var_type == "analytic" and model.gamma is None:  # Gamma of the cost examples serves held-out bits/dim and sampling
+        model.use_variance("analytic", matrices["elbo"].gamma)
+    with ctx.timed("dp_and_schedules"):
+        schedules = build_schedules(strategies, matrices, budgets)
+        sampled = unique(build_schedules(strategies, matrices, sample_budgets)) if sample_budgets else []
+    with ctx.timed("held_out_bpd"):
+        results, full = held_out_stage(ctx, eval_data, schedules, eval_seed, costs["elbo"].key, labels.eval_split, full_chain)
+    with ctx.timed("sample_quality"):
+        ref_cache = _reference_cache(ctx, fid, reference, labels) if fid and procs.world == 1 else None
+        shard = reference[slice(*procs.shard(len(reference)))] if fid else None
+        teacher = Schedule(tuple(full_grid(ode_grid, model.T)[1:].tolist()), model.T, "teacher") if "ddim" in quality.samplers else None
+        entries, grids = quality_stage(model, sampled, quality, procs, batch_size, fid, shard, ref_cache, teacher)
+    elbo = costs["elbo"]
+    result = EvaluationResult(
+        model={"source": labels.model_source, "path": labels.model_path, "T": model.T, "mean_type": model.mean_type, "var_type": model.var_type,
+               "trained_var_type": model.trained_var_type, "var_type_override": model.var_type != model.trained_var_type},
+        data={"name": labels.data_name, "levels": model.levels, "dims": math.prod(model.image_shape), "cost_split": labels.cost_split,
+              "cost_examples": len(cost_data), "eval_split": labels.eval_split, "eval_examples": len(eval_data)},
+        cost_matrix={"grid_size": elbo.matrix.grid.numel() - 1, "seconds": ctx.timings["cost_matrix"], "file": str(elbo.file),
+                     "cached": elbo.cached, "seed": cost_seed, "objectives": {o: c.describe() for o, c in costs.items()},
+                     "target_sem": precision.target_sem, "target_met": rounds[-1].get("met") if precision.target_sem is not None else None,
+                     "refine": refine.__dict__ if refine else None, "rounds": rounds, "refine_rounds": refine_rounds},
+        full_chain={"K": model.T, "bpd": full.bpd, "bpd_sem": full.bpd_sem} if full else None,
+        fid={"features": fid.description if fid else None, "reference_split": fid.reference_split if fid else None,
+             "reference_examples": len(reference) if fid else None, "samples": quality.samples if fid else None,
+             "bootstrap": quality.bootstrap if fid else None, "samplers": list(quality.samplers), "ddim_eta": quality.ddim_eta,
+             "sample_budgets": list(sample_budgets), "teacher_samples": quality.teacher_samples if teacher else None,
+             "teacher": {"sampler": "ddim", "eta": 0.0, "steps": teacher.K} if teacher else None},
+        results=result_rows(results, entries, elbo.matrix), sample_quality=entries, timings=ctx.timings,
+        matrices=matrices, schedules=schedules, grids=grids,
+    )  # fmt: skip
+    if procs.rank == 0:
+        with ctx.timed("report"):
+            report.write_evaluation(Path(out_dir), result.to_json(), elbo.matrix, unique(schedules + sampled), grids, logger)
+        if model.var_type == "analytic":
+            save_gamma(Path(out_dir) / "gamma.pt", model.gamma, model)  # model.gamma_file= reuses it
+        atomic_write_json(Path(out_dir) / "results.json", result.to_json())
+    return result
+
+
+def _reference_cache(ctx: Context, fid: FrechetSettings, reference: Tensor, labels: Labels) -> str | None:
+    """Where the reference images' feature moments are cached (one process only: the shards would differ)."""
+    weights = fid.digits_weights if fid.features == "digits" else fid.inception_weights
+    key = hash_parts(features=fid.features, weights=file_digest(weights), data=labels.data_name, split=fid.reference_split,
+                     examples=len(reference), antialias=bool(fid.antialias), moments=True)  # fmt: skip
+    return str(ctx.cache_dir / f"fid_reference_{key[:20]}.pt")

@@ -1,0 +1,157 @@
+"""Coarse-to-fine grid refinement (``cost.refine``): forward passes only where the DP's paths go.
+
+Start from a coarse grid that keeps small t dense (e.g. ``log:100``), run the DP for every requested
+budget, add every timestep within ``window`` of a timestep any optimal path uses (and, with ``bisect``,
+the midpoints between it and its neighbours on the grid, so that a wide gap of a coarse grid at large t
+is searched in a few rounds, not only at its edges), and run the DP again on the union grid; repeat until the paths need no new timestep (or a round or pass budget is spent).
+A column's forward passes are made once: what its pairs need of each example's prediction at t is
+kept (`terms.ColumnStats`: one number per example for fixed variances, a few dozen Chebyshev moments
+for learned ones, not the [D] prediction), so the pairs of an old column with a newly added s cost no
+pass. The result is a `CostMatrix` on the final candidate grid, on which the DP is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ddpm_schedules.costs.cost_matrix import CostMatrix, CostMatrixMetric, from_moments
+from ddpm_schedules.costs.grids import GridSpec, candidate_grid, full_grid
+from ddpm_schedules.costs.moments import empty_moments
+from ddpm_schedules.costs.terms import ColumnStats, column_stats, pair_tables, prior_nats, stats_tables, stats_terms
+from ddpm_schedules.models.model import DiffusionModel
+from ddpm_schedules.models.noise import example_noise, indexed_batches
+from ddpm_schedules.schedules.dp import optimal_schedules
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    coarse: GridSpec = "log:100"  # the first grid
+    window: int = 5  # timesteps added on each side of every timestep an optimal path uses
+    bisect: bool = False  # also the midpoints between each path timestep and its grid neighbours: wide gaps shrink by half a round
+    max_rounds: int = 10
+    max_passes: int | None = None  # forward passes (examples x columns) at most; None: no limit
+    memory_gb: float = 4.0  # the kept column statistics (about 8 (2K + 5) bytes per example and column) at most
+
+
+def check_refine(settings: RefineSettings, T: int, examples: int, budgets: Sequence[int] = (), key: str = "cost.refine") -> None:
+    """One-line errors for a window < 0, rounds < 1, a coarse grid smaller than a budget, or a pass budget below
+    what the coarse grid needs."""
+    coarse = candidate_grid(settings.coarse, T, f"{key}.coarse")
+    size = T if coarse is None else len(set(coarse) | {T})
+    if budgets and max(budgets) > size:
+        raise ValueError(f"{key}.coarse has {size} timesteps but the largest budget is K = {max(budgets)}; use a finer {key}.coarse")
+    if isinstance(settings.window, bool) or not isinstance(settings.window, int) or settings.window < 0:
+        raise ValueError(f"{key}.window = {settings.window!r}; it must be an integer >= 0 (timesteps added on each side)")
+    if not isinstance(settings.bisect, bool):
+        raise ValueError(f"{key}.bisect = {settings.bisect!r}; it must be true or false")
+    if isinstance(settings.max_rounds, bool) or not isinstance(settings.max_rounds, int) or settings.max_rounds < 1:
+        raise ValueError(f"{key}.max_rounds = {settings.max_rounds!r}; it must be a positive integer")
+    need = examples * size
+    if settings.max_passes is not None and settings.max_passes < need:
+        raise ValueError(f"{key}.max_passes = {settings.max_passes} is below the {need} passes the coarse grid needs "
+                         f"({examples} examples); raise it or coarsen {key}.coarse")  # fmt: skip
+
+
+def refine_cost_matrices(
+    model: DiffusionModel,
+    data: Tensor,
+    budgets: Sequence[int],
+    settings: RefineSettings = RefineSettings(),
+    objectives: Sequence[str] = ("elbo",),
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+    start_index: int = 0,
+    examples: int | None = None,
+) -> tuple[dict[str, CostMatrix], list[dict[str, Any]]]:
+    """The refined matrices of the data objectives (the DP follows the ELBO one) and one record per round.
+
+    Under torch.distributed each process passes its shard (``start_index``: its first example's global
+    index) and ``examples``, the total, for the pass count; the matrices combine as `estimate_cost_matrix`'s.
+    """
+    T = model.T
+    examples = len(data) if examples is None else examples
+    check_refine(settings, T, examples, budgets)
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
+    grid = set(candidate_grid(settings.coarse, T, "cost.refine.coarse") or range(1, T + 1)) | {T}
+    kept: dict[int, list[ColumnStats]] = {}
+    history: list[dict[str, Any]] = []
+    passes, paths = 0, None
+    for round_ in range(settings.max_rounds):
+        new = sorted(grid - set(kept))
+        if settings.max_passes is not None and passes + len(new) * examples > settings.max_passes:
+            history.append({"round": round_, "stopped": "max_passes", "passes": passes})
+            break
+        _estimate_columns(model, batches, new, kept, seed, settings.memory_gb, progress)
+        passes += len(new) * examples
+        matrices = matrices_from_stats(model, batches, kept, sorted(grid), objectives)
+        paths = optimal_schedules(matrices["elbo"], budgets)
+        history.append({"round": round_, "grid_size": len(grid), "new_columns": len(new), "passes": passes,
+                        "paths": {K: list(p.timesteps) for K, p in paths.items()}})  # fmt: skip
+        near = _wanted(sorted(grid), [t for p in paths.values() for t in p.timesteps], settings.window, settings.bisect, T)
+        if near <= grid:
+            break  # the paths need nothing new: the DP on a larger grid would give them again
+        grid |= near
+    return matrices, history
+
+
+def _wanted(grid: list[int], used: list[int], window: int, bisect: bool, T: int) -> set[int]:
+    """The timesteps within ``window`` of each used one and, with ``bisect``, halfway to its neighbours on ``grid``."""
+    out = {u for t in used for u in range(max(1, t - window), min(T, t + window) + 1)}
+    if bisect:
+        pos = {t: i for i, t in enumerate(grid)}
+        for t in used:
+            i = pos[t]
+            below, above = grid[i - 1] if i else 0, grid[i + 1] if i + 1 < len(grid) else t
+            out |= {u for u in ((below + t) // 2, (t + above + 1) // 2) if below < u < above}
+    return out
+
+
+@torch.no_grad()
+def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], out: dict, seed: int, memory_gb: float, progress: bool) -> None:
+    kept = sum(st.nbytes for stats in out.values() for st in stats)
+    if out and kept / len(out) * (len(out) + len(columns)) > memory_gb * 2**30:  # checked before the round's passes
+        raise _too_much(len(out) + len(columns), memory_gb)
+    was_training = model.training
+    model.eval()
+    try:
+        for t in tqdm(columns, desc="refine", unit="col", disable=not progress):
+            stats, tables = [], stats_tables(model, t, model.device)
+            for start, x0 in batches:
+                x0 = x0.to(model.device)
+                x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, tuple(x0.shape[1:])).to(model.device))
+                stats.append(column_stats(model, x0, model.predict(x_t, t), t, tables=tables))
+            out[t] = stats
+            kept += sum(st.nbytes for st in stats)
+            if kept > memory_gb * 2**30:
+                raise _too_much(len(out), memory_gb)
+    finally:
+        model.train(was_training)
+
+
+def _too_much(columns: int, memory_gb: float) -> ValueError:
+    return ValueError(f"keeping the statistics of {columns} columns needs more than cost.refine.memory_gb = {memory_gb}; "
+                      "raise it, use fewer cost.examples or a coarser grid")
+
+
+def matrices_from_stats(model: DiffusionModel, batches: list, kept: dict, grid: list[int], objectives: Sequence[str]) -> dict[str, CostMatrix]:
+    """Every pair of ``[0] + grid`` from the kept column statistics (no forward pass)."""
+    g = full_grid(grid, model.T)
+    metric = CostMatrixMetric(g.numel(), len(objectives))
+    for j in range(1, g.numel()):
+        t = int(g[j])
+        tables = pair_tables(model, t, g[:j], model.device) if "elbo" in objectives else None
+        for (_, x0), stats in zip(batches, kept[t]):
+            terms = [stats_terms(model, stats, tables) if o == "elbo" else stats.sq_err[:, None] * (t - g[:j].to(stats.sq_err))[None, :]
+                     for o in objectives]  # fmt: skip
+            prior = prior_nats(model, x0.to(model.device)) if j == 1 and "elbo" in objectives else None
+            metric.update(torch.stack(terms), j, prior)
+    moments, prior_moments = metric.compute()[5:7]
+    dims = math.prod(batches[0][1].shape[1:])
+    return {o: from_moments(moments[:, k], prior_moments if o == "elbo" else empty_moments(), g, dims, o) for k, o in enumerate(objectives)}

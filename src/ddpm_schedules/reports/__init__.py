@@ -1,0 +1,1 @@
+"""Presentation: results tables, figures, sample grids and logger output; estimates nothing. Imports costs/ and below."""

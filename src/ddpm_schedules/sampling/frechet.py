@@ -1,0 +1,186 @@
+"""Fréchet distances between samples and reference images, with torchmetrics' FrechetInceptionDistance.
+
+Two feature networks: Inception-v3 pool3 from a local weights file (FID proper), and a small digits
+classifier (its penultimate features; reported as "FD (digits features)", never as FID). The digits
+classifier is trained by `scripts/train_digits_features.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+
+from ddpm_schedules.storage.files import load_checked, save_checked
+
+FEATURE_KINDS = ("digits", "inception")
+
+
+class DigitsClassifier(nn.Module):
+    """Conv net for 8x8 digits in [-1, 1]; ``features`` is the 128-d penultimate layer."""
+
+    num_features = 128
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, self.num_features), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(self.num_features, 10)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class DigitsFeatures(nn.Module):
+    """The classifier's penultimate features, as torchmetrics' FrechetInceptionDistance takes a feature module."""
+
+    def __init__(self, classifier: DigitsClassifier):
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.num_features = classifier.num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:  # torchmetrics probes with uint8 images
+            x = x.float() / 127.5 - 1
+        return self.classifier.features(x[:, :1])
+
+
+def load_digits_features(path: str | Path) -> DigitsFeatures:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"digits feature network {str(path)!r} is missing; make it with `python scripts/train_digits_features.py {path}`"
+        )
+    model = DigitsClassifier()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    return DigitsFeatures(model)
+
+
+INCEPTION_HINT = (
+    "download torch-fidelity's FID Inception weights (pt_inception-2015-12-05-6726825d.pth, from the torch-fidelity "
+    "GitHub releases) on a machine with internet access and pass fid.inception_weights=<path>"
+)
+
+
+def fid_feature_extractor(features: str, digits_weights: str | None = None, inception_weights: str | None = None):
+    """The feature network for Fréchet distances, checked before any heavy work."""
+    if features == "digits":
+        return load_digits_features(digits_weights or "")
+    if features == "inception":
+        if not inception_weights or not Path(inception_weights).is_file():
+            raise ValueError(f"fid.inception_weights file {inception_weights!r} is missing; {INCEPTION_HINT}")
+        _check_plain_state_dict(Path(inception_weights))
+        if importlib.util.find_spec("torch_fidelity") is None:
+            raise ValueError("fid.features=inception needs torch-fidelity: pip install 'ddpm-schedules[inception]'")
+        return None
+    raise ValueError(f"unknown fid.features {features!r}; use one of {FEATURE_KINDS}")
+
+
+def _check_plain_state_dict(path: Path) -> None:
+    """torch-fidelity unpickles the weights file in full: it must first prove to be a plain state dict (data, no code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"fid.inception_weights file {str(path)!r} is not a plain state dict that torch.load(weights_only=True) "
+                         f"reads ({type(e).__name__}); use the released pt_inception-2015-12-05-6726825d.pth") from None  # fmt: skip
+    if not isinstance(state, dict) or "fc.weight" not in state:
+        raise ValueError(f"fid.inception_weights file {str(path)!r} is not torch-fidelity's FID Inception state dict (no fc.weight)")
+
+
+def feature_network(features: str = "digits", digits_weights: str | None = None, inception_weights: str | None = None,
+                    antialias: bool = False) -> Callable[[Tensor], Tensor]:
+    """x in [-1, 1] -> [n, F] float64 features of torchmetrics' FrechetInceptionDistance extractor.
+
+    ``features="inception"`` is FID proper (Inception-v3 pool3 of uint8 RGB, ``antialias=False`` for
+    numbers comparable with the literature); ``"digits"`` uses the digits classifier's features.
+    """
+    extractor = fid_feature_extractor(features, digits_weights, inception_weights)
+    if extractor is not None:
+        net = FrechetInceptionDistance(feature=extractor).inception
+        return lambda x: net(x.float()).double()
+    net = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=inception_weights, antialias=antialias).inception
+
+    def inception(x: Tensor) -> Tensor:
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).double()
+
+    return inception
+
+
+@torch.no_grad()
+def features_of(network: Callable[[Tensor], Tensor], images: Tensor, batch_size: int = 200) -> Tensor:
+    """[n, F] float64 features of n images, in batches."""
+    return torch.cat([network(chunk) for chunk in images.split(batch_size)])
+
+
+def moments(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased covariance of feature rows, as torchmetrics' FrechetInceptionDistance forms them."""
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {n}; raise fid.samples")
+    mean = features.mean(0)
+    return mean, (features.T @ features - n * torch.outer(mean, mean)) / (n - 1)
+
+
+def frechet_distance(reference: tuple[Tensor, Tensor], features: Tensor, bootstrap: int = 0, seed: int = 0) -> tuple[float, float | None]:
+    """The Fréchet distance of feature rows to the reference moments, and its bootstrap standard error
+    (the spread over ``bootstrap`` resamples of the rows with replacement; None below 2 resamples)."""
+    mu, cov = reference
+    fd = float(_compute_fid(mu, cov, *moments(features)))
+    if bootstrap < 2:
+        return fd, None
+    gen = torch.Generator().manual_seed(seed)
+    n = features.shape[0]
+    draws = [float(_compute_fid(mu, cov, *moments(features[torch.randint(n, (n,), generator=gen)]))) for _ in range(bootstrap)]
+    return fd, float(torch.tensor(draws, dtype=torch.float64).std())
+
+
+def reference_moments(network: Callable[[Tensor], Tensor], reference: Tensor, cache: str | Path | None = None) -> tuple[Tensor, Tensor]:
+    """Moments of the reference images' features (every process's shard); with ``cache`` (a file) computed once."""
+    cache = Path(cache) if cache else None
+    if cache is not None and cache.is_file():
+        try:
+            saved = load_checked(cache)
+            return saved["mean"], saved["cov"]
+        except (ValueError, KeyError, TypeError):
+            pass  # damaged: compute again
+    mean, cov = moments(gather_rows(features_of(network, reference)))
+    if cache is not None:
+        save_checked({"mean": mean, "cov": cov}, cache)
+    return mean, cov
+
+
+def gather_rows(rows: Tensor) -> Tensor:
+    """The rows of every process in rank order (torch.distributed), or ``rows`` in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows.cpu())
+    return torch.cat(parts).to(rows.device)
+
+
+def frechet_distances(
+    reference: Tensor,
+    fakes: dict,
+    features: str = "digits",
+    digits_weights: str | None = None,
+    inception_weights: str | None = None,
+    antialias: bool = False,
+    reference_cache: str | None = None,
+) -> dict:
+    """Fréchet distance of each set of samples (values in [-1, 1]) to ``reference`` (`frechet_distance`, no bootstrap)."""
+    network = feature_network(features, digits_weights, inception_weights, antialias)
+    ref = reference_moments(network, reference, reference_cache)
+    return {key: frechet_distance(ref, features_of(network, samples))[0] for key, samples in fakes.items()}

@@ -1,0 +1,183 @@
+"""Strategies: names in ``eval.strategies`` -> objects that build a Schedule for a budget K.
+
+A name is parsed once, before any heavy work (a ``file:`` schedule is read then, a ``respace:`` spec
+is checked then); the same objects later build the schedules. Adding a strategy is one class and
+one line in ``STRATEGIES`` (or ``PREFIXED`` for a ``name:<argument>`` strategy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar, Mapping, Protocol, Sequence
+
+from torch import Tensor
+
+from ddpm_schedules.models.diffusion import NoiseSchedule
+from ddpm_schedules.schedules.analytic import analytic_ot_schedule
+from ddpm_schedules.schedules.dp import PairCosts, optimal_schedules
+from ddpm_schedules.schedules.schedule import (
+    Schedule,
+    even_schedule,
+    load_schedules,
+    quadratic_schedule,
+    respaced_schedule,
+)
+
+
+class AnalyticCosts(PairCosts, Protocol):
+    """A cost matrix that carries Analytic-DPM's Gamma (one value per t) and the betas it was estimated with."""
+
+    gamma: Tensor | None
+    betas: Tensor
+    dims: int
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A way to choose a schedule for each budget K; ``fixed`` strategies ignore K.
+
+    ``objective`` names the cost matrix it is built from (None: it needs none).
+    """
+
+    name: str
+    fixed: ClassVar[bool] = False
+    objective: ClassVar[str | None] = None
+
+    def build(self, cost_matrix: PairCosts, K: int) -> Schedule:
+        raise NotImplementedError
+
+    def build_all(self, cost_matrix: PairCosts, budgets: Sequence[int]) -> list[Schedule]:
+        """One schedule per budget (fixed strategies: their own schedules, once)."""
+        return [self.build(cost_matrix, K) for K in budgets]
+
+
+@dataclass(frozen=True)
+class OptimalStrategy(Strategy):
+    """Watson et al.'s DP on a cost matrix: the schedule with the least cost for each K."""
+
+    def build(self, cost_matrix: PairCosts, K: int) -> Schedule:
+        return self.build_all(cost_matrix, [K])[0]
+
+    def build_all(self, cost_matrix: PairCosts, budgets: Sequence[int]) -> list[Schedule]:
+        by_k = optimal_schedules(cost_matrix, budgets)  # one DP pass serves every budget
+        return [replace(by_k[K], strategy=self.name) for K in budgets]
+
+
+@dataclass(frozen=True)
+class ElboStrategy(OptimalStrategy):
+    """``dp``: the ELBO-optimal schedules (Watson et al.)."""
+
+    objective: ClassVar[str] = "elbo"
+
+
+@dataclass(frozen=True)
+class MseStrategy(OptimalStrategy):
+    """``dp_mse``: the paper's MSE reweighting, (t - s) ||x_0 - x0_hat(x_t, t)||^2."""
+
+    objective: ClassVar[str] = "mse"
+
+
+@dataclass(frozen=True)
+class OdeStrategy(OptimalStrategy):
+    """``dp_ode``: the least deviation of one-step DDIM jumps from a DDIM teacher (GITS)."""
+
+    objective: ClassVar[str] = "ode"
+
+
+@dataclass(frozen=True)
+class AnalyticOtStrategy(Strategy):
+    """``analytic_ot``: Analytic-DPM's optimal trajectory from Gamma alone (no per-pair Monte Carlo; analytic.py).
+
+    It reads Gamma from the ELBO matrix of a ``model.var_type=analytic`` run.
+    """
+
+    objective: ClassVar[str] = "elbo"
+
+    def build(self, cost_matrix: AnalyticCosts, K: int) -> Schedule:
+        if cost_matrix.gamma is None:
+            raise ValueError("the analytic_ot strategy needs Gamma: evaluate with model.var_type=analytic")
+        return analytic_ot_schedule(NoiseSchedule(cost_matrix.betas), cost_matrix.gamma, K, cost_matrix.dims)
+
+
+@dataclass(frozen=True)
+class EvenStrategy(Strategy):
+    """improved-diffusion's even respacing (`even_schedule`)."""
+
+    def build(self, cost_matrix: PairCosts, K: int) -> Schedule:
+        return even_schedule(cost_matrix.T, K)
+
+
+@dataclass(frozen=True)
+class QuadraticStrategy(Strategy):
+    """DDIM's quadratic spacing (`quadratic_schedule`)."""
+
+    def build(self, cost_matrix: PairCosts, K: int) -> Schedule:
+        return quadratic_schedule(cost_matrix.T, K)
+
+
+@dataclass(frozen=True)
+class FixedStrategy(Strategy):
+    """Schedules fixed in advance (a respacing string or a schedules file): the same for every budget."""
+
+    schedules: tuple[Schedule, ...] = ()
+    fixed: ClassVar[bool] = True
+
+    def build_all(self, cost_matrix: PairCosts, budgets: Sequence[int]) -> list[Schedule]:
+        return list(self.schedules)
+
+
+def respace(spec: str, T: int) -> FixedStrategy:
+    """``respace:<spec>``: an improved-diffusion respacing string, e.g. ``respace:ddim50``."""
+    return FixedStrategy(f"respace:{spec}", schedules=(respaced_schedule(T, spec),))
+
+
+def from_file(path: str, T: int) -> FixedStrategy:
+    """``file:<path>``: the schedules of a JSON file (read once, here)."""
+    name = f"file:{Path(path).stem}"
+    out = []
+    for sch in load_schedules(path):
+        if sch.T != T:
+            raise ValueError(f"schedule file {path!r} holds a schedule for T = {sch.T}; the model has T = {T}")
+        out.append(sch if sch.strategy != "custom" else replace(sch, strategy=name))
+    return FixedStrategy(name, schedules=tuple(out))
+
+
+STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, "analytic_ot": AnalyticOtStrategy, "even": EvenStrategy,
+              "quadratic": QuadraticStrategy}  # fmt: skip
+PREFIXED = {"respace": respace, "file": from_file}
+
+
+def parse_strategy(name: str, T: int, key: str = "eval.strategies") -> Strategy:
+    """One strategy from its name (``dp``, ``even``, ``respace:<spec>``, ``file:<path>``, ...)."""
+    name = str(name)
+    if name in STRATEGIES:
+        return STRATEGIES[name](name)
+    prefix, sep, argument = name.partition(":")
+    if sep and prefix in PREFIXED:
+        return PREFIXED[prefix](argument, T)
+    known = [*STRATEGIES, *(f"{p}:<{'spec' if p == 'respace' else 'path'}>" for p in PREFIXED)]
+    raise ValueError(f"unknown strategy {name!r} in {key}; use {', '.join(known)}")
+
+
+def parse_strategies(names: Sequence[str], T: int, key: str = "eval.strategies") -> list[Strategy]:
+    """Every strategy of a list, checked before any heavy work."""
+    if not names:
+        raise ValueError(f"{key} is empty; use e.g. [dp, even, quadratic]")
+    return [parse_strategy(n, T, key) for n in names]
+
+
+def build_schedules(strategies: Sequence[Strategy], matrices: PairCosts | Mapping[str, PairCosts], budgets: Sequence[int]) -> list[Schedule]:
+    """Every (strategy, K) schedule, strategy by strategy in the order given; each DP runs on its objective's matrix."""
+    if not isinstance(matrices, Mapping):
+        matrices = {matrices.objective: matrices}
+    missing = sorted({s.objective for s in strategies if s.objective and s.objective not in matrices})
+    if missing:
+        raise ValueError(f"no {', '.join(missing)} cost matrix for strategies {[s.name for s in strategies if s.objective in missing]}")
+    some = next(iter(matrices.values()))
+    return [sch for s in strategies for sch in s.build_all(matrices[s.objective] if s.objective else some, budgets)]
+
+
+def objectives_of(strategies: Sequence[Strategy]) -> list[str]:
+    """The cost matrices the strategies need, ELBO first (it also gives every schedule's predicted bits/dim)."""
+    return ["elbo"] + sorted({s.objective for s in strategies if s.objective and s.objective != "elbo"})

@@ -105,7 +105,8 @@ def test_two_process_ddp_evaluation_equals_one_process(tmp_path, tiny_ckpt):
     assert one.count == two.count == 16
     for a, b in zip(docs[1]["results"], docs[2]["results"], strict=True):
         assert a["schedule"] == b["schedule"]
-        assert a["bpd"] == pytest.approx(b["bpd"], rel=1e-9) and a["fid"] == pytest.approx(b["fid"], rel=1e-6)
+        assert a["bpd"] == pytest.approx(b["bpd"], rel=1e-9)
+        assert (a["fid"] is None and b["fid"] is None) or a["fid"] == pytest.approx(b["fid"], rel=1e-6)  # None: K not sampled
     for a, b in zip(docs[1]["sample_quality"], docs[2]["sample_quality"], strict=True):  # chunks gathered in order
         assert (a["strategy"], a["K"], a["sampler"]) == (b["strategy"], b["K"], b["sampler"])
         for key in ("fid", "fid_sem", "teacher_distance"):

@@ -8,7 +8,7 @@ from ddpm_schedules.app.cli import run
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from ddpm_schedules.app.pipeline import evaluate
+    from ddpm_schedules.app.evaluate import evaluate
 
     run(evaluate, cfg)
 

@@ -8,7 +8,7 @@ from ddpm_schedules.app.cli import run
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from ddpm_schedules.app.pipeline import train
+    from ddpm_schedules.app.train import train
 
     metrics = run(train, cfg)
     return metrics.get("val/bpd")

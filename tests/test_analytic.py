@@ -131,7 +131,7 @@ def test_evaluate_with_the_analytic_override(tmp_path, tiny_ckpt):
     and reusable, analytic_ot schedules built, and a different cache entry from the learned rule's."""
     from conftest import eval_cfg
 
-    from ddpm_schedules.app.pipeline import evaluate
+    from ddpm_schedules.app.evaluate import evaluate
 
     out = evaluate(eval_cfg(tmp_path, tiny_ckpt, "model.var_type=analytic", "eval.strategies=[dp,analytic_ot,even]", "logger=none"))
     assert out["model"]["var_type"] == "analytic" and out["model"]["trained_var_type"] == "learned_range" and out["model"]["var_type_override"]
@@ -159,7 +159,7 @@ def test_evaluate_with_the_analytic_override(tmp_path, tiny_ckpt):
 def test_analytic_bad_inputs(tmp_path, tiny_ckpt, overrides, match):
     from conftest import eval_cfg
 
-    from ddpm_schedules.app.pipeline import evaluate
+    from ddpm_schedules.app.evaluate import evaluate
 
     with pytest.raises(ValueError, match=match):
         evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", *overrides))
@@ -170,7 +170,7 @@ def test_schedule_monitor_with_the_analytic_rule(tmp_path):
     """During training the monitor prices schedules with the analytic variance and leaves the model's own rule in place."""
     from conftest import train_cfg
 
-    from ddpm_schedules.app.pipeline import train
+    from ddpm_schedules.app.train import train
 
     train(train_cfg(tmp_path, "logger=none", "callbacks.schedule_monitor.var_type=analytic", "callbacks.schedule_monitor.grid=null",
                     "callbacks.schedule_monitor.strategies=[dp,analytic_ot,even]", "trainer.max_steps=3"))  # fmt: skip

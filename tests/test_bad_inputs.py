@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import FIXTURE, TINY, eval_cfg, save_tiny_checkpoint, train_cfg
 
-from ddpm_schedules.app.pipeline import evaluate, train
+from ddpm_schedules.app.evaluate import evaluate
+from ddpm_schedules.app.train import train
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,7 @@ def files(tmp_path_factory):
     (d / "out_of_range.json").write_text(json.dumps({"timesteps": [4, 25], "T": 20}))
     (d / "broken.json").write_text("{not json")
     (d / "other_T.json").write_text(json.dumps({"timesteps": [5, 30], "T": 30}))
+    (d / "no_timesteps.json").write_text(json.dumps({"T": 20}))
     return d
 
 
@@ -62,8 +64,12 @@ EVALUATE_CASES = [
     ("target standard error negative", ["cost.target_sem=-0.1"], "cost.target_sem = -0.1; it must be a positive number"),
     ("grid spec unknown", ["cost.grid=cubic:3"], "cost.grid = 'cubic:3'; use null"),
     ("precision unknown", ["precision=8"], "precision = 8; use 32, bf16 or 16"),
-    ("grid without T", ["cost.grid=[5,10]"], "must contain T = 20"),
-    ("grid stride 0", ["cost.grid=0"], "stride >= 1"),
+    ("grid without T", ["cost.grid=[5,10]"], "^cost.grid = \\[5, 10\\] lacks T = 20; every schedule ends there: append 20$"),
+    ("grid with t = 0", ["cost.grid=[0,5,20]"], "^cost.grid = \\[0, 5, 20\\]; every timestep must be a positive integer \\(got 0\\)$"),
+    ("grid beyond T", ["cost.grid=[5,30]"], "^cost.grid = \\[5, 30\\]; every timestep must be an integer in 1..T = 20 \\(got 30\\)$"),
+    ("grid stride 0", ["cost.grid=0"], "^cost.grid = 0; .* \\(a stride is an integer >= 1\\)$"),
+    ("schedule file without timesteps", ["eval.strategies=[dp,file:{d}/no_timesteps.json]"],
+     "^eval.strategies has 'file:.*no_timesteps.json': a schedule needs the keys 'timesteps' and 'T'; 'timesteps' is missing$"),
     ("more examples than the split", ["cost.examples=5000"], "cost.examples = 5000 asks for 5000 val examples"),
     ("unknown split", ["cost.split=training"], "unknown split 'training'"),
     ("NaN-producing model", ["model.path={d}/nan.ckpt"], "NaN or Inf at t = "),
@@ -78,6 +84,28 @@ def test_evaluate_bad_input(tmp_path, files, name, overrides, message):
     assert "\n" not in str(info.value)  # one line
     assert not (tmp_path / "run" / "results.json").exists()
     assert not list(tmp_path.glob("cache/cost_matrix_*[0-9a-f].pt"))  # no finished-looking matrix either
+
+
+# what needs no model is refused before the model or the data is loaded (the loaders are never called)
+SETTINGS_CASES = [
+    ["eval.strategies=[dp,optimal]"], ["eval.strategies=[file:{d}/nope.json]"], ["eval.strategies=[file:{d}/no_timesteps.json]"],
+    ["eval.budgets=[0]"], ["eval.samplers=[euler]"], ["eval.ddim_eta=-1"], ["eval.teacher_samples=40"], ["cost.target_sem=0"],
+    ["cost.grid=cubic:3"], ["cost.grid=[0,5,20]"], ["cost.grid=0"], ["cost.ode.grid=log:0"], ["precision=8"], ["compile=maybe"],
+    ["fid.features=dino"], ["fid.digits_weights={d}/none.pt"], ["model.gamma_file=g.pt"], ["model.var_type=learned"],
+    ["cost.refine.enabled=true", "cost.refine.coarse=cubic"], ["cost.examples=0"], ["resume.every_seconds=soon"], ["eval.seed=-1"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", SETTINGS_CASES, ids=[" ".join(c) for c in SETTINGS_CASES])
+def test_settings_are_checked_before_the_model_or_the_data_is_loaded(tmp_path, files, overrides, monkeypatch):
+    import ddpm_schedules.app.evaluate as app
+
+    monkeypatch.setattr(app, "build", lambda node, **kw: pytest.fail(f"{node.get('_target_')} was loaded before the settings were checked"))
+    key = overrides[-1].split("=")[0]
+    with pytest.raises(ValueError) as info:
+        evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", *[o.format(d=files) for o in overrides]))
+    assert "\n" not in str(info.value) and key in str(info.value), str(info.value)  # one line, naming the key
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
 # every count evaluate.py reads: 0, -1 and a non-integer are refused before any work, naming the key

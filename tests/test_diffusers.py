@@ -119,7 +119,7 @@ def test_refuses_what_has_no_ddpm_elbo(tmp_path):
 @pytest.mark.slow
 def test_evaluate_runs_on_a_diffusers_folder(tmp_path):
 
-    from ddpm_schedules.app.pipeline import evaluate
+    from ddpm_schedules.app.evaluate import evaluate
 
     folder = save_tiny(tmp_path / "model", "epsilon", "learned_range")
     cfg = eval_cfg(tmp_path, folder, "logger=none", "model=diffusers", "model.levels=17", "eval.budgets=[2,4]")

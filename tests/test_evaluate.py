@@ -11,7 +11,7 @@ from conftest import DIGITS_FEATURES, ROOT, SMALL, eval_cfg
 from hydra import compose, initialize_config_dir
 
 from ddpm_schedules import CostMatrix, Schedule
-from ddpm_schedules.app.pipeline import evaluate
+from ddpm_schedules.app.evaluate import evaluate
 from ddpm_schedules.schedules.schedule import save_schedules
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import DIGITS_FEATURES, eval_cfg
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ddpm_schedules.app.pipeline import evaluate
+from ddpm_schedules.app.evaluate import evaluate
 from ddpm_schedules.lightning.data import DigitsDataModule
 from ddpm_schedules.sampling.frechet import (
     feature_network,

@@ -1,6 +1,7 @@
 """run_evaluation: the evaluate.py pipeline as a function of objects (no Hydra), and its results.json schema."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,19 +9,19 @@ from conftest import quantized_data, tiny_model
 
 from ddpm_schedules import estimate_cost_matrix, evaluate_schedules, optimal_schedules
 from ddpm_schedules.app.run import EvaluationResult, run_evaluation
-from ddpm_schedules.app.settings import Labels
+from ddpm_schedules.app.settings import CostSettings, EvaluateSettings, HeldOutSettings, Labels
 from ddpm_schedules.sampling.quality import QualitySettings
-from ddpm_schedules.schedules.strategies import parse_strategies
 
 
 def test_stages_compose_into_the_results_of_the_library_calls(tmp_path):
     model = tiny_model("learned_range", T=12)
     cost_data, eval_data = quantized_data(10, seed=1), quantized_data(8, seed=2)
-    result = run_evaluation(
-        model, cost_data, eval_data, grid=None, budgets=[2, 4], strategies=parse_strategies(["dp", "even"], 12), out_dir=tmp_path / "out",
-        cache_dir=tmp_path / "cache", cost_seed=3, eval_seed=4, full_chain=False, batch_size=4, sample_budgets=[2], quality=QualitySettings(samples=4, grid_size=4, chunk=2),
-        labels=Labels("python", "", "quantized", "val", "test"),
+    settings = EvaluateSettings(
+        tmp_path / "out", tmp_path / "cache", batch_size=4, cost=CostSettings(seed=3),
+        held_out=HeldOutSettings(budgets=(2, 4), sample_budgets=(2,), strategies=("dp", "even"), seed=4),
+        quality=QualitySettings(samples=4, grid_size=4, chunk=2), labels=Labels("python", "", "quantized", "val", "test"),
     )  # fmt: skip
+    result = run_evaluation(model, cost_data, eval_data, settings)
     assert isinstance(result, EvaluationResult) and result.full_chain is None
     cm = estimate_cost_matrix(model, cost_data, seed=3, progress=False)
     dp = optimal_schedules(cm, [2, 4])
@@ -35,11 +36,7 @@ def test_stages_compose_into_the_results_of_the_library_calls(tmp_path):
     assert doc["fid"]["features"] is None and [q["fid"] for q in doc["sample_quality"]] == [None] * 4
     assert [(q["strategy"], q["sampler"]) for q in doc["sample_quality"]] == [("dp", "ancestral"), ("even", "ancestral"), ("dp", "ddim"), ("even", "ddim")]
     assert [tuple(g.shape) for g in result.grids.values()] == [(4, 1, 4, 4)] * 4
-    again = run_evaluation(
-        model, cost_data, eval_data, grid=None, budgets=[2, 4], strategies=parse_strategies(["dp", "even"], 12), out_dir=tmp_path / "out2",
-        cache_dir=tmp_path / "cache", cost_seed=3, eval_seed=4, batch_size=4, sample_budgets=[2], quality=QualitySettings(samples=4, grid_size=4, chunk=2),
-        labels=Labels("python", "", "quantized", "val", "test"),
-    )  # fmt: skip
+    again = run_evaluation(model, cost_data, eval_data, replace(settings, out_dir=tmp_path / "out2", held_out=replace(settings.held_out, full_chain=True)))
     assert again.cost_matrix["cached"] and [r["schedule"] for r in again.results] == [r["schedule"] for r in result.results]
     # the full chain joins the one union pass; the schedules' numbers stay those of the library call
     assert again.full_chain["K"] == 12 and [r["bpd"] for r in again.results] == pytest.approx([r["bpd"] for r in result.results], rel=1e-12)

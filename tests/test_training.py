@@ -12,7 +12,7 @@ from conftest import ROOT, TINY, train_cfg
 from hydra import compose, initialize_config_dir
 
 from ddpm_schedules import CostMatrix, load_checkpoint
-from ddpm_schedules.app.pipeline import train
+from ddpm_schedules.app.train import train
 from ddpm_schedules.lightning.data import SyntheticDataModule
 from ddpm_schedules.lightning.module import DiffusionModule, LossSecondMomentSampler
 
@@ -161,7 +161,7 @@ def test_sigterm_saves_and_resume_continues_with_the_same_ema(tmp_path, monkeypa
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import EMAWeightAveraging
 
-    import ddpm_schedules.app.pipeline as pipeline
+    import ddpm_schedules.app.train as pipeline
 
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "data=digits", "data.batch_size=16", "unet=tiny", "diffusion.diffusion_steps=20",

@@ -14,7 +14,8 @@ import torch
 from conftest import FIXTURE, ROOT, TINY, eval_cfg, train_cfg
 from omegaconf import OmegaConf
 
-from ddpm_schedules.app.pipeline import evaluate, train
+from ddpm_schedules.app.evaluate import evaluate
+from ddpm_schedules.app.train import train
 from ddpm_schedules.models.checkpoints import (
     export_checkpoint,
     load_checkpoint,
@@ -90,7 +91,7 @@ def test_lightning_resume_itself_loads_as_data(tmp_path, evil, monkeypatch):
     """Past the up-front check, Lightning's own load in trainer.fit is restricted to data too."""
     import pickle
 
-    import ddpm_schedules.app.pipeline as pipeline
+    import ddpm_schedules.app.train as pipeline
 
     path, marker = evil
     monkeypatch.setattr(pipeline, "check_resume_checkpoint", lambda *args, **kwargs: None)

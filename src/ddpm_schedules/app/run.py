@@ -1,7 +1,7 @@
 """run_evaluation: from a model and data to an EvaluationResult, in named stages.
 
 cost matrices (cached, one per objective the strategies need) -> schedules -> held-out bits/dim ->
-sample quality per (schedule, sampler) -> reports. No Hydra here: `pipeline.evaluate` maps a config
+sample quality per (schedule, sampler) -> reports. No Hydra here: `app.evaluate.evaluate` maps a config
 onto this call. Under several processes every stage shards its examples (or sample chunks) by rank,
 and the sums combine into the one-process result.
 """
@@ -15,13 +15,7 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
-from ddpm_schedules.app.settings import (
-    FrechetSettings,
-    Labels,
-    OdeSettings,
-    PrecisionSettings,
-    ResumeSettings,
-)
+from ddpm_schedules.app.settings import EvaluateSettings, FrechetSettings, Labels
 from ddpm_schedules.app.stages import (
     Context,
     data_matrices_stage,
@@ -31,15 +25,14 @@ from ddpm_schedules.app.stages import (
 )
 from ddpm_schedules.costs.cost_matrix import CostMatrix
 from ddpm_schedules.costs.evaluation import ScheduleResult, evaluate_schedules
-from ddpm_schedules.costs.grids import candidate_grid, full_grid
-from ddpm_schedules.costs.refine import RefineSettings
+from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import Processes
 from ddpm_schedules.reports import report
-from ddpm_schedules.sampling.quality import QualitySettings, quality_stage
+from ddpm_schedules.sampling.quality import quality_stage
 from ddpm_schedules.schedules.analytic import save_gamma
 from ddpm_schedules.schedules.schedule import Schedule, full_schedule
-from ddpm_schedules.schedules.strategies import Strategy, build_schedules, objectives_of
+from ddpm_schedules.schedules.strategies import build_schedules, objectives_of
 from ddpm_schedules.storage.files import atomic_write_json, file_digest, hash_parts
 
 
@@ -107,43 +100,30 @@ def run_evaluation(
     model: DiffusionModel,
     cost_data: Tensor,
     eval_data: Tensor,
+    settings: EvaluateSettings,
     *,
-    grid: list[int] | None,
-    budgets: Sequence[int],
-    strategies: Sequence[Strategy],
-    out_dir: str | Path,
-    cache_dir: str | Path,
-    sample_budgets: Sequence[int] = (),
-    cost_seed: int = 0,
-    eval_seed: int = 1,
-    full_chain: bool = True,
-    batch_size: int = 200,
-    quality: QualitySettings = QualitySettings(),
-    fid: FrechetSettings | None = None,
     reference: Tensor | None = None,
-    ode: OdeSettings = OdeSettings(),
-    precision: PrecisionSettings = PrecisionSettings(),
-    refine: RefineSettings | None = None,
-    resume: ResumeSettings = ResumeSettings(),
     procs: Processes = Processes(),
-    labels: Labels = Labels(),
     logger: Any = None,
 ) -> EvaluationResult:
     """Every stage in order; process 0 writes the reports and, last and atomically, results.json."""
-    ctx = Context(model, Path(cache_dir), batch_size, procs, resume)
+    s = settings.resolve(model)
+    cost, held, quality, fid, labels, ode = s.cost, s.held_out, s.quality, s.fid, s.labels, s.cost.ode
+    grid, budgets, sample_budgets, strategies, ode_grid = cost.grid, held.budgets, held.sample_budgets, held.strategies, s.ode_grid
+    precision, refine, cost_seed = cost.precision, cost.refine, cost.seed
+    ctx = Context(model, Path(s.cache_dir), s.batch_size, procs, s.resume)
     objectives = objectives_of(strategies)
-    ode_grid = candidate_grid(ode.grid, model.T, "cost.ode.grid") if ode.grid is not None else grid
     with ctx.timed("cost_matrix"):
         refine_rounds = None
         if refine is not None and precision.target_sem is not None:  # the grid from the first round, then rounds of examples on it
             first = cost_data[: min(max(1, precision.first), len(cost_data))]
-            refined, refine_rounds = refine_stage(ctx, first, cost_seed, labels, ["elbo"], sorted(set(budgets) | set(sample_budgets)), refine)
+            refined, refine_rounds = refine_stage(ctx, first, cost_seed, labels, ["elbo"], s.all_budgets, refine)
             grid = refined["elbo"].matrix.grid[1:].tolist()
             cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision, refined["elbo"])
             others = [o for o in objectives if o not in ("ode", "elbo")]
             costs = {"elbo": precise} | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
         elif refine is not None:
-            costs, rounds = refine_stage(ctx, cost_data, cost_seed, labels, objectives, sorted(set(budgets) | set(sample_budgets)), refine)
+            costs, rounds = refine_stage(ctx, cost_data, cost_seed, labels, objectives, s.all_budgets, refine)
         else:
             cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision)
             others = [o for o in objectives if o != "ode" and not (precise and o == "elbo")]
@@ -158,12 +138,12 @@ def run_evaluation(
         schedules = build_schedules(strategies, matrices, budgets)
         sampled = unique(build_schedules(strategies, matrices, sample_budgets)) if sample_budgets else []
     with ctx.timed("held_out_bpd"):
-        results, full = held_out_stage(ctx, eval_data, schedules, eval_seed, costs["elbo"].key, labels.eval_split, full_chain)
+        results, full = held_out_stage(ctx, eval_data, schedules, held.seed, costs["elbo"].key, labels.eval_split, held.full_chain)
     with ctx.timed("sample_quality"):
         ref_cache = _reference_cache(ctx, fid, reference, labels) if fid and procs.world == 1 else None
         shard = reference[slice(*procs.shard(len(reference)))] if fid else None
         teacher = Schedule(tuple(full_grid(ode_grid, model.T)[1:].tolist()), model.T, "teacher") if "ddim" in quality.samplers else None
-        entries, grids = quality_stage(model, sampled, quality, procs, batch_size, fid, shard, ref_cache, teacher)
+        entries, grids = quality_stage(model, sampled, quality, procs, s.batch_size, fid, shard, ref_cache, teacher)
     elbo = costs["elbo"]
     result = EvaluationResult(
         model={"source": labels.model_source, "path": labels.model_path, "T": model.T, "mean_type": model.mean_type, "var_type": model.var_type,
@@ -185,10 +165,10 @@ def run_evaluation(
     )  # fmt: skip
     if procs.rank == 0:
         with ctx.timed("report"):
-            report.write_evaluation(Path(out_dir), result.to_json(), elbo.matrix, unique(schedules + sampled), grids, logger)
+            report.write_evaluation(Path(s.out_dir), result.to_json(), elbo.matrix, unique(schedules + sampled), grids, logger)
         if model.var_type == "analytic":
-            save_gamma(Path(out_dir) / "gamma.pt", model.gamma, model)  # model.gamma_file= reuses it
-        atomic_write_json(Path(out_dir) / "results.json", result.to_json())
+            save_gamma(Path(s.out_dir) / "gamma.pt", model.gamma, model)  # model.gamma_file= reuses it
+        atomic_write_json(Path(s.out_dir) / "results.json", result.to_json())
     return result
 
 

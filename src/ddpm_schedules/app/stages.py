@@ -81,8 +81,9 @@ def precision_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: in
     if cm is not None and rounds_file.is_file():
         rounds = json.loads(rounds_file.read_text())
         return data[: rounds[-1]["examples"]], CostStage(cm, key, file, True), rounds
+    partial = ctx.partial(file, ctx.resume.every_columns)  # the merged rounds; each round's sums beside it (.round<r>)
     cm, rounds = estimate_to_precision(ctx.model, data, budgets, settings.target_sem, grid, seed, ctx.batch_size, settings.first,
-                                       ctx.progress, ctx.procs, start.matrix if start else None)  # fmt: skip
+                                       ctx.progress, ctx.procs, start.matrix if start else None, partial)  # fmt: skip
     if ctx.procs.rank == 0:
         atomic_write_json(rounds_file, rounds)
         cm.save(file)
@@ -101,8 +102,9 @@ def refine_stage(ctx: Context, data: Tensor, seed: int, labels: Labels, objectiv
     if all(cm is not None for cm in cached.values()) and rounds_file.is_file():
         return {o: CostStage(cm, key, files[o], True) for o, cm in cached.items()}, json.loads(rounds_file.read_text())
     lo, hi = ctx.procs.shard(len(data))
+    partial = ctx.partial(ctx.cache_dir / f"cost_matrix_{key[:16]}.refine.pt", ctx.resume.every_columns)  # kept statistics, grid, rounds
     matrices, rounds = refine_cost_matrices(ctx.model, data[lo:hi], budgets, settings, wanted, seed, ctx.batch_size, ctx.progress,
-                                            start_index=lo, examples=len(data))  # fmt: skip
+                                            start_index=lo, examples=len(data), partial=partial)  # fmt: skip
     if ctx.procs.rank == 0:
         atomic_write_json(rounds_file, rounds)
         for o, cm in matrices.items():

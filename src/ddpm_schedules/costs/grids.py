@@ -51,8 +51,34 @@ def candidate_grid(spec: GridSpec, T: int, key: str = "cost.grid") -> list[int] 
     if isinstance(spec, str):
         return _named(spec, T, key)
     if isinstance(spec, (list, tuple)):
-        return sorted(int(t) for t in spec)
+        return _listed(spec, T, key)
     raise ValueError(f"{key} = {spec!r}; {HINT}")
+
+
+def check_spec(spec: GridSpec, key: str = "cost.grid") -> GridSpec:
+    """A spec's form, before T is known (a stride or timesteps beyond T are refused once it is); lists become tuples."""
+    if isinstance(spec, (list, tuple)):
+        values = list(spec)
+        bad = [t for t in values if isinstance(t, bool) or not isinstance(t, int) or t < 1]
+        if not values or bad:
+            raise ValueError(f"{key} = {values!r}; every timestep must be a positive integer" + (f" (got {bad[0]!r})" if bad else ""))
+        return tuple(values)
+    if isinstance(spec, str):
+        _named(spec, 1, key)
+    elif spec is not None and (isinstance(spec, bool) or not isinstance(spec, int) or spec < 1):
+        raise ValueError(f"{key} = {spec!r}; {HINT} (a stride is an integer >= 1)")
+    return spec
+
+
+def _listed(spec: Sequence, T: int, key: str) -> list[int]:
+    """A list of timesteps: integers in 1..T that include T."""
+    values = list(spec)
+    bad = [t for t in values if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= T]
+    if not values or bad:
+        raise ValueError(f"{key} = {values!r}; every timestep must be an integer in 1..T = {T}" + (f" (got {bad[0]!r})" if bad else ""))
+    if T not in values:
+        raise ValueError(f"{key} = {values!r} lacks T = {T}; every schedule ends there: append {T}")
+    return sorted(set(values))
 
 
 def _named(spec: str, T: int, key: str) -> list[int]:

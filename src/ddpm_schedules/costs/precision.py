@@ -4,21 +4,28 @@ A fixed ``cost.examples`` is either wasteful or too few. Here the ELBO matrix is
 round of examples, the DP runs, and the standard error of each DP path's predicted bits/dim is
 measured: the per-example totals of the path's pairs, on the same examples and noise as the matrix,
 so their mean is exactly the prediction. While any is above the target, another round (as many
-examples again) is estimated and merged; the noise rule makes the rounds one estimate.
+examples again) is estimated and merged; the noise rule makes the rounds one estimate. With a partial file the
+rounds resume after SIGKILL or SIGTERM: the merged matrix after each round, each round's columns as they are done.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Sequence
 
 from torch import Tensor
 
 from ddpm_schedules.costs.cost_matrix import CostMatrix, estimate_cost_matrix
 from ddpm_schedules.costs.evaluation import evaluate_schedules
+from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import Processes
 from ddpm_schedules.schedules.dp import optimal_schedules
+from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
+from ddpm_schedules.storage.resume import PartialFile, PartialSums, agreed, sigterm_requests
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,7 @@ def estimate_to_precision(
     progress: bool = True,
     procs: Processes = Processes(),
     start: CostMatrix | None = None,
+    partial: PartialFile | str | Path | None = None,
 ) -> tuple[CostMatrix, list[dict[str, Any]]]:
     """The ELBO matrix on the fewest rounds of ``data`` (``first`` examples, then doubling) for which the standard
     error of every budget's DP path is at most ``target_sem`` bits/dim; all of ``data`` if none is enough.
@@ -48,32 +56,66 @@ def estimate_to_precision(
     ``start``: a matrix of the first ``start.count`` examples of ``data`` (e.g. refinement's, on its grid), taken
     as the first round; later rounds are estimated on its grid.
 
+    With ``partial`` (a `PartialFile`, or a path: rounds' columns saved every 50) the merged matrix and the records
+    are saved after each round, and each round's estimate keeps its own partial sums (``<partial>.round<r>``); a
+    rerun of the same configuration resumes from the last finished round and within the current one, SIGTERM
+    saves and stops with `Preempted`, and the files are removed once the target is met or the data is used up.
+
     Returns the matrix and one record per round: examples used, each budget's predicted bits/dim and its error,
     and whether the target was met (a warning says so when all of ``data`` was not enough).
     """
     target_sem = check_target_sem(target_sem)
-    cm: CostMatrix | None = start
-    rounds: list[dict[str, Any]] = []
-    used, size = (0, min(max(1, first), len(data))) if start is None else (start.count, 0)
-    if start is not None:
-        grid = start.grid[1:].tolist()
-    while True:
-        if size:
-            lo, hi = procs.shard(size)
-            part = estimate_cost_matrix(model, data[used + lo : used + hi], grid, seed, batch_size=batch_size, progress=progress,
-                                        start_index=used + lo)  # fmt: skip
-            cm = part if cm is None else cm.merged(part)
-            used += size
-        paths = optimal_schedules(cm, budgets)
-        lo, hi = procs.shard(used)
-        results = evaluate_schedules(model, data[lo:hi], list(paths.values()), seed=seed, batch_size=batch_size, progress=False, start_index=lo)
-        sems = {K: r.bpd_sem for K, r in zip(paths, results)}
-        met = max(sems.values()) <= target_sem
-        rounds.append({"examples": used, "predicted_bpd": {K: r.bpd for K, r in zip(paths, results)}, "sem_bpd": sems, "met": met})
-        if met or used >= len(data):
-            if not met and procs.rank == 0:
-                worst = max(sems, key=sems.get)
-                log.warning("cost.target_sem = %g bits/dim is not reached with all %d examples (K = %d: %.4f); raise cost.examples",
-                            target_sem, used, worst, sems[worst])  # fmt: skip
-            return cm, rounds
-        size = min(used, len(data) - used)
+    partial = PartialFile.of(partial, every=50)
+    g = full_grid(start.grid[1:] if start is not None else grid, model.T)
+    config = {"what": "precision", "model": model_fingerprint(model), "data": data_fingerprint([(0, data)]), "grid": g.tolist(), "seed": seed,
+              "target_sem": target_sem, "first": first, "budgets": [int(K) for K in budgets], "batch_size": batch_size, "world": procs.world,
+              "start": None if start is None else hashlib.sha256(start.moments.cpu().numpy().tobytes()).hexdigest()} if partial else {}  # fmt: skip
+    saver = PartialSums(partial.path if partial else None, config)
+    cm, rounds, used = start, [], 0 if start is None else start.count
+    saved = saver.load_state() if partial else None
+    if not agreed(None if saved is None else (saved["used"], len(saved["rounds"]))):
+        log.warning("the processes' partial precision rounds stand at different rounds; starting afresh")
+        saved = None
+    if saved is not None:
+        cm, rounds, used = CostMatrix(**saved["matrix"]), list(saved["rounds"]), int(saved["used"])
+        log.info("resuming the precision rounds from %s: %d examples done", saver.path, used)
+    if cm is None:
+        size = min(max(1, first), len(data))
+    else:  # a round's examples after the last measured one (none when the last merged round is not measured yet)
+        size = min(used, len(data) - used) if rounds and rounds[-1]["examples"] == used else 0
+    with sigterm_requests(enabled=partial is not None) as stop_requested:
+        while True:
+            if size:
+                lo, hi = procs.shard(size)
+                within = None if partial is None else replace(partial, path=_round_file(partial.path, len(rounds)))
+                part = estimate_cost_matrix(model, data[used + lo : used + hi], g[1:], seed, batch_size=batch_size, progress=progress,
+                                            start_index=used + lo, partial=within)  # fmt: skip
+                cm = part if cm is None else cm.merged(part)
+                used += size
+                _save(saver, cm, rounds, used, stop_requested())  # the round's passes are done: never redo them
+            paths = optimal_schedules(cm, budgets)
+            lo, hi = procs.shard(used)
+            results = evaluate_schedules(model, data[lo:hi], list(paths.values()), seed=seed, batch_size=batch_size, progress=False, start_index=lo)
+            sems = {K: r.bpd_sem for K, r in zip(paths, results)}
+            met = max(sems.values()) <= target_sem
+            rounds.append({"examples": used, "predicted_bpd": {K: r.bpd for K, r in zip(paths, results)}, "sem_bpd": sems, "met": met})
+            if met or used >= len(data):
+                if not met and procs.rank == 0:
+                    worst = max(sems, key=sems.get)
+                    log.warning("cost.target_sem = %g bits/dim is not reached with all %d examples (K = %d: %.4f); raise cost.examples",
+                                target_sem, used, worst, sems[worst])  # fmt: skip
+                saver.remove()
+                return cm, rounds
+            size = min(used, len(data) - used)
+            _save(saver, cm, rounds, used, stop_requested())
+
+
+def _save(saver: PartialSums, cm: CostMatrix, rounds: list[dict[str, Any]], used: int, stop_requested: bool) -> None:
+    """The merged matrix and the records so far, on disk; on a stop request, then `Preempted`."""
+    saver.tick(lambda: saver.save_state({"matrix": cm.__dict__, "rounds": rounds, "used": used}, used), used, stop_requested, force=True)
+
+
+def _round_file(path: str | Path, index: int) -> Path:
+    """Round ``index``'s partial sums beside ``path``: ``x.partial.pt`` -> ``x.partial.round<index>.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.round{index}{path.suffix}")

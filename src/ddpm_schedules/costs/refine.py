@@ -7,14 +7,16 @@ is searched in a few rounds, not only at its edges), and run the DP again on the
 A column's forward passes are made once: what its pairs need of each example's prediction at t is
 kept (`terms.ColumnStats`: one number per example for fixed variances, a few dozen Chebyshev moments
 for learned ones, not the [D] prediction), so the pairs of an old column with a newly added s cost no
-pass. The result is a `CostMatrix` on the final candidate grid, on which the DP is exact.
+pass. The result is a `CostMatrix` on the final candidate grid, on which the DP is exact. With a partial file, the kept
+statistics, the grid and the rounds are saved as the columns are done, and a rerun continues (refine_state.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -23,10 +25,13 @@ from tqdm.auto import tqdm
 from ddpm_schedules.costs.cost_matrix import CostMatrix, CostMatrixMetric, from_moments
 from ddpm_schedules.costs.grids import GridSpec, candidate_grid, full_grid
 from ddpm_schedules.costs.moments import empty_moments
-from ddpm_schedules.costs.terms import ColumnStats, column_stats, pair_tables, prior_nats, stats_tables, stats_terms
+from ddpm_schedules.costs.refine_state import RefineState
+from ddpm_schedules.costs.terms import column_stats, pair_tables, prior_nats, stats_tables, stats_terms
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import example_noise, indexed_batches
 from ddpm_schedules.schedules.dp import optimal_schedules
+from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
+from ddpm_schedules.storage.resume import PartialFile, PartialSums, sigterm_requests
 
 
 @dataclass(frozen=True)
@@ -69,36 +74,56 @@ def refine_cost_matrices(
     progress: bool = True,
     start_index: int = 0,
     examples: int | None = None,
+    partial: PartialFile | str | Path | None = None,
 ) -> tuple[dict[str, CostMatrix], list[dict[str, Any]]]:
     """The refined matrices of the data objectives (the DP follows the ELBO one) and one record per round.
 
     Under torch.distributed each process passes its shard (``start_index``: its first example's global
     index) and ``examples``, the total, for the pass count; the matrices combine as `estimate_cost_matrix`'s.
+    With ``partial`` (a `PartialFile`, or a path: saved every 50 columns) the kept statistics, the grid and
+    the rounds are saved after every round and as the columns are done; a rerun of the same configuration
+    estimates only the columns not yet kept, SIGTERM saves and stops with `Preempted`, and the file is
+    removed once the refinement is complete.
     """
     T = model.T
     examples = len(data) if examples is None else examples
     check_refine(settings, T, examples, budgets)
     batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
-    grid = set(candidate_grid(settings.coarse, T, "cost.refine.coarse") or range(1, T + 1)) | {T}
-    kept: dict[int, list[ColumnStats]] = {}
-    history: list[dict[str, Any]] = []
-    passes, paths = 0, None
-    for round_ in range(settings.max_rounds):
-        new = sorted(grid - set(kept))
-        if settings.max_passes is not None and passes + len(new) * examples > settings.max_passes:
-            history.append({"round": round_, "stopped": "max_passes", "passes": passes})
-            break
-        _estimate_columns(model, batches, new, kept, seed, settings.memory_gb, progress)
-        passes += len(new) * examples
-        matrices = matrices_from_stats(model, batches, kept, sorted(grid), objectives)
-        paths = optimal_schedules(matrices["elbo"], budgets)
-        history.append({"round": round_, "grid_size": len(grid), "new_columns": len(new), "passes": passes,
-                        "paths": {K: list(p.timesteps) for K, p in paths.items()}})  # fmt: skip
-        near = _wanted(sorted(grid), [t for p in paths.values() for t in p.timesteps], settings.window, settings.bisect, T)
-        if near <= grid:
-            break  # the paths need nothing new: the DP on a larger grid would give them again
-        grid |= near
-    return matrices, history
+    partial = PartialFile.of(partial, every=50)
+    config = {"what": "refine", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed, "settings": asdict(settings),
+              "budgets": [int(K) for K in budgets], "objectives": list(objectives), "start_index": start_index,
+              "examples": examples} if partial else {}  # fmt: skip
+    saver = PartialSums(partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0)
+    state = RefineState.load(saver, model.device) if partial else None
+    if state is None:
+        state = RefineState(set(candidate_grid(settings.coarse, T, "cost.refine.coarse") or range(1, T + 1)) | {T})
+    matrices = None
+    with sigterm_requests(enabled=partial is not None) as stop_requested:
+        while state.round < settings.max_rounds:
+            if state.new is None:
+                state.new = sorted(state.grid - set(state.kept))
+            if settings.max_passes is not None and state.passes + len(state.new) * examples > settings.max_passes:
+                state.history.append({"round": state.round, "stopped": "max_passes", "passes": state.passes})
+                break
+            todo = [t for t in state.new if t not in state.kept]  # a resumed round: only the columns not kept yet
+            _estimate_columns(model, batches, todo, state.kept, seed, settings.memory_gb, progress,
+                              lambda: saver.tick(lambda: state.save(saver), len(state.kept), stop_requested()))  # fmt: skip
+            state.passes += len(state.new) * examples
+            grid = sorted(state.grid)
+            matrices = matrices_from_stats(model, batches, state.kept, grid, objectives)
+            paths = optimal_schedules(matrices["elbo"], budgets)
+            state.history.append({"round": state.round, "grid_size": len(grid), "new_columns": len(state.new), "passes": state.passes,
+                                  "paths": {K: list(p.timesteps) for K, p in paths.items()}})  # fmt: skip
+            near = _wanted(grid, [t for p in paths.values() for t in p.timesteps], settings.window, settings.bisect, T)
+            if near <= state.grid:
+                break  # the paths need nothing new: the DP on a larger grid would give them again
+            state.grid |= near
+            state.round, state.new = state.round + 1, None
+            saver.tick(lambda: state.save(saver), len(state.kept), stop_requested(), force=True)  # every round ends on disk
+    if matrices is None:  # resumed after the last round's columns (a pass budget, or the rounds, ran out): the kept grid's
+        matrices = matrices_from_stats(model, batches, state.kept, sorted(state.kept), objectives)
+    saver.remove()
+    return matrices, state.history
 
 
 def _wanted(grid: list[int], used: list[int], window: int, bisect: bool, T: int) -> set[int]:
@@ -114,7 +139,9 @@ def _wanted(grid: list[int], used: list[int], window: int, bisect: bool, T: int)
 
 
 @torch.no_grad()
-def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], out: dict, seed: int, memory_gb: float, progress: bool) -> None:
+def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], out: dict, seed: int, memory_gb: float, progress: bool,
+                      after: Callable[[], None] = lambda: None) -> None:
+    """The `ColumnStats` of each of ``columns`` into ``out``; ``after`` runs once each column is in (to save it)."""
     kept = sum(st.nbytes for stats in out.values() for st in stats)
     if out and kept / len(out) * (len(out) + len(columns)) > memory_gb * 2**30:  # checked before the round's passes
         raise _too_much(len(out) + len(columns), memory_gb)
@@ -131,6 +158,7 @@ def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], 
             kept += sum(st.nbytes for st in stats)
             if kept > memory_gb * 2**30:
                 raise _too_much(len(out), memory_gb)
+            after()
     finally:
         model.train(was_training)
 

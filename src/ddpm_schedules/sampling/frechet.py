@@ -61,7 +61,7 @@ def load_digits_features(path: str | Path) -> DigitsFeatures:
     path = Path(path)
     if not path.is_file():
         raise ValueError(
-            f"digits feature network {str(path)!r} is missing; make it with `python scripts/train_digits_features.py {path}`"
+            f"fid.digits_weights: digits feature network {str(path)!r} is missing; make it with `python scripts/train_digits_features.py {path}`"
         )
     model = DigitsClassifier()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])

@@ -148,6 +148,22 @@ STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, 
 PREFIXED = {"respace": respace, "file": from_file}
 
 
+def check_strategy_names(names: Sequence[str], key: str = "eval.strategies") -> tuple[str, ...]:
+    """The names' form before T is known: known strategies, and every ``file:`` schedule readable."""
+    if isinstance(names, str) or not names:
+        raise ValueError(f"{key} = {names!r}; use a non-empty list, e.g. [dp, even, quadratic]")
+    for name in map(str, names):
+        prefix, sep, argument = name.partition(":")
+        if name not in STRATEGIES and not (sep and prefix in PREFIXED):
+            parse_strategy(name, 1, key)  # raises the unknown-name error
+        if prefix == "file" and sep:
+            try:
+                load_schedules(argument)
+            except ValueError as e:
+                raise ValueError(f"{key} has {name!r}: {e}") from None
+    return tuple(map(str, names))
+
+
 def parse_strategy(name: str, T: int, key: str = "eval.strategies") -> Strategy:
     """One strategy from its name (``dp``, ``even``, ``respace:<spec>``, ``file:<path>``, ...)."""
     name = str(name)
@@ -155,7 +171,10 @@ def parse_strategy(name: str, T: int, key: str = "eval.strategies") -> Strategy:
         return STRATEGIES[name](name)
     prefix, sep, argument = name.partition(":")
     if sep and prefix in PREFIXED:
-        return PREFIXED[prefix](argument, T)
+        try:
+            return PREFIXED[prefix](argument, T)
+        except ValueError as e:
+            raise ValueError(f"{key} has {name!r}: {e}") from None
     known = [*STRATEGIES, *(f"{p}:<{'spec' if p == 'respace' else 'path'}>" for p in PREFIXED)]
     raise ValueError(f"unknown strategy {name!r} in {key}; use {', '.join(known)}")
 

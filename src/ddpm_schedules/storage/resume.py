@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torchmetrics import Metric
 
 from ddpm_schedules.storage.files import load_checked, save_checked
@@ -52,16 +53,34 @@ class PartialSums:
         """Units done according to the file, whatever its configuration (for monitoring a run)."""
         return int(self._read()["done"])
 
-    def load(self, metric: Metric) -> int:
-        """Restore ``metric`` and return the number of units already done (0 when starting afresh)."""
+    def load_state(self) -> dict[str, Any] | None:
+        """The saved dict of this configuration (with its ``done``), or None: no file, or (reported) a damaged file
+        or one of another configuration."""
         if self.path is None or not self.path.is_file():
-            return 0
+            return None
         try:
             saved = self._read()
         except Exception as e:  # truncated, garbage, or tampered with
             log.warning("partial sums %s are unreadable (%s); starting afresh", self.path, e)
+            return None
+        if not isinstance(saved, dict) or saved.get("config") != json.dumps(self.config, sort_keys=True):
+            log.warning("partial sums %s belong to another configuration; starting afresh", self.path)
+            return None
+        return saved
+
+    def save_state(self, state: dict[str, Any], done: int) -> None:
+        """Write ``state`` (tensors and plain values), the progress and the configuration atomically."""
+        if self.path is None:
+            return
+        save_checked({**state, "done": done, "config": json.dumps(self.config, sort_keys=True)}, self.path)
+        self._last_save, self._unsaved = time.monotonic(), 0
+
+    def load(self, metric: Metric) -> int:
+        """Restore ``metric`` and return the number of units already done (0 when starting afresh)."""
+        saved = self.load_state()
+        if saved is None:
             return 0
-        if saved["config"] != json.dumps(self.config, sort_keys=True) or set(saved["states"]) != set(metric._defaults):
+        if set(saved.get("states", ())) != set(metric._defaults):
             log.warning("partial sums %s belong to another configuration; starting afresh", self.path)
             return 0
         for name, value in saved["states"].items():
@@ -72,18 +91,19 @@ class PartialSums:
 
     def save(self, metric: Metric, done: int) -> None:
         """Write the states and progress to a temporary file, then rename it over the old one."""
-        if self.path is None:
-            return
-        states = {name: getattr(metric, name).detach().cpu() for name in metric._defaults}
-        save_checked({"states": states, "done": done, "config": json.dumps(self.config, sort_keys=True)}, self.path)
-        self._last_save, self._unsaved = time.monotonic(), 0
+        if self.path is not None:
+            self.save_state({"states": {name: getattr(metric, name).detach().cpu() for name in metric._defaults}}, done)
 
     def step(self, metric: Metric, done: int, stop_requested: bool = False) -> None:
         """After each unit: save when due; on a stop request save and raise `Preempted`."""
+        self.tick(lambda: self.save(metric, done), done, stop_requested)
+
+    def tick(self, save: Callable[[], None], done: int, stop_requested: bool = False, force: bool = False) -> None:
+        """After each unit: call ``save`` when due (or ``force``); on a stop request save and raise `Preempted`."""
         self._unsaved += 1
         due = self._unsaved >= self.every_units or time.monotonic() - self._last_save >= self.every_seconds
-        if due or stop_requested:
-            self.save(metric, done)
+        if due or force or stop_requested:
+            save()
         if stop_requested:
             where = f"; partial sums saved to {self.path}, rerun the same command to resume" if self.path else ""
             message = f"stopped by SIGTERM after {done} units{where}"
@@ -123,6 +143,16 @@ def resumable(model: torch.nn.Module, metric: Metric, partial: PartialFile | Non
             yield saver, done, stop_requested
     finally:
         model.train(was_training)
+
+
+def agreed(value: Any) -> bool:
+    """Whether every process (torch.distributed) resumes from the same ``value``; True in one process. Processes
+    that sync at every round must all start from the same round, or their collectives would not pair up."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return all(v == values[0] for v in values)
 
 
 @contextmanager

@@ -1,0 +1,102 @@
+"""train.py's job: TrainSettings from the config, then Lightning's Trainer.fit; the final logged metrics back."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from ddpm_schedules.app.build import build, build_logger, finish_wandb
+from ddpm_schedules.app.keys import count, flag, get, seed
+from ddpm_schedules.lightning.data import ImageDataModule
+from ddpm_schedules.models.checkpoints import UntrustedCheckpointError, read_checkpoint
+from ddpm_schedules.storage.resume import Preempted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """train.py's config, typed and checked; the groups Hydra instantiates (data, module, trainer, ...) stay config nodes."""
+
+    seed: int
+    flags: dict[str, Any]  # improved-diffusion's flags: the unet group (network) + the diffusion group (process, conventions)
+    output_dir: Path
+    ckpt_path: str | None = None
+    trust_checkpoint: bool = False
+    data: Any = None
+    module: Any = None
+    trainer: Any = None
+    logger: Any = None
+    callbacks: tuple[Any, ...] = ()
+
+
+def train_settings(cfg: DictConfig) -> TrainSettings:
+    """train.py's config as settings, every check that needs no data or model first."""
+    if get(cfg, "data.batch_size", None) is not None:
+        count(cfg, "data.batch_size")
+    flags = {**get(cfg, "unet"), **get(cfg, "diffusion")}
+    ckpt_path = get(cfg, "ckpt_path", None)
+    trust = flag(cfg, "trust_checkpoint", False)
+    if ckpt_path:
+        check_resume_checkpoint(str(ckpt_path), flags, trust)
+    callbacks = tuple(c for c in (cfg.get("callbacks") or {}).values() if c is not None)
+    return TrainSettings(seed(cfg, "seed", 0), flags, Path(get(cfg, "paths.output_dir")), ckpt_path or None, trust, cfg.data, cfg.module,
+                         cfg.trainer, cfg.get("logger"), callbacks)  # fmt: skip
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train (or resume, with ``ckpt_path``) and return the final logged metrics."""
+    s = train_settings(cfg)
+    pl.seed_everything(s.seed, workers=True)
+    datamodule: ImageDataModule = build(s.data)
+    check_data_matches_model(datamodule, s.flags)
+    module = build(s.module, flags=s.flags, levels=datamodule.levels)
+    trainer: pl.Trainer = build(s.trainer, callbacks=build_callbacks(s.callbacks), logger=build_logger(s.logger))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=s.ckpt_path, weights_only=not s.trust_checkpoint)
+    except SIGTERMException:
+        last = s.output_dir / "checkpoints" / "last.ckpt"
+        message = f"stopped by SIGTERM at step {trainer.global_step}; resume with ckpt_path={last}"
+        log.warning(message)
+        raise Preempted(message) from None
+    finally:
+        finish_wandb()
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def build_callbacks(nodes: tuple[Any, ...]) -> list[pl.Callback]:
+    callbacks = [build(c) for c in nodes]
+    # the monitor must see the averaged weights, and the final checkpoint the raw ones beside them:
+    # both run before weight averaging swaps back (on_validation_epoch_end) or copies over (on_train_end)
+    return sorted(callbacks, key=lambda c: isinstance(c, WeightAveraging))
+
+
+def check_data_matches_model(datamodule: ImageDataModule, flags: dict[str, Any]) -> None:
+    want = (int(flags.get("in_channels", 3)), int(flags["image_size"]), int(flags["image_size"]))
+    if tuple(datamodule.image_shape) != want:
+        raise ValueError(
+            f"the data has images of shape {tuple(datamodule.image_shape)} but the model is built for {want}; "
+            "set unet.image_size / unet.in_channels to match the data"
+        )
+
+
+def check_resume_checkpoint(path: str, flags: dict[str, Any], trust_checkpoint: bool = False) -> None:
+    """A checkpoint to resume from must exist, load as data (unless trusted) and have been trained with the same model flags."""
+    if not Path(path).is_file():
+        raise ValueError(f"ckpt_path = {path!r} does not exist; point it at <run dir>/checkpoints/last.ckpt")
+    try:
+        saved = dict(read_checkpoint(path, trust_checkpoint, trust_hint="trust_checkpoint=true")["hyper_parameters"]["flags"])
+    except UntrustedCheckpointError:
+        raise
+    except Exception:
+        raise ValueError(f"ckpt_path = {path!r} is not a checkpoint written by train.py") from None
+    differ = [f"{k}={saved.get(k)!r} (config: {v!r})" for k, v in flags.items() if k in saved and str(saved[k]) != str(v)]
+    if differ:
+        raise ValueError(f"ckpt_path = {path!r} was trained with {', '.join(differ)}; resume with the flags it was trained with")

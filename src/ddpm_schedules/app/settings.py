@@ -143,7 +143,7 @@ class EvaluateSettings:
             return self
         T, held = model.T, self.held_out
         grid = candidate_grid(self.cost.grid, T)
-        strategies = parse_strategies([str(s) for s in held.strategies], T)
+        strategies = parse_strategies([str(s) for s in held.strategies], T, noise=model.schedule)
         sizes = {"the cost grid's size": full_grid(grid, T).numel() - 1}
         resolved = replace(self, T=T, cost=replace(self.cost, grid=grid))
         if any(s.objective == "ode" for s in strategies):

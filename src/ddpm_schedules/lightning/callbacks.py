@@ -94,7 +94,7 @@ class ScheduleMonitor(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         T = pl_module.model.T
-        self.strategies = parse_strategies(self.strategy_names, T, "callbacks.schedule_monitor.strategies")
+        self.strategies = parse_strategies(self.strategy_names, T, "callbacks.schedule_monitor.strategies", pl_module.model.schedule)
         other = [s.name for s in self.strategies if s.objective and s.objective != self.objective]
         if other:
             raise ValueError(f"callbacks.schedule_monitor.strategies {other} need another matrix than the monitored objective "

@@ -16,6 +16,7 @@ from torch import Tensor
 from ddpm_schedules.models.diffusion import NoiseSchedule
 from ddpm_schedules.schedules.analytic import analytic_ot_schedule
 from ddpm_schedules.schedules.dp import PairCosts, optimal_schedules
+from ddpm_schedules.schedules.solver_baselines import SOLVER_BASELINES
 from ddpm_schedules.schedules.schedule import (
     Schedule,
     even_schedule,
@@ -143,6 +144,23 @@ def from_file(path: str, T: int) -> FixedStrategy:
     return FixedStrategy(name, schedules=tuple(out))
 
 
+@dataclass(frozen=True)
+class SolverBaselineStrategy(Strategy):
+    """A deterministic sampler's usual steps (``karras``, ``logsnr``, ``exponential``, ``beta``, ``ays``), from the
+    model's noise levels as diffusers maps them (solver_baselines.py); needs no cost matrix."""
+
+    noise: NoiseSchedule | None = None
+
+    def build(self, cost_matrix: PairCosts, K: int) -> Schedule:
+        return SOLVER_BASELINES[self.name](self.noise, K)
+
+
+def solver_baseline(name: str, T: int, noise: NoiseSchedule | None, key: str) -> SolverBaselineStrategy:
+    if noise is None or noise.T != T:
+        raise ValueError(f"{key} has {name!r}, which needs the model's noise schedule: pass noise= to parse_strategies")
+    return SolverBaselineStrategy(name, noise=noise)
+
+
 STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, "analytic_ot": AnalyticOtStrategy, "even": EvenStrategy,
               "quadratic": QuadraticStrategy}  # fmt: skip
 PREFIXED = {"respace": respace, "file": from_file}
@@ -154,7 +172,7 @@ def check_strategy_names(names: Sequence[str], key: str = "eval.strategies") -> 
         raise ValueError(f"{key} = {names!r}; use a non-empty list, e.g. [dp, even, quadratic]")
     for name in map(str, names):
         prefix, sep, argument = name.partition(":")
-        if name not in STRATEGIES and not (sep and prefix in PREFIXED):
+        if name not in STRATEGIES and name not in SOLVER_BASELINES and not (sep and prefix in PREFIXED):
             parse_strategy(name, 1, key)  # raises the unknown-name error
         if prefix == "file" and sep:
             try:
@@ -164,26 +182,29 @@ def check_strategy_names(names: Sequence[str], key: str = "eval.strategies") -> 
     return tuple(map(str, names))
 
 
-def parse_strategy(name: str, T: int, key: str = "eval.strategies") -> Strategy:
-    """One strategy from its name (``dp``, ``even``, ``respace:<spec>``, ``file:<path>``, ...)."""
+def parse_strategy(name: str, T: int, key: str = "eval.strategies", noise: NoiseSchedule | None = None) -> Strategy:
+    """One strategy from its name (``dp``, ``even``, ``karras``, ``respace:<spec>``, ``file:<path>``, ...); the solver
+    baselines need ``noise``, the model's noise schedule."""
     name = str(name)
     if name in STRATEGIES:
         return STRATEGIES[name](name)
+    if name in SOLVER_BASELINES:
+        return solver_baseline(name, T, noise, key)
     prefix, sep, argument = name.partition(":")
     if sep and prefix in PREFIXED:
         try:
             return PREFIXED[prefix](argument, T)
         except ValueError as e:
             raise ValueError(f"{key} has {name!r}: {e}") from None
-    known = [*STRATEGIES, *(f"{p}:<{'spec' if p == 'respace' else 'path'}>" for p in PREFIXED)]
+    known = [*STRATEGIES, *SOLVER_BASELINES, *(f"{p}:<{'spec' if p == 'respace' else 'path'}>" for p in PREFIXED)]
     raise ValueError(f"unknown strategy {name!r} in {key}; use {', '.join(known)}")
 
 
-def parse_strategies(names: Sequence[str], T: int, key: str = "eval.strategies") -> list[Strategy]:
+def parse_strategies(names: Sequence[str], T: int, key: str = "eval.strategies", noise: NoiseSchedule | None = None) -> list[Strategy]:
     """Every strategy of a list, checked before any heavy work."""
     if not names:
         raise ValueError(f"{key} is empty; use e.g. [dp, even, quadratic]")
-    return [parse_strategy(n, T, key) for n in names]
+    return [parse_strategy(n, T, key, noise) for n in names]
 
 
 def build_schedules(strategies: Sequence[Strategy], matrices: PairCosts | Mapping[str, PairCosts], budgets: Sequence[int]) -> list[Schedule]:

@@ -21,6 +21,15 @@ from ddpm_schedules.storage.resume import PartialFile, Preempted
 HERE = Path(__file__).parent
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread, as the killed subprocess runs (and far faster for these tiny convolutions on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def saved(path: Path) -> dict:
     """What the partial file holds now ({} while there is none)."""
     try:
@@ -35,14 +44,14 @@ def stop_after(units: int):
 
     class StopAfter:
         def __init__(self, enabled=True):
-            pass
+            self.enabled = enabled  # disabled (nothing to save, e.g. the held-out passes): no SIGTERM is seen
 
         def __enter__(self):
             def stop():
                 calls["n"] += 1
                 return calls["n"] == units
 
-            return stop
+            return stop if self.enabled else lambda: False
 
         def __exit__(self, *exc):
             return False
@@ -59,8 +68,8 @@ def counted(case):
 
 def assert_same_matrices(a: dict, b: dict):
     assert a.keys() == b.keys()
-    for name in a:
-        x, y = a[name], b[name]
+    for name, x in a.items():
+        y = b[name]
         assert torch.equal(x.grid, y.grid) and x.count == y.count and x.prior == y.prior, name
         torch.testing.assert_close(x.mean, y.mean, rtol=0, atol=0, equal_nan=True)  # bit for bit
         torch.testing.assert_close(x.sem, y.sem, rtol=0, atol=0, equal_nan=True)
@@ -132,6 +141,7 @@ def test_killed_precision_rounds_resume_within_the_later_round_to_the_same_matri
     model, data, counter = counted(precision_case)
     estimated = estimates_counted(monkeypatch, counter)
     resumed = run_precision(model, data, PartialFile(partial, every=1))
+    monkeypatch.undo()
     model, data, fresh_counter = counted(precision_case)
     fresh_estimated = estimates_counted(monkeypatch, fresh_counter)
     fresh = run_precision(model, data)
@@ -140,8 +150,9 @@ def test_killed_precision_rounds_resume_within_the_later_round_to_the_same_matri
     assert estimated == [16 * (12 - done)]  # the finished rounds were not redone, nor the saved columns of the fourth
     assert sum(counter.calls.values()) < sum(fresh_counter.calls.values())
     assert not partial.exists() and not round3.exists()
-    print(f"\nprecision columns: killed run {36 + done} ({36 + done} saved), rerun {12 - done}, uninterrupted 48; "
-          f"passes: rerun {sum(counter.calls.values())}, uninterrupted {sum(fresh_counter.calls.values())}")  # fmt: skip
+    calls = len(log.read_text().split())  # the killed run's forward calls (batches), estimates and held-out passes
+    print(f"\nprecision columns: killed run {36 + done} saved (3 rounds + {done} of the fourth; {calls} forward calls), rerun {12 - done}, "
+          f"uninterrupted 48; passes: rerun {sum(counter.calls.values())}, uninterrupted {sum(fresh_counter.calls.values())}")  # fmt: skip
 
 
 def preempted_refinement(tmp_path, monkeypatch, units: int = 12) -> Path:
@@ -167,6 +178,10 @@ def test_sigterm_saves_the_refinement_and_a_rerun_finishes_it_and_removes_the_fi
     assert not partial.exists()
 
 
+def refine_cost(model, data, seed, partial=None):
+    return refine_cost_matrices(model, data, progress=False, partial=partial, **{**REFINE, "seed": seed})
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "other_config"])
 def test_a_damaged_or_foreign_refinement_file_is_reported_and_ignored(tmp_path, monkeypatch, caplog, damage):
     partial = preempted_refinement(tmp_path, monkeypatch)
@@ -187,10 +202,6 @@ def test_a_damaged_or_foreign_refinement_file_is_reported_and_ignored(tmp_path, 
     assert_same_matrices(got[0], refine_cost(*refine_case(), seed)[0])
     assert len(counter.calls) == got[1][-1]["passes"] // 6  # every column estimated again
     assert not partial.exists()
-
-
-def refine_cost(model, data, seed, partial=None):
-    return refine_cost_matrices(model, data, progress=False, partial=partial, **{**REFINE, "seed": seed})
 
 
 def preempted_precision(tmp_path, monkeypatch) -> tuple[Path, Path]:

@@ -67,9 +67,10 @@ def estimate_to_precision(
     target_sem = check_target_sem(target_sem)
     partial = PartialFile.of(partial, every=50)
     g = full_grid(start.grid[1:] if start is not None else grid, model.T)
+    started = None if start is None else hashlib.sha256(start.moments.cpu().numpy().tobytes()).hexdigest()
     config = {"what": "precision", "model": model_fingerprint(model), "data": data_fingerprint([(0, data)]), "grid": g.tolist(), "seed": seed,
               "target_sem": target_sem, "first": first, "budgets": [int(K) for K in budgets], "batch_size": batch_size, "world": procs.world,
-              "start": None if start is None else hashlib.sha256(start.moments.cpu().numpy().tobytes()).hexdigest()} if partial else {}  # fmt: skip
+              "start": started} if partial else {}  # fmt: skip
     saver = PartialSums(partial.path if partial else None, config)
     cm, rounds, used = start, [], 0 if start is None else start.count
     saved = saver.load_state() if partial else None
@@ -96,9 +97,9 @@ def estimate_to_precision(
             paths = optimal_schedules(cm, budgets)
             lo, hi = procs.shard(used)
             results = evaluate_schedules(model, data[lo:hi], list(paths.values()), seed=seed, batch_size=batch_size, progress=False, start_index=lo)
-            sems = {K: r.bpd_sem for K, r in zip(paths, results)}
+            sems = {int(K): r.bpd_sem for K, r in zip(paths, results)}  # int keys: the partial file holds plain values only
             met = max(sems.values()) <= target_sem
-            rounds.append({"examples": used, "predicted_bpd": {K: r.bpd for K, r in zip(paths, results)}, "sem_bpd": sems, "met": met})
+            rounds.append({"examples": used, "predicted_bpd": {int(K): r.bpd for K, r in zip(paths, results)}, "sem_bpd": sems, "met": met})
             if met or used >= len(data):
                 if not met and procs.rank == 0:
                     worst = max(sems, key=sems.get)

@@ -112,8 +112,9 @@ def refine_cost_matrices(
             grid = sorted(state.grid)
             matrices = matrices_from_stats(model, batches, state.kept, grid, objectives)
             paths = optimal_schedules(matrices["elbo"], budgets)
+            # int keys: the partial file holds plain values only (weights_only)
             state.history.append({"round": state.round, "grid_size": len(grid), "new_columns": len(state.new), "passes": state.passes,
-                                  "paths": {K: list(p.timesteps) for K, p in paths.items()}})  # fmt: skip
+                                  "paths": {int(K): list(p.timesteps) for K, p in paths.items()}})  # fmt: skip
             near = _wanted(grid, [t for p in paths.values() for t in p.timesteps], settings.window, settings.bisect, T)
             if near <= state.grid:
                 break  # the paths need nothing new: the DP on a larger grid would give them again

@@ -46,7 +46,8 @@ class RefineState:
         saved = saver.load_state()
         try:
             state = None if saved is None else cls(
-                grid=set(saved["grid"]), history=list(saved["history"]), round=int(saved["round"]), new=saved["new"], passes=int(saved["passes"]),
+                grid=set(saved["grid"]), history=list(saved["history"]), round=int(saved["round"]), new=saved["new"],
+                passes=int(saved["passes"]),
                 kept={int(t): [ColumnStats(**{k: _to(v, device) for k, v in st.items()}) for st in stats] for t, stats in saved["kept"].items()},
             )  # fmt: skip
         except Exception as e:  # a readable file of the right configuration but not a refinement's state

@@ -16,7 +16,6 @@ from torch import Tensor
 from ddpm_schedules.models.diffusion import NoiseSchedule
 from ddpm_schedules.schedules.analytic import analytic_ot_schedule
 from ddpm_schedules.schedules.dp import PairCosts, optimal_schedules
-from ddpm_schedules.schedules.solver_baselines import SOLVER_BASELINES
 from ddpm_schedules.schedules.schedule import (
     Schedule,
     even_schedule,
@@ -24,6 +23,7 @@ from ddpm_schedules.schedules.schedule import (
     quadratic_schedule,
     respaced_schedule,
 )
+from ddpm_schedules.schedules.solver_baselines import SOLVER_BASELINES
 
 
 class AnalyticCosts(PairCosts, Protocol):

@@ -49,8 +49,8 @@ EVALUATE_CASES = [
      "learn_sigma"),  # fmt: skip
     ("unknown improved-diffusion flag", ["model=improved_diffusion", f"model.path={FIXTURE}/model.pt", "+model.flags.use_fp16=true"],
      "unknown improved-diffusion flag"),
-    ("Inception weights missing", ["fid.features=inception", "fid.inception_weights={d}/pt_inception.pth"], "is missing; download"),
-    ("unknown feature network", ["fid.features=dino"], "unknown fid.features 'dino'"),
+    ("Inception weights missing", ["fid.features=inception", "fid.inception_weights={d}/pt_inception.pth"], "^fid.inception_weights = .*pt_inception.pth' does not exist; install"),
+    ("unknown feature network", ["fid.features=dino"], "^fid.features = 'dino'; use one of digits, inception"),
     ("digits feature network missing", ["fid.digits_weights={d}/none.pt"], "digits feature network .* is missing"),
     ("image size differs", ["data.image_size=16"], "does not match the model"),
     ("levels differ", ["data.levels=256"], "levels=256\\) does not match the model"),

@@ -1,13 +1,10 @@
-"""Fréchet distances: equal to torchmetrics' FrechetInceptionDistance, bootstrap errors, the Inception path."""
-
-import pickle
+"""Fréchet distances: equal to torchmetrics' FrechetInceptionDistance, bootstrap errors (the Inception path: test_inception.py)."""
 
 import pytest
 import torch
-from conftest import DIGITS_FEATURES, eval_cfg
+from conftest import DIGITS_FEATURES
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ddpm_schedules.app.evaluate import evaluate
 from ddpm_schedules.lightning.data import DigitsDataModule
 from ddpm_schedules.sampling.frechet import (
     feature_network,
@@ -45,29 +42,35 @@ def test_bootstrap_error_shrinks_with_the_sample_size(digits):
     assert large < small
 
 
-def test_inception_weights_that_need_unpickling_are_refused(tmp_path):
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(tmp_path / "ran"), "w"))
+def test_reference_statistics_round_trip_in_pytorch_fids_layout(tmp_path):
+    import numpy as np
 
-    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"fc.weight": Payload()}))
-    with pytest.raises(ValueError, match="is not a plain state dict that torch.load\\(weights_only=True\\) reads"):
-        fid_feature_extractor("inception", inception_weights=str(tmp_path / "evil.pth"))
-    assert not (tmp_path / "ran").exists()
+    from ddpm_schedules.sampling.frechet import load_reference_stats, save_reference_stats
+
+    g = torch.Generator().manual_seed(0)
+    mu, sigma = torch.randn(128, generator=g, dtype=torch.float64), torch.randn(128, 128, generator=g, dtype=torch.float64)
+    save_reference_stats(tmp_path / "ref.npz", mu, sigma)
+    with np.load(tmp_path / "ref.npz") as stats:  # what pytorch-fid reads
+        assert sorted(stats.files) == ["mu", "sigma"] and stats["sigma"].shape == (128, 128)
+    got = load_reference_stats(tmp_path / "ref.npz", "digits")
+    assert torch.equal(got[0], mu) and torch.equal(got[1], sigma)
+    np.savez(tmp_path / "no_sigma.npz", mu=mu.numpy())
+    with pytest.raises(ValueError, match="^fid.reference_stats = .*no_sigma.npz' has no sigma array"):
+        load_reference_stats(tmp_path / "no_sigma.npz", "digits")
+    np.savez(tmp_path / "inception.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="holds mu \\(2048,\\) and sigma \\(2048, 2048\\), but fid.features=digits gives 128 features"):
+        load_reference_stats(tmp_path / "inception.npz", "digits")
 
 
 @pytest.mark.slow
-def test_fid_with_inception_runs_end_to_end_on_a_weights_file_of_the_real_format(tmp_path, tiny_ckpt, monkeypatch):
-    """torch-fidelity's FID Inception with random weights, saved as the released pt_inception-2015-12-05-6726825d.pth is."""
-    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3", reason="torch-fidelity (and torchvision) not importable")
-    with monkeypatch.context() as m:  # the architecture without its download: keep the random initialisation
-        m.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        m.setattr(inception, "load_state_dict_from_url", lambda *a, **k: {})
-        torch.manual_seed(0)
-        net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(net.state_dict(), weights)
-    doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "fid.features=inception", f"fid.inception_weights={weights}",
-                            "eval.strategies=[dp,even]", "eval.samplers=[ddim]"))  # fmt: skip
-    assert doc["fid"]["features"] == "Inception-v3 pool3 (FID)"
-    assert all(q["fid"] > 0 and q["fid_sem"] > 0 for q in doc["sample_quality"])
+def test_a_runs_reference_statistics_serve_the_next_run_without_reference_images(tmp_path, tiny_ckpt):
+    from conftest import eval_cfg
+
+    from ddpm_schedules.app.evaluate import evaluate
+
+    first = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "eval.samplers=[ddim]"))
+    stats = tmp_path / "run" / "fid_reference_stats.npz"
+    assert stats.is_file()
+    again = evaluate(eval_cfg(tmp_path / "b", tiny_ckpt, "logger=none", "eval.samplers=[ddim]", f"fid.reference_stats={stats}",
+                              "fid.reference_split=nonexistent"))  # fmt: skip  # the images are never read
+    assert [q["fid"] for q in again["sample_quality"]] == pytest.approx([q["fid"] for q in first["sample_quality"]], rel=1e-9)

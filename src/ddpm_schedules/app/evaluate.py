@@ -93,5 +93,5 @@ def evaluation_data(node: DictConfig, settings: EvaluateSettings, model: Diffusi
             f"{procs.world} processes need at least {procs.world} examples each in cost.examples ({len(cost_data)}) and "
             f"eval.examples ({len(eval_data)}); raise them or lower fabric.devices"
         )
-    reference = take(datamodule, fid.reference_split, fid.reference_examples, "fid.reference_examples") if fid else None
+    reference = take(datamodule, fid.reference_split, fid.reference_examples, "fid.reference_examples") if fid and not fid.reference_stats else None
     return cost_data, eval_data, reference

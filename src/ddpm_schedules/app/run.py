@@ -29,6 +29,7 @@ from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import Processes
 from ddpm_schedules.reports import report
+from ddpm_schedules.sampling.frechet import load_reference_stats, save_reference_stats
 from ddpm_schedules.sampling.quality import quality_stage
 from ddpm_schedules.schedules.analytic import save_gamma
 from ddpm_schedules.schedules.schedule import Schedule, full_schedule
@@ -140,10 +141,8 @@ def run_evaluation(
     with ctx.timed("held_out_bpd"):
         results, full = held_out_stage(ctx, eval_data, schedules, held.seed, costs["elbo"].key, labels.eval_split, held.full_chain)
     with ctx.timed("sample_quality"):
-        ref_cache = _reference_cache(ctx, fid, reference, labels) if fid and procs.world == 1 else None
-        shard = reference[slice(*procs.shard(len(reference)))] if fid else None
         teacher = Schedule(tuple(full_grid(ode_grid, model.T)[1:].tolist()), model.T, "teacher") if "ddim" in quality.samplers else None
-        entries, grids = quality_stage(model, sampled, quality, procs, s.batch_size, fid, shard, ref_cache, teacher)
+        entries, grids, ref = quality_stage(model, sampled, quality, procs, s.batch_size, fid, *_reference(ctx, fid, reference, labels), teacher)
     elbo = costs["elbo"]
     result = EvaluationResult(
         model={"source": labels.model_source, "path": labels.model_path, "T": model.T, "mean_type": model.mean_type, "var_type": model.var_type,
@@ -156,7 +155,7 @@ def run_evaluation(
                      "refine": refine.__dict__ if refine else None, "rounds": rounds, "refine_rounds": refine_rounds},
         full_chain={"K": model.T, "bpd": full.bpd, "bpd_sem": full.bpd_sem} if full else None,
         fid={"features": fid.description if fid else None, "reference_split": fid.reference_split if fid else None,
-             "reference_examples": len(reference) if fid else None, "samples": quality.samples if fid else None,
+             "reference_examples": len(reference) if fid and reference is not None else None, "samples": quality.samples if fid else None,
              "bootstrap": quality.bootstrap if fid else None, "samplers": list(quality.samplers), "ddim_eta": quality.ddim_eta,
              "sample_budgets": list(sample_budgets), "teacher_samples": quality.teacher_samples if teacher else None,
              "teacher": {"sampler": "ddim", "eta": 0.0, "steps": teacher.K} if teacher else None},
@@ -168,12 +167,26 @@ def run_evaluation(
             report.write_evaluation(Path(s.out_dir), result.to_json(), elbo.matrix, unique(schedules + sampled), grids, logger)
         if model.var_type == "analytic":
             save_gamma(Path(s.out_dir) / "gamma.pt", model.gamma, model)  # model.gamma_file= reuses it
+        if ref is not None:  # pytorch-fid's layout: fid.reference_stats= reuses it, and other tools read it
+            save_reference_stats(Path(s.out_dir) / "fid_reference_stats.npz", *ref)
         atomic_write_json(Path(s.out_dir) / "results.json", result.to_json())
     return result
 
 
+def _reference(ctx: Context, fid: FrechetSettings | None, reference: Tensor | None, labels: Labels) -> tuple[Any, str | None]:
+    """What quality_stage compares with: the statistics of ``fid.reference_stats``, or this process's shard of the
+    reference images and where their statistics are cached."""
+    if fid is None:
+        return None, None
+    if fid.reference_stats is not None:
+        return load_reference_stats(fid.reference_stats, fid.features), None
+    shard = reference[slice(*ctx.procs.shard(len(reference)))]
+    return shard, _reference_cache(ctx, fid, reference, labels) if ctx.procs.world == 1 else None
+
+
 def _reference_cache(ctx: Context, fid: FrechetSettings, reference: Tensor, labels: Labels) -> str | None:
-    """Where the reference images' feature moments are cached (one process only: the shards would differ)."""
+    """Where the reference images' feature moments are cached (one process only: the shards would differ); the key
+    is the data, split, count, feature network (its file's digest) and resize."""
     weights = fid.digits_weights if fid.features == "digits" else fid.inception_weights
     key = hash_parts(features=fid.features, weights=file_digest(weights), data=labels.data_name, split=fid.reference_split,
                      examples=len(reference), antialias=bool(fid.antialias), moments=True)  # fmt: skip

@@ -15,6 +15,8 @@ from ddpm_schedules.app.keys import budgets, count, flag, get, positive, seed
 from ddpm_schedules.costs.grids import GridSpec, candidate_grid, check_spec, full_grid
 from ddpm_schedules.costs.precision import check_target_sem
 from ddpm_schedules.costs.refine import RefineSettings, check_refine
+from ddpm_schedules.sampling.frechet import fid_feature_extractor, load_reference_stats
+from ddpm_schedules.sampling.inception import resolve_inception
 from ddpm_schedules.sampling.quality import QualitySettings
 from ddpm_schedules.sampling.samplers import check_eta, check_samplers
 from ddpm_schedules.schedules.schedule import check_budgets
@@ -58,10 +60,11 @@ class FrechetSettings:
     antialias: bool = False
     reference_split: str = "test"
     reference_examples: int | None = None
+    reference_stats: str | None = None  # a .npz with mu and sigma (pytorch-fid's layout) instead of reference images
 
     @property
     def description(self) -> str:
-        return "Inception-v3 pool3 (FID)" if self.features == "inception" else "digits classifier penultimate layer (FD, not FID)"
+        return "Inception-v3 pool3 (FID; bilinear resize to 299)" if self.features == "inception" else "digits classifier penultimate layer (FD, not FID)"
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,6 @@ def held_out_settings(cfg: Any) -> HeldOutSettings:
 
 def frechet_settings(cfg: Any) -> FrechetSettings | None:
     """The fid group, with the feature network checked (None when disabled)."""
-    from ddpm_schedules.sampling.frechet import fid_feature_extractor
 
     if not flag(cfg, "fid.enabled"):
         return None
@@ -215,6 +217,12 @@ def frechet_settings(cfg: Any) -> FrechetSettings | None:
                           flag(cfg, "fid.antialias", False), str(get(cfg, "fid.reference_split")),
                           count(cfg, "fid.reference_examples", "all"))  # fmt: skip
     fid_feature_extractor(fid.features, fid.digits_weights, fid.inception_weights)
+    stats = get(cfg, "fid.reference_stats", None)
+    if stats is not None:
+        load_reference_stats(stats, fid.features)
+        fid = replace(fid, reference_stats=str(stats))
+    if fid.features == "inception":  # the file found (the bundled one when none is given) keys the reference cache
+        fid = replace(fid, inception_weights=resolve_inception(fid.inception_weights)[1])
     return fid
 
 

@@ -1,22 +1,24 @@
 """Fréchet distances between samples and reference images, with torchmetrics' FrechetInceptionDistance.
 
-Two feature networks: Inception-v3 pool3 from a local weights file (FID proper), and a small digits
-classifier (its penultimate features; reported as "FD (digits features)", never as FID). The digits
+Two feature networks: Inception-v3 pool3 (FID proper; inception.py reads it from any of the field's files), and a
+small digits classifier (its penultimate features; reported as "FD (digits features)", never as FID). The digits
 classifier is trained by `scripts/train_digits_features.py`.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import io
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 
-from ddpm_schedules.storage.files import load_checked, save_checked
+from ddpm_schedules.sampling.inception import TorchScriptInception, resolve_inception
+from ddpm_schedules.storage.files import atomic_write_bytes, load_checked, save_checked
 
 FEATURE_KINDS = ("digits", "inception")
 
@@ -68,35 +70,15 @@ def load_digits_features(path: str | Path) -> DigitsFeatures:
     return DigitsFeatures(model)
 
 
-INCEPTION_HINT = (
-    "download torch-fidelity's FID Inception weights (pt_inception-2015-12-05-6726825d.pth, from the torch-fidelity "
-    "GitHub releases) on a machine with internet access and pass fid.inception_weights=<path>"
-)
-
-
-def fid_feature_extractor(features: str, digits_weights: str | None = None, inception_weights: str | None = None):
-    """The feature network for Fréchet distances, checked before any heavy work."""
+def fid_feature_extractor(features: str, digits_weights: str | None = None, inception_weights: str | None = None) -> nn.Module | None:
+    """The feature module for torchmetrics' FrechetInceptionDistance, checked before any heavy work: the digits classifier,
+    a TorchScript FID Inception, or None for torchmetrics' own Inception (torch-fidelity's weights file, or its download)."""
     if features == "digits":
         return load_digits_features(digits_weights or "")
     if features == "inception":
-        if not inception_weights or not Path(inception_weights).is_file():
-            raise ValueError(f"fid.inception_weights file {inception_weights!r} is missing; {INCEPTION_HINT}")
-        _check_plain_state_dict(Path(inception_weights))
-        if importlib.util.find_spec("torch_fidelity") is None:
-            raise ValueError("fid.features=inception needs torch-fidelity: pip install 'ddpm-schedules[inception]'")
-        return None
-    raise ValueError(f"unknown fid.features {features!r}; use one of {FEATURE_KINDS}")
-
-
-def _check_plain_state_dict(path: Path) -> None:
-    """torch-fidelity unpickles the weights file in full: it must first prove to be a plain state dict (data, no code)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"fid.inception_weights file {str(path)!r} is not a plain state dict that torch.load(weights_only=True) "
-                         f"reads ({type(e).__name__}); use the released pt_inception-2015-12-05-6726825d.pth") from None  # fmt: skip
-    if not isinstance(state, dict) or "fc.weight" not in state:
-        raise ValueError(f"fid.inception_weights file {str(path)!r} is not torch-fidelity's FID Inception state dict (no fc.weight)")
+        fmt, path = resolve_inception(inception_weights)
+        return TorchScriptInception(path) if fmt == "torchscript" else None
+    raise ValueError(f"fid.features = {features!r}; use one of {', '.join(FEATURE_KINDS)}")
 
 
 def feature_network(features: str = "digits", digits_weights: str | None = None, inception_weights: str | None = None,
@@ -107,10 +89,13 @@ def feature_network(features: str = "digits", digits_weights: str | None = None,
     numbers comparable with the literature); ``"digits"`` uses the digits classifier's features.
     """
     extractor = fid_feature_extractor(features, digits_weights, inception_weights)
-    if extractor is not None:
+    if features == "digits":
         net = FrechetInceptionDistance(feature=extractor).inception
         return lambda x: net(x.float()).double()
-    net = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=inception_weights, antialias=antialias).inception
+    if extractor is not None:
+        net = FrechetInceptionDistance(feature=extractor).inception
+    else:
+        net = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=inception_weights, antialias=antialias).inception
 
     def inception(x: Tensor) -> Tensor:
         x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -160,6 +145,34 @@ def reference_moments(network: Callable[[Tensor], Tensor], reference: Tensor, ca
     if cache is not None:
         save_checked({"mean": mean, "cov": cov}, cache)
     return mean, cov
+
+
+FEATURE_SIZES = {"digits": DigitsClassifier.num_features, "inception": 2048}
+
+
+def load_reference_stats(path: str | Path, features: str, key: str = "fid.reference_stats") -> tuple[Tensor, Tensor]:
+    """(mu [F], sigma [F, F]) from a .npz in pytorch-fid's layout (as pytorch-fid, TTUR and clean-fid share them), checked."""
+    size = FEATURE_SIZES[features]
+    try:
+        with np.load(path, allow_pickle=False) as stats:
+            mu, sigma = (torch.from_numpy(np.asarray(stats[k], dtype=np.float64)) for k in ("mu", "sigma"))
+    except FileNotFoundError:
+        raise ValueError(f"{key} = {str(path)!r} does not exist; pass a .npz with mu and sigma, or null to compute them") from None
+    except KeyError as e:
+        raise ValueError(f"{key} = {str(path)!r} has no {e.args[0].split()[0]} array; it needs mu [F] and sigma [F, F] (pytorch-fid's layout)") from None
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{key} = {str(path)!r} is not a .npz of plain arrays ({type(e).__name__}); it needs mu and sigma") from None
+    if mu.shape != (size,) or sigma.shape != (size, size):
+        raise ValueError(f"{key} = {str(path)!r} holds mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)}, but fid.features={features} "
+                         f"gives {size} features; use statistics of the same feature network")  # fmt: skip
+    return mu, sigma
+
+
+def save_reference_stats(path: str | Path, mu: Tensor, sigma: Tensor) -> None:
+    """mu and sigma as a .npz in pytorch-fid's layout, written atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=mu.double().cpu().numpy(), sigma=sigma.double().cpu().numpy())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def gather_rows(rows: Tensor) -> Tensor:

@@ -78,16 +78,19 @@ def gather_chunks(parts: list[tuple[int, Tensor]], width: int) -> Tensor:
 
 
 def quality_stage(model: DiffusionModel, schedules: Sequence[Schedule], settings: QualitySettings, procs: Processes,
-                  batch_size: int, fid: Any = None, reference: Tensor | None = None, reference_cache: str | None = None,
-                  teacher: Schedule | None = None) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+                  batch_size: int, fid: Any = None, reference: Tensor | tuple[Tensor, Tensor] | None = None,
+                  reference_cache: str | None = None, teacher: Schedule | None = None) -> tuple[list[dict[str, Any]], dict[str, Tensor], Any]:
     """For every sampler and schedule: the Fréchet distance (with its bootstrap error) of ``settings.samples``
-    samples to ``reference``, and for DDIM the mean L2 distance of its first samples to the teacher's.
+    samples to ``reference`` (images, or their feature statistics (mu, sigma)), and for DDIM the mean L2 distance
+    of its first samples to the teacher's.
 
-    Returns the entries (strategy, K, sampler, schedule, fid, fid_sem, teacher_distance) and sample grids
-    ``<strategy>_<sampler>_K<K>`` of this process's first samples.
+    Returns the entries (strategy, K, sampler, schedule, fid, fid_sem, teacher_distance), sample grids
+    ``<strategy>_<sampler>_K<K>`` of this process's first samples, and the reference statistics (None without fid).
     """
     network = feature_network(fid.features, fid.digits_weights, fid.inception_weights, fid.antialias) if fid else None
-    ref = reference_moments(network, reference, reference_cache) if fid else None
+    ref = None
+    if fid:
+        ref = reference if isinstance(reference, tuple) else reference_moments(network, reference, reference_cache)
     targets = teacher_samples(model, teacher, settings, procs) if teacher is not None and settings.teacher_samples else {}
     entries, grids = [], {}
     work = [(sampler, i, sch) for sampler in settings.samplers for i, sch in enumerate(schedules)]
@@ -104,4 +107,4 @@ def quality_stage(model: DiffusionModel, schedules: Sequence[Schedule], settings
         entries.append(entry)
         if parts:
             grids[f"{sch.strategy}_{sampler}_K{sch.K}"] = torch.cat([x for _, x in parts])[: settings.grid_size]
-    return entries, grids
+    return entries, grids, ref

@@ -7,7 +7,7 @@ strategies, refinement), still before any data is read. Each refusal is one line
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,19 +161,6 @@ class EvaluateSettings:
             first = min(self.cost.precision.first, examples) if self.cost.precision.target_sem is not None else examples
             check_refine(refine, T, first, sorted(set(budgets) | set(sampled)))
         return replace(resolved, held_out=replace(held, budgets=tuple(budgets), sample_budgets=tuple(sampled), strategies=tuple(strategies)))
-
-    def to_json(self) -> dict[str, Any]:
-        return _plain(asdict(self))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Strategy):
-        return value.name
-    return str(value) if isinstance(value, Path) else value
 
 
 def _check_analytic(strategies: list[Strategy], model: Any, grid: list[int] | None) -> None:

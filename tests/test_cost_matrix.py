@@ -8,7 +8,7 @@ from conftest import quantized_data, tiny_model
 from torch.distributions import Normal, kl_divergence
 
 from ddpm_schedules import CostMatrix, estimate_cost_matrix
-from ddpm_schedules.costs.cost_matrix import CostMatrixMetric
+from ddpm_schedules.costs.cost_matrix import CostMatrixMetric, estimate_cost_matrices
 from ddpm_schedules.costs.terms import terms
 from ddpm_schedules.models.noise import example_noise
 
@@ -183,3 +183,39 @@ def test_shards_with_start_index_combine_into_the_whole():
     assert (a.prior * 6 + b.prior * 4) / 10 == pytest.approx(whole.prior, rel=1e-12)
     unshifted = estimate_cost_matrix(model, data[6:], seed=7, progress=False)
     assert not torch.allclose(unshifted.mean[valid], b.mean[valid])
+
+
+class CallSizes(torch.nn.Module):
+    """Records the batch size of every network call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.sizes = net, []
+
+    def forward(self, x, ts):
+        self.sizes.append(x.shape[0])
+        return self.net(x, ts)
+
+
+def test_columns_share_network_calls_up_to_batch_size_with_the_same_results():
+    """Fewer examples than batch_size: several columns (timesteps) per call, and every number as with one column per call."""
+    from ddpm_schedules import even_schedule, evaluate_schedules
+    from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
+
+    model, data = tiny_model("learned_range", T=30), quantized_data(6)
+    schedules = [even_schedule(30, 4), even_schedule(30, 7)]
+    runs = {}
+    for batch_size in (6, 20):  # one column per call; three per call (20 // 6)
+        model.net = counter = CallSizes(model.net)
+        cms = estimate_cost_matrices(model, data, ["elbo", "mse"], seed=3, batch_size=batch_size, progress=False)
+        held = evaluate_schedules(model, data, schedules, seed=4, batch_size=batch_size, progress=False)
+        refined, _ = refine_cost_matrices(model, data, [3, 5], RefineSettings(coarse=3, window=1), ("elbo",), seed=5, batch_size=batch_size,
+                                          progress=False)  # fmt: skip
+        model.net = counter.net
+        runs[batch_size] = (cms, held, refined, counter.sizes)
+    (cms1, held1, ref1, sizes1), (cms3, held3, ref3, sizes3) = runs[6], runs[20]
+    assert set(sizes1) == {6} and max(sizes3) == 18 and len(sizes3) < len(sizes1) / 2.5
+    for name in ("elbo", "mse"):
+        assert torch.equal(cms1[name].mean, cms3[name].mean) and torch.allclose(cms1[name].sem, cms3[name].sem, rtol=0, atol=0, equal_nan=True)
+    assert [(r.bpd, r.bpd_sem, r.terms_bpd) for r in held1] == [(r.bpd, r.bpd_sem, r.terms_bpd) for r in held3]
+    assert torch.equal(ref1["elbo"].mean, ref3["elbo"].mean) and torch.equal(ref1["elbo"].grid, ref3["elbo"].grid)

@@ -91,12 +91,13 @@ def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
     assert_same_matrix(resumed, fresh)
 
 
-def test_sigterm_in_process_then_resume(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_size,stops,units", [(9, 3, 3), (27, 2, 6)])  # one column per network call, or three
+def test_sigterm_in_process_then_resume(tmp_path, monkeypatch, batch_size, stops, units):
     model, data = tiny_model("fixed_large", T=10), quantized_data(9)
     partial = tmp_path / "p.pt"
-    monkeypatch.setattr("ddpm_schedules.storage.resume.sigterm_requests", stop_after(3))
-    with pytest.raises(Preempted, match="after 3 units; partial sums saved"):
-        estimate_cost_matrix(model, data, seed=1, progress=False, partial=PartialFile(partial, every=100))
+    monkeypatch.setattr("ddpm_schedules.storage.resume.sigterm_requests", stop_after(stops))
+    with pytest.raises(Preempted, match=f"after {units} units; partial sums saved"):
+        estimate_cost_matrix(model, data, seed=1, progress=False, partial=PartialFile(partial, every=100), batch_size=batch_size)
     monkeypatch.undo()
     assert_same_matrix(
         estimate_cost_matrix(model, data, seed=1, progress=False, partial=partial), estimate_cost_matrix(model, data, seed=1, progress=False)

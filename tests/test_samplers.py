@@ -90,3 +90,24 @@ def test_sampler_names_and_eta_are_checked():
     with pytest.raises(ValueError, match="eta = -0.5; DDIM's eta must be a number >= 0"):
         sample_ddim(tiny_model("fixed_large", T=5), even_schedule(5, 2), 1, eta=-0.5)
     assert math.isfinite(float(sample_ddim(tiny_model("fixed_large", T=5), even_schedule(5, 2), 2).sum()))
+
+
+@pytest.mark.parametrize("sampler,eta", [("ancestral", 0.0), ("ddim", 0.5), ("dpmpp", 0.0)])
+def test_chunks_sharing_network_calls_draw_what_each_chunk_draws_alone(sampler, eta):
+    """quality.draw_samples packs chunks into one batch: each chunk keeps its x_T and its generator's step noise."""
+    from ddpm_schedules.models.noise import Processes
+    from ddpm_schedules.sampling.quality import QualitySettings, chunk_noise, draw_samples
+
+    model = tiny_model("learned_range", T=15)
+    settings = QualitySettings(samples=10, chunk=3, seed=7, ddim_eta=eta)
+    schedule = even_schedule(15, 5)
+    alone = []  # one chunk at a time, as a single call of the sampler from the chunk's x_T and generator
+    for c in range(4):
+        x_T, gen = chunk_noise(model, 7, c, min(3, 10 - 3 * c))
+        extra = {"eta": eta} if sampler == "ddim" else {}
+        alone.append((c, SAMPLERS[sampler](model, schedule, len(x_T), generator=gen, x_T=x_T, **extra)))
+    for batch_size in (3, 7, 100):  # 1, 2 or all 4 chunks per call
+        got = draw_samples(model, sampler, schedule, settings, Processes(0, 1), batch_size)
+        assert [c for c, _ in got] == [0, 1, 2, 3]
+        for (_, a), (_, b) in zip(alone, got):
+            assert torch.equal(a, b)

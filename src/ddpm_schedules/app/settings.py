@@ -118,7 +118,7 @@ class EvaluateSettings:
 
     out_dir: Path = Path("outputs")
     cache_dir: Path = Path(".cache")
-    batch_size: int = 200
+    batch_size: int = 1000
     cost: CostSettings = CostSettings()
     held_out: HeldOutSettings = HeldOutSettings()
     quality: QualitySettings = QualitySettings()

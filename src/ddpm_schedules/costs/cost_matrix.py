@@ -20,7 +20,7 @@ from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.moments import batch_moments, empty_moments, mean_sem, merge_moments
 from ddpm_schedules.costs.terms import pair_tables, pair_terms, prior_nats
 from ddpm_schedules.models.diffusion import btil, c0, fixed_variance_kl, nats_to_bpd
-from ddpm_schedules.models.model import DiffusionModel, Prediction
+from ddpm_schedules.models.model import DiffusionModel, Prediction, call_groups
 from ddpm_schedules.models.noise import example_noise, indexed_batches
 from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.storage.files import data_fingerprint, load_checked, model_fingerprint, save_checked
@@ -174,7 +174,10 @@ def estimate_cost_matrices(
     start_index: int = 0,
     partial: PartialFile | str | Path | None = None,
 ) -> dict[str, CostMatrix]:
-    """`estimate_cost_matrix` of several data objectives (``elbo``, ``mse``) from one set of forward passes."""
+    """`estimate_cost_matrix` of several data objectives (``elbo``, ``mse``) from one set of forward passes.
+
+    ``batch_size`` is the examples per network call: when a batch of data holds fewer, several columns share a call.
+    """
     if "ode" in objectives:
         raise ValueError("the ode objective runs teacher trajectories from noise, not data: use ode.estimate_ode_matrix(model, trajectories)")
     objectives = check_objectives(objectives, allowed=("elbo", "mse"))
@@ -192,19 +195,22 @@ def estimate_cost_matrices(
     if objectives != ["elbo"]:
         config["objectives"] = objectives
     with resumable(model, metric, PartialFile.of(partial, every=50), config) as (saver, done, stop_requested):
-        for j in tqdm(range(done + 1, g.numel()), desc="cost matrix", unit="col", disable=not progress, initial=done, total=g.numel() - 1):
-            t = int(g[j])
-            tables = pair_tables(model, t, g[:1] if gamma_from_passes else g[:j], device) if "elbo" in objectives else None
-            for start, x0 in batches:
+        bar = tqdm(desc="cost matrix", unit="col", disable=not progress, initial=done, total=g.numel() - 1)
+        for group in call_groups(range(done + 1, g.numel()), max(len(x0) for _, x0 in batches), batch_size):
+            tables = {j: pair_tables(model, int(g[j]), g[:1] if gamma_from_passes else g[:j], device) for j in group} if "elbo" in objectives else {}
+            for start, x0 in batches:  # each column's updates in batch order, as one column at a time
                 x0 = x0.to(device)
-                x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device))
-                pred = model.predict(x_t, t)
-                terms = [elbo_terms(model, x0, x_t, t, g[:j], pred, tables, gamma_from_passes) if name == "elbo" else mse_terms(x0, pred.x0_hat, t, g[:j])
-                         for name in objectives]  # fmt: skip
-                metric.update(torch.stack(terms), j, prior_nats(model, x0) if j == 1 and "elbo" in objectives else None)
-                if gamma_from_passes:
-                    metric.update_columns(j, ((x0.double() - pred.x0_hat) ** 2).flatten(1).sum(1), (pred.eps**2).flatten(1).mean(1))
-            saver.step(metric, j, stop_requested())
+                x_ts = [model.q_sample(x0, int(g[j]), example_noise(seed, start, x0.shape[0], int(g[j]), shape).to(device)) for j in group]
+                for j, x_t, pred in zip(group, x_ts, model.predict_many(x_ts, [int(g[j]) for j in group])):
+                    t = int(g[j])
+                    terms = [elbo_terms(model, x0, x_t, t, g[:j], pred, tables[j], gamma_from_passes) if name == "elbo"
+                             else mse_terms(x0, pred.x0_hat, t, g[:j]) for name in objectives]  # fmt: skip
+                    metric.update(torch.stack(terms), j, prior_nats(model, x0) if j == 1 and "elbo" in objectives else None)
+                    if gamma_from_passes:
+                        metric.update_columns(j, ((x0.double() - pred.x0_hat) ** 2).flatten(1).sum(1), (pred.eps**2).flatten(1).mean(1))
+            bar.update(len(group))
+            saver.step(metric, group[-1], stop_requested(), units=len(group))
+        bar.close()
     moments, prior_moments, column_moments = (v.cpu() for v in metric.compute()[5:])
     saver.remove()
     gamma = model.gamma if model.var_type == "analytic" else None

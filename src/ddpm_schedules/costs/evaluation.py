@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ddpm_schedules.costs.moments import batch_moments, empty_moments, mean_sem, merge_moments
 from ddpm_schedules.costs.terms import pair_tables, pair_terms, prior_nats
 from ddpm_schedules.models.diffusion import nats_to_bpd
-from ddpm_schedules.models.model import DiffusionModel
+from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.models.noise import example_noise, indexed_batches
 from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
@@ -85,7 +85,8 @@ def evaluate_schedules(
     gives the terms of every (s, t) pair any schedule takes at t. The noise for (example, t) is
     shared by all schedules (common random numbers make their differences precise).
     ``partial`` makes the sums resumable as in `estimate_cost_matrix` (the unit is a batch; a bare
-    path saves every 10 batches).
+    path saves every 10 batches). ``batch_size`` is the examples per network call: a smaller batch of data
+    shares its calls between several timesteps.
     """
     schedules = list(schedules)
     if not schedules:
@@ -118,13 +119,14 @@ def evaluate_schedules(
             x0 = x0.to(device)
             prior = prior_nats(model, x0)
             step_terms = torch.zeros(x0.shape[0], offsets[-1], dtype=torch.float64, device=device)
-            for t, by_s in sorted(needs.items()):
-                x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device))
-                terms = pair_terms(model, x0, x_t, t, tables[t].s, model.predict(x_t, t), tables=tables[t])
-                for col, s_val in enumerate(tables[t].s.tolist()):
-                    for _, flat in by_s[s_val]:
-                        step_terms[:, flat] = terms[:, col]
-                bar.update()
+            for group in call_groups(sorted(needs), x0.shape[0], batch_size):  # several timesteps per network call
+                x_ts = [model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device)) for t in group]
+                for t, x_t, pred in zip(group, x_ts, model.predict_many(x_ts, group)):
+                    terms = pair_terms(model, x0, x_t, t, tables[t].s, pred, tables=tables[t])
+                    for col, s_val in enumerate(tables[t].s.tolist()):
+                        for _, flat in needs[t][s_val]:
+                            step_terms[:, flat] = terms[:, col]
+                bar.update(len(group))
             totals = torch.stack([step_terms[:, offsets[k] : offsets[k + 1]].sum(1) for k in range(len(schedules))], 1)
             metric.update(step_terms, totals + prior[:, None], prior)
             saver.step(metric, b + 1, stop_requested())

@@ -1,7 +1,7 @@
 """Coarse-to-fine grid refinement (``cost.refine``): forward passes only where the DP's paths go.
 
 Start from a coarse grid that keeps small t dense (e.g. ``log:100``), run the DP for every requested
-budget, add every timestep within ``window`` of a timestep any optimal path uses (and, with ``bisect``,
+budget and every objective (elbo, mse), add every timestep within ``window`` of a timestep any optimal path uses (and, with ``bisect``,
 the midpoints between it and its neighbours on the grid, so that a wide gap of a coarse grid at large t
 is searched in a few rounds, not only at its edges), and run the DP again on the union grid; repeat until the paths need no new timestep (or a round or pass budget is spent).
 A column's forward passes are made once: what its pairs need of each example's prediction at t is
@@ -27,7 +27,7 @@ from ddpm_schedules.costs.grids import GridSpec, candidate_grid, full_grid
 from ddpm_schedules.costs.moments import empty_moments
 from ddpm_schedules.costs.refine_state import RefineState
 from ddpm_schedules.costs.terms import column_stats, pair_tables, prior_nats, stats_tables, stats_terms
-from ddpm_schedules.models.model import DiffusionModel
+from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.models.noise import example_noise, indexed_batches
 from ddpm_schedules.schedules.dp import optimal_schedules
 from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
@@ -76,7 +76,8 @@ def refine_cost_matrices(
     examples: int | None = None,
     partial: PartialFile | str | Path | None = None,
 ) -> tuple[dict[str, CostMatrix], list[dict[str, Any]]]:
-    """The refined matrices of the data objectives (the DP follows the ELBO one) and one record per round.
+    """The refined matrices of the data objectives and one record per round; the grid grows around the DP paths of
+    every objective (a grid refined for the ELBO alone misses where the MSE objective's paths go).
 
     Under torch.distributed each process passes its shard (``start_index``: its first example's global
     index) and ``examples``, the total, for the pass count; the matrices combine as `estimate_cost_matrix`'s.
@@ -107,15 +108,16 @@ def refine_cost_matrices(
                 break
             todo = [t for t in state.new if t not in state.kept]  # a resumed round: only the columns not kept yet
             _estimate_columns(model, batches, todo, state.kept, seed, settings.memory_gb, progress,
-                              lambda: saver.tick(lambda: state.save(saver), len(state.kept), stop_requested()))  # fmt: skip
+                              lambda: saver.tick(lambda: state.save(saver), len(state.kept), stop_requested()), batch_size)  # fmt: skip
             state.passes += len(state.new) * examples
             grid = sorted(state.grid)
             matrices = matrices_from_stats(model, batches, state.kept, grid, objectives)
-            paths = optimal_schedules(matrices["elbo"], budgets)
+            paths = {o: optimal_schedules(matrices[o], budgets) for o in objectives}  # each objective's DP needs its own paths' columns
             # int keys: the partial file holds plain values only (weights_only)
             state.history.append({"round": state.round, "grid_size": len(grid), "new_columns": len(state.new), "passes": state.passes,
-                                  "paths": {int(K): list(p.timesteps) for K, p in paths.items()}})  # fmt: skip
-            near = _wanted(grid, [t for p in paths.values() for t in p.timesteps], settings.window, settings.bisect, T)
+                                  "paths": {o: {int(K): list(p.timesteps) for K, p in ps.items()} for o, ps in paths.items()}})  # fmt: skip
+            used = [t for ps in paths.values() for p in ps.values() for t in p.timesteps]
+            near = _wanted(grid, used, settings.window, settings.bisect, T)
             if near <= state.grid:
                 break  # the paths need nothing new: the DP on a larger grid would give them again
             state.grid |= near
@@ -141,7 +143,7 @@ def _wanted(grid: list[int], used: list[int], window: int, bisect: bool, T: int)
 
 @torch.no_grad()
 def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], out: dict, seed: int, memory_gb: float, progress: bool,
-                      after: Callable[[], None] = lambda: None) -> None:
+                      after: Callable[[], None] = lambda: None, batch_size: int = 64) -> None:
     """The `ColumnStats` of each of ``columns`` into ``out``; ``after`` runs once each column is in (to save it)."""
     kept = sum(st.nbytes for stats in out.values() for st in stats)
     if out and kept / len(out) * (len(out) + len(columns)) > memory_gb * 2**30:  # checked before the round's passes
@@ -149,17 +151,22 @@ def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], 
     was_training = model.training
     model.eval()
     try:
-        for t in tqdm(columns, desc="refine", unit="col", disable=not progress):
-            stats, tables = [], stats_tables(model, t, model.device)
+        bar = tqdm(total=len(columns), desc="refine", unit="col", disable=not progress)
+        for group in call_groups(columns, max(len(x0) for _, x0 in batches), batch_size):  # several columns per network call
+            stats, tables = {t: [] for t in group}, {t: stats_tables(model, t, model.device) for t in group}
             for start, x0 in batches:
                 x0 = x0.to(model.device)
-                x_t = model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, tuple(x0.shape[1:])).to(model.device))
-                stats.append(column_stats(model, x0, model.predict(x_t, t), t, tables=tables))
-            out[t] = stats
-            kept += sum(st.nbytes for st in stats)
-            if kept > memory_gb * 2**30:
-                raise _too_much(len(out), memory_gb)
-            after()
+                x_ts = [model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, tuple(x0.shape[1:])).to(model.device)) for t in group]
+                for t, pred in zip(group, model.predict_many(x_ts, group)):
+                    stats[t].append(column_stats(model, x0, pred, t, tables=tables[t]))
+            for t in group:
+                out[t] = stats[t]
+                kept += sum(st.nbytes for st in stats[t])
+                if kept > memory_gb * 2**30:
+                    raise _too_much(len(out), memory_gb)
+                after()
+            bar.update(len(group))
+        bar.close()
     finally:
         model.train(was_training)
 

@@ -8,14 +8,15 @@ every number is the one-process number.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm_schedules.models.model import DiffusionModel
+from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.models.noise import Processes, mix
 from ddpm_schedules.sampling.frechet import (
     feature_network,
@@ -46,15 +47,24 @@ def chunk_noise(model: DiffusionModel, seed: int, c: int, m: int) -> tuple[Tenso
     return torch.randn(m, *model.image_shape, generator=gen, dtype=torch.float64), gen
 
 
+def chunk_draws(starts: list[tuple[Tensor, torch.Generator]]) -> Iterator[Tensor]:
+    """Several chunks as one batch: their x_T, then every draw of each chunk from its own generator (as it alone draws)."""
+    yield torch.cat([x_T for x_T, _ in starts])
+    while True:
+        yield torch.cat([torch.randn(x_T.shape, generator=gen, dtype=torch.float64) for x_T, gen in starts])
+
+
 def draw_samples(model: DiffusionModel, sampler: str, schedule: Schedule, settings: QualitySettings, procs: Processes,
                  batch_size: int) -> list[tuple[int, Tensor]]:
-    """This process's chunks of ``settings.samples`` samples along ``schedule``: [(chunk index, samples)]."""
+    """This process's chunks of ``settings.samples`` samples along ``schedule``: [(chunk index, samples)]; as many
+    chunks share the network calls as ``batch_size`` holds, each drawn exactly as on its own."""
     extra = {"eta": settings.ddim_eta} if sampler == "ddim" else {}
     out = []
-    for c in procs.chunks(settings.samples, settings.chunk):
-        m = min(settings.chunk, settings.samples - c * settings.chunk)
-        x_T, gen = chunk_noise(model, settings.seed, c, m)
-        out.append((c, SAMPLERS[sampler](model, schedule, m, generator=gen, batch_size=batch_size, x_T=x_T, **extra).cpu()))
+    for group in call_groups(procs.chunks(settings.samples, settings.chunk), settings.chunk, batch_size):
+        starts = [chunk_noise(model, settings.seed, c, min(settings.chunk, settings.samples - c * settings.chunk)) for c in group]
+        sizes = [len(x_T) for x_T, _ in starts]
+        samples = SAMPLERS[sampler](model, schedule, sum(sizes), noise=chunk_draws(starts), **extra).cpu()
+        out += list(zip(group, samples.split(sizes)))
     return out
 
 
@@ -93,14 +103,16 @@ def quality_stage(model: DiffusionModel, schedules: Sequence[Schedule], settings
         ref = reference if isinstance(reference, tuple) else reference_moments(network, reference, reference_cache)
     targets = teacher_samples(model, teacher, settings, procs) if teacher is not None and settings.teacher_samples else {}
     entries, grids = [], {}
-    work = [(sampler, i, sch) for sampler in settings.samplers for i, sch in enumerate(schedules)]
-    for sampler, i, sch in tqdm(work, desc="samples", unit="set", disable=procs.rank != 0):
+    work = [(sampler, sch) for sampler in settings.samplers for sch in schedules]
+    for sampler, sch in tqdm(work, desc="samples", unit="set", disable=procs.rank != 0):
         parts = draw_samples(model, sampler, sch, settings, procs, batch_size)
         entry = {"strategy": sch.strategy, "K": sch.K, "sampler": sampler, "schedule": list(sch.timesteps),
                  "fid": None, "fid_sem": None, "teacher_distance": None}  # fmt: skip
         if network is not None:
             feats = gather_chunks([(c, features_of(network, x)) for c, x in parts], ref[0].numel())
-            entry["fid"], entry["fid_sem"] = frechet_distance(ref, feats, settings.bootstrap, seed=mix(settings.seed, i))
+            # resamples keyed by the schedule, not its place in the list: a row's SE does not depend on what else runs
+            boot_seed = mix(settings.seed, zlib.crc32(sch.strategy.encode()), sch.K)
+            entry["fid"], entry["fid_sem"] = frechet_distance(ref, feats, settings.bootstrap, seed=boot_seed)
         if sampler == "ddim" and teacher is not None and settings.teacher_samples:  # the same on every process: a collective
             dist = [(c, (x[: len(targets[c])] - targets[c]).flatten(1).norm(dim=1, keepdim=True)) for c, x in parts if c in targets]
             entry["teacher_distance"] = float(gather_chunks(dist, 1).mean())

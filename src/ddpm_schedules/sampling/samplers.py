@@ -13,7 +13,7 @@ Every sampler walks x_T ~ N(0, I) -> x_{tau_{K-1}} -> ... -> x0_hat along the sc
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +56,7 @@ def ddim_step(model: DiffusionModel, x_t: Tensor, x0_hat: Tensor, t: int, s: int
 
 
 def _batched(model: DiffusionModel, schedule: Schedule | Sequence[int], n: int, run: Callable[[Schedule, Draw], Tensor],
-             generator: torch.Generator | None = None, batch_size: int | None = None, noise: Sequence[Tensor] | None = None,
+             generator: torch.Generator | None = None, batch_size: int | None = None, noise: Iterable[Tensor] | None = None,
              x_T: Tensor | None = None) -> Tensor:
     """Run ``run(schedule, draw)`` over batches of n samples; ``noise`` (x_T first, then per-step draws) replaces the
     generator, ``x_T`` only its first draw (then one batch of n: samplers given the same x_T start from the same points)."""
@@ -68,10 +68,18 @@ def _batched(model: DiffusionModel, schedule: Schedule | Sequence[int], n: int, 
         first = iter([x_T.to(model.device, torch.float64)])
         return run(schedule, lambda: _next_or_draw(first, n, model, generator, gen_device))
     if noise is not None:
-        if not noise or any(tuple(z.shape) != (n, *model.image_shape) for z in noise):
-            raise ValueError(f"noise must be tensors of shape {(n, *model.image_shape)}: x_T first, then one per noisy step")
+        shape = (n, *model.image_shape)
+        if isinstance(noise, Sequence) and (not noise or any(tuple(z.shape) != shape for z in noise)):
+            raise ValueError(f"noise must be tensors of shape {shape}: x_T first, then one per noisy step")
         draws = iter(noise)
-        return run(schedule, lambda: next(draws).to(model.device, torch.float64))
+
+        def next_draw() -> Tensor:  # an iterator is checked as it is drawn from
+            z = next(draws, None)
+            if z is None or tuple(z.shape) != shape:
+                raise ValueError(f"noise must give tensors of shape {shape}: x_T first, then one per noisy step")
+            return z.to(model.device, torch.float64)
+
+        return run(schedule, next_draw)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     out = []
     for lo in range(0, n, batch_size or n):
@@ -101,17 +109,17 @@ def sample_ancestral(
     n: int,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
-    noise: Sequence[Tensor] | None = None,
+    noise: Iterable[Tensor] | None = None,
     trajectory: list[Tensor] | None = None,
     x_T: Tensor | None = None,
 ) -> Tensor:
     """Ancestral sampling through p(x_s | x_t) of every schedule pair (docs/design.md §1): [n, C, H, W] on ``levels``.
 
     ``noise`` replaces the generator's draws: x_T first, then one tensor per noisy step (K - 1 of
-    them, from t = T down). ``trajectory``, if given, receives x at every schedule point
+    them, from t = T down); a sequence is checked up front, an iterator as it is drawn from. ``trajectory``, if given, receives x at every schedule point
     (x_T first, x_{tau_1} last) and then the final unquantized x0_hat.
     """
-    if noise is not None and len(noise) != as_schedule(model, schedule).K:
+    if isinstance(noise, Sequence) and len(noise) != as_schedule(model, schedule).K:
         raise ValueError(f"noise must be {as_schedule(model, schedule).K} tensors: x_T and one per noisy step")
 
     def run(schedule: Schedule, draw: Draw) -> Tensor:

@@ -94,13 +94,13 @@ class PartialSums:
         if self.path is not None:
             self.save_state({"states": {name: getattr(metric, name).detach().cpu() for name in metric._defaults}}, done)
 
-    def step(self, metric: Metric, done: int, stop_requested: bool = False) -> None:
-        """After each unit: save when due; on a stop request save and raise `Preempted`."""
-        self.tick(lambda: self.save(metric, done), done, stop_requested)
+    def step(self, metric: Metric, done: int, stop_requested: bool = False, units: int = 1) -> None:
+        """After each unit (or run of ``units``): save when due; on a stop request save and raise `Preempted`."""
+        self.tick(lambda: self.save(metric, done), done, stop_requested, units=units)
 
-    def tick(self, save: Callable[[], None], done: int, stop_requested: bool = False, force: bool = False) -> None:
-        """After each unit: call ``save`` when due (or ``force``); on a stop request save and raise `Preempted`."""
-        self._unsaved += 1
+    def tick(self, save: Callable[[], None], done: int, stop_requested: bool = False, force: bool = False, units: int = 1) -> None:
+        """After each unit (or run of ``units``): call ``save`` when due (or ``force``); on a stop request save and raise `Preempted`."""
+        self._unsaved += units
         due = self._unsaved >= self.every_units or time.monotonic() - self._last_save >= self.every_seconds
         if due or force or stop_requested:
             save()

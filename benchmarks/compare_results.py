@@ -2,7 +2,8 @@
 
     python benchmarks/compare_results.py before/results.json after/results.json [--fields]
 
-``--fields`` also lists every results.json field that differs, leaving out timings and paths (cache files).
+``--fields`` also lists every results.json field that differs, leaving out timings and paths (cache files);
+rows are matched by (strategy, K, sampler), and rows that only one run has are listed as such.
 """
 
 from __future__ import annotations
@@ -15,10 +16,22 @@ from typing import Any
 SKIP = {"timings", "file", "seconds", "path"}
 
 
+ROW_KEYS = ("strategy", "K", "sampler")  # rows of results and sample_quality are matched by these, not by position
+
+
+def _row_key(row: Any) -> tuple | None:
+    return tuple(row.get(k) for k in ROW_KEYS) if isinstance(row, dict) and "strategy" in row and "K" in row else None
+
+
 def differences(a: Any, b: Any, where: str = "") -> list[str]:
-    """Paths of the fields that differ, leaving out timings and file paths."""
+    """Paths of the fields that differ, leaving out timings and file paths; rows only in one run are listed as such."""
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b)) if k not in SKIP for d in differences(a.get(k), b.get(k), f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and a and b and all(_row_key(r) for r in a + b):
+        rows_a, rows_b = {_row_key(r): r for r in a}, {_row_key(r): r for r in b}
+        out = [f"{where}{list(k)} only in before" for k in rows_a if k not in rows_b]
+        out += [f"{where}{list(k)} only in after" for k in rows_b if k not in rows_a]
+        return out + [d for k in rows_a if k in rows_b for d in differences(rows_a[k], rows_b[k], f"{where}{list(k)}")]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
     return [] if a == b else [where]

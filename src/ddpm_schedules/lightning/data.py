@@ -180,6 +180,35 @@ class DigitsDataModule(ImageDataModule):
         return {k: Split(images, labels, i) for k, i in zip(SPLITS, idx)}
 
 
+class PhotoPatchesDataModule(ImageDataModule):
+    """8-bit RGB patches of scikit-learn's two bundled photos (china, flower; no download). Each split crops its own
+    region of both photos: train the left three quarters, val and test the top and bottom of the right quarter, so
+    no test patch shares a pixel with a training patch."""
+
+    levels = 256
+
+    def __init__(self, image_size: int = 16, sizes: Sequence[int] = (20000, 1000, 1000), seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.image_size, self.sizes, self.seed = image_size, tuple(sizes), seed
+
+    def load(self) -> dict[str, Split]:
+        from sklearn.datasets import load_sample_images
+
+        photos = load_sample_images().images  # two [427, 640, 3] uint8 arrays
+        h, w, s = *photos[0].shape[:2], self.image_size
+        if s < 1 or s > min(h // 2, w // 4):
+            raise ValueError(f"data.image_size = {s}; photo patches must be 1..{min(h // 2, w // 4)} pixels")
+        regions = {"train": (0, h, 0, 3 * w // 4), "val": (0, h // 2, 3 * w // 4, w), "test": (h // 2, h, 3 * w // 4, w)}
+        rng = np.random.default_rng(self.seed)
+        out = {}
+        for split, n in zip(SPLITS, self.sizes):
+            y0, y1, x0, x1 = regions[split]
+            ys, xs = rng.integers(y0, y1 - s + 1, n), rng.integers(x0, x1 - s + 1, n)
+            images = np.stack([photos[k % 2][y : y + s, x : x + s] for k, (y, x) in enumerate(zip(ys, xs))]).transpose(0, 3, 1, 2)
+            out[split] = whole(np.ascontiguousarray(images), np.arange(n) % 2)  # label: which photo
+        return out
+
+
 class SyntheticDataModule(ImageDataModule):
     """Small random images with spatial structure, for tests: blurred noise quantized to ``levels``."""
 

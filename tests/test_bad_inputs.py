@@ -152,8 +152,14 @@ def test_corrupt_cached_cost_matrix_is_recomputed(tmp_path, files):
     assert [r["bpd"] for r in again["results"]] == [r["bpd"] for r in first["results"]]
 
 
-def test_dpmpp_without_diffusers_is_refused_before_any_work(tmp_path, files, monkeypatch):
+def test_dpmpp_needs_no_diffusers(monkeypatch):
+    from conftest import tiny_model
+
+    from ddpm_schedules import even_schedule
+    from ddpm_schedules.sampling.samplers import check_samplers, sample_dpmpp
+
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if it were not installed
-    with pytest.raises(ValueError, match="eval.samplers has dpmpp, which needs diffusers: pip install 'ddpm-schedules\\[diffusers\\]'"):
-        evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", "eval.samplers=[ddim,dpmpp]"))
-    assert not (tmp_path / "cache").exists()
+    assert check_samplers(["ddim", "dpmpp"]) == ["ddim", "dpmpp"]
+    assert sample_dpmpp(tiny_model("fixed_large", T=10), even_schedule(10, 3), 4).shape == (4, 1, 4, 4)
+
+

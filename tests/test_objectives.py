@@ -134,14 +134,14 @@ devices, out = int(sys.argv[1]), sys.argv[2]
 fabric = Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto")
 fabric.launch()
 lo, hi = shard(9, fabric.global_rank, fabric.world_size)
-cm = estimate_ode_matrix(tiny_model("learned_range", T=10), hi - lo, seed=5, batch_size=2, progress=False, start_index=lo)
+cm = estimate_ode_matrix(tiny_model("learned_range", T=10), hi - lo, seed=5, batch_size=2, progress=False, start_index=lo, multistep=True)
 if fabric.global_rank == 0:
     cm.save(out)
 """
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_give_the_one_process_ode_matrix(tmp_path):
+def test_two_gloo_processes_give_the_one_process_ode_matrix_and_two_step_costs(tmp_path):
     script = tmp_path / "ode_script.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
@@ -151,3 +151,5 @@ def test_two_gloo_processes_give_the_one_process_ode_matrix(tmp_path):
     assert one.count == two.count == 9
     upper = torch.ones_like(one.mean, dtype=torch.bool).triu(1)
     torch.testing.assert_close(two.mean[upper], one.mean[upper], rtol=1e-6, atol=0)
+    assert one.two_step is not None and float(one.two_step.abs().sum()) > 0  # DPM-Solver++(2M)'s [N+1]^3 costs
+    torch.testing.assert_close(two.two_step, one.two_step, rtol=1e-6, atol=0)

@@ -71,14 +71,30 @@ def plain_dpm_solver_pp_2m(model, x_T, timesteps):
 
 
 def test_dpmpp_along_a_schedule_equals_dpm_solver_pp_2m_written_out():
-    pytest.importorskip("diffusers")
     model = tiny_model("learned_range", T=50, schedule="linear", levels=256)
     x_T = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for sch in (even_schedule(50, 6), Schedule((1, 3, 8, 20, 33, 41, 50), 50)):
         got = sample_dpmpp(model, sch, 64, noise=[x_T])
-        # diffusers keeps alpha_bar in float32; on the 256-level grid the samples still agree exactly
         assert torch.equal(got, plain_dpm_solver_pp_2m(model, x_T, list(sch.timesteps)))
         assert not torch.equal(got, sample_ddim(model, sch, 64, noise=[x_T]))  # second order is not DDIM
+
+
+def test_dpmpp_steps_as_diffusers_dpm_solver_multistep_scheduler():
+    """The reference implementation: diffusers' scheduler (second order, data prediction, final sigma 0) on the same betas."""
+    diffusers = pytest.importorskip("diffusers")
+    model = tiny_model("learned_range", T=50, schedule="linear", levels=256)
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=50, trained_betas=model.schedule.betas.numpy(), prediction_type="sample",
+        algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
+    )  # fmt: skip
+    x_T = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for sch in (even_schedule(50, 6), Schedule((1, 3, 8, 20, 33, 41, 50), 50)):
+        scheduler.set_timesteps(timesteps=sch.to_diffusers_timesteps())
+        x = x_T
+        for index in scheduler.timesteps.tolist():
+            x = scheduler.step(model.predict(x, index + 1).x0_hat, index, x).prev_sample
+        # diffusers keeps alpha_bar in float32: on the 256-level grid the samples still agree exactly
+        assert torch.equal(sample_dpmpp(model, sch, 64, noise=[x_T]), quantize(x, 256).float())
 
 
 def test_sampler_names_and_eta_are_checked():

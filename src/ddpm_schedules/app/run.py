@@ -33,7 +33,7 @@ from ddpm_schedules.sampling.frechet import load_reference_stats, save_reference
 from ddpm_schedules.sampling.quality import quality_stage
 from ddpm_schedules.schedules.analytic import save_gamma
 from ddpm_schedules.schedules.schedule import Schedule, full_schedule
-from ddpm_schedules.schedules.strategies import build_schedules, objectives_of
+from ddpm_schedules.schedules.strategies import TEACHER, build_schedules, objectives_of
 from ddpm_schedules.storage.files import atomic_write_json, file_digest, hash_parts
 
 
@@ -121,18 +121,18 @@ def run_evaluation(
             refined, refine_rounds = refine_stage(ctx, first, cost_seed, labels, ["elbo"], s.all_budgets, refine)
             grid = refined["elbo"].matrix.grid[1:].tolist()
             cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision, refined["elbo"])
-            others = [o for o in objectives if o not in ("ode", "elbo")]
+            others = [o for o in objectives if o not in (*TEACHER, "elbo")]
             costs = {"elbo": precise} | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
         elif refine is not None:
             costs, rounds = refine_stage(ctx, cost_data, cost_seed, labels, objectives, s.all_budgets, refine)
         else:
             cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision)
-            others = [o for o in objectives if o != "ode" and not (precise and o == "elbo")]
+            others = [o for o in objectives if o not in TEACHER and not (precise and o == "elbo")]
             costs = ({"elbo": precise} if precise else {}) | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
-    if "ode" in objectives:
+    if set(TEACHER) & set(objectives):  # dp_dpmpp's step costs come from dp_ode's teacher trajectories, with no extra pass
         with ctx.timed("ode_matrix"):
-            costs["ode"] = ode_matrix_stage(ctx, cost_seed, ode, ode_grid)
-    matrices = {o: c.matrix for o, c in costs.items()}
+            costs["ode"] = ode_matrix_stage(ctx, cost_seed, ode, ode_grid, multistep="dpmpp" in objectives)
+    matrices = {o: c.matrix for o, c in costs.items()} | ({"dpmpp": costs["ode"].matrix} if "dpmpp" in objectives else {})
     if model.var_type == "analytic" and model.gamma is None:  # Gamma of the cost examples serves held-out bits/dim and sampling
         model.use_variance("analytic", matrices["elbo"].gamma)
     with ctx.timed("dp_and_schedules"):

@@ -20,7 +20,7 @@ from ddpm_schedules.sampling.inception import resolve_inception
 from ddpm_schedules.sampling.quality import QualitySettings
 from ddpm_schedules.sampling.samplers import check_eta, check_samplers
 from ddpm_schedules.schedules.schedule import check_budgets
-from ddpm_schedules.schedules.strategies import Strategy, check_strategy_names, parse_strategies
+from ddpm_schedules.schedules.strategies import TEACHER, Strategy, check_strategy_names, parse_strategies
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ class EvaluateSettings:
         strategies = parse_strategies([str(s) for s in held.strategies], T, noise=model.schedule)
         sizes = {"the cost grid's size": full_grid(grid, T).numel() - 1}
         resolved = replace(self, T=T, cost=replace(self.cost, grid=grid))
-        if any(s.objective == "ode" for s in strategies):
+        if any(s.objective in TEACHER for s in strategies):
             sizes["the size of cost.ode.grid"] = full_grid(resolved.ode_grid, T).numel() - 1
         name, limit = min(sizes.items(), key=lambda kv: kv[1])
         budgets = check_budgets(list(held.budgets), limit, "eval.budgets", name)

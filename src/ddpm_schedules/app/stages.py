@@ -19,6 +19,7 @@ from ddpm_schedules.costs.precision import estimate_to_precision
 from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import Processes
+from ddpm_schedules.schedules.strategies import TEACHER
 from ddpm_schedules.storage.files import atomic_write_json, cache_key
 from ddpm_schedules.storage.resume import PartialFile
 
@@ -93,7 +94,7 @@ def precision_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: in
 def refine_stage(ctx: Context, data: Tensor, seed: int, labels: Labels, objectives: Sequence[str], budgets: Sequence[int],
                  settings: RefineSettings) -> tuple[dict[str, CostStage], list[dict[str, Any]]]:
     """``cost.refine``: the data objectives' matrices on a grid refined around the DP's paths (refine.py), cached with its rounds."""
-    wanted = [o for o in objectives if o != "ode"]
+    wanted = [o for o in objectives if o not in TEACHER]
     key = cache_key(ctx.model, data=labels.data_name, split=labels.cost_split, examples=len(data), seed=seed, refine=settings.__dict__,
                     budgets=list(budgets), objectives=wanted)  # fmt: skip
     files = {o: ctx.cache_dir / f"cost_matrix_{key[:16]}_{o}.pt" for o in wanted}
@@ -134,17 +135,18 @@ def data_matrices_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed
     return out
 
 
-def ode_matrix_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[int] | None) -> CostStage:
-    """The dp_ode matrix from teacher DDIM trajectories (ode.py), cached like the others."""
+def ode_matrix_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[int] | None, multistep: bool = False) -> CostStage:
+    """The dp_ode matrix from teacher DDIM trajectories (ode.py), with ``multistep`` also DPM-Solver++(2M)'s step costs
+    (dp_dpmpp), cached like the others."""
     g = full_grid(grid, ctx.model.T)
-    key = cache_key(ctx.model, objective="ode", grid=g.tolist(), seed=seed, trajectories=settings.trajectories)
+    key = cache_key(ctx.model, objective="ode", grid=g.tolist(), seed=seed, trajectories=settings.trajectories, **({"multistep": True} if multistep else {}))
     file = ctx.cache_dir / f"cost_matrix_{key[:20]}.pt"
     cm = _load(file)
     if cm is not None:
         return CostStage(cm, key, file, True)
     lo, hi = ctx.procs.shard(settings.trajectories)
     cm = estimate_ode_matrix(ctx.model, hi - lo, grid=grid, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
-                             partial=ctx.partial(file, 1), memory_gb=settings.memory_gb)  # fmt: skip
+                             partial=ctx.partial(file, 1), memory_gb=settings.memory_gb, multistep=multistep)  # fmt: skip
     if ctx.procs.rank == 0:
         cm.save(file)
     return CostStage(cm, key, file, False)

@@ -92,6 +92,7 @@ class CostMatrix:
     prior_moments: Tensor | None = field(default=None, repr=False)  # [3]
     gamma: Tensor | None = field(default=None, repr=False)  # [T+1] Gamma_t (NaN off the grid) of an analytic-variance matrix
     betas: Tensor | None = field(default=None, repr=False)  # [T] the model's betas, with gamma (analytic_ot needs both)
+    two_step: Tensor | None = field(default=None, repr=False)  # [N+1]^3 DPM-Solver++(2M)'s step costs (ode, multistep.py)
 
     def merged(self, other: "CostMatrix") -> "CostMatrix":
         """The matrix of both sets of examples (e.g. two rounds of `estimate_to_precision`), from their moments."""

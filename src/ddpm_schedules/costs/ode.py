@@ -14,6 +14,7 @@ no ELBO term uses, so the matrix is the same for any chunk size or process count
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from ddpm_schedules.costs.cost_matrix import CostMatrix, CostMatrixMetric, from_moments
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.moments import empty_moments
+from ddpm_schedules.costs.multistep import multistep_distance_sums, trajectory_gram
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import example_noise
 from ddpm_schedules.sampling.samplers import ddim_step
@@ -72,6 +74,21 @@ def chunk_size(batch_size: int, points: int, dims: int, memory_gb: float) -> int
     return max(1, min(batch_size, int(memory_gb * 2**30) // (2 * points * dims * 8)))
 
 
+class OdeMetric(CostMatrixMetric):
+    """The ODE matrix's moments and, with ``multistep``, the summed DPM-Solver++(2M) step distances [N+1]^3."""
+
+    def __init__(self, size: int, multistep: bool = False, **kwargs):
+        super().__init__(size, **kwargs)
+        self.has_multistep = multistep
+        if multistep:
+            self.add_state("multistep", torch.zeros(size, size, size, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def compute(self) -> tuple[Tensor, ...]:
+        """`CostMatrixMetric.compute`'s tuple, then the multistep sums when kept."""
+        out = super().compute()
+        return (*out, self.multistep.clone()) if self.has_multistep else out
+
+
 def estimate_ode_matrix(
     model: DiffusionModel,
     trajectories: int,
@@ -82,8 +99,11 @@ def estimate_ode_matrix(
     progress: bool = True,
     start_index: int = 0,
     partial: PartialFile | str | Path | None = None,
+    multistep: bool = False,
 ) -> CostMatrix:
-    """The GITS cost matrix on ``[0] + grid`` from ``trajectories`` teacher trajectories (global indices from ``start_index``).
+    """The GITS cost matrix on ``[0] + grid`` from ``trajectories`` teacher trajectories (global indices from ``start_index``);
+    with ``multistep`` it carries DPM-Solver++(2M)'s step costs C2[p, c, n] from the same trajectories as ``two_step``
+    (multistep.py: no extra network pass).
 
     Trajectories are processed in chunks whose stored points fit ``memory_gb``; under torch.distributed
     each process passes its own range and the sums combine as for the ELBO matrix. ``partial``
@@ -97,9 +117,9 @@ def estimate_ode_matrix(
     dims = math.prod(model.image_shape)
     chunk = chunk_size(batch_size, g.numel(), dims, memory_gb)
     starts = list(range(0, trajectories, chunk))
-    metric = CostMatrixMetric(g.numel()).to(model.device)
+    metric = OdeMetric(g.numel(), multistep).to(model.device)
     config = {"what": "ode", "model": model_fingerprint(model), "grid": g.tolist(), "seed": seed, "trajectories": trajectories,
-              "start_index": start_index, "chunk": chunk}  # fmt: skip
+              "start_index": start_index, "chunk": chunk, **({"multistep": True} if multistep else {})}  # fmt: skip
     with resumable(model, metric, PartialFile.of(partial, every=1), config) as (saver, done, stop_requested), tqdm(
         total=trajectories, initial=min(trajectories, done * chunk), desc="ode matrix", unit="traj", disable=not progress
     ) as bar:
@@ -108,8 +128,11 @@ def estimate_ode_matrix(
             xs, x0s = teacher_trajectory(model, trajectory_noise(seed, start_index + lo, m, model.image_shape), g)
             for j in range(1, g.numel()):
                 metric.update(jump_distances(model, xs, x0s, g, j), j)
+            if multistep:
+                metric.multistep += multistep_distance_sums(model.schedule.ab.to(model.device), g.to(model.device), trajectory_gram(xs, x0s))
             bar.update(m)
             saver.step(metric, c + 1, stop_requested())
-    moments = metric.compute()[5].cpu()
+    out = metric.compute()
     saver.remove()
-    return from_moments(moments[:, 0], empty_moments(), g, dims, "ode")
+    cm = from_moments(out[5].cpu()[:, 0], empty_moments(), g, dims, "ode")
+    return replace(cm, two_step=out[-1].cpu() / trajectories) if multistep else cm

@@ -14,11 +14,12 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ddpm_schedules.costs.cost_matrix import CostMatrix, check_objectives, estimate_cost_matrix
+from ddpm_schedules.costs.cost_matrix import OBJECTIVES, CostMatrix, check_objectives, estimate_cost_matrix
 from ddpm_schedules.costs.grids import candidate_grid, full_grid
 from ddpm_schedules.costs.ode import estimate_ode_matrix
 from ddpm_schedules.models.noise import shard
 from ddpm_schedules.reports.report import figure_array, plot_cost_matrix, plot_schedules
+from ddpm_schedules.schedules.dp_multistep import multistep_path_cost
 from ddpm_schedules.schedules.schedule import Schedule, check_budgets
 from ddpm_schedules.schedules.strategies import Strategy, build_schedules, parse_strategies
 from ddpm_schedules.storage.files import atomic_write_json
@@ -62,7 +63,7 @@ class ScheduleMonitor(Callback):
         self.budgets = check_budgets(list(budgets), None, f"{key}.budgets")
         self.every_n_validations = every_n_validations
         self.examples, self.grid, self.seed, self.batch_size = examples, grid, seed, batch_size
-        self.objective = check_objectives([objective], key=f"{key}.objective")[0]
+        self.objective = check_objectives([objective], allowed=(*OBJECTIVES, "dpmpp"), key=f"{key}.objective")[0]
         if var_type not in (None, "analytic"):
             raise ValueError(f"{key}.var_type = {var_type!r}; use null (the model's own variance) or analytic (Analytic-DPM)")
         self.var_type = var_type
@@ -119,9 +120,9 @@ class ScheduleMonitor(Callback):
         data = trainer.datamodule.tensor("val", self.examples)
         lo, hi = shard(len(data), trainer.global_rank, trainer.world_size)
         progress = self.progress and trainer.is_global_zero
-        if self.objective == "ode":  # trajectories from noise: as many as the examples the other objectives use
+        if self.objective in ("ode", "dpmpp"):  # trajectories from noise: as many as the examples the other objectives use
             cm = estimate_ode_matrix(model, hi - lo, grid=self.timesteps(model.T), seed=self.seed, batch_size=self.batch_size,
-                                     progress=progress, start_index=lo)  # fmt: skip
+                                     progress=progress, start_index=lo, multistep=self.objective == "dpmpp")  # fmt: skip
         else:
             with variance_rule(model, self.var_type):
                 cm = estimate_cost_matrix(model, data[lo:hi], grid=self.timesteps(model.T), seed=self.seed, batch_size=self.batch_size,
@@ -178,14 +179,18 @@ def summarize(cm: CostMatrix, budgets: Sequence[int], global_step: int = 0, stra
     own cost otherwise (``schedules/<strategy>_mse/K<K>``, ``..._ode``); the same keys for the full grid
     chain (``schedules/full_<unit>``) and the DP's gap to it (``schedules/<dp strategy>_gap/K<K>``).
     """
-    elbo = cm.objective == "elbo"
-    dp = "dp" if elbo else f"dp_{cm.objective}"
+    elbo, multistep = cm.objective == "elbo", cm.two_step is not None
+    objective = "dpmpp" if multistep else cm.objective  # an ode matrix with two-step costs prices DPM-Solver++(2M) paths
+    dp = "dp" if elbo else f"dp_{objective}"
     strategies = strategies or parse_strategies([dp, "even", "quadratic"], cm.T)
-    unit = "bpd" if elbo else cm.objective
-    cost = (lambda s: cm.bpd(cm.schedule_nats(s))) if elbo else cm.schedule_nats  # noqa: E731
+    unit = "bpd" if elbo else objective
+    if multistep:
+        cost = lambda s: multistep_path_cost(cm, s.timesteps)  # noqa: E731
+    else:
+        cost = (lambda s: cm.bpd(cm.schedule_nats(s))) if elbo else cm.schedule_nats  # noqa: E731
     grid = set(cm.grid.tolist())
     schedules, skipped = [], []
-    for sch in build_schedules(strategies, cm, budgets):
+    for sch in build_schedules(strategies, {objective: cm}, budgets):
         (schedules if set(sch.timesteps) <= grid else skipped).append(sch)
     if skipped:
         rank_zero_warn(f"ScheduleMonitor: {', '.join(f'{s.strategy} K={s.K}' for s in skipped)} not on the cost-matrix grid; use grid=null")
@@ -198,7 +203,7 @@ def summarize(cm: CostMatrix, budgets: Sequence[int], global_step: int = 0, stra
     metrics.update({f"schedules/{dp}_gap/K{r['K']}": r[key] - full for r in results if r["strategy"] == dp})
     return {
         "global_step": int(global_step),
-        "objective": cm.objective,
+        "objective": objective,
         "unit": unit,
         "examples": cm.count,
         "grid_size": cm.grid.numel() - 1,

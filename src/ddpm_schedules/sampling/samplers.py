@@ -5,7 +5,7 @@ Every sampler walks x_T ~ N(0, I) -> x_{tau_{K-1}} -> ... -> x0_hat along the sc
 
 - `sample_ancestral`: p(x_s | x_t) of every pair, the model's own reverse process;
 - `sample_ddim`: DDIM (Song et al. 2021) with eta (0 = the deterministic probability-flow sampler);
-- `sample_dpmpp`: DPM-Solver++(2M) (Lu et al. 2022), stepped by diffusers' DPMSolverMultistepScheduler;
+- `sample_dpmpp`: DPM-Solver++(2M) (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler steps it (tests check);
 - `diffusers_sample`: a diffusers UNet stepped by diffusers' own scheduler along an exported schedule.
 
 ``SAMPLERS`` maps the names ``eval.samplers`` takes to these functions.
@@ -161,38 +161,44 @@ def sample_ddim(model: DiffusionModel, schedule: Schedule | Sequence[int], n: in
     return _batched(model, schedule, n, run, **draws)
 
 
+def dpmpp_2m_coefficients(ab: Tensor, p: Tensor | int | None, c: Tensor | int, n: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
+    """(a, b, d) of DPM-Solver++(2M)'s update x_n = a x_c + b x0_hat(c) + d x0_hat(p) (Lu et al. 2022, Alg. 2, in
+    diffusers' midpoint form), float64: with lambda = log(alpha / sigma), h = lambda_n - lambda_c, r = (lambda_c -
+    lambda_p) / h and phi = alpha_n (1 - e^-h): a = sigma_n / sigma_c, b = phi (1 + 1 / 2r), d = -phi / 2r. Without p
+    (the first step) or to n = 0 (the last) it is the first-order update, DDIM's: b = phi, d = 0."""
+    ab = ab.double()
+    c, n = torch.as_tensor(c), torch.as_tensor(n)
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    lam = torch.log(alpha) - torch.log(sigma)  # +inf at t = 0
+    h = lam[n] - lam[c]
+    a = sigma[n] / sigma[c]
+    phi = -alpha[n] * torch.expm1(-h)
+    if p is None:
+        return a, phi, torch.zeros_like(phi)
+    half_over_r = 0.5 * h / (lam[c] - lam[torch.as_tensor(p)])
+    last = n == 0
+    return a, torch.where(last, phi, phi * (1 + half_over_r)), torch.where(last, torch.zeros_like(phi), -phi * half_over_r)
+
+
 @torch.no_grad()
 def sample_dpmpp(model: DiffusionModel, schedule: Schedule | Sequence[int], n: int, **draws: Any) -> Tensor:
-    """DPM-Solver++(2M) with diffusers' DPMSolverMultistepScheduler on the model's own betas, fed the model's
-    (clipped) x0_hat as a data prediction, at the schedule's timesteps: [n, C, H, W] on ``levels``.
+    """DPM-Solver++(2M) (Lu et al. 2022) on the model's (clipped) x0_hat as its data prediction, at the schedule's
+    timesteps: `dpmpp_2m_coefficients` for every step, first order for the first and the last (to t = 0, as
+    diffusers' DPMSolverMultistepScheduler with final_sigmas_type="zero"): [n, C, H, W] on ``levels``.
 
     ``draws``: ``generator``, ``batch_size``, ``noise``, ``x_T`` as for `sample_ancestral`.
     """
-    scheduler = dpmpp_scheduler(model)
 
     def run(schedule: Schedule, draw: Draw) -> Tensor:
-        x = draw()
-        scheduler.set_timesteps(timesteps=schedule.to_diffusers_timesteps())
-        for index in scheduler.timesteps.tolist():
-            x0_hat = model.predict(x, index + 1).x0_hat
-            x = scheduler.step(x0_hat, index, x).prev_sample
+        x, prev = draw(), None
+        for s, t in _steps(schedule):
+            x0_hat = model.predict(x, t).x0_hat
+            a, b, d = (float(v) for v in dpmpp_2m_coefficients(model.schedule.ab, None if prev is None else prev[0], t, s))
+            x = a * x + b * x0_hat + (d * prev[1] if prev is not None else 0.0)
+            prev = (t, x0_hat)
         return quantize(x, model.levels).float()
 
     return _batched(model, schedule, n, run, **draws)
-
-
-def dpmpp_scheduler(model: DiffusionModel):
-    """diffusers' DPMSolverMultistepScheduler for this model: its betas, data prediction, second order, final sigma 0."""
-    try:
-        from diffusers import (
-            DPMSolverMultistepScheduler,  # optional: only this sampler needs diffusers
-        )
-    except ImportError:
-        raise ValueError("the dpmpp sampler needs diffusers: pip install 'ddpm-schedules[diffusers]', or use eval.samplers=[ancestral,ddim]") from None
-    return DPMSolverMultistepScheduler(
-        num_train_timesteps=model.T, trained_betas=model.schedule.betas.numpy(), prediction_type="sample",
-        algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
-    )  # fmt: skip
 
 
 def check_eta(eta: float, key: str = "eta") -> None:
@@ -204,18 +210,13 @@ SAMPLERS = {"ancestral": sample_ancestral, "ddim": sample_ddim, "dpmpp": sample_
 
 
 def check_samplers(names: Sequence[str], key: str = "eval.samplers") -> list[str]:
-    """Sampler names checked before any work (dpmpp also checks that diffusers is installed)."""
+    """Sampler names checked before any work."""
     names = list(names)
     if not names:
         raise ValueError(f"{key} is empty; use e.g. [ancestral, ddim]")
     for name in names:
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r} in {key}; use {', '.join(SAMPLERS)}")
-    if "dpmpp" in names:
-        try:
-            import diffusers  # noqa: F401
-        except ImportError:
-            raise ValueError(f"{key} has dpmpp, which needs diffusers: pip install 'ddpm-schedules[diffusers]'") from None
     return names
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from ddpm_schedules.models.diffusion import NoiseSchedule
 from ddpm_schedules.schedules.analytic import analytic_ot_schedule
 from ddpm_schedules.schedules.dp import PairCosts, optimal_schedules
+from ddpm_schedules.schedules.dp_multistep import MultistepCosts, optimal_multistep_schedules
 from ddpm_schedules.schedules.schedule import (
     Schedule,
     even_schedule,
@@ -84,6 +85,20 @@ class OdeStrategy(OptimalStrategy):
     """``dp_ode``: the least deviation of one-step DDIM jumps from a DDIM teacher (GITS)."""
 
     objective: ClassVar[str] = "ode"
+
+
+@dataclass(frozen=True)
+class DpmppStrategy(Strategy):
+    """``dp_dpmpp``: the exact DP over DPM-Solver++(2M)'s steps (dp_multistep.py) on the ODE teacher's step costs."""
+
+    objective: ClassVar[str] = "dpmpp"
+
+    def build(self, cost_matrix: MultistepCosts, K: int) -> Schedule:
+        return self.build_all(cost_matrix, [K])[0]
+
+    def build_all(self, cost_matrix: MultistepCosts, budgets: Sequence[int]) -> list[Schedule]:
+        by_k = optimal_multistep_schedules(cost_matrix, budgets, self.name)
+        return [by_k[K] for K in budgets]
 
 
 @dataclass(frozen=True)
@@ -161,8 +176,8 @@ def solver_baseline(name: str, T: int, noise: NoiseSchedule | None, key: str) ->
     return SolverBaselineStrategy(name, noise=noise)
 
 
-STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, "analytic_ot": AnalyticOtStrategy, "even": EvenStrategy,
-              "quadratic": QuadraticStrategy}  # fmt: skip
+STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, "dp_dpmpp": DpmppStrategy, "analytic_ot": AnalyticOtStrategy,
+              "even": EvenStrategy, "quadratic": QuadraticStrategy}  # fmt: skip
 PREFIXED = {"respace": respace, "file": from_file}
 
 
@@ -216,6 +231,9 @@ def build_schedules(strategies: Sequence[Strategy], matrices: PairCosts | Mappin
         raise ValueError(f"no {', '.join(missing)} cost matrix for strategies {[s.name for s in strategies if s.objective in missing]}")
     some = next(iter(matrices.values()))
     return [sch for s in strategies for sch in s.build_all(matrices[s.objective] if s.objective else some, budgets)]
+
+
+TEACHER = ("ode", "dpmpp")  # objectives priced on teacher trajectories from noise (ode.py), not on data
 
 
 def objectives_of(strategies: Sequence[Strategy]) -> list[str]:

@@ -30,7 +30,7 @@ from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import Processes
 from ddpm_schedules.reports import report
 from ddpm_schedules.sampling.frechet import load_reference_stats, save_reference_stats
-from ddpm_schedules.sampling.quality import quality_stage
+from ddpm_schedules.sampling.quality import DETERMINISTIC, quality_stage
 from ddpm_schedules.schedules.analytic import save_gamma
 from ddpm_schedules.schedules.schedule import Schedule, full_schedule
 from ddpm_schedules.schedules.strategies import TEACHER, build_schedules, objectives_of
@@ -141,7 +141,7 @@ def run_evaluation(
     with ctx.timed("held_out_bpd"):
         results, full = held_out_stage(ctx, eval_data, schedules, held.seed, costs["elbo"].key, labels.eval_split, held.full_chain)
     with ctx.timed("sample_quality"):
-        teacher = Schedule(tuple(full_grid(ode_grid, model.T)[1:].tolist()), model.T, "teacher") if "ddim" in quality.samplers else None
+        teacher = Schedule(tuple(full_grid(ode_grid, model.T)[1:].tolist()), model.T, "teacher") if set(DETERMINISTIC) & set(quality.samplers) else None
         entries, grids, ref = quality_stage(model, sampled, quality, procs, s.batch_size, fid, *_reference(ctx, fid, reference, labels), teacher)
     elbo = costs["elbo"]
     result = EvaluationResult(

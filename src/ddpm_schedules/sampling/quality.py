@@ -29,6 +29,9 @@ from ddpm_schedules.sampling.samplers import SAMPLERS, sample_ddim
 from ddpm_schedules.schedules.schedule import Schedule
 
 
+DETERMINISTIC = ("ddim", "dpmpp")  # samplers whose samples are compared with the teacher's from the same x_T
+
+
 @dataclass(frozen=True)
 class QualitySettings:
     samplers: tuple[str, ...] = ("ancestral", "ddim")
@@ -91,7 +94,7 @@ def quality_stage(model: DiffusionModel, schedules: Sequence[Schedule], settings
                   batch_size: int, fid: Any = None, reference: Tensor | tuple[Tensor, Tensor] | None = None,
                   reference_cache: str | None = None, teacher: Schedule | None = None) -> tuple[list[dict[str, Any]], dict[str, Tensor], Any]:
     """For every sampler and schedule: the Fréchet distance (with its bootstrap error) of ``settings.samples``
-    samples to ``reference`` (images, or their feature statistics (mu, sigma)), and for DDIM the mean L2 distance
+    samples to ``reference`` (images, or their feature statistics (mu, sigma)), and for DDIM and DPM-Solver++ the mean L2 distance
     of its first samples to the teacher's.
 
     Returns the entries (strategy, K, sampler, schedule, fid, fid_sem, teacher_distance), sample grids
@@ -113,7 +116,7 @@ def quality_stage(model: DiffusionModel, schedules: Sequence[Schedule], settings
             # resamples keyed by the schedule, not its place in the list: a row's SE does not depend on what else runs
             boot_seed = mix(settings.seed, zlib.crc32(sch.strategy.encode()), sch.K)
             entry["fid"], entry["fid_sem"] = frechet_distance(ref, feats, settings.bootstrap, seed=boot_seed)
-        if sampler == "ddim" and teacher is not None and settings.teacher_samples:  # the same on every process: a collective
+        if sampler in DETERMINISTIC and teacher is not None and settings.teacher_samples:  # the same on every process: a collective
             dist = [(c, (x[: len(targets[c])] - targets[c]).flatten(1).norm(dim=1, keepdim=True)) for c, x in parts if c in targets]
             entry["teacher_distance"] = float(gather_chunks(dist, 1).mean())
         entries.append(entry)

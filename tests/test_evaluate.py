@@ -177,3 +177,11 @@ def test_refinement_through_evaluate_reports_its_rounds(tmp_path, tiny_ckpt):
         evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "cost.refine.enabled=true", "cost.refine.window=-2"))
     with pytest.raises(ValueError, match="cost.refine.coarse has 3 timesteps but the largest budget is K = 4"):
         evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "cost.refine.enabled=true", "cost.refine.coarse=log:3"))
+
+
+def test_dp_dpmpp_runs_through_evaluate_with_dpm_solver_samples_against_the_teacher(tmp_path, tiny_ckpt):
+    doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "eval.strategies=[dp_dpmpp,dp_ode,even]", "eval.samplers=[dpmpp]"))
+    assert {r["strategy"] for r in doc["results"]} == {"dp_dpmpp", "dp_ode", "even"}
+    assert doc["sample_quality"] and all(q["sampler"] == "dpmpp" and q["teacher_distance"] is not None for q in doc["sample_quality"])
+    ode = CostMatrix.load(doc["cost_matrix"]["objectives"]["ode"]["file"])
+    assert ode.two_step is not None  # the teacher's step costs are cached with the ode matrix

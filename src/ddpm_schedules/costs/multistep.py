@@ -33,16 +33,16 @@ def step_sq_distances(ab: Tensor, grid: Tensor, G: Tensor, c: int) -> Tensor:
     N = grid.numel() - 1
     p = torch.arange(c + 1, N + 1, device=G.device)[:, None]  # [P, 1]
     n = torch.arange(1, c, device=G.device)[None, :]  # [1, M]
-    a, b, d = (v.to(G.device) for v in dpmpp_2m_coefficients(ab, grid[p], grid[c], grid[n]))
-    shape = (p.shape[0], n.shape[1])
-
-    def g(i: int | Tensor, j: int | Tensor) -> Tensor:  # [B, P, M]: G's entries (i, j) broadcast over (p, n)
-        return G[:, torch.as_tensor(i, device=G.device).expand(shape), torch.as_tensor(j, device=G.device).expand(shape)]
-
-    xc, dc, dp, xn = c, N + c, N + p, n  # rows: x at grid index i is row i, x0_hat at grid index i is row N + i
-    return (a**2 * g(xc, xc) + b**2 * g(dc, dc) + d**2 * g(dp, dp) + g(xn, xn)
-            + 2 * a * b * g(xc, dc) + 2 * a * d * g(xc, dp) + 2 * b * d * g(dc, dp)
-            - 2 * a * g(xc, xn) - 2 * b * g(dc, xn) - 2 * d * g(dp, xn))  # fmt: skip
+    a, b, d = (v.to(G.device) for v in dpmpp_2m_coefficients(ab, grid[p], grid[c], grid[n]))  # [1, M], [P, M], [P, M]
+    # rows of G: x at grid index i is row i, x0_hat at grid index i is row N + i; slices broadcast over (p, n)
+    xc, dc, dp, xn = c, N + c, slice(N + c + 1, 2 * N + 1), slice(1, c)
+    diag = G.diagonal(dim1=1, dim2=2)
+    cc, dd, xx = G[:, xc, xc, None, None], G[:, dc, dc, None, None], G[:, xc, dc, None, None]  # [B, 1, 1]
+    pp, xp, dcp = diag[:, dp, None], G[:, xc, dp, None], G[:, dc, dp, None]  # [B, P, 1]
+    nn, xn_c, dn = diag[:, None, xn], G[:, None, xc, xn], G[:, None, dc, xn]  # [B, 1, M]
+    pn = G[:, dp, xn]  # [B, P, M]
+    return (a**2 * cc + b**2 * dd + d**2 * pp + nn + 2 * a * b * xx + 2 * a * d * xp + 2 * b * d * dcp
+            - 2 * a * xn_c - 2 * b * dn - 2 * d * pn)  # fmt: skip
 
 
 def multistep_distance_sums(ab: Tensor, grid: Tensor, G: Tensor) -> Tensor:

@@ -91,3 +91,11 @@ def test_target_sem_continues_from_a_refined_first_round_on_its_grid():
     valid = torch.isfinite(whole.mean)
     torch.testing.assert_close(cm.mean[valid], whole.mean[valid], rtol=1e-10, atol=0)
     torch.testing.assert_close(cm.sem[valid], whole.sem[valid], rtol=1e-8, atol=0)
+
+
+def test_batch_size_null_gives_about_a_million_input_values_per_network_call():
+    from ddpm_schedules.app.settings import EvaluateSettings, auto_batch_size
+
+    assert [auto_batch_size(s) for s in ((1, 8, 8), (3, 32, 32), (3, 64, 64), (3, 512, 512))] == [1000, 341, 85, 1]
+    model = tiny_model("fixed_large", T=200)  # 1x4x4 images, T above the default budgets
+    assert EvaluateSettings().resolve(model).batch_size == 1000 and EvaluateSettings(batch_size=7).resolve(model).batch_size == 7

@@ -76,3 +76,9 @@ def test_dp_dpmpp_strategy_and_the_monitor_price_two_step_paths():
     assert record["objective"] == record["unit"] == "dpmpp" and "schedules/dp_dpmpp_gap/K3" in record["metrics"]
     with pytest.raises(ValueError, match="dp_dpmpp needs DPM-Solver\\+\\+\\(2M\\)'s step costs"):
         build_schedules(parse_strategies(["dp_dpmpp"], 12), {"dpmpp": estimate_ode_matrix(model, 2, progress=False)}, [3])
+
+
+def test_a_grid_too_large_for_the_two_step_costs_is_refused_before_any_pass():
+    model = tiny_model("fixed_large", T=400)
+    with pytest.raises(ValueError, match=r"cost.ode.grid has 400 points: DPM-Solver\+\+\(2M\)'s step costs need 0.5 GB, more than cost.ode.memory_gb = 0.1"):
+        estimate_ode_matrix(model, 2, progress=False, multistep=True, memory_gb=0.1)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from ddpm_schedules.app.keys import budgets, count, flag, get, positive, seed
 from ddpm_schedules.costs.grids import GridSpec, candidate_grid, check_spec, full_grid
+from ddpm_schedules.costs.multistep import check_multistep_size
 from ddpm_schedules.costs.precision import check_target_sem
 from ddpm_schedules.costs.refine import RefineSettings, check_refine
 from ddpm_schedules.sampling.frechet import fid_feature_extractor, load_reference_stats
@@ -152,6 +153,8 @@ class EvaluateSettings:
         resolved = replace(self, T=T, cost=replace(self.cost, grid=grid))
         if any(s.objective in TEACHER for s in strategies):
             sizes["the size of cost.ode.grid"] = full_grid(resolved.ode_grid, T).numel() - 1
+        if any(s.objective == "dpmpp" for s in strategies):
+            check_multistep_size(sizes["the size of cost.ode.grid"], self.cost.ode.memory_gb)
         name, limit = min(sizes.items(), key=lambda kv: kv[1])
         budgets = check_budgets(list(held.budgets), limit, "eval.budgets", name)
         sampled = check_budgets(list(held.sample_budgets), limit, "eval.sample_budgets", name) if held.sample_budgets else []

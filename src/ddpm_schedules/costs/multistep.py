@@ -18,6 +18,14 @@ from torch import Tensor
 from ddpm_schedules.sampling.samplers import dpmpp_2m_coefficients
 
 
+def check_multistep_size(points: int, memory_gb: float, key: str = "cost.ode.grid") -> None:
+    """The [N+1]^3 float64 step costs (and the DP's tables) must fit ``memory_gb``: refused before any pass."""
+    need = (points + 1) ** 3 * 8 / 2**30
+    if need > memory_gb:
+        raise ValueError(f"{key} has {points} points: DPM-Solver++(2M)'s step costs need {need:.1f} GB, more than cost.ode.memory_gb = "
+                         f"{memory_gb}; use a coarser {key} (5 at T = 1000: 200 points, 0.06 GB)")  # fmt: skip
+
+
 def trajectory_gram(xs: Tensor, x0s: Tensor) -> Tensor:
     """[B, 2N+1, 2N+1] float64: inner products of x at grid[0..N] (rows 0..N) and x0_hat at grid[1..N] (rows N+1..2N)."""
     V = torch.cat([xs, x0s[1:]]).flatten(2).transpose(0, 1).double()  # [B, 2N+1, D]

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ddpm_schedules.costs.cost_matrix import CostMatrix, CostMatrixMetric, from_moments
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.moments import empty_moments
-from ddpm_schedules.costs.multistep import multistep_distance_sums, trajectory_gram
+from ddpm_schedules.costs.multistep import check_multistep_size, multistep_distance_sums, trajectory_gram
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import example_noise
 from ddpm_schedules.sampling.samplers import ddim_step
@@ -114,6 +114,8 @@ def estimate_ode_matrix(
     if isinstance(trajectories, bool) or not isinstance(trajectories, int) or trajectories < 1:
         raise ValueError(f"trajectories = {trajectories!r}; it must be a positive integer")
     g = full_grid(grid, model.T)
+    if multistep:
+        check_multistep_size(g.numel() - 1, memory_gb)
     dims = math.prod(model.image_shape)
     chunk = chunk_size(batch_size, g.numel(), dims, memory_gb)
     starts = list(range(0, trajectories, chunk))

@@ -137,4 +137,4 @@ def estimate_ode_matrix(
     out = metric.compute()
     saver.remove()
     cm = from_moments(out[5].cpu()[:, 0], empty_moments(), g, dims, "ode")
-    return replace(cm, two_step=out[-1].cpu() / trajectories) if multistep else cm
+    return replace(cm, two_step=out[-1].cpu() / float(out[4][1])) if multistep else cm  # every process's trajectories (synced)

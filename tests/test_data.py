@@ -164,3 +164,25 @@ def test_null_workers_mean_four_with_cuda_and_none_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     dm = DigitsDataModule(num_workers=None)
     assert dm.num_workers == 4 and dm.pin_memory and dm.persistent_workers
+
+
+def test_photo_patches_are_rgb_uint8_from_disjoint_regions_of_the_two_photos():
+    from sklearn.datasets import load_sample_images
+
+    from ddpm_schedules.lightning.data import PhotoPatchesDataModule
+
+    dm = PhotoPatchesDataModule(image_size=8, sizes=(60, 20, 20), batch_size=4)
+    splits = dm.load()
+    photos = load_sample_images().images
+    h, w = photos[0].shape[:2]
+    for name, (y0, y1, x0, x1) in {"train": (0, h, 0, 3 * w // 4), "val": (0, h // 2, 3 * w // 4, w), "test": (h // 2, h, 3 * w // 4, w)}.items():
+        images, labels = splits[name].read(slice(None))
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, 8, 8) and set(labels.tolist()) == {0, 1}
+        for img, k in zip(images.numpy(), labels.tolist()):  # each patch is found inside its split's region of its photo
+            region = photos[k][y0:y1, x0:x1]
+            patch = img.transpose(1, 2, 0)
+            hits = np.argwhere((region[: region.shape[0] - 7, : region.shape[1] - 7] == patch[0, 0]).all(-1))
+            assert any((region[y : y + 8, x : x + 8] == patch).all() for y, x in hits), name
+    assert PhotoPatchesDataModule.levels == 256
+    with pytest.raises(ValueError, match="data.image_size = 300; photo patches must be 1..160 pixels"):
+        PhotoPatchesDataModule(image_size=300, sizes=(1, 1, 1)).load()

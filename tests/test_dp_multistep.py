@@ -54,3 +54,10 @@ def test_bad_costs_are_refused():
         optimal_multistep_paths(C1, C2, [2])
     with pytest.raises(ValueError, match="budgets"):
         optimal_multistep_paths(*random_costs(4, 0), [9])
+
+
+def test_first_order_costs_are_checked_as_the_pair_dp_checks_them():
+    C1, C2 = random_costs(4, 0)
+    C1[1, 3] = np.nan
+    with pytest.raises(ValueError, match=r"costs\[1, 3\] is NaN"):
+        optimal_multistep_paths(C1, C2, [2])

@@ -21,7 +21,7 @@ import numba
 import numpy as np
 import torch
 
-from ddpm_schedules.schedules.dp import PairCosts, Paths, check_budgets_on_grid
+from ddpm_schedules.schedules.dp import PairCosts, Paths, _check_costs, check_budgets_on_grid
 from ddpm_schedules.schedules.schedule import Schedule
 
 
@@ -56,21 +56,16 @@ def _tables(C1: np.ndarray, C2: np.ndarray, k_max: int) -> tuple[np.ndarray, np.
 
 
 def _check(C1: torch.Tensor | np.ndarray, C2: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    a = np.array(C1.detach().cpu().numpy() if torch.is_tensor(C1) else C1, dtype=np.float64)
-    b = np.array(C2.detach().cpu().numpy() if torch.is_tensor(C2) else C2, dtype=np.float64)
+    """C1 as the pair DP checks it (`dp._check_costs`), C2 of the matching [N+1]^3 shape; entries off p > c > n > 0 set to inf."""
+    a = _check_costs(C1)
     n = a.shape[0]
-    if a.ndim != 2 or a.shape != (n, n) or n < 2:
-        raise ValueError(f"the first-order costs must be a square [N+1, N+1] matrix with N >= 1, got shape {a.shape}")
+    b = np.array(C2.detach().cpu().numpy() if torch.is_tensor(C2) else C2, dtype=np.float64)
     if b.shape != (n, n, n):
         raise ValueError(f"the two-step costs must be [N+1, N+1, N+1] = {(n, n, n)}, got shape {b.shape}")
-    upper = np.triu(np.ones((n, n), dtype=bool), 1)
-    if np.isnan(a[upper]).any():
-        raise ValueError("a first-order cost C1[s, t], s < t, is NaN; every pair needs a cost (inf forbids it)")
-    p, c, m = np.meshgrid(np.arange(n), np.arange(n), np.arange(n), indexing="ij")
-    valid = (p > c) & (c > m) & (m > 0)
+    i = np.arange(n)
+    valid = (i[:, None, None] > i[None, :, None]) & (i[None, :, None] > i[None, None, :]) & (i[None, None, :] > 0)
     if np.isnan(b[valid]).any():
         raise ValueError("a two-step cost C2[p, c, n], p > c > n > 0, is NaN; every triple needs a cost (inf forbids it)")
-    a[~upper] = np.inf
     b[~valid] = np.inf
     return a, b
 

@@ -30,7 +30,7 @@ def fixture_model(gamma=None):
     return model.use_variance("analytic", gamma)
 
 
-@pytest.mark.parametrize("key", ["full", "respaced"])
+@pytest.mark.parametrize("key", [pytest.param("full", marks=pytest.mark.slow), "respaced"])
 def test_variances_and_kl_terms_equal_analytic_dpm(reference, key):
     """Their nelbo_ms_eps_ddpm on a full chain and a respaced one: every var_p and every KL term to 1e-6."""
     model, ref = fixture_model(reference["ms_eps"]), reference[key]

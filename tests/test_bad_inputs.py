@@ -77,30 +77,39 @@ EVALUATE_CASES = [
 
 
 @pytest.mark.parametrize("name,overrides,message", EVALUATE_CASES, ids=[c[0] for c in EVALUATE_CASES])
-def test_evaluate_bad_input(tmp_path, files, name, overrides, message):
+def test_evaluate_bad_input(tmp_path, files, name, overrides, message, monkeypatch):
     overrides = [o.format(d=files) for o in overrides]
+    if name in SETTINGS_ONLY:
+        refuse_loading(monkeypatch)
     with pytest.raises(ValueError, match=message) as info:
         evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", *overrides))
     assert "\n" not in str(info.value)  # one line
     assert not (tmp_path / "run" / "results.json").exists()
+    if name in SETTINGS_ONLY:
+        assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
     assert not list(tmp_path.glob("cache/cost_matrix_*[0-9a-f].pt"))  # no finished-looking matrix either
 
 
-# what needs no model is refused before the model or the data is loaded (the loaders are never called)
-SETTINGS_CASES = [
-    ["eval.strategies=[dp,optimal]"], ["eval.strategies=[file:{d}/nope.json]"], ["eval.strategies=[file:{d}/no_timesteps.json]"],
-    ["eval.budgets=[0]"], ["eval.samplers=[euler]"], ["eval.ddim_eta=-1"], ["eval.teacher_samples=40"], ["cost.target_sem=0"],
-    ["cost.grid=cubic:3"], ["cost.grid=[0,5,20]"], ["cost.grid=0"], ["cost.ode.grid=log:0"], ["precision=8"], ["compile=maybe"],
-    ["fid.features=dino"], ["fid.digits_weights={d}/none.pt"], ["model.gamma_file=g.pt"], ["model.var_type=learned"],
-    ["cost.refine.enabled=true", "cost.refine.coarse=cubic"], ["cost.examples=0"], ["resume.every_seconds=soon"], ["eval.seed=-1"],
-]  # fmt: skip
+# what needs no model is refused before the model or the data is loaded (the loaders are never called): the cases
+# above whose message needs no model, and a few more
+SETTINGS_ONLY = {"budget 0", "budget not a number", "unknown strategy", "schedule file missing",
+                 "schedule file not JSON", "Inception weights missing", "unknown feature network", "digits feature network missing",
+                 "unknown sampler", "negative DDIM eta", "unknown objective", "more teacher samples than samples",
+                 "target standard error 0", "target standard error negative", "grid spec unknown", "precision unknown",
+                 "grid with t = 0", "grid stride 0", "schedule file without timesteps"}  # fmt: skip
+SETTINGS_CASES = [["cost.ode.grid=log:0"], ["compile=maybe"], ["model.gamma_file=g.pt"], ["model.var_type=learned"],
+                  ["cost.refine.enabled=true", "cost.refine.coarse=cubic"], ["eval.seed=-1"]]  # fmt: skip
+
+
+def refuse_loading(monkeypatch):
+    import ddpm_schedules.app.evaluate as app
+
+    monkeypatch.setattr(app, "build", lambda node, **kw: pytest.fail(f"{node.get('_target_')} was loaded before the settings were checked"))
 
 
 @pytest.mark.parametrize("overrides", SETTINGS_CASES, ids=[" ".join(c) for c in SETTINGS_CASES])
 def test_settings_are_checked_before_the_model_or_the_data_is_loaded(tmp_path, files, overrides, monkeypatch):
-    import ddpm_schedules.app.evaluate as app
-
-    monkeypatch.setattr(app, "build", lambda node, **kw: pytest.fail(f"{node.get('_target_')} was loaded before the settings were checked"))
+    refuse_loading(monkeypatch)
     key = overrides[-1].split("=")[0]
     with pytest.raises(ValueError) as info:
         evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", *[o.format(d=files) for o in overrides]))
@@ -111,11 +120,14 @@ def test_settings_are_checked_before_the_model_or_the_data_is_loaded(tmp_path, f
 # every count evaluate.py reads: 0, -1 and a non-integer are refused before any work, naming the key
 COUNT_KEYS = ["cost.examples", "eval.examples", "fid.samples", "fid.reference_examples", "sample.grid_size", "sample.chunk",
               "batch_size", "data.batch_size", "resume.every_columns", "resume.every_batches", "resume.every_seconds"]  # fmt: skip
-COUNT_CASES = [(key, value) for key in COUNT_KEYS for value in ("0", "-1", "2.5" if "seconds" not in key else "soon")]
+# the inner loop refuses 0 for every key; the full suite adds -1 and a non-integer
+COUNT_CASES = [pytest.param(key, value, marks=[pytest.mark.slow] if value != "0" else [], id=f"{key}={value}")
+               for key in COUNT_KEYS for value in ("0", "-1", "2.5" if "seconds" not in key else "soon")]  # fmt: skip
 
 
-@pytest.mark.parametrize("key,value", COUNT_CASES, ids=[f"{k}={v}" for k, v in COUNT_CASES])
-def test_evaluate_refuses_counts_that_are_not_positive_integers(tmp_path, files, key, value):
+@pytest.mark.parametrize("key,value", COUNT_CASES)
+def test_evaluate_refuses_counts_that_are_not_positive_integers(tmp_path, files, key, value, monkeypatch):
+    refuse_loading(monkeypatch)
     with pytest.raises(ValueError, match=f"^{key} = {value if value != 'soon' else repr(value)};") as info:
         evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", f"{key}={value}"))
     assert "\n" not in str(info.value)

@@ -17,7 +17,7 @@ f64 = torch.float64
 
 def test_batch_size_does_not_change_the_matrix():
     model = tiny_model("learned_range", T=12, dtype=torch.float32)
-    data = quantized_data(70)
+    data = quantized_data(30)
     ref = estimate_cost_matrix(model, data, seed=3, batch_size=64, progress=False)
     for bs in (1, 7):
         cm = estimate_cost_matrix(model, data, seed=3, batch_size=bs, progress=False)
@@ -26,7 +26,7 @@ def test_batch_size_does_not_change_the_matrix():
         torch.testing.assert_close(cm.sem[valid], ref.sem[valid], rtol=1e-4, atol=1e-9)
         assert cm.prior == pytest.approx(ref.prior, rel=1e-9)
     # an iterable of (images, labels) batches is the same data
-    loader = [(data[i : i + 10], torch.zeros(10)) for i in range(0, 70, 10)]
+    loader = [(data[i : i + 10], torch.zeros(10)) for i in range(0, 30, 10)]
     cm = estimate_cost_matrix(model, loader, seed=3, progress=False)
     torch.testing.assert_close(cm.mean[valid], ref.mean[valid], rtol=1e-6, atol=0)
     other = estimate_cost_matrix(model, data, seed=4, batch_size=64, progress=False)

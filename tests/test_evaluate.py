@@ -66,6 +66,7 @@ def test_end_to_end_files_schema_wandb_and_cache(tmp_path, tiny_ckpt, monkeypatc
     assert [r["schedule"] for r in again["results"] if r["strategy"] == "dp"] == [r["schedule"] for r in saved["results"] if r["strategy"] == "dp"]
 
 
+@pytest.mark.slow  # end to end; the inner loop covers its parts
 def test_dp_beats_baselines_on_the_cost_split(tmp_path, tiny_ckpt):
     """Held out on the very examples and noise of the matrix, the DP is never worse than a baseline."""
     doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "fid.enabled=false", "eval.split=val", "eval.seed=0"))
@@ -139,6 +140,7 @@ def test_launcher_configs_compose(launcher):
         assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
 
 
+@pytest.mark.slow  # end to end; the inner loop covers its parts
 def test_csv_logger_gets_the_per_sampler_keys(tmp_path, tiny_ckpt):
     evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=csv", "eval.strategies=[dp,dp_mse,dp_ode,even]"))
     header = next((tmp_path / "run" / "csv").glob("*/metrics.csv")).read_text().splitlines()[0].split(",")
@@ -146,6 +148,7 @@ def test_csv_logger_gets_the_per_sampler_keys(tmp_path, tiny_ckpt):
         assert key in header, key
 
 
+@pytest.mark.slow  # end to end; the inner loop covers its parts
 def test_target_sem_reports_its_rounds_and_the_examples_used(tmp_path, tiny_ckpt):
     doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "fid.enabled=false", "cost.target_sem=1000.0", "cost.first_round=4",
                             "eval.strategies=[dp,dp_mse,even]", "cost.grid=log:10"))  # fmt: skip
@@ -156,6 +159,7 @@ def test_target_sem_reports_its_rounds_and_the_examples_used(tmp_path, tiny_ckpt
     assert doc["cost_matrix"]["grid_size"] == 10
 
 
+@pytest.mark.slow  # end to end; the inner loop covers its parts
 def test_refinement_and_target_sem_together(tmp_path, tiny_ckpt):
     """The grid is refined on the first round's examples, then rounds of examples are added on it."""
     doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "fid.enabled=false", "cost.refine.enabled=true", "cost.refine.coarse=log:6",
@@ -167,6 +171,7 @@ def test_refinement_and_target_sem_together(tmp_path, tiny_ckpt):
     assert cm["objectives"]["mse"]["grid_size"] == cm["grid_size"] < 20
 
 
+@pytest.mark.slow  # end to end; the inner loop covers its parts
 def test_refinement_through_evaluate_reports_its_rounds(tmp_path, tiny_ckpt):
     doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "fid.enabled=false", "cost.refine.enabled=true", "cost.refine.coarse=log:6",
                             "eval.strategies=[dp,dp_mse,even]"))  # fmt: skip
@@ -179,6 +184,7 @@ def test_refinement_through_evaluate_reports_its_rounds(tmp_path, tiny_ckpt):
         evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "cost.refine.enabled=true", "cost.refine.coarse=log:3"))
 
 
+@pytest.mark.slow  # end to end; the inner loop covers its parts
 def test_dp_dpmpp_runs_through_evaluate_with_dpm_solver_samples_against_the_teacher(tmp_path, tiny_ckpt):
     doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "eval.strategies=[dp_dpmpp,dp_ode,even]", "eval.samplers=[dpmpp]"))
     assert {r["strategy"] for r in doc["results"]} == {"dp_dpmpp", "dp_ode", "even"}

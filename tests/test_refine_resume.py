@@ -165,6 +165,7 @@ def preempted_refinement(tmp_path, monkeypatch, units: int = 12) -> Path:
     return partial
 
 
+@pytest.mark.slow  # the inner loop resumes a damaged refinement file
 def test_sigterm_saves_the_refinement_and_a_rerun_finishes_it_and_removes_the_file(tmp_path, monkeypatch):
     partial = preempted_refinement(tmp_path, monkeypatch)  # round 0: 8 columns and its end, then 3 columns of round 1
     state = saved(partial)
@@ -182,7 +183,7 @@ def refine_cost(model, data, seed, partial=None):
     return refine_cost_matrices(model, data, progress=False, partial=partial, **{**REFINE, "seed": seed})
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "other_config"])
+@pytest.mark.parametrize("damage", ["truncate", *(pytest.param(d, marks=pytest.mark.slow) for d in ("flip", "other_config"))])
 def test_a_damaged_or_foreign_refinement_file_is_reported_and_ignored(tmp_path, monkeypatch, caplog, damage):
     partial = preempted_refinement(tmp_path, monkeypatch)
     raw = bytearray(partial.read_bytes())
@@ -226,7 +227,7 @@ def test_sigterm_saves_the_precision_rounds_and_a_rerun_finishes_them(tmp_path, 
     assert not partial.exists() and not round2.exists()
 
 
-@pytest.mark.parametrize("damage", ["flip", "other_config"])
+@pytest.mark.parametrize("damage", ["flip", pytest.param("other_config", marks=pytest.mark.slow)])
 def test_a_damaged_or_foreign_precision_file_is_reported_and_ignored(tmp_path, monkeypatch, caplog, damage):
     partial, round2 = preempted_precision(tmp_path, monkeypatch)
     round2.unlink()  # the outer file alone decides here

@@ -223,6 +223,7 @@ def test_monitor_refuses_strategies_of_another_objective(tmp_path):
         train(train_cfg(tmp_path, "logger=none", "callbacks.schedule_monitor.objective=fid"))
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_val_bpd_estimator_is_unbiased_and_far_less_noisy_than_one_uniform_t():
     from conftest import quantized_data, tiny_model

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = "dp,dp_mse,dp_ode,dp_dpmpp,even,quadratic,karras,logsnr"
+STRATEGIES = "dp,dp_mse,dp_ode,dp_dpmpp,dp_ode_oss,even,quadratic,karras,logsnr"
 
 
 def table(results: dict) -> str:

@@ -73,6 +73,8 @@ EVALUATE_CASES = [
     ("more examples than the split", ["cost.examples=5000"], "cost.examples = 5000 asks for 5000 val examples"),
     ("unknown split", ["cost.split=training"], "unknown split 'training'"),
     ("NaN-producing model", ["model.path={d}/nan.ckpt"], "NaN or Inf at t = "),
+    ("propagate with ancestral", ["eval.strategies=[dp_ode_oss]", "cost.ode.propagate=ancestral"],
+     "^cost.ode.propagate = 'ancestral'; dp_ode_oss carries a deterministic sampler's own states: use ddim or dpmpp$"),
 ]
 
 
@@ -96,7 +98,8 @@ SETTINGS_ONLY = {"budget 0", "budget not a number", "unknown strategy", "schedul
                  "schedule file not JSON", "Inception weights missing", "unknown feature network", "digits feature network missing",
                  "unknown sampler", "negative DDIM eta", "unknown objective", "more teacher samples than samples",
                  "target standard error 0", "target standard error negative", "grid spec unknown", "precision unknown",
-                 "grid with t = 0", "grid stride 0", "schedule file without timesteps"}  # fmt: skip
+                 "grid with t = 0", "grid stride 0", "schedule file without timesteps",
+                 "propagate with ancestral"}  # fmt: skip
 SETTINGS_CASES = [["cost.ode.grid=log:0"], ["compile=maybe"], ["model.gamma_file=g.pt"], ["model.var_type=learned"],
                   ["cost.refine.enabled=true", "cost.refine.coarse=cubic"], ["eval.seed=-1"]]  # fmt: skip
 

@@ -68,7 +68,7 @@ def test_a_new_strategy_is_one_class_and_one_registry_line(cm, monkeypatch):
 
 @pytest.mark.parametrize(
     "name,message",
-    [("optimal", "unknown strategy 'optimal' in eval.strategies; use dp, dp_mse, dp_ode, dp_dpmpp, analytic_ot, even, quadratic, karras, logsnr, exponential, beta, ays, respace:<spec>, file:<path>"),
+    [("optimal", "unknown strategy 'optimal' in eval.strategies; use dp, dp_mse, dp_ode, dp_dpmpp, dp_ode_oss, analytic_ot, even, quadratic, karras, logsnr, exponential, beta, ays, respace:<spec>, file:<path>"),
      ("respace:every7", "respacing 'every7'"), ("file:/nope/s.json", "does not exist"), ("fancy:3", "unknown strategy 'fancy:3'")],
 )  # fmt: skip
 def test_bad_names_fail_at_parse_time(name, message):

@@ -20,6 +20,7 @@ from ddpm_schedules.app.stages import (
     Context,
     data_matrices_stage,
     ode_matrix_stage,
+    oss_stage,
     precision_stage,
     refine_stage,
 )
@@ -129,9 +130,12 @@ def run_evaluation(
             cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision)
             others = [o for o in objectives if o not in TEACHER and not (precise and o == "elbo")]
             costs = ({"elbo": precise} if precise else {}) | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
-    if set(TEACHER) & set(objectives):  # dp_dpmpp's step costs come from dp_ode's teacher trajectories, with no extra pass
+    if {"ode", "dpmpp"} & set(objectives):  # dp_dpmpp's step costs come from dp_ode's teacher trajectories, with no extra pass
         with ctx.timed("ode_matrix"):
             costs["ode"] = ode_matrix_stage(ctx, cost_seed, ode, ode_grid, multistep="dpmpp" in objectives)
+    if "oss" in objectives:  # the same teacher, then a pass at every state the sampler reaches (about K N per trajectory)
+        with ctx.timed("oss_paths"):
+            costs["oss"] = oss_stage(ctx, cost_seed, ode, ode_grid, s.all_budgets)
     matrices = {o: c.matrix for o, c in costs.items()} | ({"dpmpp": costs["ode"].matrix} if "dpmpp" in objectives else {})
     if model.var_type == "analytic" and model.gamma is None:  # Gamma of the cost examples serves held-out bits/dim and sampling
         model.use_variance("analytic", matrices["elbo"].gamma)

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from ddpm_schedules.app.keys import budgets, count, flag, get, positive, seed
 from ddpm_schedules.costs.grids import GridSpec, candidate_grid, check_spec, full_grid
 from ddpm_schedules.costs.multistep import check_multistep_size
+from ddpm_schedules.costs.oss import check_oss_size, check_propagate
 from ddpm_schedules.costs.precision import check_target_sem
 from ddpm_schedules.costs.refine import RefineSettings, check_refine
 from ddpm_schedules.sampling.frechet import fid_feature_extractor, load_reference_stats
@@ -52,6 +53,7 @@ class OdeSettings:
     trajectories: int = 64
     grid: GridSpec = None
     memory_gb: float = 2.0
+    propagate: str = "ddim"  # the sampler whose own states dp_ode_oss carries (oss.py)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ class EvaluateSettings:
             sizes["the size of cost.ode.grid"] = full_grid(resolved.ode_grid, T).numel() - 1
         if any(s.objective == "dpmpp" for s in strategies):
             check_multistep_size(sizes["the size of cost.ode.grid"], self.cost.ode.memory_gb)
+        if any(s.objective == "oss" for s in strategies) and model.image_shape is not None:
+            check_oss_size(sizes["the size of cost.ode.grid"] + 1, self.cost.ode.trajectories, math.prod(model.image_shape), self.cost.ode.memory_gb)
         name, limit = min(sizes.items(), key=lambda kv: kv[1])
         budgets = check_budgets(list(held.budgets), limit, "eval.budgets", name)
         sampled = check_budgets(list(held.sample_budgets), limit, "eval.sample_budgets", name) if held.sample_budgets else []
@@ -199,7 +203,7 @@ def cost_settings(cfg: Any) -> CostSettings:
         refine = RefineSettings(**{k: v for k, v in node.items() if k != "enabled"})
         check_spec(refine.coarse, "cost.refine.coarse")
     ode = OdeSettings(count(cfg, "cost.ode.trajectories"), check_spec(get(cfg, "cost.ode.grid", None), "cost.ode.grid"),
-                      positive(cfg, "cost.ode.memory_gb", "GB", 2.0))  # fmt: skip
+                      positive(cfg, "cost.ode.memory_gb", "GB", 2.0), check_propagate(get(cfg, "cost.ode.propagate", "ddim")))  # fmt: skip
     return CostSettings(str(get(cfg, "cost.split")), count(cfg, "cost.examples", "all"), check_spec(get(cfg, "cost.grid", None)),
                         seed(cfg, "cost.seed", 0), precision, refine, ode)  # fmt: skip
 

@@ -15,6 +15,7 @@ from ddpm_schedules.app.settings import Labels, OdeSettings, PrecisionSettings, 
 from ddpm_schedules.costs.cost_matrix import CostMatrix, estimate_cost_matrices
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.ode import estimate_ode_matrix
+from ddpm_schedules.costs.oss import OssPaths, estimate_oss_paths
 from ddpm_schedules.costs.precision import estimate_to_precision
 from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
 from ddpm_schedules.models.model import DiffusionModel
@@ -51,13 +52,17 @@ class Context:
 
 @dataclass
 class CostStage:
-    matrix: CostMatrix
+    matrix: CostMatrix | OssPaths
     key: str
     file: Path
     cached: bool
 
     def describe(self) -> dict[str, Any]:
-        return {"grid_size": self.matrix.grid.numel() - 1, "file": str(self.file), "cached": self.cached, "count": self.matrix.count}
+        out = {"grid_size": self.matrix.grid.numel() - 1, "file": str(self.file), "cached": self.cached, "count": self.matrix.count}
+        if isinstance(self.matrix, OssPaths):
+            out |= {"passes_per_trajectory": self.matrix.passes, "propagate": self.matrix.propagate,
+                    "distance": {str(K): d for K, d in self.matrix.distance.items()}}  # fmt: skip
+        return out
 
 
 def _load(file: Path) -> CostMatrix | None:
@@ -150,3 +155,21 @@ def ode_matrix_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[
     if ctx.procs.rank == 0:
         cm.save(file)
     return CostStage(cm, key, file, False)
+
+
+def oss_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[int] | None, budgets: Sequence[int]) -> CostStage:
+    """dp_ode_oss's paths for every budget from the sampler's own states (oss.py), cached as plain JSON."""
+    g = full_grid(grid, ctx.model.T)
+    key = cache_key(ctx.model, objective="oss", grid=g.tolist(), seed=seed, trajectories=settings.trajectories, budgets=sorted(budgets),
+                    propagate=settings.propagate)  # fmt: skip
+    file = ctx.cache_dir / f"oss_paths_{key[:20]}.json"
+    try:
+        return CostStage(OssPaths.load(file), key, file, True)
+    except ValueError:
+        pass  # absent or damaged: run the DP
+    lo, hi = ctx.procs.shard(settings.trajectories)
+    paths = estimate_oss_paths(ctx.model, hi - lo, budgets, grid=grid, seed=seed, propagate=settings.propagate, batch_size=ctx.batch_size,
+                               memory_gb=settings.memory_gb, progress=ctx.progress, start_index=lo)  # fmt: skip
+    if ctx.procs.rank == 0:
+        paths.save(file)
+    return CostStage(paths, key, file, False)

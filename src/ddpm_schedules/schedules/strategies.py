@@ -101,6 +101,24 @@ class DpmppStrategy(Strategy):
         return [by_k[K] for K in budgets]
 
 
+class PathsByBudget(Protocol):
+    """Paths chosen for every budget at once (costs/oss.py's `OssPaths`)."""
+
+    T: int
+
+    def schedule(self, K: int, strategy: str) -> Schedule: ...
+
+
+@dataclass(frozen=True)
+class OssStrategy(Strategy):
+    """``dp_ode_oss``: Optimal Stepsize Distillation's DP over the sampler's own states (costs/oss.py)."""
+
+    objective: ClassVar[str] = "oss"
+
+    def build(self, cost_matrix: PathsByBudget, K: int) -> Schedule:
+        return cost_matrix.schedule(K, self.name)
+
+
 @dataclass(frozen=True)
 class AnalyticOtStrategy(Strategy):
     """``analytic_ot``: Analytic-DPM's optimal trajectory from Gamma alone (no per-pair Monte Carlo; analytic.py).
@@ -176,8 +194,8 @@ def solver_baseline(name: str, T: int, noise: NoiseSchedule | None, key: str) ->
     return SolverBaselineStrategy(name, noise=noise)
 
 
-STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, "dp_dpmpp": DpmppStrategy, "analytic_ot": AnalyticOtStrategy,
-              "even": EvenStrategy, "quadratic": QuadraticStrategy}  # fmt: skip
+STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, "dp_dpmpp": DpmppStrategy, "dp_ode_oss": OssStrategy,
+              "analytic_ot": AnalyticOtStrategy, "even": EvenStrategy, "quadratic": QuadraticStrategy}  # fmt: skip
 PREFIXED = {"respace": respace, "file": from_file}
 
 
@@ -233,7 +251,7 @@ def build_schedules(strategies: Sequence[Strategy], matrices: PairCosts | Mappin
     return [sch for s in strategies for sch in s.build_all(matrices[s.objective] if s.objective else some, budgets)]
 
 
-TEACHER = ("ode", "dpmpp")  # objectives priced on teacher trajectories from noise (ode.py), not on data
+TEACHER = ("ode", "dpmpp", "oss")  # objectives priced on teacher trajectories from noise (ode.py, oss.py), not on data
 
 
 def objectives_of(strategies: Sequence[Strategy]) -> list[str]:

@@ -1,0 +1,215 @@
+"""Schedules priced on the sampler's own states: Optimal Stepsize Distillation's DP (Pei, Hu, Gu 2025).
+
+dp_ode prices every jump from the teacher's point (GITS). After its first step a sampler is no longer
+there, and its errors compound. OSS keeps, for every step count k and grid point i, the best k-step
+path from T to i and the sampler's own state there (one per trajectory), and prices the next step
+from that state:
+
+    V_k[i] = min_{j > i} E || step(x_j^(k-1); t_j -> t_i) - x_i^teacher ||,   x_i^(k) = step(x_j*^(k-1); t_j* -> t_i),
+
+with the teacher of ode.py (DDIM through every grid point from the same x_T) and E the mean over
+trajectories, so one schedule serves them all. The K-step schedule is the path of V_K[0]: its value is
+the sampler's own final distance to the teacher's x_0. A step from (k-1, j) needs the network at the
+sampler's state there: one pass per (k, j) and trajectory, about K N against dp_ode's N.
+
+It is the paper's DP, not an exact optimum: keeping one state per (k, i) drops paths that are worse at
+i but would continue better. ``propagate`` names the sampler whose steps are taken: ``ddim`` (eta = 0)
+or ``dpmpp``, DPM-Solver++(2M), whose state also carries the previous step's x0_hat and t (first order
+at the first and the last step, as `sample_dpmpp`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Iterable
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from tqdm.auto import tqdm
+
+from ddpm_schedules.costs.grids import full_grid
+from ddpm_schedules.costs.ode import teacher_trajectory, trajectory_noise
+from ddpm_schedules.models.model import DiffusionModel, call_groups
+from ddpm_schedules.sampling.samplers import dpmpp_2m_coefficients
+from ddpm_schedules.schedules.schedule import Schedule
+from ddpm_schedules.storage.files import atomic_write_json
+
+PROPAGATE = ("ddim", "dpmpp")  # deterministic samplers whose own states can be carried
+
+
+def check_propagate(name: object, key: str = "cost.ode.propagate") -> str:
+    if name not in PROPAGATE:
+        raise ValueError(f"{key} = {name!r}; dp_ode_oss carries a deterministic sampler's own states: use ddim or dpmpp")
+    return str(name)
+
+
+def oss_memory_gb(points: int, trajectories: int, dims: int) -> float:
+    """What `estimate_oss_paths` holds at once: the teacher's points and two levels of states (x, x0_hat, the previous
+    x0_hat), [N+1, B, D] float64 each."""
+    return 6 * points * trajectories * dims * 8 / 2**30
+
+
+def check_oss_size(points: int, trajectories: int, dims: int, memory_gb: float) -> None:
+    need = oss_memory_gb(points, trajectories, dims)
+    if need > memory_gb:
+        raise ValueError(f"dp_ode_oss holds every trajectory's states at every point of cost.ode.grid: {need:.1f} GB for {trajectories} "
+                         f"trajectories and {points} points, more than cost.ode.memory_gb = {memory_gb}; use fewer cost.ode.trajectories, "
+                         "more processes (fabric.devices) or a coarser cost.ode.grid")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OssPaths:
+    """The DP's result: per budget K the grid indices of the best path (0 first, N last) and its final distance."""
+
+    grid: Tensor  # [0] + the candidate timesteps
+    paths: dict[int, tuple[int, ...]]
+    distance: dict[int, float]  # E || x_0 of the sampler along the path - x_0 of the teacher ||
+    passes: int  # network passes per trajectory, the teacher's included
+    count: int  # trajectories
+    propagate: str = "ddim"
+    objective: ClassVar[str] = "oss"
+
+    @property
+    def T(self) -> int:
+        return int(self.grid[-1])
+
+    def schedule(self, K: int, strategy: str = "dp_ode_oss") -> Schedule:
+        if K not in self.paths:
+            raise ValueError(f"no {strategy} path for K = {K}: the DP ran for K in {sorted(self.paths)}")
+        return Schedule(tuple(int(self.grid[i]) for i in self.paths[K][1:]), self.T, strategy)
+
+    def save(self, path: str | Path) -> None:
+        """Plain JSON (atomic): the grid, the paths and what they cost."""
+        atomic_write_json(Path(path), {"what": "oss", "grid": self.grid.tolist(), "paths": {str(k): list(p) for k, p in self.paths.items()},
+                                       "distance": {str(k): d for k, d in self.distance.items()}, "passes": self.passes,
+                                       "count": self.count, "propagate": self.propagate})  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str | Path) -> "OssPaths":
+        try:
+            doc = json.loads(Path(path).read_text())
+            return cls(torch.tensor(doc["grid"]), {int(k): tuple(p) for k, p in doc["paths"].items()},
+                       {int(k): float(d) for k, d in doc["distance"].items()}, int(doc["passes"]), int(doc["count"]), str(doc["propagate"]))  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a dp_ode_oss result ({type(e).__name__}: {e})") from None
+
+
+class StepDistanceSums(Metric):
+    """One level of the DP: per (i, j) the sum over trajectories of || step(state at j -> i) - teacher at i ||, and the trajectories."""
+
+    full_state_update = False
+
+    def __init__(self, size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("sums", torch.zeros(size, size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, distances: dict[int, tuple[Tensor, Tensor]], trajectories: int) -> None:
+        """``distances[j]``: (the target grid indices, [B, targets] distances of the steps from the state at j)."""
+        for j, (targets, d) in distances.items():
+            self.sums[targets.to(self.sums.device), j] += d.sum(0)
+        self.count += trajectories
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return self.sums, self.count
+
+
+def _steps(ab: Tensor, g: Tensor, x: Tensor, x0: Tensor, prev: tuple[Tensor, int] | None, j: int, targets: Tensor) -> Tensor:
+    """[len(targets), B, D]: the sampler's step from its state (x, x0_hat at g[j], the previous (x0_hat, grid index)) to each target."""
+    p = None if prev is None else g[prev[1]]
+    a, b, d = (v.to(x.device)[:, None, None] for v in dpmpp_2m_coefficients(ab, p, g[j], g[targets]))
+    out = a * x + b * x0
+    return out + d * prev[0] if prev is not None else out
+
+
+def _distances(ab: Tensor, g: Tensor, state: tuple[Tensor, tuple[Tensor, int] | None], x0: Tensor, j: int, targets: Tensor,
+               teacher: Tensor, max_elements: int = 1 << 24) -> Tensor:
+    """[B, len(targets)]: || step(state at j -> i) - teacher at i || for every target i, in chunks of targets."""
+    x, prev = state
+    out = torch.empty(x.shape[0], targets.numel(), dtype=torch.float64, device=x.device)
+    chunk = max(1, max_elements // x.numel())
+    for lo in range(0, targets.numel(), chunk):
+        part = targets[lo : lo + chunk]
+        out[:, lo : lo + chunk] = (_steps(ab, g, x, x0, prev, j, part) - teacher[part.to(teacher.device)]).norm(dim=2).T
+    return out
+
+
+def _useful(k: int, i: int, budgets: list[int]) -> bool:
+    """Whether the state after k steps at grid index i can lie on a budget's path: the end (i = 0) of a k-step path, or
+    a point from which K - k more steps reach 0 for some budget K > k."""
+    return k in budgets if i == 0 else any(K > k and K - k <= i for K in budgets)
+
+
+@torch.no_grad()
+def estimate_oss_paths(
+    model: DiffusionModel,
+    trajectories: int,
+    budgets: Iterable[int],
+    grid: Iterable[int] | Tensor | None = None,
+    seed: int = 0,
+    propagate: str = "ddim",
+    batch_size: int = 64,
+    memory_gb: float = 2.0,
+    progress: bool = True,
+    start_index: int = 0,
+) -> OssPaths:
+    """OSS's DP over ``propagate``'s own states on ``[0] + grid`` for every budget, from ``trajectories`` teacher trajectories
+    (global indices from ``start_index``: the same x_T as `estimate_ode_matrix` with the same seed). Under
+    torch.distributed each process passes its own trajectories; every level's sums are combined before it chooses."""
+    check_propagate(propagate, "propagate")
+    if model.image_shape is None:
+        raise ValueError("this DiffusionModel has no image_shape; pass image_shape=(C, H, W) to run teacher trajectories")
+    g = full_grid(grid, model.T)
+    N, dims = g.numel() - 1, math.prod(model.image_shape)
+    budgets = sorted({int(K) for K in budgets})
+    if not budgets or budgets[0] < 1 or budgets[-1] > N:
+        raise ValueError(f"dp_ode_oss budgets {budgets} must lie in 1..{N} (the size of cost.ode.grid)")
+    check_oss_size(N + 1, trajectories, dims, memory_gb)
+    ab = model.schedule.ab
+    x_T = trajectory_noise(seed, start_index, trajectories, model.image_shape)
+    xs, x0s = teacher_trajectory(model, x_T, g)
+    teacher, passes = xs.flatten(2), N
+    # level 0: x_T at N, whose x0_hat the teacher already computed
+    states: dict[int, tuple[Tensor, tuple[Tensor, int] | None]] = {N: (teacher[N], None)}
+    known_x0 = {N: x0s[N].flatten(1)}
+    del xs, x0s
+    back = torch.full((budgets[-1] + 1, N + 1), -1, dtype=torch.long)
+    value = torch.full((budgets[-1] + 1, N + 1), math.inf, dtype=torch.float64)
+    sums = StepDistanceSums(N + 1).to(teacher.device)
+    for k in tqdm(range(1, budgets[-1] + 1), desc="oss levels", unit="level", disable=not progress):
+        targets = {j: torch.tensor([i for i in range(j) if _useful(k, i, budgets)], dtype=torch.long) for j in sorted(states) if j > 0}
+        targets = {j: t for j, t in targets.items() if t.numel()}
+        x0 = dict(known_x0)
+        todo = [j for j in targets if j not in x0]
+        for group in call_groups(todo, trajectories, batch_size):
+            preds = model.predict_many([states[j][0].view(-1, *model.image_shape) for j in group], [int(g[j]) for j in group])
+            x0.update({j: p.x0_hat.flatten(1) for j, p in zip(group, preds)})
+        passes += len(todo)
+        priced = torch.zeros(N + 1, N + 1, dtype=torch.bool)
+        for j, t in targets.items():
+            priced[t, j] = True
+        sums.reset()
+        sums.update({j: (t, _distances(ab, g, states[j], x0[j], j, t, teacher)) for j, t in targets.items()}, trajectories)
+        total, count = (v.cpu() for v in sums.compute())
+        mean = torch.where(priced, total / count, math.inf)
+        value[k], back[k] = mean.min(dim=1)
+        back[k][~torch.isfinite(value[k])] = -1
+        new_states = {}
+        for i in range(N):
+            j = int(back[k, i])
+            if j >= 0 and i > 0:  # states at 0 end a path; they take no further step
+                x, prev = states[j]
+                new_states[i] = (_steps(ab, g, x, x0[j], prev, j, torch.tensor([i]))[0], (x0[j], j) if propagate == "dpmpp" else None)
+        states, known_x0 = new_states, {}
+    paths, distance = {}, {}
+    for K in budgets:
+        path, i = [0], 0
+        for k in range(K, 0, -1):
+            i = int(back[k, i])
+            path.append(i)
+        paths[K], distance[K] = tuple(path), float(value[K, 0])
+    return OssPaths(g, paths, distance, passes, int(count), propagate)

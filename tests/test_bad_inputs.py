@@ -178,3 +178,25 @@ def test_dpmpp_needs_no_diffusers(monkeypatch):
     assert sample_dpmpp(tiny_model("fixed_large", T=10), even_schedule(10, 3), 4).shape == (4, 1, 4, 4)
 
 
+
+
+@pytest.mark.parametrize("visible,overrides,message", [
+    (1, ["fabric.devices=2"], "^fabric.devices = 2 but 1 GPU is visible; use fabric.devices=1 or fewer"),
+    (4, ["fabric.devices=8", "fabric.accelerator=cuda"], "^fabric.devices = 8 but 4 GPUs are visible; use fabric.devices=4 or fewer"),
+    (0, ["fabric.accelerator=cuda"], "^fabric.accelerator = 'cuda' but no CUDA device is visible; use fabric.accelerator=cpu"),
+])  # fmt: skip
+def test_more_devices_than_visible_gpus_is_refused_before_any_process_starts(tmp_path, files, monkeypatch, visible, overrides, message):
+    import ddpm_schedules.app.settings as settings
+
+    monkeypatch.setattr(settings, "cuda_devices", lambda: visible)
+    refuse_loading(monkeypatch)
+    with pytest.raises(ValueError, match=message) as info:
+        evaluate(eval_cfg(tmp_path, files / "tiny.ckpt", "logger=none", *overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_two_cpu_processes_are_not_limited_by_the_gpus():
+    from ddpm_schedules.app.keys import check_fabric
+
+    assert check_fabric({"accelerator": "cpu", "devices": 2}, 0)["devices"] == 2
+    assert check_fabric({"accelerator": "auto", "devices": 2}, 0)["devices"] == 2  # no GPU: auto is the CPU

@@ -57,3 +57,15 @@ def budgets(cfg: Any, key: str, empty_ok: bool = False) -> tuple[int, ...]:
     if empty_ok and not value:
         return ()
     return tuple(check_budgets(value, None, key))
+
+
+def check_fabric(fabric: dict[str, Any], cuda_devices: int) -> dict[str, Any]:
+    """``fabric.devices`` against the GPUs this process sees (``cuda_devices``), where the accelerator is a GPU."""
+    accelerator, devices = str(fabric.get("accelerator", "auto")), fabric.get("devices", 1)
+    if accelerator in ("cuda", "gpu") and cuda_devices == 0:
+        raise ValueError(f"fabric.accelerator = {accelerator!r} but no CUDA device is visible; use fabric.accelerator=cpu (or auto)")
+    on_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and cuda_devices > 0)
+    if on_gpu and isinstance(devices, int) and not isinstance(devices, bool) and devices > cuda_devices:
+        raise ValueError(f"fabric.devices = {devices} but {cuda_devices} GPU{'s are' if cuda_devices != 1 else ' is'} visible; "
+                         f"use fabric.devices={cuda_devices} or fewer (or make more GPUs visible with CUDA_VISIBLE_DEVICES)")  # fmt: skip
+    return fabric

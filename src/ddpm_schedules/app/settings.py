@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from ddpm_schedules.app.keys import budgets, count, flag, get, positive, seed
+from ddpm_schedules.app.keys import budgets, check_fabric, count, flag, get, positive, seed
 from ddpm_schedules.costs.grids import GridSpec, candidate_grid, check_spec, full_grid
 from ddpm_schedules.costs.multistep import check_multistep_size
 from ddpm_schedules.costs.oss import check_oss_size, check_propagate
@@ -265,6 +265,12 @@ def model_settings(cfg: Any) -> ModelSettings:
     return ModelSettings(str(precision), flag(cfg, "compile", False), var_type, gamma_file)
 
 
+def cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def evaluate_settings(cfg: Any) -> EvaluateSettings:
     """evaluate.py's config as settings: every check that needs no model, before anything is loaded."""
     fid = frechet_settings(cfg)
@@ -278,4 +284,4 @@ def evaluate_settings(cfg: Any) -> EvaluateSettings:
                     str(get(cfg, "data._target_", "data")).rsplit(".", 1)[-1], str(get(cfg, "cost.split")), str(get(cfg, "eval.split")))  # fmt: skip
     cost, held_out = cost_settings(cfg), held_out_settings(cfg)
     return EvaluateSettings(Path(get(cfg, "paths.output_dir")), Path(get(cfg, "cache_dir")), count(cfg, "batch_size", "auto: about 2^20 input values per call"), cost, held_out,
-                            quality_settings(cfg, fid), fid, every, model_settings(cfg), labels, dict(get(cfg, "fabric", None) or {}))  # fmt: skip
+                            quality_settings(cfg, fid), fid, every, model_settings(cfg), labels, check_fabric(dict(get(cfg, "fabric", None) or {}), cuda_devices()))  # fmt: skip

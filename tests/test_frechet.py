@@ -74,3 +74,19 @@ def test_a_runs_reference_statistics_serve_the_next_run_without_reference_images
     again = evaluate(eval_cfg(tmp_path / "b", tiny_ckpt, "logger=none", "eval.samplers=[ddim]", f"fid.reference_stats={stats}",
                               "fid.reference_split=nonexistent"))  # fmt: skip  # the images are never read
     assert [q["fid"] for q in again["sample_quality"]] == pytest.approx([q["fid"] for q in first["sample_quality"]], rel=1e-9)
+
+
+@pytest.mark.parametrize("n,reference_n", [(40, 500), (40, 120), (120, 120)])
+def test_the_few_sample_route_is_torchmetrics_formula(n, reference_n):
+    """With no more samples than features the distance is taken in the samples' space: torchmetrics' value, exactly."""
+    from torchmetrics.image.fid import _compute_fid
+
+    from ddpm_schedules.sampling.frechet import _few_sample_fid
+
+    g = torch.Generator().manual_seed(n + reference_n)
+    ref = moments(torch.randn(reference_n, 150, generator=g, dtype=torch.float64) @ torch.randn(150, 150, generator=g, dtype=torch.float64))
+    feats = torch.randn(n, 150, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    feats = feats[torch.randint(n, (n,), generator=g)]  # a bootstrap resample: repeated rows, lower rank
+    ours = float(_few_sample_fid(*ref, feats))
+    assert ours == pytest.approx(float(_compute_fid(*ref, *moments(feats))), rel=1e-8)
+    assert frechet_distance(ref, feats)[0] == pytest.approx(ours, rel=1e-12)

@@ -119,16 +119,38 @@ def moments(features: Tensor) -> tuple[Tensor, Tensor]:
     return mean, (features.T @ features - n * torch.outer(mean, mean)) / (n - 1)
 
 
+def _few_sample_fid(mu: Tensor, cov: Tensor, features: Tensor) -> Tensor:
+    """torchmetrics' `_compute_fid` for n <= F samples, exactly, in the samples' n-dimensional space: with Xc the centred
+    rows, Sigma_2 = Xc^T Xc / (n - 1), and the non-zero eigenvalues of Sigma_1 Sigma_2 are those of the symmetric
+    n x n matrix Xc Sigma_1 Xc^T / (n - 1). One [n, F] x [F, F] product and an n x n eigvalsh instead of the
+    eigenvalues of a general F x F matrix (2048 for Inception: 35 s on 2 CPU cores, per bootstrap resample)."""
+    n = features.shape[0]
+    mean = features.mean(0)
+    xc = features - mean
+    m = xc @ cov @ xc.T / (n - 1)
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return (mu - mean).square().sum() + cov.trace() + xc.square().sum() / (n - 1) - 2 * tr_sqrt
+
+
+def _fid(mu: Tensor, cov: Tensor, features: Tensor) -> float:
+    if features.shape[0] < 2:
+        moments(features)  # its one-line error
+    if features.shape[0] <= features.shape[1]:
+        return float(_few_sample_fid(mu.double(), cov.double(), features.double()))
+    return float(_compute_fid(mu, cov, *moments(features)))
+
+
 def frechet_distance(reference: tuple[Tensor, Tensor], features: Tensor, bootstrap: int = 0, seed: int = 0) -> tuple[float, float | None]:
-    """The Fréchet distance of feature rows to the reference moments, and its bootstrap standard error
-    (the spread over ``bootstrap`` resamples of the rows with replacement; None below 2 resamples)."""
+    """The Fréchet distance of feature rows to the reference moments (torchmetrics' formula; with no more samples than
+    features, `_few_sample_fid`), and its bootstrap standard error (the spread over ``bootstrap`` resamples of the rows
+    with replacement; None below 2 resamples)."""
     mu, cov = reference
-    fd = float(_compute_fid(mu, cov, *moments(features)))
+    fd = _fid(mu, cov, features)
     if bootstrap < 2:
         return fd, None
     gen = torch.Generator().manual_seed(seed)
     n = features.shape[0]
-    draws = [float(_compute_fid(mu, cov, *moments(features[torch.randint(n, (n,), generator=gen)]))) for _ in range(bootstrap)]
+    draws = [_fid(mu, cov, features[torch.randint(n, (n,), generator=gen)]) for _ in range(bootstrap)]
     return fd, float(torch.tensor(draws, dtype=torch.float64).std())
 
 

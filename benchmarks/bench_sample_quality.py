@@ -8,7 +8,9 @@ patches, the DP schedules and the baselines, then for samplers ddim and dpmpp at
 of ``--samples`` samples against the Inception statistics of the test patches (a region of the photos no
 training patch touches), with bootstrap standard errors, and the distance of DDIM's samples to a 200-step
 DDIM teacher from the same x_T. Prints a markdown table of FID ± SE (and writes it next to results.json).
-FID from a few hundred samples is biased upwards (Chong & Forsyth 2020): compare rows, not absolute values.
+FID from a few hundred samples is biased upwards (Chong & Forsyth 2020): compare rows, not absolute values. The
+floor at the same sample size is printed below the table: the FID of ``--samples`` real train and val patches
+against the same statistics (``--floor-only`` prints it alone, from an earlier run's fid_reference_stats.npz).
 """
 
 from __future__ import annotations
@@ -42,6 +44,26 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def floor(stats: Path, samples: int, bootstrap: int = 20) -> str:
+    """FID ± SE of ``samples`` real train and val patches against the run's reference statistics: what a perfect
+    sampler would score at this sample size (train: the model's own data; val: another region of the photos)."""
+    import torch
+
+    from ddpm_schedules.lightning.data import PhotoPatchesDataModule
+    from ddpm_schedules.sampling.frechet import feature_network, features_of, frechet_distance, load_reference_stats
+
+    reference = load_reference_stats(stats, "inception", key="fid_reference_stats.npz")
+    network, data = feature_network("inception"), PhotoPatchesDataModule()
+    data.setup()
+    lines = ["| real patches | FID |", "|---|---|"]
+    for split in ("train", "val"):
+        rows = torch.randperm(len(data.splits[split]), generator=torch.Generator().manual_seed(0))[:samples].numpy()
+        images = data.splits[split].read(rows)[0].double() / 127.5 - 1
+        fid, sem = frechet_distance(reference, features_of(network, images), bootstrap=bootstrap)
+        lines.append(f"| {samples} {split} patches | {fid:.1f} ± {sem:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="a train.py checkpoint of experiment=photos16")
@@ -52,7 +74,11 @@ def main() -> int:
     p.add_argument("--samplers", default="ddim,dpmpp")
     p.add_argument("--strategies", default=STRATEGIES)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_sample_quality")
+    p.add_argument("--floor-only", action="store_true", help="only the real patches' FID against --out's reference statistics")
     a = p.parse_args()
+    if a.floor_only:
+        print(floor(a.out / "fid_reference_stats.npz", a.samples))
+        return 0
     if not a.checkpoint.is_file():
         print(f"--checkpoint {a.checkpoint} does not exist; train one with: python train.py experiment=photos16", file=sys.stderr)
         return 2
@@ -66,7 +92,7 @@ def main() -> int:
         return 1
     seconds = time.perf_counter() - start
     results = json.loads((a.out / "results.json").read_text())
-    text = table(results) + f"\n\n{a.samples} samples per cell against {a.reference} test patches; {seconds / 60:.1f} min in all.\n"
+    text = table(results) + "\n\n" + floor(a.out / "fid_reference_stats.npz", a.samples) + f"\n\n{a.samples} samples per cell against {a.reference} test patches; {seconds / 60:.1f} min in all.\n"
     (a.out / "sample_quality.md").write_text(text)
     print(text)
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CountingNet, tiny_model
+from test_resume import stop_after  # SIGTERM 'arrives' at the n-th check: here, after the n-th level
 
 from ddpm_schedules.costs.ode import estimate_ode_matrix, teacher_trajectory, trajectory_noise
 from ddpm_schedules.costs.oss import OssPaths, check_oss_size, estimate_oss_paths
@@ -55,11 +56,13 @@ def reference_oss(model, x_T, grid, K_max, propagate):
 @pytest.mark.parametrize("propagate", ["ddim", "dpmpp"])
 @pytest.mark.parametrize("var_type,mean_type", [("learned_range", "eps"), ("fixed_small", "x0")])
 def test_the_dp_equals_running_the_sampler_along_every_partial_path(propagate, var_type, mean_type):
-    model = tiny_model(var_type, mean_type, T=12)
+    # no clipping for eps: this random net's x0_hat saturates at +-1, where every distance would be 0
+    model = tiny_model(var_type, mean_type, T=12, clip=mean_type == "x0")
     grid = [2, 3, 5, 7, 9, 12]
     x_T = trajectory_noise(4, 0, 3, (1, 4, 4))
     out = estimate_oss_paths(model, 3, [1, 2, 3, 4, 5], grid, seed=4, propagate=propagate, batch_size=7, progress=False)
     ref = reference_oss(model, x_T, torch.tensor([0, *grid]), 5, propagate)
+    assert min(out.distance.values()) > 1e-6
     for K in range(1, 6):
         assert list(out.paths[K]) == ref[K][0][::-1], K
         assert out.distance[K] == pytest.approx(ref[K][1], rel=1e-9), K
@@ -128,7 +131,7 @@ devices, out = int(sys.argv[1]), sys.argv[2]
 fabric = Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto")
 fabric.launch()
 lo, hi = shard(7, fabric.global_rank, fabric.world_size)
-res = estimate_oss_paths(tiny_model("learned_range", T=16), hi - lo, [2, 4, 6], [2, 4, 6, 8, 10, 12, 14, 16], seed=3, propagate="dpmpp",
+res = estimate_oss_paths(tiny_model("learned_range", T=16, clip=False), hi - lo, [2, 4, 6], [2, 4, 6, 8, 10, 12, 14, 16], seed=3, propagate="dpmpp",
                          batch_size=5, progress=False, start_index=lo)
 if fabric.global_rank == 0:
     res.save(out)
@@ -143,7 +146,7 @@ def test_two_gloo_processes_choose_the_one_process_paths(tmp_path):
     for devices in (1, 2):
         subprocess.run([sys.executable, str(script), str(devices), str(tmp_path / f"oss{devices}.json")], check=True, env=env, timeout=300, cwd=tmp_path)
     one, two = (OssPaths.load(tmp_path / f"oss{d}.json") for d in (1, 2))
-    assert one.count == two.count == 7 and one.paths == two.paths
+    assert one.count == two.count == 7 and one.paths == two.paths and min(one.distance.values()) > 1e-6
     for K in (2, 4, 6):
         assert two.distance[K] == pytest.approx(one.distance[K], rel=1e-6)
 
@@ -164,3 +167,98 @@ def test_dp_ode_oss_runs_through_evaluate_and_is_cached(tmp_path, tiny_ckpt):
     assert [r["schedule"] for r in out["results"] if r["strategy"] == "dp_ode_oss"] == [list(paths.schedule(K).timesteps) for K in (2, 4)]
     again = evaluate(eval_cfg(tmp_path, tiny_ckpt, *overrides))
     assert again["cost_matrix"]["objectives"]["oss"]["cached"]
+
+
+def oss_run(partial=None, counting=False, propagate="dpmpp"):
+    model = tiny_model("learned_range", T=16, clip=False)  # unclipped: distinct distances (clipped, this net's are all 0)
+    if counting:
+        model.net = CountingNet(model.net)
+    out = estimate_oss_paths(model, 3, [2, 4, 6], [2, 4, 6, 8, 10, 12, 14, 16], seed=3, propagate=propagate, batch_size=5, progress=False,
+                             partial=partial)  # fmt: skip
+    return out, (sum(model.net.calls.values()) if counting else None)
+
+
+@pytest.mark.parametrize("propagate", ["ddim", "dpmpp"])
+def test_sigterm_saves_the_finished_levels_and_a_rerun_gives_the_uninterrupted_paths(tmp_path, monkeypatch, propagate):
+    from ddpm_schedules.storage.resume import Preempted
+
+    fresh, fresh_calls = oss_run(counting=True, propagate=propagate)
+    monkeypatch.setattr("ddpm_schedules.costs.oss.sigterm_requests", stop_after(3))
+    with pytest.raises(Preempted, match="after 3 units; partial sums saved"):
+        oss_run(tmp_path / "oss.partial.pt", propagate=propagate)
+    monkeypatch.undo()
+    assert (tmp_path / "oss.partial.pt").is_file()
+    resumed, resumed_calls = oss_run(tmp_path / "oss.partial.pt", counting=True, propagate=propagate)
+    assert min(fresh.distance.values()) > 1e-6
+    assert resumed.paths == fresh.paths and resumed.distance == fresh.distance  # bit for bit
+    assert (resumed.passes, resumed.count) == (fresh.passes, fresh.count)
+    assert resumed_calls < fresh_calls  # levels 1-3 were not run again (only the teacher was)
+    assert not (tmp_path / "oss.partial.pt").exists()
+
+
+def test_a_partial_file_of_another_configuration_or_damaged_is_ignored(tmp_path, monkeypatch, caplog):
+    from ddpm_schedules.storage.resume import Preempted
+
+    monkeypatch.setattr("ddpm_schedules.costs.oss.sigterm_requests", stop_after(2))
+    with pytest.raises(Preempted):
+        oss_run(tmp_path / "p.pt", propagate="ddim")
+    monkeypatch.undo()
+    fresh, _ = oss_run(propagate="dpmpp")
+    assert oss_run(tmp_path / "p.pt", propagate="dpmpp")[0].paths == fresh.paths  # the ddim levels are not used
+    assert "another configuration" in caplog.text
+    (tmp_path / "q.pt").write_bytes(b"garbage")
+    assert oss_run(tmp_path / "q.pt", propagate="dpmpp")[0].paths == fresh.paths
+    assert "unreadable" in caplog.text
+
+
+KILL_SCRIPT = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_model
+from ddpm_schedules.costs.oss import estimate_oss_paths
+from ddpm_schedules.storage.resume import PartialFile
+class Slow(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t):
+        time.sleep(0.05)
+        return self.net(x, t)
+
+model = tiny_model("learned_range", T=16, clip=False)
+model.net = Slow(model.net)
+estimate_oss_paths(model, 3, [2, 4, 6], [2, 4, 6, 8, 10, 12, 14, 16], seed=3, propagate="dpmpp", batch_size=5, progress=False,
+                   partial=PartialFile(sys.argv[1], every=1))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_between_levels_then_a_rerun_resumes_to_the_uninterrupted_paths(tmp_path):
+    import signal
+    import time
+
+    from ddpm_schedules.storage.resume import PartialSums
+
+    script, partial = tmp_path / "kill.py", tmp_path / "oss.partial.pt"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{Path(__file__).parents[1] / 'src'}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(partial)], env=env, stderr=subprocess.PIPE, text=True)
+
+    def done() -> int:
+        try:
+            return PartialSums(partial, {}).load_progress()
+        except Exception:
+            return 0
+
+    deadline = time.time() + 120
+    while done() < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    saved = done()
+    assert proc.returncode == -signal.SIGKILL and 2 <= saved < 6, f"the run should be killed mid-way, saved {saved}: {stderr[-500:]}"
+    fresh, fresh_calls = oss_run(counting=True)
+    resumed, resumed_calls = oss_run(partial, counting=True)
+    assert resumed.paths == fresh.paths and resumed.distance == fresh.distance and resumed.passes == fresh.passes
+    assert resumed_calls < fresh_calls and not partial.exists()

@@ -169,7 +169,7 @@ def oss_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[int] | 
         pass  # absent or damaged: run the DP
     lo, hi = ctx.procs.shard(settings.trajectories)
     paths = estimate_oss_paths(ctx.model, hi - lo, budgets, grid=grid, seed=seed, propagate=settings.propagate, batch_size=ctx.batch_size,
-                               memory_gb=settings.memory_gb, progress=ctx.progress, start_index=lo)  # fmt: skip
+                               memory_gb=settings.memory_gb, progress=ctx.progress, start_index=lo, partial=ctx.partial(file, 1))  # fmt: skip
     if ctx.procs.rank == 0:
         paths.save(file)
     return CostStage(paths, key, file, False)

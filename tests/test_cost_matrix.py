@@ -215,7 +215,13 @@ def test_columns_share_network_calls_up_to_batch_size_with_the_same_results():
         runs[batch_size] = (cms, held, refined, counter.sizes)
     (cms1, held1, ref1, sizes1), (cms3, held3, ref3, sizes3) = runs[6], runs[20]
     assert set(sizes1) == {6} and max(sizes3) == 18 and len(sizes3) < len(sizes1) / 2.5
+    # Not bit for bit: a CPU's kernels may round a batch of 18 differently from one of 6 (the tiny network runs in
+    # float64, u = 1.1e-16; the KL's logs, exps and sums amplify that by at most ~1e3, measured 1e-15), so 1e-12.
     for name in ("elbo", "mse"):
-        assert torch.equal(cms1[name].mean, cms3[name].mean) and torch.allclose(cms1[name].sem, cms3[name].sem, rtol=0, atol=0, equal_nan=True)
-    assert [(r.bpd, r.bpd_sem, r.terms_bpd) for r in held1] == [(r.bpd, r.bpd_sem, r.terms_bpd) for r in held3]
-    assert torch.equal(ref1["elbo"].mean, ref3["elbo"].mean) and torch.equal(ref1["elbo"].grid, ref3["elbo"].grid)
+        torch.testing.assert_close(cms1[name].mean, cms3[name].mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(cms1[name].sem, cms3[name].sem, rtol=1e-12, atol=0, equal_nan=True)
+    for a, b in zip(held1, held3):
+        assert a.bpd == pytest.approx(b.bpd, rel=1e-12) and a.bpd_sem == pytest.approx(b.bpd_sem, rel=1e-12)
+        assert a.terms_bpd == pytest.approx(b.terms_bpd, rel=1e-12, abs=1e-15)
+    assert torch.equal(ref1["elbo"].grid, ref3["elbo"].grid)  # the same columns chosen
+    torch.testing.assert_close(ref1["elbo"].mean, ref3["elbo"].mean, rtol=1e-12, atol=0)

@@ -54,6 +54,7 @@ def stop_after(units: int):
 
 
 def assert_same_matrix(a, b):
+    """Bit for bit: a resume replays the same network calls (the batch size is part of the partial file's configuration)."""
     valid = torch.isfinite(a.mean)
     assert torch.equal(a.mean[valid], b.mean[valid]) and a.prior == b.prior and a.count == b.count
 
@@ -93,15 +94,33 @@ def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
 
 @pytest.mark.parametrize("batch_size,stops,units", [(9, 3, 3), (27, 2, 6)])  # one column per network call, or three
 def test_sigterm_in_process_then_resume(tmp_path, monkeypatch, batch_size, stops, units):
+    """The rerun replays the uninterrupted run's network calls (the same columns per call), so on any CPU its
+    matrix is that run's bit for bit; a rerun with another batch_size would batch the columns differently, so
+    the partial file is of another configuration and is not used."""
     model, data = tiny_model("fixed_large", T=10), quantized_data(9)
     partial = tmp_path / "p.pt"
     monkeypatch.setattr("ddpm_schedules.storage.resume.sigterm_requests", stop_after(stops))
     with pytest.raises(Preempted, match=f"after {units} units; partial sums saved"):
         estimate_cost_matrix(model, data, seed=1, progress=False, partial=PartialFile(partial, every=100), batch_size=batch_size)
     monkeypatch.undo()
-    assert_same_matrix(
-        estimate_cost_matrix(model, data, seed=1, progress=False, partial=partial), estimate_cost_matrix(model, data, seed=1, progress=False)
-    )
+    model.net = counter = CountingNet(model.net)
+    resumed = estimate_cost_matrix(model, data, seed=1, progress=False, partial=partial, batch_size=batch_size)
+    assert sum(counter.calls.values()) == (10 - units) * 9  # only the columns after the saved ones
+    model.net = counter.net
+    assert_same_matrix(resumed, estimate_cost_matrix(model, data, seed=1, progress=False, batch_size=batch_size))
+
+
+def test_a_partial_file_of_another_batch_size_is_not_resumed(tmp_path, monkeypatch, caplog):
+    model, data = tiny_model("fixed_large", T=10), quantized_data(9)
+    partial = tmp_path / "p.pt"
+    monkeypatch.setattr("ddpm_schedules.storage.resume.sigterm_requests", stop_after(3))
+    with pytest.raises(Preempted):
+        estimate_cost_matrix(model, data, seed=1, progress=False, partial=PartialFile(partial, every=100), batch_size=9)
+    monkeypatch.undo()
+    model.net = counter = CountingNet(model.net)
+    with caplog.at_level("WARNING", logger="ddpm_schedules.storage.resume"):
+        estimate_cost_matrix(model, data, seed=1, progress=False, partial=partial, batch_size=27)
+    assert "another configuration" in caplog.text and sum(counter.calls.values()) == 10 * 9  # every column again
 
 
 def test_held_out_evaluation_resumes(tmp_path, monkeypatch):

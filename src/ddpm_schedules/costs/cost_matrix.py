@@ -1,7 +1,8 @@
 """Monte Carlo estimate of the cost matrix C[s, t] = E KL term (s, t), one forward pass per column.
 
-Sums live in a torchmetrics Metric (float64, sum reduction), so shards estimated by several
-processes combine into exactly the single-process matrix.
+Sums live in a torchmetrics Metric (float64 moments, merged across processes), so shards estimated by several
+processes combine into the single-process matrix (equal up to float64 summation order and the network's rounding
+of other batch sizes).
 """
 
 from __future__ import annotations
@@ -192,7 +193,9 @@ def estimate_cost_matrices(
     if "elbo" in objectives and model.var_type == "analytic" and not gamma_from_passes:
         model.gamma_at(g[1:])  # every grid t needs a given Gamma_t
     metric = CostMatrixMetric(g.numel(), len(objectives)).to(device)
-    config = {"what": "cost_matrix", "sums": "moments", "model": model_fingerprint(model), "data": data_fingerprint(batches), "grid": g.tolist(), "seed": seed}
+    # batch_size shapes the network calls (columns per call): a resume replays the interrupted run's calls only with it
+    config = {"what": "cost_matrix", "sums": "moments", "model": model_fingerprint(model), "data": data_fingerprint(batches), "grid": g.tolist(), "seed": seed,
+              "batch_size": batch_size}
     if objectives != ["elbo"]:
         config["objectives"] = objectives
     with resumable(model, metric, PartialFile.of(partial, every=50), config) as (saver, done, stop_requested):

@@ -111,7 +111,7 @@ def evaluate_schedules(
     metric = ScheduleTermsMetric(offsets[-1], len(schedules)).to(device)
     tables = {t: pair_tables(model, t, sorted(by_s), device) for t, by_s in needs.items()}
     config = {"what": "held_out", "sums": "moments", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed,
-              "schedules": [list(s.timesteps) for s in schedules]}  # fmt: skip
+              "schedules": [list(s.timesteps) for s in schedules], "batch_size": batch_size}  # fmt: skip
     with resumable(model, metric, PartialFile.of(partial, every=10), config) as (saver, done, stop_requested), tqdm(
         total=len(batches) * len(needs), initial=done * len(needs), desc="held-out terms", unit="pass", disable=not progress
     ) as bar:

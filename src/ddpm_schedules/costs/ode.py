@@ -8,7 +8,8 @@ the one forward pass there gives the one-step DDIM jump to every s < t, and
 with x_0^teacher the teacher's final (unquantized) x0_hat. The DP on C picks the K-step schedule whose
 jumps stay closest to the teacher: N forward passes per trajectory on an N-point grid, as the ELBO
 matrix costs per example. Trajectory i starts from the noise rule's draw for (seed, i, t = 0), a t
-no ELBO term uses, so the matrix is the same for any chunk size or process count.
+no ELBO term uses, so the matrix is the same estimate for any chunk size or process count (equal up to the
+network's rounding of other batch sizes).
 """
 
 from __future__ import annotations

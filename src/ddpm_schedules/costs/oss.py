@@ -233,7 +233,7 @@ def estimate_oss_paths(
     ab = model.schedule.ab
     partial = PartialFile.of(partial, every=1)
     config = {"what": "oss", "model": model_fingerprint(model), "grid": g.tolist(), "seed": seed, "trajectories": trajectories,
-              "start_index": start_index, "budgets": budgets, "propagate": propagate}  # fmt: skip
+              "start_index": start_index, "budgets": budgets, "propagate": propagate, "batch_size": batch_size}  # fmt: skip
     saver = PartialSums(partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0)
     resumed = _resume_from(saver, model.device)
     x_T = trajectory_noise(seed, start_index, trajectories, model.image_shape)

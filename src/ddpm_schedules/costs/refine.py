@@ -93,7 +93,7 @@ def refine_cost_matrices(
     partial = PartialFile.of(partial, every=50)
     config = {"what": "refine", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed, "settings": asdict(settings),
               "budgets": [int(K) for K in budgets], "objectives": list(objectives), "start_index": start_index,
-              "examples": examples} if partial else {}  # fmt: skip
+              "examples": examples, "batch_size": batch_size} if partial else {}  # fmt: skip
     saver = PartialSums(partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0)
     state = RefineState.load(saver, model.device) if partial else None
     if state is None:

@@ -3,7 +3,7 @@
 The state is the grid so far, the kept per-column statistics (`terms.ColumnStats`, as plain tensors so that
 the file loads with ``weights_only=True``), the rounds' records and, within a round, the columns that round
 estimates: a rerun estimates only the columns not yet kept, and since every matrix is made from the kept
-statistics alone, it gives the uninterrupted run's results bit for bit.
+statistics alone, it gives the uninterrupted run's results bit for bit (the batch size is part of the configuration).
 """
 
 from __future__ import annotations

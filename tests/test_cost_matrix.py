@@ -117,7 +117,9 @@ def test_metric_shards_merge_into_the_whole():
         whole.update(column, j, prior if j == 1 else None)
         (a if k < 3 else b).update(column, j, prior if j == 1 else None)
     a.merge_state(b)
-    for x, y in zip(a.compute(), whole.compute()):  # mean, sem, prior, prior sem, counts
+    got, want = a.compute(), whole.compute()
+    for x, y in zip((got.moments, got.prior_moments, got.count, *got.pairs_mean_sem()),
+                    (want.moments, want.prior_moments, want.count, *want.pairs_mean_sem())):  # fmt: skip
         torch.testing.assert_close(x, y, rtol=1e-12, atol=0, equal_nan=True)
 
 

@@ -66,10 +66,8 @@ def held_out_stage(
     extra = [full_schedule(ctx.model.T)] if full_chain else []
     held_key = hash_parts(key=key, split=split, examples=len(data))
     lo, hi = ctx.procs.shard(len(data))
-    results = evaluate_schedules(
-        ctx.model, data[lo:hi], schedules + extra, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
-        partial=ctx.partial(ctx.cache_dir / f"held_out_{held_key[:20]}.pt", ctx.resume.every_batches),
-    )  # fmt: skip
+    partial = ctx.partial(ctx.cache_dir / f"held_out_{held_key[:20]}.pt", ctx.resume.every_batches)
+    results = evaluate_schedules(ctx.model, data[lo:hi], schedules + extra, options=ctx.options(seed, start_index=lo, partial=partial))
     return results[: len(schedules)], (results[-1] if extra else None)
 
 

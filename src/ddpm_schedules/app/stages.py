@@ -15,6 +15,7 @@ from ddpm_schedules.app.settings import Labels, OdeSettings, PrecisionSettings, 
 from ddpm_schedules.costs.cost_matrix import CostMatrix, estimate_cost_matrices
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.ode import estimate_ode_matrix
+from ddpm_schedules.costs.options import EstimateOptions
 from ddpm_schedules.costs.oss import OssPaths, estimate_oss_paths
 from ddpm_schedules.costs.precision import estimate_to_precision
 from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
@@ -48,6 +49,10 @@ class Context:
 
     def partial(self, file: Path, every: int) -> PartialFile:
         return PartialFile(file.with_suffix(self.procs.partial_suffix), every, self.resume.every_seconds)
+
+    def options(self, seed: int, **changes: Any) -> EstimateOptions:
+        """The estimators' options of this process: its batch size, progress bar and place, with ``seed``."""
+        return EstimateOptions(seed=seed, batch_size=self.batch_size, progress=self.progress, procs=self.procs, **changes)
 
 
 @dataclass
@@ -88,8 +93,8 @@ def precision_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: in
         rounds = json.loads(rounds_file.read_text())
         return data[: rounds[-1]["examples"]], CostStage(cm, key, file, True), rounds
     partial = ctx.partial(file, ctx.resume.every_columns)  # the merged rounds; each round's sums beside it (.round<r>)
-    cm, rounds = estimate_to_precision(ctx.model, data, budgets, settings.target_sem, grid, seed, ctx.batch_size, settings.first,
-                                       ctx.progress, ctx.procs, start.matrix if start else None, partial)  # fmt: skip
+    cm, rounds = estimate_to_precision(ctx.model, data, budgets, settings.target_sem, grid, first=settings.first,
+                                       start=start.matrix if start else None, options=ctx.options(seed, partial=partial))
     if ctx.procs.rank == 0:
         atomic_write_json(rounds_file, rounds)
         cm.save(file)
@@ -109,8 +114,8 @@ def refine_stage(ctx: Context, data: Tensor, seed: int, labels: Labels, objectiv
         return {o: CostStage(cm, key, files[o], True) for o, cm in cached.items()}, json.loads(rounds_file.read_text())
     lo, hi = ctx.procs.shard(len(data))
     partial = ctx.partial(ctx.cache_dir / f"cost_matrix_{key[:16]}.refine.pt", ctx.resume.every_columns)  # kept statistics, grid, rounds
-    matrices, rounds = refine_cost_matrices(ctx.model, data[lo:hi], budgets, settings, wanted, seed, ctx.batch_size, ctx.progress,
-                                            start_index=lo, examples=len(data), partial=partial)  # fmt: skip
+    options = ctx.options(seed, start_index=lo, partial=partial)
+    matrices, rounds = refine_cost_matrices(ctx.model, data[lo:hi], budgets, settings, wanted, examples=len(data), options=options)
     if ctx.procs.rank == 0:
         atomic_write_json(rounds_file, rounds)
         for o, cm in matrices.items():
@@ -129,10 +134,8 @@ def data_matrices_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed
     missing = [o for o in objectives if o not in out]
     if missing:
         lo, hi = ctx.procs.shard(len(data))
-        estimated = estimate_cost_matrices(
-            ctx.model, data[lo:hi], missing, grid=grid, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
-            partial=ctx.partial(files[missing[0]], ctx.resume.every_columns),
-        )  # fmt: skip
+        partial = ctx.partial(files[missing[0]], ctx.resume.every_columns)
+        estimated = estimate_cost_matrices(ctx.model, data[lo:hi], missing, grid, options=ctx.options(seed, start_index=lo, partial=partial))
         for o, cm in estimated.items():
             if ctx.procs.rank == 0:
                 cm.save(files[o])
@@ -150,8 +153,8 @@ def ode_matrix_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[
     if cm is not None:
         return CostStage(cm, key, file, True)
     lo, hi = ctx.procs.shard(settings.trajectories)
-    cm = estimate_ode_matrix(ctx.model, hi - lo, grid=grid, seed=seed, batch_size=ctx.batch_size, progress=ctx.progress, start_index=lo,
-                             partial=ctx.partial(file, 1), memory_gb=settings.memory_gb, multistep=multistep)  # fmt: skip
+    options = ctx.options(seed, start_index=lo, partial=ctx.partial(file, 1))
+    cm = estimate_ode_matrix(ctx.model, hi - lo, grid, memory_gb=settings.memory_gb, multistep=multistep, options=options)
     if ctx.procs.rank == 0:
         cm.save(file)
     return CostStage(cm, key, file, False)
@@ -168,8 +171,8 @@ def oss_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[int] | 
     except ValueError:
         pass  # absent or damaged: run the DP
     lo, hi = ctx.procs.shard(settings.trajectories)
-    paths = estimate_oss_paths(ctx.model, hi - lo, budgets, grid=grid, seed=seed, propagate=settings.propagate, batch_size=ctx.batch_size,
-                               memory_gb=settings.memory_gb, progress=ctx.progress, start_index=lo, partial=ctx.partial(file, 1))  # fmt: skip
+    options = ctx.options(seed, start_index=lo, partial=ctx.partial(file, 1))
+    paths = estimate_oss_paths(ctx.model, hi - lo, budgets, grid, propagate=settings.propagate, memory_gb=settings.memory_gb, options=options)
     if ctx.procs.rank == 0:
         paths.save(file)
     return CostStage(paths, key, file, False)

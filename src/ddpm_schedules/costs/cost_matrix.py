@@ -19,13 +19,14 @@ from tqdm.auto import tqdm
 
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.moments import batch_moments, empty_moments, mean_sem, merge_moments
+from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.costs.terms import pair_tables, pair_terms, prior_nats
 from ddpm_schedules.models.diffusion import btil, c0, fixed_variance_kl, nats_to_bpd
 from ddpm_schedules.models.model import DiffusionModel, Prediction, call_groups
 from ddpm_schedules.models.noise import example_noise, indexed_batches
 from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.storage.files import data_fingerprint, load_checked, model_fingerprint, save_checked
-from ddpm_schedules.storage.resume import PartialFile, resumable
+from ddpm_schedules.storage.resume import resumable
 
 OBJECTIVES = ("elbo", "mse", "ode")  # the pair costs a DP can run on (ode: see ode.py)
 
@@ -63,18 +64,31 @@ class CostMatrixMetric(Metric):
         old = self.column_moments[:, :, column]
         self.column_moments[:, :, column] = merge_moments(torch.stack([old, batch_moments(torch.stack([sq_err, eps_sq], 1), dim=0)]))
 
-    def compute(self) -> tuple[Tensor, ...]:
-        """(mean [O, N+1, N+1], sem, prior mean, prior sem, examples per column, moments, prior moments); mean is inf
-        and sem NaN where i >= j.
+    def compute(self) -> MatrixSums:
+        """The merged sums (under torch.distributed every process's moments are merged first: torchmetrics syncs)."""
+        return MatrixSums(self.moments.clone(), self.prior_moments.clone(), self.column_moments.clone(), self.count.clone())
 
-        Under torch.distributed the moments of every process are merged first (torchmetrics syncs).
-        """
+
+@dataclass
+class MatrixSums:
+    """What `CostMatrixMetric.compute` returns: the moments (count, mean, M2) of every pair, of the prior and of the
+    analytic rule's per-column statistics, examples per column, and (ode.py, with multistep) the summed step distances."""
+
+    moments: Tensor  # [3, O, N+1, N+1]
+    prior_moments: Tensor  # [3]
+    column_moments: Tensor  # [3, 2, N+1]
+    count: Tensor  # [N+1]
+    multistep: Tensor | None = None  # [N+1]^3
+
+    def pairs_mean_sem(self) -> tuple[Tensor, Tensor]:
+        """Each pair's mean [O, N+1, N+1] and its standard error; inf and NaN where i >= j."""
         mean, sem = mean_sem(self.moments)
-        valid = torch.ones(self.size, self.size, dtype=torch.bool, device=mean.device).triu(1)
-        mean = torch.where(valid, mean, torch.full_like(mean, math.inf))
-        sem = torch.where(valid, sem, torch.full_like(sem, math.nan))
-        prior, prior_sem = mean_sem(self.prior_moments)
-        return mean, sem, prior, prior_sem, self.count, self.moments.clone(), self.prior_moments.clone(), self.column_moments.clone()
+        valid = torch.ones(mean.shape[-2:], dtype=torch.bool, device=mean.device).triu(1)
+        return torch.where(valid, mean, torch.full_like(mean, math.inf)), torch.where(valid, sem, torch.full_like(sem, math.nan))
+
+    def cpu(self) -> "MatrixSums":
+        return MatrixSums(*(None if v is None else v.cpu() for v in (self.moments, self.prior_moments, self.column_moments,
+                                                                      self.count, self.multistep)))  # fmt: skip
 
 
 @dataclass
@@ -147,22 +161,26 @@ class CostMatrix:
 
 
 def estimate_cost_matrix(
-    model: DiffusionModel, data: Tensor | Iterable, grid: Sequence[int] | Tensor | None = None, seed: int = 0, *, objective: str = "elbo",
-    **options: Any,
+    model: DiffusionModel,
+    data: Tensor | Iterable,
+    grid: Sequence[int] | Tensor | None = None,
+    *,
+    objective: str = "elbo",
+    options: EstimateOptions | None = None,
+    **overrides: Any,
 ) -> CostMatrix:
     """Estimate C[s, t] of ``objective`` for every pair of ``[0] + grid`` on ``data`` (x_0 in [-1, 1]).
 
-    ``options`` are `estimate_cost_matrices`' (``batch_size``, ``progress``, ``start_index``, ``partial``).
+    ``options`` (`EstimateOptions`; ``overrides`` replace its fields: ``seed=``, ``batch_size=``, ...) say how it runs.
     Column t costs one forward pass per example, which serves every s < t on the grid:
     ``elbo`` is the KL term of the pair (Watson et al.; nats), ``mse`` the paper's reweighting
-    (t - s) ||x_0 - x0_hat(x_t, t)||^2. ``start_index`` is the global index of the first example of
-    ``data``: under torch.distributed each process passes its own shard, and the sums of all shards
-    are combined into one matrix. With ``partial`` (a `PartialFile`, or a path: saved every 50
-    columns) the sums are saved as the columns are done, a rerun with the same model, data, grid and
-    seed resumes from them, and SIGTERM saves and stops with `Preempted`. The file is removed once
+    (t - s) ||x_0 - x0_hat(x_t, t)||^2. Under torch.distributed each process passes its own shard (its
+    ``start_index``), and the sums of all shards are combined into one matrix. With ``partial`` (a path: saved
+    every 50 columns) the sums are saved as the columns are done, a rerun with the same model, data, grid, seed
+    and batch size resumes from them, and SIGTERM saves and stops with `Preempted`. The file is removed once
     the matrix is complete. `estimate_cost_matrices` gives several objectives from the same passes.
     """
-    return estimate_cost_matrices(model, data, [objective], grid, seed, **options)[objective]
+    return estimate_cost_matrices(model, data, [objective], grid, options=options, **overrides)[objective]
 
 
 def estimate_cost_matrices(
@@ -170,21 +188,18 @@ def estimate_cost_matrices(
     data: Tensor | Iterable,
     objectives: Sequence[str] = ("elbo",),
     grid: Sequence[int] | Tensor | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    progress: bool = True,
-    start_index: int = 0,
-    partial: PartialFile | str | Path | None = None,
+    *,
+    options: EstimateOptions | None = None,
+    **overrides: Any,
 ) -> dict[str, CostMatrix]:
-    """`estimate_cost_matrix` of several data objectives (``elbo``, ``mse``) from one set of forward passes.
-
-    ``batch_size`` is the examples per network call: when a batch of data holds fewer, several columns share a call.
-    """
+    """`estimate_cost_matrix` of several data objectives (``elbo``, ``mse``) from one set of forward passes."""
+    opts = estimate_options(options, **overrides)
+    seed, batch_size = opts.seed, opts.batch_size
     if "ode" in objectives:
         raise ValueError("the ode objective runs teacher trajectories from noise, not data: use ode.estimate_ode_matrix(model, trajectories)")
     objectives = check_objectives(objectives, allowed=("elbo", "mse"))
     g = full_grid(grid, model.T)
-    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, opts.start_index)
     shape = tuple(batches[0][1].shape[1:])
     device = model.device
     # analytic variance without a given Gamma: Gamma_t comes from the column's own passes, so the KL of s >= 1 is
@@ -198,8 +213,8 @@ def estimate_cost_matrices(
               "batch_size": batch_size}
     if objectives != ["elbo"]:
         config["objectives"] = objectives
-    with resumable(model, metric, PartialFile.of(partial, every=50), config) as (saver, done, stop_requested):
-        bar = tqdm(desc="cost matrix", unit="col", disable=not progress, initial=done, total=g.numel() - 1)
+    with resumable(model, metric, opts.partial_file(every=50), config) as (saver, done, stop_requested):
+        bar = tqdm(desc="cost matrix", unit="col", disable=not opts.progress, initial=done, total=g.numel() - 1)
         for group in call_groups(range(done + 1, g.numel()), max(len(x0) for _, x0 in batches), batch_size):
             tables = {j: pair_tables(model, int(g[j]), g[:1] if gamma_from_passes else g[:j], device) for j in group} if "elbo" in objectives else {}
             for start, x0 in batches:  # each column's updates in batch order, as one column at a time
@@ -215,12 +230,13 @@ def estimate_cost_matrices(
             bar.update(len(group))
             saver.step(metric, group[-1], stop_requested(), units=len(group))
         bar.close()
-    moments, prior_moments, column_moments = (v.cpu() for v in metric.compute()[5:])
+    sums = metric.compute().cpu()
+    moments, prior_moments = sums.moments, sums.prior_moments
     saver.remove()
     gamma = model.gamma if model.var_type == "analytic" else None
     if gamma_from_passes:
         k = objectives.index("elbo")
-        moments[:, k], gamma = analytic_moments(model, g, moments[:, k], column_moments, math.prod(shape))
+        moments[:, k], gamma = analytic_moments(model, g, moments[:, k], sums.column_moments, math.prod(shape))
     analytic = {"gamma": gamma, "betas": model.schedule.betas} if gamma is not None else {}
     none = empty_moments()
     return {name: from_moments(moments[:, k], prior_moments if name == "elbo" else none, g, math.prod(shape), name, **(analytic if name == "elbo" else {}))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
+from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.costs.moments import batch_moments, empty_moments, mean_sem, merge_moments
 from ddpm_schedules.costs.terms import pair_tables, pair_terms, prior_nats
 from ddpm_schedules.models.diffusion import nats_to_bpd
@@ -19,7 +19,7 @@ from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.models.noise import example_noise, indexed_batches
 from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
-from ddpm_schedules.storage.resume import PartialFile, resumable
+from ddpm_schedules.storage.resume import resumable
 
 
 @dataclass
@@ -73,21 +73,21 @@ def evaluate_schedules(
     model: DiffusionModel,
     data: Tensor | Iterable,
     schedules: Sequence[Schedule],
-    seed: int = 0,
-    batch_size: int = 64,
-    progress: bool = True,
-    start_index: int = 0,
-    partial: PartialFile | str | Path | None = None,
+    *,
+    options: EstimateOptions | None = None,
+    **overrides: Any,
 ) -> list[ScheduleResult]:
     """Negative ELBO in bits/dim of each schedule on ``data``, in the order given.
 
     The network runs once per example at each timestep in the union of the schedules; that pass
     gives the terms of every (s, t) pair any schedule takes at t. The noise for (example, t) is
     shared by all schedules (common random numbers make their differences precise).
-    ``partial`` makes the sums resumable as in `estimate_cost_matrix` (the unit is a batch; a bare
-    path saves every 10 batches). ``batch_size`` is the examples per network call: a smaller batch of data
-    shares its calls between several timesteps.
+    ``options``: `EstimateOptions` (or its fields as keywords); ``partial`` makes the sums resumable as in
+    `estimate_cost_matrix` (the unit is a batch; a bare path saves every 10 batches). ``batch_size`` is the
+    examples per network call: a smaller batch of data shares its calls between several timesteps.
     """
+    opts = estimate_options(options, **overrides)
+    seed, batch_size = opts.seed, opts.batch_size
     schedules = list(schedules)
     if not schedules:
         raise ValueError("no schedules to evaluate; pass at least one Schedule")
@@ -104,7 +104,7 @@ def evaluate_schedules(
     for k, sch in enumerate(schedules):
         for step, (s, t) in enumerate(sch.pairs()):
             needs.setdefault(t, {}).setdefault(s, []).append((k, offsets[k] + step))
-    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, opts.start_index)
     shape = tuple(batches[0][1].shape[1:])
     dims = math.prod(shape)
     device = model.device
@@ -112,8 +112,8 @@ def evaluate_schedules(
     tables = {t: pair_tables(model, t, sorted(by_s), device) for t, by_s in needs.items()}
     config = {"what": "held_out", "sums": "moments", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed,
               "schedules": [list(s.timesteps) for s in schedules], "batch_size": batch_size}  # fmt: skip
-    with resumable(model, metric, PartialFile.of(partial, every=10), config) as (saver, done, stop_requested), tqdm(
-        total=len(batches) * len(needs), initial=done * len(needs), desc="held-out terms", unit="pass", disable=not progress
+    with resumable(model, metric, opts.partial_file(every=10), config) as (saver, done, stop_requested), tqdm(
+        total=len(batches) * len(needs), initial=done * len(needs), desc="held-out terms", unit="pass", disable=not opts.progress
     ) as bar:
         for b, (start, x0) in enumerate(batches[done:], start=done):
             x0 = x0.to(device)

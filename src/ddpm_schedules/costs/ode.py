@@ -16,22 +16,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm_schedules.costs.cost_matrix import CostMatrix, CostMatrixMetric, from_moments
+from ddpm_schedules.costs.cost_matrix import CostMatrix, CostMatrixMetric, MatrixSums, from_moments
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.moments import empty_moments
+from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.costs.multistep import check_multistep_size, multistep_distance_sums, trajectory_gram
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import example_noise
 from ddpm_schedules.sampling.samplers import ddim_step
 from ddpm_schedules.storage.files import model_fingerprint
-from ddpm_schedules.storage.resume import PartialFile, resumable
+from ddpm_schedules.storage.resume import resumable
 
 
 def trajectory_noise(seed: int, start: int, count: int, shape: Sequence[int]) -> Tensor:
@@ -84,32 +84,32 @@ class OdeMetric(CostMatrixMetric):
         if multistep:
             self.add_state("multistep", torch.zeros(size, size, size, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def compute(self) -> tuple[Tensor, ...]:
-        """`CostMatrixMetric.compute`'s tuple, then the multistep sums when kept."""
-        out = super().compute()
-        return (*out, self.multistep.clone()) if self.has_multistep else out
+    def compute(self) -> MatrixSums:
+        """`CostMatrixMetric.compute`'s sums with the multistep sums when kept."""
+        return replace(super().compute(), multistep=self.multistep.clone() if self.has_multistep else None)
 
 
 def estimate_ode_matrix(
     model: DiffusionModel,
     trajectories: int,
     grid: Sequence[int] | Tensor | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
+    *,
     memory_gb: float = 2.0,
-    progress: bool = True,
-    start_index: int = 0,
-    partial: PartialFile | str | Path | None = None,
     multistep: bool = False,
+    options: EstimateOptions | None = None,
+    **overrides: Any,
 ) -> CostMatrix:
     """The GITS cost matrix on ``[0] + grid`` from ``trajectories`` teacher trajectories (global indices from ``start_index``);
     with ``multistep`` it carries DPM-Solver++(2M)'s step costs C2[p, c, n] from the same trajectories as ``two_step``
     (multistep.py: no extra network pass).
 
-    Trajectories are processed in chunks whose stored points fit ``memory_gb``; under torch.distributed
-    each process passes its own range and the sums combine as for the ELBO matrix. ``partial``
-    resumes as in `estimate_cost_matrix` (the unit is a chunk; a bare path saves after every chunk).
+    Trajectories are processed in chunks of at most ``batch_size`` whose stored points fit ``memory_gb``; under
+    torch.distributed each process passes its own range and the sums combine as for the ELBO matrix. ``options``
+    (`EstimateOptions`, or its fields as keywords) resume as in `estimate_cost_matrix` (the unit is a chunk; a bare
+    path saves after every chunk).
     """
+    opts = estimate_options(options, **overrides)
+    seed, start_index = opts.seed, opts.start_index
     if model.image_shape is None:
         raise ValueError("this DiffusionModel has no image_shape; pass image_shape=(C, H, W) to run teacher trajectories")
     if isinstance(trajectories, bool) or not isinstance(trajectories, int) or trajectories < 1:
@@ -118,13 +118,13 @@ def estimate_ode_matrix(
     if multistep:
         check_multistep_size(g.numel() - 1, memory_gb)
     dims = math.prod(model.image_shape)
-    chunk = chunk_size(batch_size, g.numel(), dims, memory_gb)
+    chunk = chunk_size(opts.batch_size, g.numel(), dims, memory_gb)
     starts = list(range(0, trajectories, chunk))
     metric = OdeMetric(g.numel(), multistep).to(model.device)
     config = {"what": "ode", "model": model_fingerprint(model), "grid": g.tolist(), "seed": seed, "trajectories": trajectories,
               "start_index": start_index, "chunk": chunk, **({"multistep": True} if multistep else {})}  # fmt: skip
-    with resumable(model, metric, PartialFile.of(partial, every=1), config) as (saver, done, stop_requested), tqdm(
-        total=trajectories, initial=min(trajectories, done * chunk), desc="ode matrix", unit="traj", disable=not progress
+    with resumable(model, metric, opts.partial_file(every=1), config) as (saver, done, stop_requested), tqdm(
+        total=trajectories, initial=min(trajectories, done * chunk), desc="ode matrix", unit="traj", disable=not opts.progress
     ) as bar:
         for c, lo in enumerate(starts[done:], start=done):
             m = min(chunk, trajectories - lo)
@@ -135,7 +135,7 @@ def estimate_ode_matrix(
                 metric.multistep += multistep_distance_sums(model.schedule.ab.to(model.device), g.to(model.device), trajectory_gram(xs, x0s))
             bar.update(m)
             saver.step(metric, c + 1, stop_requested())
-    out = metric.compute()
+    sums = metric.compute().cpu()
     saver.remove()
-    cm = from_moments(out[5].cpu()[:, 0], empty_moments(), g, dims, "ode")
-    return replace(cm, two_step=out[-1].cpu() / float(out[4][1])) if multistep else cm  # every process's trajectories (synced)
+    cm = from_moments(sums.moments[:, 0], empty_moments(), g, dims, "ode")
+    return replace(cm, two_step=sums.multistep / float(sums.count[1])) if multistep else cm  # every process's trajectories

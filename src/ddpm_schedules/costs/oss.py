@@ -25,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import Tensor
@@ -34,11 +34,12 @@ from tqdm.auto import tqdm
 
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.ode import teacher_trajectory, trajectory_noise
+from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.sampling.samplers import dpmpp_2m_coefficients
 from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.storage.files import atomic_write_json, model_fingerprint
-from ddpm_schedules.storage.resume import PartialFile, PartialSums, agreed, sigterm_requests
+from ddpm_schedules.storage.resume import PartialSums, agreed, sigterm_requests
 
 log = logging.getLogger(__name__)
 PROPAGATE = ("ddim", "dpmpp")  # deterministic samplers whose own states can be carried
@@ -208,19 +209,20 @@ def estimate_oss_paths(
     trajectories: int,
     budgets: Iterable[int],
     grid: Iterable[int] | Tensor | None = None,
-    seed: int = 0,
+    *,
     propagate: str = "ddim",
-    batch_size: int = 64,
     memory_gb: float = 2.0,
-    progress: bool = True,
-    start_index: int = 0,
-    partial: PartialFile | str | Path | None = None,
+    options: EstimateOptions | None = None,
+    **overrides: Any,
 ) -> OssPaths:
     """OSS's DP over ``propagate``'s own states on ``[0] + grid`` for every budget, from ``trajectories`` teacher trajectories
     (global indices from ``start_index``: the same x_T as `estimate_ode_matrix` with the same seed). Under
     torch.distributed each process passes its own trajectories; every level's sums are combined before it chooses.
-    ``partial`` keeps the finished levels (the DP's tables and every trajectory's states; a bare path saves after
-    each level): a rerun recomputes the teacher (N passes) and goes on from the last saved level."""
+    ``options``: `EstimateOptions` (or its fields as keywords); ``partial`` keeps the finished levels (the DP's tables
+    and every trajectory's states; a bare path saves after each level): a rerun recomputes the teacher (N passes)
+    and goes on from the last saved level."""
+    opts = estimate_options(options, **overrides)
+    seed, batch_size, start_index = opts.seed, opts.batch_size, opts.start_index
     check_propagate(propagate, "propagate")
     if model.image_shape is None:
         raise ValueError("this DiffusionModel has no image_shape; pass image_shape=(C, H, W) to run teacher trajectories")
@@ -231,7 +233,7 @@ def estimate_oss_paths(
         raise ValueError(f"dp_ode_oss budgets {budgets} must lie in 1..{N} (the size of cost.ode.grid)")
     check_oss_size(N + 1, trajectories, dims, memory_gb)
     ab = model.schedule.ab
-    partial = PartialFile.of(partial, every=1)
+    partial = opts.partial_file(every=1)
     config = {"what": "oss", "model": model_fingerprint(model), "grid": g.tolist(), "seed": seed, "trajectories": trajectories,
               "start_index": start_index, "budgets": budgets, "propagate": propagate, "batch_size": batch_size}  # fmt: skip
     saver = PartialSums(partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0)
@@ -245,7 +247,7 @@ def estimate_oss_paths(
     del xs, x0s
     sums = StepDistanceSums(N + 1).to(teacher.device)
     with sigterm_requests(enabled=partial is not None) as stop_requested:
-        levels = tqdm(range(dp.done + 1, budgets[-1] + 1), initial=dp.done, total=budgets[-1], desc="oss levels", unit="level", disable=not progress)
+        levels = tqdm(range(dp.done + 1, budgets[-1] + 1), initial=dp.done, total=budgets[-1], desc="oss levels", unit="level", disable=not opts.progress)
         for k in levels:
             states = dp.states
             targets = {j: torch.tensor([i for i in range(j) if _useful(k, i, budgets)], dtype=torch.long) for j in sorted(states) if j > 0}

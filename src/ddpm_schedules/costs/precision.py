@@ -21,11 +21,11 @@ from torch import Tensor
 from ddpm_schedules.costs.cost_matrix import CostMatrix, estimate_cost_matrix
 from ddpm_schedules.costs.evaluation import evaluate_schedules
 from ddpm_schedules.costs.grids import full_grid
+from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.models.model import DiffusionModel
-from ddpm_schedules.models.noise import Processes
 from ddpm_schedules.schedules.dp import optimal_schedules
 from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
-from ddpm_schedules.storage.resume import PartialFile, PartialSums, agreed, sigterm_requests
+from ddpm_schedules.storage.resume import PartialSums, agreed, sigterm_requests
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +42,20 @@ def estimate_to_precision(
     budgets: Sequence[int],
     target_sem: float,
     grid: Sequence[int] | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
+    *,
     first: int = 64,
-    progress: bool = True,
-    procs: Processes = Processes(),
     start: CostMatrix | None = None,
-    partial: PartialFile | str | Path | None = None,
+    options: EstimateOptions | None = None,
+    **overrides: Any,
 ) -> tuple[CostMatrix, list[dict[str, Any]]]:
     """The ELBO matrix on the fewest rounds of ``data`` (``first`` examples, then doubling) for which the standard
     error of every budget's DP path is at most ``target_sem`` bits/dim; all of ``data`` if none is enough.
 
     ``start``: a matrix of the first ``start.count`` examples of ``data`` (e.g. refinement's, on its grid), taken
     as the first round; later rounds are estimated on its grid.
+
+    ``options``: `EstimateOptions` (or its fields as keywords). Every process passes all of ``data``, and each
+    round's examples are shared among the processes by ``procs``.
 
     With ``partial`` (a `PartialFile`, or a path: rounds' columns saved every 50) the merged matrix and the records
     are saved after each round, and each round's estimate keeps its own partial sums (``<partial>.round<r>``); a
@@ -64,8 +65,10 @@ def estimate_to_precision(
     Returns the matrix and one record per round: examples used, each budget's predicted bits/dim and its error,
     and whether the target was met (a warning says so when all of ``data`` was not enough).
     """
+    opts = estimate_options(options, **overrides)
+    seed, batch_size, procs = opts.seed, opts.batch_size, opts.procs
     target_sem = check_target_sem(target_sem)
-    partial = PartialFile.of(partial, every=50)
+    partial = opts.partial_file(every=50)
     g = full_grid(start.grid[1:] if start is not None else grid, model.T)
     started = None if start is None else hashlib.sha256(start.moments.cpu().numpy().tobytes()).hexdigest()
     config = {"what": "precision", "model": model_fingerprint(model), "data": data_fingerprint([(0, data)]), "grid": g.tolist(), "seed": seed,
@@ -89,14 +92,13 @@ def estimate_to_precision(
             if size:
                 lo, hi = procs.shard(size)
                 within = None if partial is None else replace(partial, path=_round_file(partial.path, len(rounds)))
-                part = estimate_cost_matrix(model, data[used + lo : used + hi], g[1:], seed, batch_size=batch_size, progress=progress,
-                                            start_index=used + lo, partial=within)  # fmt: skip
+                part = estimate_cost_matrix(model, data[used + lo : used + hi], g[1:], options=replace(opts, start_index=used + lo, partial=within))
                 cm = part if cm is None else cm.merged(part)
                 used += size
                 _save(saver, cm, rounds, used, stop_requested())  # the round's passes are done: never redo them
             paths = optimal_schedules(cm, budgets)
             lo, hi = procs.shard(used)
-            results = evaluate_schedules(model, data[lo:hi], list(paths.values()), seed=seed, batch_size=batch_size, progress=False, start_index=lo)
+            results = evaluate_schedules(model, data[lo:hi], list(paths.values()), options=replace(opts, progress=False, start_index=lo, partial=None))
             sems = {int(K): r.bpd_sem for K, r in zip(paths, results)}  # int keys: the partial file holds plain values only
             met = max(sems.values()) <= target_sem
             rounds.append({"examples": used, "predicted_bpd": {int(K): r.bpd for K, r in zip(paths, results)}, "sem_bpd": sems, "met": met})

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -25,13 +24,14 @@ from tqdm.auto import tqdm
 from ddpm_schedules.costs.cost_matrix import CostMatrix, CostMatrixMetric, from_moments
 from ddpm_schedules.costs.grids import GridSpec, candidate_grid, full_grid
 from ddpm_schedules.costs.moments import empty_moments
+from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.costs.refine_state import RefineState
 from ddpm_schedules.costs.terms import column_stats, pair_tables, prior_nats, stats_tables, stats_terms
 from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.models.noise import example_noise, indexed_batches
 from ddpm_schedules.schedules.dp import optimal_schedules
 from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
-from ddpm_schedules.storage.resume import PartialFile, PartialSums, sigterm_requests
+from ddpm_schedules.storage.resume import PartialSums, sigterm_requests
 
 
 @dataclass(frozen=True)
@@ -69,28 +69,28 @@ def refine_cost_matrices(
     budgets: Sequence[int],
     settings: RefineSettings = RefineSettings(),
     objectives: Sequence[str] = ("elbo",),
-    seed: int = 0,
-    batch_size: int = 64,
-    progress: bool = True,
-    start_index: int = 0,
+    *,
     examples: int | None = None,
-    partial: PartialFile | str | Path | None = None,
+    options: EstimateOptions | None = None,
+    **overrides: Any,
 ) -> tuple[dict[str, CostMatrix], list[dict[str, Any]]]:
     """The refined matrices of the data objectives and one record per round; the grid grows around the DP paths of
     every objective (a grid refined for the ELBO alone misses where the MSE objective's paths go).
 
-    Under torch.distributed each process passes its shard (``start_index``: its first example's global
-    index) and ``examples``, the total, for the pass count; the matrices combine as `estimate_cost_matrix`'s.
+    ``options``: `EstimateOptions` (or its fields as keywords). Under torch.distributed each process passes its
+    shard (``start_index``: its first example's global index) and ``examples``, the total, for the pass count; the matrices combine as `estimate_cost_matrix`'s.
     With ``partial`` (a `PartialFile`, or a path: saved every 50 columns) the kept statistics, the grid and
     the rounds are saved after every round and as the columns are done; a rerun of the same configuration
     estimates only the columns not yet kept, SIGTERM saves and stops with `Preempted`, and the file is
     removed once the refinement is complete.
     """
+    opts = estimate_options(options, **overrides)
+    seed, batch_size, start_index = opts.seed, opts.batch_size, opts.start_index
     T = model.T
     examples = len(data) if examples is None else examples
     check_refine(settings, T, examples, budgets)
     batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
-    partial = PartialFile.of(partial, every=50)
+    partial = opts.partial_file(every=50)
     config = {"what": "refine", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed, "settings": asdict(settings),
               "budgets": [int(K) for K in budgets], "objectives": list(objectives), "start_index": start_index,
               "examples": examples, "batch_size": batch_size} if partial else {}  # fmt: skip
@@ -107,7 +107,7 @@ def refine_cost_matrices(
                 state.history.append({"round": state.round, "stopped": "max_passes", "passes": state.passes})
                 break
             todo = [t for t in state.new if t not in state.kept]  # a resumed round: only the columns not kept yet
-            _estimate_columns(model, batches, todo, state.kept, seed, settings.memory_gb, progress,
+            _estimate_columns(model, batches, todo, state.kept, seed, settings.memory_gb, opts.progress,
                               lambda: saver.tick(lambda: state.save(saver), len(state.kept), stop_requested()), batch_size)  # fmt: skip
             state.passes += len(state.new) * examples
             grid = sorted(state.grid)
@@ -188,6 +188,7 @@ def matrices_from_stats(model: DiffusionModel, batches: list, kept: dict, grid: 
                      for o in objectives]  # fmt: skip
             prior = prior_nats(model, x0.to(model.device)) if j == 1 and "elbo" in objectives else None
             metric.update(torch.stack(terms), j, prior)
-    moments, prior_moments = metric.compute()[5:7]
+    sums = metric.compute()
+    moments, prior_moments = sums.moments, sums.prior_moments
     dims = math.prod(batches[0][1].shape[1:])
     return {o: from_moments(moments[:, k], prior_moments if o == "elbo" else empty_moments(), g, dims, o) for k, o in enumerate(objectives)}

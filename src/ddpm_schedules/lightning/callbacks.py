@@ -17,6 +17,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from ddpm_schedules.costs.cost_matrix import OBJECTIVES, CostMatrix, check_objectives, estimate_cost_matrix
 from ddpm_schedules.costs.grids import candidate_grid, full_grid
 from ddpm_schedules.costs.ode import estimate_ode_matrix
+from ddpm_schedules.costs.options import EstimateOptions
 from ddpm_schedules.models.noise import shard
 from ddpm_schedules.reports.report import figure_array, plot_cost_matrix, plot_schedules
 from ddpm_schedules.schedules.dp_multistep import multistep_path_cost
@@ -119,14 +120,13 @@ class ScheduleMonitor(Callback):
         model = pl_module.model
         data = trainer.datamodule.tensor("val", self.examples)
         lo, hi = shard(len(data), trainer.global_rank, trainer.world_size)
-        progress = self.progress and trainer.is_global_zero
+        options = EstimateOptions(seed=self.seed, batch_size=self.batch_size, progress=self.progress and trainer.is_global_zero, start_index=lo)
+        grid = self.timesteps(model.T)
         if self.objective in ("ode", "dpmpp"):  # trajectories from noise: as many as the examples the other objectives use
-            cm = estimate_ode_matrix(model, hi - lo, grid=self.timesteps(model.T), seed=self.seed, batch_size=self.batch_size,
-                                     progress=progress, start_index=lo, multistep=self.objective == "dpmpp")  # fmt: skip
+            cm = estimate_ode_matrix(model, hi - lo, grid, multistep=self.objective == "dpmpp", options=options)
         else:
             with variance_rule(model, self.var_type):
-                cm = estimate_cost_matrix(model, data[lo:hi], grid=self.timesteps(model.T), seed=self.seed, batch_size=self.batch_size,
-                                          progress=progress, start_index=lo, objective=self.objective)  # fmt: skip
+                cm = estimate_cost_matrix(model, data[lo:hi], grid, objective=self.objective, options=options)
         record = summarize(cm, self.budgets, trainer.global_step, self.strategies)
         record["var_type"] = self.var_type or model.var_type
         for key, value in record["metrics"].items():

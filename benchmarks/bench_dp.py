@@ -8,12 +8,16 @@
 2. T = 4000, K <= 1000: wall time and the peak memory of the tables.
 """
 
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from ddpm_schedules import optimal_paths
-from ddpm_schedules.schedules.dp import classic_paths
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from references import classic_paths  # tests/references.py: the reference the tests use too
 
 
 def cost_like(n: int, seed: int = 0) -> np.ndarray:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ddpm_schedules import estimate_cost_matrix, evaluate_schedules, load_checkpoint, optimal_schedules
-from ddpm_schedules.costs.cost_matrix import CostMatrix
+from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
 from ddpm_schedules.lightning.data import DigitsDataModule
 

@@ -52,7 +52,7 @@ def floor(stats: Path, samples: int, bootstrap: int = 20) -> str:
     from ddpm_schedules.lightning.data import PhotoPatchesDataModule
     from ddpm_schedules.sampling.frechet import feature_network, features_of, frechet_distance, load_reference_stats
 
-    reference = load_reference_stats(stats, "inception", key="fid_reference_stats.npz")
+    reference = load_reference_stats(stats, "inception")
     network, data = feature_network("inception"), PhotoPatchesDataModule()
     data.setup()
     lines = ["| real patches | FID |", "|---|---|"]

@@ -177,7 +177,7 @@ def test_schedule_monitor_with_the_analytic_rule(tmp_path):
     record = json.loads((tmp_path / "schedules" / "step_3.json").read_text())
     assert record["var_type"] == "analytic"
     assert {r["strategy"] for r in record["results"]} == {"dp", "analytic_ot", "even"}
-    from ddpm_schedules.costs.cost_matrix import CostMatrix
+    from ddpm_schedules.costs.matrix import CostMatrix
     from ddpm_schedules.models.checkpoints import load_checkpoint
 
     gamma = CostMatrix.load(tmp_path / "schedules" / "cost_matrix_step_3.pt").gamma

@@ -75,6 +75,12 @@ EVALUATE_CASES = [
     ("NaN-producing model", ["model.path={d}/nan.ckpt"], "NaN or Inf at t = "),
     ("propagate with ancestral", ["eval.strategies=[dp_ode_oss]", "cost.ode.propagate=ancestral"],
      "^cost.ode.propagate = 'ancestral'; dp_ode_oss carries a deterministic sampler's own states: use ddim or dpmpp$"),
+    # the checks below app/ name their own parameters; these messages name the config keys
+    ("two-step costs over their memory", ["eval.strategies=[dp_dpmpp]", "cost.ode.memory_gb=1e-9"],
+     "^cost.ode.grid has 20 points: .* more than cost.ode.memory_gb = 1e-09; use a coarser cost.ode.grid "),
+    ("refinement over its memory", ["cost.refine.enabled=true", "cost.refine.coarse=log:6", "cost.refine.memory_gb=0"],
+     "more than cost.refine.memory_gb = 0; raise it, use fewer cost.examples or a coarser grid$"),
+    ("data workers negative", ["+data.num_workers=-1"], "^data.num_workers = -1; it must be an integer >= 0"),
 ]
 
 
@@ -147,6 +153,9 @@ TRAIN_CASES = [
     ("CIFAR-10 folder missing", ["data=cifar10", "data.root={d}/cifar"], "CIFAR-10 not found"),
     ("batch size 0", ["data.batch_size=0"], "data.batch_size = 0; it must be a positive integer"),
     ("unknown noise schedule", ["diffusion.noise_schedule=sigmoid"], "unknown noise_schedule 'sigmoid'"),
+    ("monitor grid unknown", ["callbacks.schedule_monitor.grid=log:0"], "^callbacks.schedule_monitor.grid = 'log:0'"),
+    ("monitor count 0", ["callbacks.schedule_monitor.examples=0"], "^callbacks.schedule_monitor.examples = 0; it must"),
+    ("loss not finite", ["module.lr=1e30"], "^the training loss is .* at step .*; lower module.lr or check the data$"),
 ]
 
 
@@ -186,7 +195,7 @@ def test_dpmpp_needs_no_diffusers(monkeypatch):
     (0, ["fabric.accelerator=cuda"], "^fabric.accelerator = 'cuda' but no CUDA device is visible; use fabric.accelerator=cpu"),
 ])  # fmt: skip
 def test_more_devices_than_visible_gpus_is_refused_before_any_process_starts(tmp_path, files, monkeypatch, visible, overrides, message):
-    import ddpm_schedules.app.settings as settings
+    import ddpm_schedules.app.evaluate_config as settings
 
     monkeypatch.setattr(settings, "cuda_devices", lambda: visible)
     refuse_loading(monkeypatch)

@@ -8,7 +8,8 @@ from conftest import quantized_data, tiny_model
 from torch.distributions import Normal, kl_divergence
 
 from ddpm_schedules import CostMatrix, estimate_cost_matrix
-from ddpm_schedules.costs.cost_matrix import CostMatrixMetric, estimate_cost_matrices
+from ddpm_schedules.costs.cost_matrix import estimate_cost_matrices
+from ddpm_schedules.costs.matrix import CostMatrixMetric
 from ddpm_schedules.costs.terms import terms
 from ddpm_schedules.models.noise import example_noise
 

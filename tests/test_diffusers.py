@@ -92,7 +92,7 @@ def test_sampler_matches_diffusers_scheduler(tmp_path, prediction_type, variance
     g = torch.Generator().manual_seed(9)
     draws = [torch.randn(shape, generator=g) for _ in range(schedule.K - 1)]
     trajectory = []
-    sample_ancestral(model, schedule, 2, noise=[x_T, *draws], trajectory=trajectory)
+    sample_ancestral(model, schedule, x_T, noise=draws, trajectory=trajectory)
     assert len(trajectory) == len(points_theirs) + 1
     for ours, theirs in zip(trajectory, points_theirs):
         torch.testing.assert_close(ours.float(), theirs, rtol=1e-4, atol=1e-4)

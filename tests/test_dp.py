@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from references import brute_force_paths, classic_paths
 
 from ddpm_schedules import CostMatrix, optimal_paths, optimal_schedules
-from ddpm_schedules.schedules.dp import brute_force_paths, classic_paths
 
 
 def random_costs(n, seed, integer=False):

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+from references import brute_force_multistep_paths
 
 from ddpm_schedules.schedules.dp import optimal_paths
-from ddpm_schedules.schedules.dp_multistep import brute_force_multistep_paths, optimal_multistep_paths
+from ddpm_schedules.schedules.dp_multistep import optimal_multistep_paths
 
 
 def random_costs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 import torch
 
-from ddpm_schedules.costs.cost_matrix import CostMatrixMetric
+from ddpm_schedules.costs.matrix import CostMatrixMetric
 from ddpm_schedules.costs.evaluation import ScheduleTermsMetric
 from ddpm_schedules.costs.moments import batch_moments, mean_sem, merge_moments
 

@@ -71,7 +71,7 @@ def test_the_dp_equals_running_the_sampler_along_every_partial_path(propagate, v
     sch = out.schedule(3)
     assert sch.K == 3 and sch.timesteps[-1] == 12
     final = run_sampler(model, x_T, [*sch.timesteps[::-1], 0], propagate)
-    assert torch.equal(sampler(model, sch, 3, x_T=x_T), quantize(final, model.levels).float())
+    assert torch.equal(sampler(model, sch, x_T), quantize(final, model.levels).float())
 
 
 @torch.no_grad()
@@ -114,7 +114,7 @@ def test_bad_input_is_refused_before_any_pass():
         estimate_oss_paths(model, 2, [2], propagate="ancestral", progress=False)
     with pytest.raises(ValueError, match=r"budgets \[2, 11\] must lie in 1..10"):
         estimate_oss_paths(model, 2, [2, 11], progress=False)
-    with pytest.raises(ValueError, match="more than cost.ode.memory_gb = 1.0; use fewer cost.ode.trajectories"):
+    with pytest.raises(ValueError, match="more than memory_gb = 1.0; use fewer trajectories"):
         check_oss_size(201, 64, 12288, 1.0)
     assert model.net.calls == {}
     assert math.isfinite(estimate_oss_paths(model, 2, [2], progress=False).distance[2])

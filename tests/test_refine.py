@@ -42,9 +42,10 @@ def test_a_pass_budget_stops_refinement():
 
 @pytest.mark.parametrize(
     "settings,message",
-    [(RefineSettings(window=-1), "cost.refine.window = -1"), (RefineSettings(coarse=0), "cost.refine.coarse = 0"),
-     (RefineSettings(coarse=100), "cost.refine.coarse = 100; an integer grid is a stride >= 1 and <= T = 50"),
-     (RefineSettings(max_rounds=0), "cost.refine.max_rounds = 0"), (RefineSettings(bisect="yes"), "cost.refine.bisect = 'yes'"), (RefineSettings(coarse="log:10", max_passes=5), "below the 40 passes")],
+    [(RefineSettings(window=-1), "^window = -1"), (RefineSettings(coarse=0), "^coarse = 0"),
+     (RefineSettings(coarse=100), "^coarse = 100; an integer grid is a stride >= 1 and <= T = 50"),
+     (RefineSettings(max_rounds=0), "^max_rounds = 0"), (RefineSettings(bisect="yes"), "^bisect = 'yes'"),
+     (RefineSettings(coarse="log:10", max_passes=5), "below the 40 passes")],
 )  # fmt: skip
 def test_bad_refinement_settings(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -76,12 +77,12 @@ def test_column_statistics_give_the_pairs_of_rows_chosen_after_the_pass(var_type
 
 
 def test_bisection_adds_the_midpoints_to_each_used_timesteps_grid_neighbours():
-    from ddpm_schedules.costs.refine import _wanted
+    from ddpm_schedules.costs.refine import wanted_timesteps
 
     grid = [1, 2, 3, 10, 50, 200]
-    assert _wanted(grid, [10], 1, False, 200) == {9, 10, 11}
-    assert _wanted(grid, [10, 200], 0, True, 200) == {6, 10, 30, 125, 200}  # halfway to 3 and 50; 200 has no right neighbour
-    assert _wanted(grid, [2], 0, True, 200) == {2}  # neighbours 1 and 3 leave no room
+    assert wanted_timesteps(grid, [10], 1, False, 200) == {9, 10, 11}
+    assert wanted_timesteps(grid, [10, 200], 0, True, 200) == {6, 10, 30, 125, 200}  # halfway to 3 and 50; 200 has no right neighbour
+    assert wanted_timesteps(grid, [2], 0, True, 200) == {2}  # neighbours 1 and 3 leave no room
     model, data = tiny_model("fixed_small", T=80), quantized_data(4)
     plain = refine_cost_matrices(model, data, [3], RefineSettings(coarse="log:10", window=0, bisect=False), progress=False)[0]["elbo"]
     bisected = refine_cost_matrices(model, data, [3], RefineSettings(coarse="log:10", window=0, bisect=True), progress=False)[0]["elbo"]

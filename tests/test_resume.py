@@ -18,7 +18,7 @@ from ddpm_schedules import (
     evaluate_schedules,
     even_schedule,
 )
-from ddpm_schedules.costs.cost_matrix import CostMatrixMetric
+from ddpm_schedules.costs.matrix import CostMatrixMetric
 from ddpm_schedules.storage import files as storage
 from ddpm_schedules.storage.resume import PartialFile, PartialSums, Preempted
 

@@ -68,14 +68,19 @@ def test_target_sem_adds_rounds_until_every_dp_path_is_that_precise():
     assert [final["predicted_bpd"][K] for K in (2, 4)] == pytest.approx([cm.bpd(p.predicted_nats) for p in paths.values()], rel=1e-9)
 
 
-def test_an_unreachable_target_sem_uses_every_example_and_says_so(caplog):
+def test_an_unreachable_target_sem_uses_every_example_and_says_so(tmp_path, caplog):
+    from ddpm_schedules.app.settings import PrecisionSettings
+    from ddpm_schedules.app.stages import Context, precision_stage
     from ddpm_schedules.costs.precision import estimate_to_precision
 
     model, data = tiny_model("fixed_large", T=12), quantized_data(12, seed=3)
-    with caplog.at_level("WARNING", logger="ddpm_schedules.costs.precision"):
-        cm, rounds = estimate_to_precision(model, data, [2, 4], target_sem=1e-9, seed=1, first=4, progress=False)
+    cm, rounds = estimate_to_precision(model, data, [2, 4], target_sem=1e-9, seed=1, first=4, progress=False)
     assert [r["examples"] for r in rounds] == [4, 8, 12] and cm.count == 12 and not rounds[-1]["met"]
+    # evaluate.py's stage says so, naming the config keys
+    with caplog.at_level("WARNING", logger="ddpm_schedules.app.stages"):
+        precision_stage(Context(model, tmp_path), data, None, 1, Labels(), [2, 4], PrecisionSettings(1e-9, first=4))
     assert "cost.target_sem = 1e-09 bits/dim is not reached with all 12 examples" in caplog.text
+    assert "raise cost.examples" in caplog.text
 
 
 def test_target_sem_continues_from_a_refined_first_round_on_its_grid():

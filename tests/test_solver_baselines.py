@@ -69,5 +69,5 @@ def test_baselines_are_strategies_that_need_the_models_noise_schedule():
     karras, ays = parse_strategies(["karras", "ays"], 100, noise=ns)
     assert karras.objective is None and karras.build_all(None, [4, 8]) == [karras_schedule(ns, 4), karras_schedule(ns, 8)]
     assert ays.build_all(None, [6]) == [ays_schedule(ns, 6)]
-    with pytest.raises(ValueError, match="eval.strategies has 'karras', which needs the model's noise schedule"):
+    with pytest.raises(ValueError, match="^strategies has 'karras', which needs the model's noise schedule"):
         parse_strategies(["karras"], 100)

@@ -45,7 +45,7 @@ def evil(tmp_path):
 
 def test_load_checkpoint_refuses_and_runs_nothing(evil):
     path, marker = evil
-    with pytest.raises(ValueError, match="model.trust_checkpoint=true") as info:
+    with pytest.raises(ValueError, match="load it with trust_checkpoint=true$") as info:
         load_checkpoint(path)
     message = str(info.value)
     assert "\n" not in message and str(path) in message and "run code" in message

@@ -1,13 +1,14 @@
 """ELBO-optimal inference schedules for pre-trained DDPMs (Watson et al. 2021)."""
 
 from ddpm_schedules.app.run import EvaluationResult, run_evaluation
-from ddpm_schedules.costs.cost_matrix import CostMatrix, estimate_cost_matrix
+from ddpm_schedules.costs.cost_matrix import estimate_cost_matrix
+from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.costs.evaluation import ScheduleResult, evaluate_schedules
 from ddpm_schedules.costs.terms import prior_nats, terms
 from ddpm_schedules.models.checkpoints import load_checkpoint, load_improved_diffusion
 from ddpm_schedules.models.diffusion import NoiseSchedule
 from ddpm_schedules.models.model import DiffusionModel
-from ddpm_schedules.sampling.samplers import sample_ancestral
+from ddpm_schedules.sampling.samplers import sample_ancestral, sample_ddim, sample_dpmpp
 from ddpm_schedules.schedules.dp import optimal_paths, optimal_schedules
 from ddpm_schedules.schedules.schedule import (
     Schedule,
@@ -49,6 +50,8 @@ __all__ = [
     "respaced_schedule",
     "run_evaluation",
     "sample_ancestral",
+    "sample_ddim",
+    "sample_dpmpp",
     "save_schedules",
     "terms",
 ]

@@ -11,8 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from ddpm_schedules.app.build import build, build_logger, finish_wandb
+from ddpm_schedules.app.evaluate_config import evaluate_settings
+from ddpm_schedules.app.keys import config_keys
 from ddpm_schedules.app.run import run_evaluation
-from ddpm_schedules.app.settings import EvaluateSettings, evaluate_settings
+from ddpm_schedules.app.settings import EvaluateSettings
 from ddpm_schedules.lightning.data import ImageDataModule
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import Processes
@@ -62,10 +64,11 @@ def device_for(procs: Processes) -> torch.device:
 def build_model(node: DictConfig, settings: EvaluateSettings) -> DiffusionModel:
     """The model from the model group's loader, with model.var_type (an override of the checkpoint's rule) and its Gamma file."""
     loader = OmegaConf.masked_copy(node, [k for k in node if k not in ("var_type", "gamma_file")])
-    model = build(loader)
-    var_type, gamma_file = settings.model.var_type, settings.model.gamma_file
-    if var_type is not None:
-        model.use_variance(var_type, load_gamma(gamma_file, model) if gamma_file is not None else None)
+    with config_keys("model"):  # the loader's arguments are the model group's keys
+        model = build(loader)
+        var_type, gamma_file = settings.model.var_type, settings.model.gamma_file
+        if var_type is not None:
+            model.use_variance(var_type, load_gamma(gamma_file, model) if gamma_file is not None else None)
     return model
 
 
@@ -79,8 +82,10 @@ def take(datamodule: ImageDataModule, split: str, examples: int | None, key: str
 
 def evaluation_data(node: DictConfig, settings: EvaluateSettings, model: DiffusionModel, procs: Processes) -> tuple[Tensor, Tensor, Tensor | None]:
     """The cost, held-out and FID reference tensors of the data module, checked against the model."""
-    datamodule: ImageDataModule = build(node)
-    if tuple(datamodule.image_shape) != tuple(model.image_shape) or datamodule.levels != model.levels:
+    with config_keys("data"):  # the data module's arguments are the data group's keys; its files are read here
+        datamodule: ImageDataModule = build(node)
+        image_shape = datamodule.image_shape
+    if tuple(image_shape) != tuple(model.image_shape) or datamodule.levels != model.levels:
         raise ValueError(
             f"the data ({tuple(datamodule.image_shape)}, levels={datamodule.levels}) does not match the model "
             f"({tuple(model.image_shape)}, levels={model.levels}); evaluate the model on the data it was trained for"

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
+from ddpm_schedules.app.keys import config_keys
 from ddpm_schedules.app.settings import EvaluateSettings, FrechetSettings, Labels
 from ddpm_schedules.app.stages import (
     Context,
@@ -24,7 +25,7 @@ from ddpm_schedules.app.stages import (
     precision_stage,
     refine_stage,
 )
-from ddpm_schedules.costs.cost_matrix import CostMatrix
+from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.costs.evaluation import ScheduleResult, evaluate_schedules
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.models.model import DiffusionModel
@@ -96,6 +97,7 @@ def unique(schedules: Sequence[Schedule]) -> list[Schedule]:
     return out
 
 
+@config_keys(grid="cost.grid", gamma_file="model.gamma_file", samples="fid.samples")  # the stages' checks' parameters
 def run_evaluation(
     model: DiffusionModel,
     cost_data: Tensor,

@@ -1,8 +1,12 @@
 """The settings of evaluate.py and train.py as typed, frozen dataclasses, built and checked here from the config.
 
-`evaluate_settings(cfg)` checks every key that does not depend on the model before anything is loaded;
-`EvaluateSettings.resolve(model)` then checks what needs its T and variance rule (grids, budgets,
-strategies, refinement), still before any data is read. Each refusal is one line naming the key and its value.
+`evaluate_settings(cfg)` (evaluate_config.py) checks every key that does not depend on the model before anything is
+loaded; `EvaluateSettings.resolve(model)` then checks what needs its T and variance rule (grids, budgets,
+strategies, refinement), still before any data is read. Each refusal is one line naming the key and its value: the
+checks of the layers below name their own parameters, and `config_keys` renames them to the keys they were read from.
+
+The dataclasses' defaults are the Python API's (`run_evaluation` with settings built in code); evaluate.py sets every
+field from conf/evaluate.yaml, the one place its defaults are written.
 """
 
 from __future__ import annotations
@@ -12,18 +16,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from ddpm_schedules.app.keys import budgets, check_fabric, count, flag, get, positive, seed
-from ddpm_schedules.costs.grids import GridSpec, candidate_grid, check_spec, full_grid
+from ddpm_schedules.app.keys import ODE_KEYS, config_keys
+from ddpm_schedules.costs.grids import GridSpec, candidate_grid, full_grid
 from ddpm_schedules.costs.multistep import check_multistep_size
-from ddpm_schedules.costs.oss import check_oss_size, check_propagate
-from ddpm_schedules.costs.precision import check_target_sem
+from ddpm_schedules.costs.oss import check_oss_size
 from ddpm_schedules.costs.refine import RefineSettings, check_refine
-from ddpm_schedules.sampling.frechet import fid_feature_extractor, load_reference_stats
-from ddpm_schedules.sampling.inception import resolve_inception
 from ddpm_schedules.sampling.quality import QualitySettings
-from ddpm_schedules.sampling.samplers import check_eta, check_samplers
 from ddpm_schedules.schedules.schedule import check_budgets
-from ddpm_schedules.schedules.strategies import TEACHER, Strategy, check_strategy_names, parse_strategies
+from ddpm_schedules.schedules.strategies import TEACHER, Strategy, parse_strategies
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,14 @@ class EvaluateSettings:
     @property
     def ode_grid(self) -> list[int] | None:
         ode = self.cost.ode
-        return candidate_grid(ode.grid, self.T, "cost.ode.grid") if ode.grid is not None else self.cost.grid
+        with config_keys(grid="cost.ode.grid"):
+            return candidate_grid(ode.grid, self.T) if ode.grid is not None else self.cost.grid
 
     @property
     def all_budgets(self) -> list[int]:
         return sorted(set(self.held_out.budgets) | set(self.held_out.sample_budgets))
 
+    @config_keys(strategies="eval.strategies", **ODE_KEYS)
     def resolve(self, model: Any) -> "EvaluateSettings":
         """The settings checked against ``model`` (its T, variance rule and Gamma): grids, budgets, strategies, refinement."""
         if self.T is not None:
@@ -149,7 +151,8 @@ class EvaluateSettings:
                 raise ValueError(f"these settings were resolved for T = {self.T}, not the model's T = {model.T}")
             return self
         T, held = model.T, self.held_out
-        grid = candidate_grid(self.cost.grid, T)
+        with config_keys(grid="cost.grid"):
+            grid = candidate_grid(self.cost.grid, T)
         strategies = parse_strategies([str(s) for s in held.strategies], T, noise=model.schedule)
         sizes = {"the cost grid's size": full_grid(grid, T).numel() - 1}
         resolved = replace(self, T=T, cost=replace(self.cost, grid=grid))
@@ -167,7 +170,8 @@ class EvaluateSettings:
         if refine is not None:
             examples = self.cost.examples or 10**9  # null: the whole split, checked when the data is read
             first = min(self.cost.precision.first, examples) if self.cost.precision.target_sem is not None else examples
-            check_refine(refine, T, first, sorted(set(budgets) | set(sampled)))
+            with config_keys("cost.refine"):
+                check_refine(refine, T, first, sorted(set(budgets) | set(sampled)))
         return replace(resolved, held_out=replace(held, budgets=tuple(budgets), sample_budgets=tuple(sampled), strategies=tuple(strategies)),
                        batch_size=self.batch_size or auto_batch_size(model.image_shape))  # fmt: skip
 
@@ -190,98 +194,3 @@ def _check_analytic(strategies: list[Strategy], model: Any, grid: list[int] | No
         raise ValueError("eval.strategies has analytic_ot, which needs Gamma: evaluate with model.var_type=analytic")
     if grid is not None and model.gamma is None:
         raise ValueError(f"analytic_ot needs Gamma at every t = 1..T: use cost.grid=null, not {grid[:5]}...")
-
-
-# --- evaluate.py's config -> EvaluateSettings, every check that needs no model ------------------------------------
-
-def cost_settings(cfg: Any) -> CostSettings:
-    target = get(cfg, "cost.target_sem", None)
-    precision = PrecisionSettings(None if target is None else check_target_sem(target), count(cfg, "cost.first_round", default=64))
-    node = get(cfg, "cost.refine", None) or {}
-    refine = None
-    if node.get("enabled"):
-        refine = RefineSettings(**{k: v for k, v in node.items() if k != "enabled"})
-        check_spec(refine.coarse, "cost.refine.coarse")
-    ode = OdeSettings(count(cfg, "cost.ode.trajectories"), check_spec(get(cfg, "cost.ode.grid", None), "cost.ode.grid"),
-                      positive(cfg, "cost.ode.memory_gb", "GB", 2.0), check_propagate(get(cfg, "cost.ode.propagate", "ddim")))  # fmt: skip
-    return CostSettings(str(get(cfg, "cost.split")), count(cfg, "cost.examples", "all"), check_spec(get(cfg, "cost.grid", None)),
-                        seed(cfg, "cost.seed", 0), precision, refine, ode)  # fmt: skip
-
-
-def held_out_settings(cfg: Any) -> HeldOutSettings:
-    return HeldOutSettings(str(get(cfg, "eval.split")), count(cfg, "eval.examples", "all"), budgets(cfg, "eval.budgets"),
-                           budgets(cfg, "eval.sample_budgets", empty_ok=True), check_strategy_names(get(cfg, "eval.strategies")),
-                           flag(cfg, "eval.full_chain", False), seed(cfg, "eval.seed", 1))  # fmt: skip
-
-
-def frechet_settings(cfg: Any) -> FrechetSettings | None:
-    """The fid group, with the feature network checked (None when disabled)."""
-
-    if not flag(cfg, "fid.enabled"):
-        return None
-    fid = FrechetSettings(*(get(cfg, f"fid.{k}", None) for k in ("features", "digits_weights", "inception_weights")),
-                          flag(cfg, "fid.antialias", False), str(get(cfg, "fid.reference_split")),
-                          count(cfg, "fid.reference_examples", "all"))  # fmt: skip
-    fid_feature_extractor(fid.features, fid.digits_weights, fid.inception_weights)
-    stats = get(cfg, "fid.reference_stats", None)
-    if stats is not None:
-        load_reference_stats(stats, fid.features)
-        fid = replace(fid, reference_stats=str(stats))
-    if fid.features == "inception":  # the file found (the bundled one when none is given) keys the reference cache
-        fid = replace(fid, inception_weights=resolve_inception(fid.inception_weights)[1])
-    return fid
-
-
-def quality_settings(cfg: Any, fid: FrechetSettings | None) -> QualitySettings:
-    """Samplers, DDIM's eta and sample counts."""
-    samplers = check_samplers(get(cfg, "eval.samplers"))
-    eta = get(cfg, "eval.ddim_eta", 0.0)
-    check_eta(eta, "eval.ddim_eta")
-    grid_size = count(cfg, "sample.grid_size")
-    samples = count(cfg, "fid.samples") if fid else grid_size
-    teacher = count(cfg, "eval.teacher_samples", "none") or 0
-    if teacher > samples:
-        raise ValueError(f"eval.teacher_samples = {teacher} exceeds the {samples} samples drawn per schedule; lower it or raise fid.samples")
-    return QualitySettings(tuple(samplers), float(eta), samples, grid_size, count(cfg, "sample.chunk"), seed(cfg, "sample.seed", 0),
-                           teacher, count(cfg, "fid.bootstrap", "none") or 0)  # fmt: skip
-
-
-def model_settings(cfg: Any) -> ModelSettings:
-    var_type, gamma_file = get(cfg, "model.var_type", None), get(cfg, "model.gamma_file", None)
-    if var_type is not None and var_type != "analytic":
-        raise ValueError(f"model.var_type = {var_type!r}; use null (the checkpoint's rule) or analytic")
-    if gamma_file is not None and var_type != "analytic":
-        raise ValueError(f"model.gamma_file = {gamma_file!r} is only used with model.var_type=analytic; add it or drop the file")
-    if var_type == "analytic":
-        if get(cfg, "cost.target_sem", None) is not None or (get(cfg, "cost.refine", None) or {}).get("enabled"):
-            raise ValueError("model.var_type=analytic estimates Gamma with the cost matrix in one set of passes: "
-                             "use it without cost.target_sem and cost.refine")  # fmt: skip
-        grid = get(cfg, "cost.grid", None)
-        if get(cfg, "eval.full_chain", False) and grid is not None and gamma_file is None:
-            raise ValueError(f"model.var_type=analytic with eval.full_chain=true needs Gamma at every t: use cost.grid=null, not {grid!r}")
-    precision = get(cfg, "precision", 32)
-    if str(precision) not in ("32", "bf16", "16"):
-        raise ValueError(f"precision = {precision!r}; use 32, bf16 or 16 (autocast around the network pass)")
-    return ModelSettings(str(precision), flag(cfg, "compile", False), var_type, gamma_file)
-
-
-def cuda_devices() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def evaluate_settings(cfg: Any) -> EvaluateSettings:
-    """evaluate.py's config as settings: every check that needs no model, before anything is loaded."""
-    fid = frechet_settings(cfg)
-    every = ResumeSettings(count(cfg, "resume.every_columns"), count(cfg, "resume.every_batches"),
-                           positive(cfg, "resume.every_seconds", "seconds"))  # fmt: skip
-    if get(cfg, "data.batch_size", None) is not None:
-        count(cfg, "data.batch_size")
-    count(cfg, "data.eval_batch_size", "all", default=None)
-    target = str(get(cfg, "model._target_", ""))
-    labels = Labels(target.rsplit(".", 1)[-1].removeprefix("load_") or "python", str(get(cfg, "model.path", "")),
-                    str(get(cfg, "data._target_", "data")).rsplit(".", 1)[-1], str(get(cfg, "cost.split")), str(get(cfg, "eval.split")))  # fmt: skip
-    cost, held_out = cost_settings(cfg), held_out_settings(cfg)
-    return EvaluateSettings(Path(get(cfg, "paths.output_dir")), Path(get(cfg, "cache_dir")), count(cfg, "batch_size", "auto: about 2^20 input values per call"), cost, held_out,
-                            quality_settings(cfg, fid), fid, every, model_settings(cfg), labels, check_fabric(dict(get(cfg, "fabric", None) or {}), cuda_devices()))  # fmt: skip

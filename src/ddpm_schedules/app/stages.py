@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,8 +12,10 @@ from typing import Any, Iterator, Sequence
 
 from torch import Tensor
 
+from ddpm_schedules.app.keys import ODE_KEYS, config_keys
 from ddpm_schedules.app.settings import Labels, OdeSettings, PrecisionSettings, ResumeSettings
-from ddpm_schedules.costs.cost_matrix import CostMatrix, estimate_cost_matrices
+from ddpm_schedules.costs.cost_matrix import estimate_cost_matrices
+from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.ode import estimate_ode_matrix
 from ddpm_schedules.costs.options import EstimateOptions
@@ -24,6 +27,8 @@ from ddpm_schedules.models.noise import Processes
 from ddpm_schedules.schedules.strategies import TEACHER
 from ddpm_schedules.storage.files import atomic_write_json, cache_key
 from ddpm_schedules.storage.resume import PartialFile
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,11 +101,16 @@ def precision_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed: in
     cm, rounds = estimate_to_precision(ctx.model, data, budgets, settings.target_sem, grid, first=settings.first,
                                        start=start.matrix if start else None, options=ctx.options(seed, partial=partial))
     if ctx.procs.rank == 0:
+        if not rounds[-1]["met"]:
+            worst, sem = max(rounds[-1]["sem_bpd"].items(), key=lambda kv: kv[1])
+            log.warning("cost.target_sem = %g bits/dim is not reached with all %d examples (K = %d: %.4f); "
+                        "raise cost.examples", settings.target_sem, rounds[-1]["examples"], worst, sem)  # fmt: skip
         atomic_write_json(rounds_file, rounds)
         cm.save(file)
     return data[: rounds[-1]["examples"]], CostStage(cm, key, file, False), rounds
 
 
+@config_keys("cost.refine", examples="cost.examples")
 def refine_stage(ctx: Context, data: Tensor, seed: int, labels: Labels, objectives: Sequence[str], budgets: Sequence[int],
                  settings: RefineSettings) -> tuple[dict[str, CostStage], list[dict[str, Any]]]:
     """``cost.refine``: the data objectives' matrices on a grid refined around the DP's paths (refine.py), cached with its rounds."""
@@ -143,6 +153,7 @@ def data_matrices_stage(ctx: Context, data: Tensor, grid: list[int] | None, seed
     return out
 
 
+@config_keys(**ODE_KEYS)
 def ode_matrix_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[int] | None, multistep: bool = False) -> CostStage:
     """The dp_ode matrix from teacher DDIM trajectories (ode.py), with ``multistep`` also DPM-Solver++(2M)'s step costs
     (dp_dpmpp), cached like the others."""
@@ -160,6 +171,7 @@ def ode_matrix_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[
     return CostStage(cm, key, file, False)
 
 
+@config_keys(**ODE_KEYS)
 def oss_stage(ctx: Context, seed: int, settings: OdeSettings, grid: list[int] | None, budgets: Sequence[int]) -> CostStage:
     """dp_ode_oss's paths for every budget from the sampler's own states (oss.py), cached as plain JSON."""
     g = full_grid(grid, ctx.model.T)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
@@ -13,7 +14,8 @@ from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ddpm_schedules.app.build import build, build_logger, finish_wandb
-from ddpm_schedules.app.keys import count, flag, get, seed
+from ddpm_schedules.app.keys import config_keys, count, flag, get, seed
+from ddpm_schedules.lightning.callbacks import ScheduleMonitor
 from ddpm_schedules.lightning.data import ImageDataModule
 from ddpm_schedules.models.checkpoints import UntrustedCheckpointError, read_checkpoint
 from ddpm_schedules.storage.resume import Preempted
@@ -23,7 +25,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """train.py's config, typed and checked; the groups Hydra instantiates (data, module, trainer, ...) stay config nodes."""
+    """train.py's config, typed and checked; the groups Hydra instantiates (data, module, trainer, ...) stay config
+    nodes. Every key is read without a fallback value: conf/train.yaml and its groups hold the defaults."""
 
     seed: int
     flags: dict[str, Any]  # improved-diffusion's flags: the unet group (network) + the diffusion group (process, conventions)
@@ -34,33 +37,36 @@ class TrainSettings:
     module: Any = None
     trainer: Any = None
     logger: Any = None
-    callbacks: tuple[Any, ...] = ()
+    callbacks: dict[str, Any] = field(default_factory=dict)  # the callbacks group's nodes by name, in order
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:
     """train.py's config as settings, every check that needs no data or model first."""
-    if get(cfg, "data.batch_size", None) is not None:
-        count(cfg, "data.batch_size")
+    count(cfg, "data.batch_size")
     flags = {**get(cfg, "unet"), **get(cfg, "diffusion")}
-    ckpt_path = get(cfg, "ckpt_path", None)
-    trust = flag(cfg, "trust_checkpoint", False)
+    ckpt_path = get(cfg, "ckpt_path")
+    trust = flag(cfg, "trust_checkpoint")
     if ckpt_path:
         check_resume_checkpoint(str(ckpt_path), flags, trust)
-    callbacks = tuple(c for c in (cfg.get("callbacks") or {}).values() if c is not None)
-    return TrainSettings(seed(cfg, "seed", 0), flags, Path(get(cfg, "paths.output_dir")), ckpt_path or None, trust, cfg.data, cfg.module,
-                         cfg.trainer, cfg.get("logger"), callbacks)  # fmt: skip
+    callbacks = {name: node for name, node in (cfg.get("callbacks") or {}).items() if node is not None}
+    return TrainSettings(seed=seed(cfg, "seed"), flags=flags, output_dir=Path(get(cfg, "paths.output_dir")),
+                         ckpt_path=ckpt_path or None, trust_checkpoint=trust, data=cfg.data, module=cfg.module,
+                         trainer=cfg.trainer, logger=cfg.get("logger"), callbacks=callbacks)  # fmt: skip
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (or resume, with ``ckpt_path``) and return the final logged metrics."""
     s = train_settings(cfg)
     pl.seed_everything(s.seed, workers=True)
-    datamodule: ImageDataModule = build(s.data)
-    check_data_matches_model(datamodule, s.flags)
-    module = build(s.module, flags=s.flags, levels=datamodule.levels)
+    with config_keys("data"):  # the data module's arguments are the data group's keys; its files are read here
+        datamodule: ImageDataModule = build(s.data)
+        check_data_matches_model(datamodule, s.flags)
+    with config_keys("module"):
+        module = build(s.module, flags=s.flags, levels=datamodule.levels)
     trainer: pl.Trainer = build(s.trainer, callbacks=build_callbacks(s.callbacks), logger=build_logger(s.logger))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=s.ckpt_path, weights_only=not s.trust_checkpoint)
+        with config_keys(**fit_keys(s.callbacks)):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=s.ckpt_path, weights_only=not s.trust_checkpoint)
     except SIGTERMException:
         last = s.output_dir / "checkpoints" / "last.ckpt"
         message = f"stopped by SIGTERM at step {trainer.global_step}; resume with ckpt_path={last}"
@@ -71,11 +77,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def build_callbacks(nodes: tuple[Any, ...]) -> list[pl.Callback]:
-    callbacks = [build(c) for c in nodes]
+def build_callbacks(nodes: Mapping[str, Any]) -> list[pl.Callback]:
+    callbacks = []
+    for name, node in nodes.items():
+        with config_keys(f"callbacks.{name}"):  # a callback's arguments are its node's keys
+            callbacks.append(build(node))
     # the monitor must see the averaged weights, and the final checkpoint the raw ones beside them:
     # both run before weight averaging swaps back (on_validation_epoch_end) or copies over (on_train_end)
     return sorted(callbacks, key=lambda c: isinstance(c, WeightAveraging))
+
+
+def fit_keys(callbacks: Mapping[str, Any]) -> dict[str, str]:
+    """What trainer.fit's errors name by parameter: the module's ``lr`` and the schedule monitor's arguments (the
+    monitor checks its grid, strategies and budgets against T when the fit starts)."""
+    keys = {"lr": "module.lr"}
+    for name, node in callbacks.items():
+        if str(node.get("_target_", "")).endswith(f".{ScheduleMonitor.__name__}"):
+            keys |= {arg: f"callbacks.{name}.{arg}" for arg in inspect.signature(ScheduleMonitor).parameters}
+    return keys
 
 
 def check_data_matches_model(datamodule: ImageDataModule, flags: dict[str, Any]) -> None:
@@ -92,7 +111,7 @@ def check_resume_checkpoint(path: str, flags: dict[str, Any], trust_checkpoint: 
     if not Path(path).is_file():
         raise ValueError(f"ckpt_path = {path!r} does not exist; point it at <run dir>/checkpoints/last.ckpt")
     try:
-        saved = dict(read_checkpoint(path, trust_checkpoint, trust_hint="trust_checkpoint=true")["hyper_parameters"]["flags"])
+        saved = dict(read_checkpoint(path, trust_checkpoint)["hyper_parameters"]["flags"])  # opt-in named as its key
     except UntrustedCheckpointError:
         raise
     except Exception:

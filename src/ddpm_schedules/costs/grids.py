@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ddpm_schedules.storage.errors import ParameterError
+
 GridSpec = int | str | Sequence[int] | None
 HINT = "use null (every step), an integer stride k, 'log:<n>', 'dense:<t0>,<k>' or a list of timesteps"
 
@@ -38,50 +40,59 @@ def dense_grid(t0: int, k: int, T: int) -> list[int]:
     return sorted(set(range(1, min(t0, T) + 1)) | set(range(k * (t0 // k + 1), T + 1, k)) | {T})
 
 
-def candidate_grid(spec: GridSpec, T: int, key: str = "cost.grid") -> list[int] | None:
-    """A grid spec -> sorted candidate timesteps (None for every step); a one-line error naming ``key`` otherwise."""
-    if spec is None:
+def candidate_grid(grid: GridSpec, T: int) -> list[int] | None:
+    """A grid spec -> sorted candidate timesteps (None for every step); a one-line `ParameterError` naming ``grid``
+    otherwise."""
+    if grid is None:
         return None
-    if isinstance(spec, bool):
-        raise ValueError(f"{key} = {spec!r}; {HINT}")
-    if isinstance(spec, int):
-        if not 1 <= spec <= T:
-            raise ValueError(f"{key} = {spec}; an integer grid is a stride >= 1 and <= T = {T} (every k-th step, plus T)")
-        return sorted(set(range(spec, T + 1, spec)) | {T})
-    if isinstance(spec, str):
-        return _named(spec, T, key)
-    if isinstance(spec, (list, tuple)):
-        return _listed(spec, T, key)
-    raise ValueError(f"{key} = {spec!r}; {HINT}")
+    if isinstance(grid, bool):
+        raise ParameterError("{grid} = {value!r}; {hint}", value=grid, hint=HINT)
+    if isinstance(grid, int):
+        if not 1 <= grid <= T:
+            raise ParameterError("{grid} = {value}; an integer grid is a stride >= 1 and <= T = {T} "
+                                 "(every k-th step, plus T)", value=grid, T=T)  # fmt: skip
+        return sorted(set(range(grid, T + 1, grid)) | {T})
+    if isinstance(grid, str):
+        return _named(grid, T)
+    if isinstance(grid, (list, tuple)):
+        return _listed(grid, T)
+    raise ParameterError("{grid} = {value!r}; {hint}", value=grid, hint=HINT)
 
 
-def check_spec(spec: GridSpec, key: str = "cost.grid") -> GridSpec:
+def check_spec(grid: GridSpec) -> GridSpec:
     """A spec's form, before T is known (a stride or timesteps beyond T are refused once it is); lists become tuples."""
-    if isinstance(spec, (list, tuple)):
-        values = list(spec)
+    if isinstance(grid, (list, tuple)):
+        values = list(grid)
         bad = [t for t in values if isinstance(t, bool) or not isinstance(t, int) or t < 1]
         if not values or bad:
-            raise ValueError(f"{key} = {values!r}; every timestep must be a positive integer" + (f" (got {bad[0]!r})" if bad else ""))
+            raise ParameterError("{grid} = {value!r}; every timestep must be a positive integer{got}", value=values,
+                                 got=_got(bad))  # fmt: skip
         return tuple(values)
-    if isinstance(spec, str):
-        _named(spec, 1, key)
-    elif spec is not None and (isinstance(spec, bool) or not isinstance(spec, int) or spec < 1):
-        raise ValueError(f"{key} = {spec!r}; {HINT} (a stride is an integer >= 1)")
-    return spec
+    if isinstance(grid, str):
+        _named(grid, 1)
+    elif grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
+        raise ParameterError("{grid} = {value!r}; {hint} (a stride is an integer >= 1)", value=grid, hint=HINT)
+    return grid
 
 
-def _listed(spec: Sequence, T: int, key: str) -> list[int]:
+def _got(bad: list) -> str:
+    return f" (got {bad[0]!r})" if bad else ""
+
+
+def _listed(grid: Sequence, T: int) -> list[int]:
     """A list of timesteps: integers in 1..T that include T."""
-    values = list(spec)
+    values = list(grid)
     bad = [t for t in values if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= T]
     if not values or bad:
-        raise ValueError(f"{key} = {values!r}; every timestep must be an integer in 1..T = {T}" + (f" (got {bad[0]!r})" if bad else ""))
+        raise ParameterError("{grid} = {value!r}; every timestep must be an integer in 1..T = {T}{got}", value=values,
+                             T=T, got=_got(bad))  # fmt: skip
     if T not in values:
-        raise ValueError(f"{key} = {values!r} lacks T = {T}; every schedule ends there: append {T}")
+        raise ParameterError("{grid} = {value!r} lacks T = {T}; every schedule ends there: append {T}", value=values,
+                             T=T)  # fmt: skip
     return sorted(set(values))
 
 
-def _named(spec: str, T: int, key: str) -> list[int]:
+def _named(spec: str, T: int) -> list[int]:
     kind, _, args = spec.partition(":")
     try:
         values = [int(v) for v in args.split(",")] if args else []
@@ -91,7 +102,7 @@ def _named(spec: str, T: int, key: str) -> list[int]:
         return log_grid(values[0], T)
     if kind == "dense" and len(values) == 2 and values[0] >= 0 and values[1] >= 1:
         return dense_grid(values[0], values[1], T)
-    raise ValueError(f"{key} = {spec!r}; {HINT} (n >= 1, t0 >= 0, k >= 1)")
+    raise ParameterError("{grid} = {value!r}; {hint} (n >= 1, t0 >= 0, k >= 1)", value=spec, hint=HINT)
 
 
 def full_grid(grid: Sequence[int] | Tensor | None, T: int) -> Tensor:
@@ -106,8 +117,8 @@ def full_grid(grid: Sequence[int] | Tensor | None, T: int) -> Tensor:
     return torch.tensor([0] + g)
 
 
-def grid_size(spec: GridSpec, T: int, key: str = "cost.grid") -> int:
+def grid_size(grid: GridSpec, T: int) -> int:
     """How many candidate timesteps a spec gives (T for every step)."""
-    g = candidate_grid(spec, T, key)
+    g = candidate_grid(grid, T)
     return T if g is None else len(set(g))
 

@@ -16,14 +16,17 @@ import torch
 from torch import Tensor
 
 from ddpm_schedules.sampling.samplers import dpmpp_2m_coefficients
+from ddpm_schedules.storage.errors import ParameterError
 
 
-def check_multistep_size(points: int, memory_gb: float, key: str = "cost.ode.grid") -> None:
-    """The [N+1]^3 float64 step costs (and the DP's tables) must fit ``memory_gb``: refused before any pass."""
+def check_multistep_size(points: int, memory_gb: float) -> None:
+    """The [N+1]^3 float64 step costs (and the DP's tables) of a grid of ``points`` must fit ``memory_gb``: refused
+    before any pass, with a `ParameterError` naming ``grid`` and ``memory_gb``."""
     need = (points + 1) ** 3 * 8 / 2**30
     if need > memory_gb:
-        raise ValueError(f"{key} has {points} points: DPM-Solver++(2M)'s step costs need {need:.1f} GB, more than cost.ode.memory_gb = "
-                         f"{memory_gb}; use a coarser {key} (5 at T = 1000: 200 points, 0.06 GB)")  # fmt: skip
+        raise ParameterError("{grid} has {points} points: DPM-Solver++(2M)'s step costs need {need:.1f} GB, more than "
+                             "{memory_gb} = {limit}; use a coarser {grid} (5 at T = 1000: 200 points, 0.06 GB)",
+                             points=points, need=need, limit=memory_gb)  # fmt: skip
 
 
 def trajectory_gram(xs: Tensor, x0s: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm_schedules.costs.cost_matrix import CostMatrix, CostMatrixMetric, MatrixSums, from_moments
+from ddpm_schedules.costs.matrix import CostMatrix, CostMatrixMetric, MatrixSums, from_moments
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.moments import empty_moments
 from ddpm_schedules.costs.options import EstimateOptions, estimate_options

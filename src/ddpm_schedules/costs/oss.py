@@ -38,6 +38,7 @@ from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.sampling.samplers import dpmpp_2m_coefficients
 from ddpm_schedules.schedules.schedule import Schedule
+from ddpm_schedules.storage.errors import ParameterError
 from ddpm_schedules.storage.files import atomic_write_json, model_fingerprint
 from ddpm_schedules.storage.resume import PartialSums, agreed, sigterm_requests
 
@@ -45,10 +46,11 @@ log = logging.getLogger(__name__)
 PROPAGATE = ("ddim", "dpmpp")  # deterministic samplers whose own states can be carried
 
 
-def check_propagate(name: object, key: str = "cost.ode.propagate") -> str:
-    if name not in PROPAGATE:
-        raise ValueError(f"{key} = {name!r}; dp_ode_oss carries a deterministic sampler's own states: use ddim or dpmpp")
-    return str(name)
+def check_propagate(propagate: object) -> str:
+    if propagate not in PROPAGATE:
+        raise ParameterError("{propagate} = {value!r}; dp_ode_oss carries a deterministic sampler's own states: "
+                             "use ddim or dpmpp", value=propagate)  # fmt: skip
+    return str(propagate)
 
 
 def oss_memory_gb(points: int, trajectories: int, dims: int) -> float:
@@ -60,9 +62,10 @@ def oss_memory_gb(points: int, trajectories: int, dims: int) -> float:
 def check_oss_size(points: int, trajectories: int, dims: int, memory_gb: float) -> None:
     need = oss_memory_gb(points, trajectories, dims)
     if need > memory_gb:
-        raise ValueError(f"dp_ode_oss holds every trajectory's states at every point of cost.ode.grid: {need:.1f} GB for {trajectories} "
-                         f"trajectories and {points} points, more than cost.ode.memory_gb = {memory_gb}; use fewer cost.ode.trajectories, "
-                         "more processes (fabric.devices) or a coarser cost.ode.grid")  # fmt: skip
+        raise ParameterError("dp_ode_oss holds every trajectory's states at every point of {grid}: {need:.1f} GB for "
+                             "{n} trajectories and {points} points, more than {memory_gb} = {limit}; use fewer "
+                             "{trajectories}, more processes ({procs}) or a coarser {grid}", need=need, n=trajectories,
+                             points=points, limit=memory_gb)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -223,14 +226,14 @@ def estimate_oss_paths(
     and goes on from the last saved level."""
     opts = estimate_options(options, **overrides)
     seed, batch_size, start_index = opts.seed, opts.batch_size, opts.start_index
-    check_propagate(propagate, "propagate")
+    check_propagate(propagate)
     if model.image_shape is None:
         raise ValueError("this DiffusionModel has no image_shape; pass image_shape=(C, H, W) to run teacher trajectories")
     g = full_grid(grid, model.T)
     N, dims = g.numel() - 1, math.prod(model.image_shape)
     budgets = sorted({int(K) for K in budgets})
     if not budgets or budgets[0] < 1 or budgets[-1] > N:
-        raise ValueError(f"dp_ode_oss budgets {budgets} must lie in 1..{N} (the size of cost.ode.grid)")
+        raise ParameterError("dp_ode_oss {budgets} {value} must lie in 1..{N} (the size of {grid})", value=budgets, N=N)
     check_oss_size(N + 1, trajectories, dims, memory_gb)
     ab = model.schedule.ab
     partial = opts.partial_file(every=1)

@@ -18,21 +18,25 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
-from ddpm_schedules.costs.cost_matrix import CostMatrix, estimate_cost_matrix
+from ddpm_schedules.costs.cost_matrix import estimate_cost_matrix
+
+from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.costs.evaluation import evaluate_schedules
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.schedules.dp import optimal_schedules
+from ddpm_schedules.storage.errors import ParameterError
 from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
 from ddpm_schedules.storage.resume import PartialSums, agreed, sigterm_requests
 
 log = logging.getLogger(__name__)
 
 
-def check_target_sem(target_sem: Any, key: str = "cost.target_sem") -> float:
+def check_target_sem(target_sem: Any) -> float:
     if isinstance(target_sem, bool) or not isinstance(target_sem, (int, float)) or not target_sem > 0:
-        raise ValueError(f"{key} = {target_sem!r}; it must be a positive number of bits/dim (e.g. 0.01), or null for cost.examples")
+        raise ParameterError("{target_sem} = {value!r}; it must be a positive number of bits/dim (e.g. 0.01)",
+                             value=target_sem)  # fmt: skip
     return float(target_sem)
 
 
@@ -63,7 +67,7 @@ def estimate_to_precision(
     saves and stops with `Preempted`, and the files are removed once the target is met or the data is used up.
 
     Returns the matrix and one record per round: examples used, each budget's predicted bits/dim and its error,
-    and whether the target was met (a warning says so when all of ``data`` was not enough).
+    and whether the target was met (the last record's ``met`` is False when all of ``data`` was not enough).
     """
     opts = estimate_options(options, **overrides)
     seed, batch_size, procs = opts.seed, opts.batch_size, opts.procs
@@ -103,10 +107,6 @@ def estimate_to_precision(
             met = max(sems.values()) <= target_sem
             rounds.append({"examples": used, "predicted_bpd": {int(K): r.bpd for K, r in zip(paths, results)}, "sem_bpd": sems, "met": met})
             if met or used >= len(data):
-                if not met and procs.rank == 0:
-                    worst = max(sems, key=sems.get)
-                    log.warning("cost.target_sem = %g bits/dim is not reached with all %d examples (K = %d: %.4f); raise cost.examples",
-                                target_sem, used, worst, sems[worst])  # fmt: skip
                 saver.remove()
                 return cm, rounds
             size = min(used, len(data) - used)

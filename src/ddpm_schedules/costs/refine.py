@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm_schedules.costs.cost_matrix import CostMatrix, CostMatrixMetric, from_moments
+from ddpm_schedules.costs.matrix import CostMatrix, CostMatrixMetric, from_moments
 from ddpm_schedules.costs.grids import GridSpec, candidate_grid, full_grid
 from ddpm_schedules.costs.moments import empty_moments
 from ddpm_schedules.costs.options import EstimateOptions, estimate_options
@@ -30,6 +30,7 @@ from ddpm_schedules.costs.terms import column_stats, pair_tables, prior_nats, st
 from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.models.noise import example_noise, indexed_batches
 from ddpm_schedules.schedules.dp import optimal_schedules
+from ddpm_schedules.storage.errors import ParameterError, check_count, parameter_names
 from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
 from ddpm_schedules.storage.resume import PartialSums, sigterm_requests
 
@@ -44,23 +45,26 @@ class RefineSettings:
     memory_gb: float = 4.0  # the kept column statistics (about 8 (2K + 5) bytes per example and column) at most
 
 
-def check_refine(settings: RefineSettings, T: int, examples: int, budgets: Sequence[int] = (), key: str = "cost.refine") -> None:
+def check_refine(settings: RefineSettings, T: int, examples: int, budgets: Sequence[int] = ()) -> None:
     """One-line errors for a window < 0, rounds < 1, a coarse grid smaller than a budget, or a pass budget below
-    what the coarse grid needs."""
-    coarse = candidate_grid(settings.coarse, T, f"{key}.coarse")
+    what the coarse grid needs: `ParameterError`s naming the fields of ``settings``."""
+    with parameter_names(grid="coarse"):
+        coarse = candidate_grid(settings.coarse, T)
     size = T if coarse is None else len(set(coarse) | {T})
     if budgets and max(budgets) > size:
-        raise ValueError(f"{key}.coarse has {size} timesteps but the largest budget is K = {max(budgets)}; use a finer {key}.coarse")
+        raise ParameterError("{coarse} has {size} timesteps but the largest budget is K = {K}; use a finer {coarse}",
+                             size=size, K=max(budgets))  # fmt: skip
     if isinstance(settings.window, bool) or not isinstance(settings.window, int) or settings.window < 0:
-        raise ValueError(f"{key}.window = {settings.window!r}; it must be an integer >= 0 (timesteps added on each side)")
+        raise ParameterError("{window} = {value!r}; it must be an integer >= 0 (timesteps added on each side)",
+                             value=settings.window)  # fmt: skip
     if not isinstance(settings.bisect, bool):
-        raise ValueError(f"{key}.bisect = {settings.bisect!r}; it must be true or false")
-    if isinstance(settings.max_rounds, bool) or not isinstance(settings.max_rounds, int) or settings.max_rounds < 1:
-        raise ValueError(f"{key}.max_rounds = {settings.max_rounds!r}; it must be a positive integer")
+        raise ParameterError("{bisect} = {value!r}; it must be true or false", value=settings.bisect)
+    check_count(settings.max_rounds, "max_rounds")
     need = examples * size
     if settings.max_passes is not None and settings.max_passes < need:
-        raise ValueError(f"{key}.max_passes = {settings.max_passes} is below the {need} passes the coarse grid needs "
-                         f"({examples} examples); raise it or coarsen {key}.coarse")  # fmt: skip
+        raise ParameterError("{max_passes} = {value} is below the {need} passes the coarse grid needs ({n} examples); "
+                             "raise it or coarsen {coarse}", value=settings.max_passes, need=need,
+                             n=examples)  # fmt: skip
 
 
 def refine_cost_matrices(
@@ -97,7 +101,7 @@ def refine_cost_matrices(
     saver = PartialSums(partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0)
     state = RefineState.load(saver, model.device) if partial else None
     if state is None:
-        state = RefineState(set(candidate_grid(settings.coarse, T, "cost.refine.coarse") or range(1, T + 1)) | {T})
+        state = RefineState(set(candidate_grid(settings.coarse, T) or range(1, T + 1)) | {T})
     matrices = None
     with sigterm_requests(enabled=partial is not None) as stop_requested:
         while state.round < settings.max_rounds:
@@ -117,7 +121,7 @@ def refine_cost_matrices(
             state.history.append({"round": state.round, "grid_size": len(grid), "new_columns": len(state.new), "passes": state.passes,
                                   "paths": {o: {int(K): list(p.timesteps) for K, p in ps.items()} for o, ps in paths.items()}})  # fmt: skip
             used = [t for ps in paths.values() for p in ps.values() for t in p.timesteps]
-            near = _wanted(grid, used, settings.window, settings.bisect, T)
+            near = wanted_timesteps(grid, used, settings.window, settings.bisect, T)
             if near <= state.grid:
                 break  # the paths need nothing new: the DP on a larger grid would give them again
             state.grid |= near
@@ -129,7 +133,7 @@ def refine_cost_matrices(
     return matrices, state.history
 
 
-def _wanted(grid: list[int], used: list[int], window: int, bisect: bool, T: int) -> set[int]:
+def wanted_timesteps(grid: list[int], used: list[int], window: int, bisect: bool, T: int) -> set[int]:
     """The timesteps within ``window`` of each used one and, with ``bisect``, halfway to its neighbours on ``grid``."""
     out = {u for t in used for u in range(max(1, t - window), min(T, t + window) + 1)}
     if bisect:
@@ -171,9 +175,9 @@ def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], 
         model.train(was_training)
 
 
-def _too_much(columns: int, memory_gb: float) -> ValueError:
-    return ValueError(f"keeping the statistics of {columns} columns needs more than cost.refine.memory_gb = {memory_gb}; "
-                      "raise it, use fewer cost.examples or a coarser grid")
+def _too_much(columns: int, memory_gb: float) -> ParameterError:
+    return ParameterError("keeping the statistics of {columns} columns needs more than {memory_gb} = {value}; "
+                          "raise it, use fewer {examples} or a coarser grid", columns=columns, value=memory_gb)
 
 
 def matrices_from_stats(model: DiffusionModel, batches: list, kept: dict, grid: list[int], objectives: Sequence[str]) -> dict[str, CostMatrix]:

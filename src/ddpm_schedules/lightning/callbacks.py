@@ -14,7 +14,9 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ddpm_schedules.costs.cost_matrix import OBJECTIVES, CostMatrix, check_objectives, estimate_cost_matrix
+from ddpm_schedules.costs.cost_matrix import estimate_cost_matrix
+
+from ddpm_schedules.costs.matrix import OBJECTIVES, CostMatrix, check_objectives
 from ddpm_schedules.costs.grids import candidate_grid, full_grid
 from ddpm_schedules.costs.ode import estimate_ode_matrix
 from ddpm_schedules.costs.options import EstimateOptions
@@ -23,6 +25,7 @@ from ddpm_schedules.reports.report import figure_array, plot_cost_matrix, plot_s
 from ddpm_schedules.schedules.dp_multistep import multistep_path_cost
 from ddpm_schedules.schedules.schedule import Schedule, check_budgets
 from ddpm_schedules.schedules.strategies import Strategy, build_schedules, parse_strategies
+from ddpm_schedules.storage.errors import ParameterError, check_count
 from ddpm_schedules.storage.files import atomic_write_json
 
 
@@ -35,7 +38,8 @@ class ScheduleMonitor(Callback):
     grid point) and ``schedules/dp_gap/K<K>``. W&B also gets the schedules as a table and the
     cost-matrix heatmap and schedules plot as images. Files in ``<run dir>/schedules/``:
     ``step_<global_step>.json`` (the same ``results`` entries as evaluate.py's results.json, without
-    held-out numbers), the cost matrix ``cost_matrix_step_<global_step>.pt`` and the two figures.
+    held-out numbers), the cost matrix ``cost_matrix_step_<global_step>.pt`` and the two figures. Bad arguments raise
+    `ParameterError`s that name them (``grid``, ``budgets``, ...): train.py renames them to their config keys.
 
     Under DDP each process estimates a contiguous shard of the examples; the torchmetrics sums make the
     matrix equal to a single-process one. Keep this callback before `EMAWeightAveraging` in the list so
@@ -57,16 +61,15 @@ class ScheduleMonitor(Callback):
         progress: bool = True,
     ):
         super().__init__()
-        key = "callbacks.schedule_monitor"
         for name, value in (("every_n_validations", every_n_validations), ("examples", examples), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key}.{name} = {value!r}; it must be a positive integer")
-        self.budgets = check_budgets(list(budgets), None, f"{key}.budgets")
+            check_count(value, name)
+        self.budgets = check_budgets(list(budgets), None)
         self.every_n_validations = every_n_validations
         self.examples, self.grid, self.seed, self.batch_size = examples, grid, seed, batch_size
-        self.objective = check_objectives([objective], allowed=(*OBJECTIVES, "dpmpp"), key=f"{key}.objective")[0]
+        self.objective = check_objectives([objective], allowed=(*OBJECTIVES, "dpmpp"))[0]
         if var_type not in (None, "analytic"):
-            raise ValueError(f"{key}.var_type = {var_type!r}; use null (the model's own variance) or analytic (Analytic-DPM)")
+            raise ParameterError("{var_type} = {value!r}; use null (the model's own variance) or analytic "
+                                 "(Analytic-DPM)", value=var_type)  # fmt: skip
         self.var_type = var_type
         dp = "dp" if self.objective == "elbo" else f"dp_{self.objective}"
         self.strategy_names, self.strategies = list(strategies or (dp, "even", "quadratic")), list[Strategy]()
@@ -87,7 +90,7 @@ class ScheduleMonitor(Callback):
     def timesteps(self, T: int) -> list[int]:
         """The candidate grid (`candidate_grid` of ``grid``) plus the timesteps of the baseline schedules, so
         that they can be priced on it (the DP, exact on any grid, may use them too)."""
-        grid = candidate_grid(self.grid, T, "callbacks.schedule_monitor.grid")
+        grid = candidate_grid(self.grid, T)
         if grid is None:
             return list(range(1, T + 1))
         stub = SimpleNamespace(T=T)  # baselines need only T
@@ -96,16 +99,17 @@ class ScheduleMonitor(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         T = pl_module.model.T
-        self.strategies = parse_strategies(self.strategy_names, T, "callbacks.schedule_monitor.strategies", pl_module.model.schedule)
+        self.strategies = parse_strategies(self.strategy_names, T, pl_module.model.schedule)
         other = [s.name for s in self.strategies if s.objective and s.objective != self.objective]
         if other:
-            raise ValueError(f"callbacks.schedule_monitor.strategies {other} need another matrix than the monitored objective "
-                             f"{self.objective!r}; set callbacks.schedule_monitor.objective to theirs")  # fmt: skip
-        grid = candidate_grid(self.grid, T, "callbacks.schedule_monitor.grid")
+            raise ParameterError("{strategies} {other} need another matrix than the monitored objective {monitored!r}; "
+                                 "set {objective} to theirs", other=other, monitored=self.objective)  # fmt: skip
+        grid = candidate_grid(self.grid, T)
         n = T if grid is None else len(set(grid))
         too_big = [k for k in self.budgets if k > n]
         if too_big:
-            raise ValueError(f"callbacks.schedule_monitor.budgets {too_big} exceed the {n} grid points; lower them or refine the grid")
+            raise ParameterError("{budgets} {too_big} exceed the {n} grid points; lower them or refine the grid",
+                                 too_big=too_big, n=n)  # fmt: skip
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -224,12 +228,19 @@ class FinalCheckpoint(Callback):
     trained ones.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved_step = -1  # the global step of the latest checkpoint any callback saved
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.saved_step = trainer.global_step
+
     def save_last(self, trainer: pl.Trainer) -> None:
         ckpt = trainer.checkpoint_callback
         if not isinstance(ckpt, ModelCheckpoint) or not ckpt.save_last or not ckpt.dirpath:
             return
         last = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
-        if trainer.global_step > 0 and (ckpt._last_global_step_saved != trainer.global_step or not last.is_file()):
+        if trainer.global_step > 0 and (self.saved_step != trainer.global_step or not last.is_file()):
             trainer.save_checkpoint(last)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

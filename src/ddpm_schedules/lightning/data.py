@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ddpm_schedules.storage.errors import ParameterError, check_count
+
 SPLITS = ("train", "val", "test")
 
 
@@ -103,12 +105,12 @@ class ImageDataModule(pl.LightningDataModule):
         persistent_workers: bool | None = None,
     ):
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"data.batch_size = {batch_size!r}; it must be an integer >= 1")
+        check_count(batch_size, "batch_size")
         if num_workers is None:
             num_workers = 4 if torch.cuda.is_available() else 0
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"data.num_workers = {num_workers!r}; it must be an integer >= 0 (0 = load in the main process) or null")
+            raise ParameterError("{num_workers} = {value!r}; it must be an integer >= 0 (0 = load in the main process) "
+                                 "or null", value=num_workers)  # fmt: skip
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -197,7 +199,8 @@ class PhotoPatchesDataModule(ImageDataModule):
         photos = load_sample_images().images  # two [427, 640, 3] uint8 arrays
         h, w, s = *photos[0].shape[:2], self.image_size
         if s < 1 or s > min(h // 2, w // 4):
-            raise ValueError(f"data.image_size = {s}; photo patches must be 1..{min(h // 2, w // 4)} pixels")
+            raise ParameterError("{image_size} = {value}; photo patches must be 1..{most} pixels", value=s,
+                                 most=min(h // 2, w // 4))  # fmt: skip
         regions = {"train": (0, h, 0, 3 * w // 4), "val": (0, h // 2, 3 * w // 4, w), "test": (h // 2, h, 3 * w // 4, w)}
         rng = np.random.default_rng(self.seed)
         out = {}

@@ -13,18 +13,21 @@ from PIL import Image
 
 from ddpm_schedules.lightning.data import SPLITS, ImageDataModule, Split, split_indices, whole
 from ddpm_schedules.storage.arrays import decompress_npz_member, imagenet_batches, load_pickle, map_npy, map_npz_member, npz_keys
+from ddpm_schedules.storage.errors import ParameterError
 
 
 def _require(path: Path, what: str) -> None:
+    """A `ParameterError` naming the DataModule's own arguments (``root``, ``path``) where ``path`` does not exist."""
     if not path.exists():
-        raise ValueError(f"{what} not found at {str(path)!r}; {_HOW_TO_GET.get(what, 'put it there or set data.root')}")
+        how = _HOW_TO_GET.get(what, "put it there or set {root}")
+        raise ParameterError("{what} not found at {location!r}; " + how, what=what, location=str(path))
 
 
 _HOW_TO_GET = {
     "CIFAR-10": "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it there "
-    "(the folder cifar-10-batches-py), or set data.root",
-    "image folder": "point data.root at a folder of .png / .jpg images",
-    "array file": "point data.path at an .npy or .npz file of uint8 images",
+    "(the folder cifar-10-batches-py), or set {root}",
+    "image folder": "point {root} at a folder of .png / .jpg images",
+    "array file": "point {path} at an .npy or .npz file of uint8 images",
 }
 
 
@@ -67,7 +70,8 @@ class ImageFolderDataModule(ImageDataModule):
         _require(self.root, "image folder")
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
         if not files:
-            raise ValueError(f"no .png / .jpg images under {str(self.root)!r}; point data.root at an image folder")
+            raise ParameterError("no .png / .jpg images under {location!r}; point {root} at an image folder",
+                                 location=str(self.root))  # fmt: skip
         arrays = []
         for path in files:
             img = Image.open(path).convert("RGB")
@@ -95,7 +99,8 @@ def open_images(path: Path, image_size: int, key: str | None = None) -> tuple[np
         keys = npz_keys(path)
         name = key or ("data" if "data" in keys else "arr_0" if "arr_0" in keys else keys[0] if keys else None)
         if name not in keys:
-            raise ValueError(f"{str(path)!r} has no array {name!r}; it holds {keys}; set data.key")
+            raise ParameterError("{location!r} has no array {name!r}; it holds {keys}; set {key}", location=str(path),
+                                 name=name, keys=keys)  # fmt: skip
         arr = map_npz_member(path, name)
         arr = decompress_npz_member(path, name) if arr is None else arr
         if "labels" in keys:
@@ -107,7 +112,8 @@ def open_images(path: Path, image_size: int, key: str | None = None) -> tuple[np
     elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] == s:
         arr = arr.transpose(0, 3, 1, 2)  # a view: rows are read (and transposed) only when used
     if arr.ndim != 4 or arr.shape[2:] != (s, s):
-        raise ValueError(f"{str(path)!r} holds images of shape {arr.shape[1:]}, not {s}x{s}; set data.image_size to match")
+        raise ParameterError("{location!r} holds images of shape {shape}, not {s}x{s}; set {image_size} to match",
+                             location=str(path), shape=arr.shape[1:], s=s)  # fmt: skip
     if arr.dtype != np.uint8:
         raise ValueError(f"{str(path)!r} holds {arr.dtype} values; expected uint8 pixels 0..255")
     return arr, labels if labels is not None else np.zeros(len(arr), dtype=np.int64)
@@ -144,7 +150,8 @@ class DownsampledImageNetDataModule(ImageDataModule):
     def __init__(self, root: str, image_size: int = 64, val_size: int = 10000, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if image_size not in (32, 64):
-            raise ValueError(f"data.image_size = {image_size!r}; the official downsampled ImageNet comes in 32 and 64")
+            raise ParameterError("{image_size} = {value!r}; the official downsampled ImageNet comes in 32 and 64",
+                                 value=image_size)  # fmt: skip
         self.root, self.image_size, self.val_size, self.seed = Path(root), image_size, val_size, seed
 
     def prepare_data(self) -> None:

@@ -15,6 +15,7 @@ from ddpm_schedules.lightning.data import to_unit_range
 from ddpm_schedules.models.diffusion import nats_to_bpd
 from ddpm_schedules.models.flags import model_from_flags
 from ddpm_schedules.models.model import DiffusionModel
+from ddpm_schedules.storage.errors import ParameterError
 
 LOSSES = ("simple", "hybrid", "vlb")
 
@@ -155,7 +156,8 @@ class DiffusionModule(pl.LightningModule):
         loss = (terms["loss"] * weights).mean()
         if not torch.isfinite(loss):
             # stop before a checkpoint of broken weights can replace the last good one
-            raise ValueError(f"the training loss is {loss.item()} at step {self.global_step}; lower module.lr or check the data")
+            raise ParameterError("the training loss is {loss} at step {step}; lower {lr} or check the data",
+                                 loss=loss.item(), step=self.global_step)  # fmt: skip
         self.log("train/loss", loss, prog_bar=True)
         for name in ("mse", "vb"):
             if name in terms:

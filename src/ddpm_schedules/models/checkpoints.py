@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm_schedules.models.flags import UNET_FLAGS, model_from_flags, resolve_flags
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.unet import NUM_CLASSES, UNetModel
+from ddpm_schedules.storage.errors import ParameterError
 from ddpm_schedules.storage.files import atomic_torch_save
 
 MAX_LISTED = 4
@@ -35,19 +36,17 @@ def load_improved_diffusion(path: str | Path, levels: int = 256, flags: Mapping[
     return model.eval()
 
 
-TRUST_HINT = "model.trust_checkpoint=true"
-
-
-class UntrustedCheckpointError(ValueError):
+class UntrustedCheckpointError(ParameterError):
     """The file holds more than tensors and plain containers: only full unpickling (which can run code) reads it."""
 
 
-def read_checkpoint(path: str | Path, trust_checkpoint: bool = False, trust_hint: str = TRUST_HINT) -> Any:
+def read_checkpoint(path: str | Path, trust_checkpoint: bool = False, trust_hint: str | None = None) -> Any:
     """``torch.load`` a checkpoint file onto the CPU as data: ``weights_only=True`` unless ``trust_checkpoint``.
 
     A file whose pickle references anything but tensors and plain containers raises
     `UntrustedCheckpointError` (a one-line ValueError naming the file and ``trust_hint``, the
-    caller's spelling of the opt-in). Other read errors propagate as torch raises them.
+    caller's spelling of the opt-in; None: ``trust_checkpoint=true``, a parameter name that callers may rename).
+    Other read errors propagate as torch raises them.
     """
     path = Path(path)
     if trust_checkpoint:
@@ -59,14 +58,15 @@ def read_checkpoint(path: str | Path, trust_checkpoint: bool = False, trust_hint
         if not re.search(r"unsupported global|trying to call reduce|can only (create new object|build)", text, re.IGNORECASE):
             raise
         what = re.search(r"GLOBAL (\S+)", text)
+        opt_in = "{trust_checkpoint}=true" if trust_hint is None else "{hint}"
         raise UntrustedCheckpointError(
-            f"{str(path)!r} needs full unpickling"
-            f"{f' (it references {what.group(1)})' if what else ''}, which can run code hidden in the file; "
-            f"if you trust where it came from, load it with {trust_hint}"
-        ) from None
+            "{path!r} needs full unpickling{what}, which can run code hidden in the file; if you trust where it came "
+            "from, load it with " + opt_in, path=str(path), what=f" (it references {what.group(1)})" if what else "",
+            hint=trust_hint,
+        ) from None  # fmt: skip
 
 
-def load_checkpoint(path: str | Path, trust_checkpoint: bool = False, trust_hint: str = TRUST_HINT) -> DiffusionModel:
+def load_checkpoint(path: str | Path, trust_checkpoint: bool = False, trust_hint: str | None = None) -> DiffusionModel:
     """A model trained by this package's `train.py`: a Lightning .ckpt (its EMA weights when EMA was on).
 
     The flags and levels come from the checkpoint's hyper-parameters; with `EMAWeightAveraging`
@@ -89,7 +89,7 @@ def _plain_flags(flags: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(flags)
 
 
-def _read_ours(path: Path, trust_checkpoint: bool, trust_hint: str) -> dict[str, Any]:
+def _read_ours(path: Path, trust_checkpoint: bool, trust_hint: str | None) -> dict[str, Any]:
     """The checkpoint dict of one of our .ckpt files; a one-line ValueError for anything else."""
     try:
         ckpt = read_checkpoint(path, trust_checkpoint, trust_hint)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ddpm_schedules.models import diffusion as dm
 from ddpm_schedules.models.diffusion import NoiseSchedule, VarType
+from ddpm_schedules.storage.errors import ParameterError
 
 MeanType = Literal["eps", "x0", "v"]
 MEAN_TYPES = ("eps", "x0", "v")
@@ -74,10 +75,11 @@ class DiffusionModel(nn.Module):
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.precision = "32"
 
-    def set_precision(self, precision: str | int, key: str = "precision") -> "DiffusionModel":
+    def set_precision(self, precision: str | int) -> "DiffusionModel":
         """The network pass's precision: 32, bf16 or 16 (autocast; the terms stay float64)."""
         if str(precision) not in AUTOCAST:
-            raise ValueError(f"{key} = {precision!r}; use 32, bf16 or 16 (autocast around the network pass)")
+            raise ParameterError("{precision} = {value!r}; use 32, bf16 or 16 (autocast around the network pass)",
+                                 value=precision)  # fmt: skip
         self.precision = str(precision)
         return self
 
@@ -96,11 +98,13 @@ class DiffusionModel(nn.Module):
     def gamma_at(self, t: int | Tensor) -> Tensor:
         """Gamma_t of the analytic rule at t (a scalar or [B]); a clear error where it was not estimated."""
         if self.gamma is None:
-            raise ValueError("var_type = 'analytic' needs Gamma_t = E||eps||^2 / D: estimate a cost matrix first or pass model.gamma_file")
+            raise ParameterError("var_type = 'analytic' needs Gamma_t = E||eps||^2 / D: estimate a cost matrix first "
+                                 "or pass {gamma_file}")  # fmt: skip
         g = self.gamma[torch.as_tensor(t).cpu()]
         if torch.isnan(g).any():
             missing = torch.as_tensor(t).reshape(-1)[torch.isnan(g.reshape(-1))][0].item()
-            raise ValueError(f"Gamma_t is not known at t = {missing} (estimated on other timesteps); use cost.grid=null or a model.gamma_file that has it")
+            raise ParameterError("Gamma_t is not known at t = {t} (estimated on other timesteps); use {grid}=null or a "
+                                 "{gamma_file} that has it", t=missing)  # fmt: skip
         return g
 
     def compile_network(self, enabled: bool = True) -> "DiffusionModel":

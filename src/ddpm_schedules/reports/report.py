@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
-from ddpm_schedules.costs.cost_matrix import CostMatrix  # noqa: E402
+from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.schedules.schedule import Schedule  # noqa: E402
 from ddpm_schedules.storage.files import atomic_write_json  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Fréchet distances between samples and reference images, with torchmetrics' FrechetInceptionDistance.
+"""Fréchet distances between samples and reference images: torchmetrics' FrechetInceptionDistance feature extractors,
+the closed-form distance of two Gaussians (`gaussian_frechet_distance`, float64) on their moments.
 
 Two feature networks: Inception-v3 pool3 (FID proper; inception.py reads it from any of the field's files), and a
 small digits classifier (its penultimate features; reported as "FD (digits features)", never as FID). The digits
@@ -15,9 +16,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ddpm_schedules.sampling.inception import TorchScriptInception, resolve_inception
+from ddpm_schedules.storage.errors import ParameterError
 from ddpm_schedules.storage.files import atomic_write_bytes, load_checked, save_checked
 
 FEATURE_KINDS = ("digits", "inception")
@@ -62,9 +64,8 @@ class DigitsFeatures(nn.Module):
 def load_digits_features(path: str | Path) -> DigitsFeatures:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(
-            f"fid.digits_weights: digits feature network {str(path)!r} is missing; make it with `python scripts/train_digits_features.py {path}`"
-        )
+        raise ParameterError("{digits_weights}: digits feature network {path!r} is missing; make it with "
+                             "`python scripts/train_digits_features.py {path}`", path=str(path))  # fmt: skip
     model = DigitsClassifier()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
     return DigitsFeatures(model)
@@ -78,7 +79,7 @@ def fid_feature_extractor(features: str, digits_weights: str | None = None, ince
     if features == "inception":
         fmt, path = resolve_inception(inception_weights)
         return TorchScriptInception(path) if fmt == "torchscript" else None
-    raise ValueError(f"fid.features = {features!r}; use one of {', '.join(FEATURE_KINDS)}")
+    raise ParameterError("{features} = {value!r}; use one of {kinds}", value=features, kinds=", ".join(FEATURE_KINDS))
 
 
 def feature_network(features: str = "digits", digits_weights: str | None = None, inception_weights: str | None = None,
@@ -114,16 +115,35 @@ def moments(features: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and unbiased covariance of feature rows, as torchmetrics' FrechetInceptionDistance forms them."""
     n = features.shape[0]
     if n < 2:
-        raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {n}; raise fid.samples")
+        raise ParameterError("a Fréchet distance needs at least 2 samples per set, got {n}; raise {samples}", n=n)
     mean = features.mean(0)
     return mean, (features.T @ features - n * torch.outer(mean, mean)) / (n - 1)
 
 
+def _psd_sqrt(cov: Tensor) -> Tensor:
+    """The symmetric square root of a covariance matrix (its eigenvalues clamped at 0 against rounding), float64."""
+    vals, vecs = torch.linalg.eigh((cov.double() + cov.double().T) / 2)
+    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def gaussian_frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor,
+                              sqrt_cov1: Tensor | None = None) -> Tensor:
+    """The Fréchet distance of N(mu1, S1) and N(mu2, S2), ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in
+    float64. With R = S1^(1/2) (``sqrt_cov1`` when already known), S1 S2 = R (R S2) has the eigenvalues of the
+    symmetric positive semi-definite R S2 R, so tr((S1 S2)^(1/2)) is the sum of the square roots of those (clamped
+    at 0 against rounding): symmetric eigen-solvers instead of a general one's complex eigenvalues."""
+    mu1, cov1, mu2, cov2 = (v.double() for v in (mu1, cov1, mu2, cov2))
+    root = _psd_sqrt(cov1) if sqrt_cov1 is None else sqrt_cov1.double()
+    m = root @ cov2 @ root
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return (mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * tr_sqrt
+
+
 def _few_sample_fid(mu: Tensor, cov: Tensor, features: Tensor) -> Tensor:
-    """torchmetrics' `_compute_fid` for n <= F samples, exactly, in the samples' n-dimensional space: with Xc the centred
-    rows, Sigma_2 = Xc^T Xc / (n - 1), and the non-zero eigenvalues of Sigma_1 Sigma_2 are those of the symmetric
-    n x n matrix Xc Sigma_1 Xc^T / (n - 1). One [n, F] x [F, F] product and an n x n eigvalsh instead of the
-    eigenvalues of a general F x F matrix (2048 for Inception: 35 s on 2 CPU cores, per bootstrap resample)."""
+    """`gaussian_frechet_distance` to the samples' moments for n <= F samples, in the samples' n-dimensional space:
+    with Xc the centred rows, Sigma_2 = Xc^T Xc / (n - 1), and the non-zero eigenvalues of Sigma_1 Sigma_2 are those
+    of the symmetric n x n matrix Xc Sigma_1 Xc^T / (n - 1). One [n, F] x [F, F] product and an n x n eigvalsh
+    instead of two F x F eigen-decompositions (2048 for Inception), per bootstrap resample."""
     n = features.shape[0]
     mean = features.mean(0)
     xc = features - mean
@@ -132,25 +152,26 @@ def _few_sample_fid(mu: Tensor, cov: Tensor, features: Tensor) -> Tensor:
     return (mu - mean).square().sum() + cov.trace() + xc.square().sum() / (n - 1) - 2 * tr_sqrt
 
 
-def _fid(mu: Tensor, cov: Tensor, features: Tensor) -> float:
+def _fid(mu: Tensor, cov: Tensor, features: Tensor, sqrt_cov: Tensor | None = None) -> float:
     if features.shape[0] < 2:
         moments(features)  # its one-line error
     if features.shape[0] <= features.shape[1]:
         return float(_few_sample_fid(mu.double(), cov.double(), features.double()))
-    return float(_compute_fid(mu, cov, *moments(features)))
+    return float(gaussian_frechet_distance(mu, cov, *moments(features.double()), sqrt_cov1=sqrt_cov))
 
 
 def frechet_distance(reference: tuple[Tensor, Tensor], features: Tensor, bootstrap: int = 0, seed: int = 0) -> tuple[float, float | None]:
-    """The Fréchet distance of feature rows to the reference moments (torchmetrics' formula; with no more samples than
-    features, `_few_sample_fid`), and its bootstrap standard error (the spread over ``bootstrap`` resamples of the rows
-    with replacement; None below 2 resamples)."""
+    """The Fréchet distance of feature rows to the reference moments (`gaussian_frechet_distance`; with no more samples
+    than features, `_few_sample_fid`), and its bootstrap standard error (the spread over ``bootstrap`` resamples of the
+    rows with replacement; None below 2 resamples)."""
     mu, cov = reference
-    fd = _fid(mu, cov, features)
+    sqrt_cov = _psd_sqrt(cov) if features.shape[0] > features.shape[1] else None  # once for every resample
+    fd = _fid(mu, cov, features, sqrt_cov)
     if bootstrap < 2:
         return fd, None
     gen = torch.Generator().manual_seed(seed)
     n = features.shape[0]
-    draws = [_fid(mu, cov, features[torch.randint(n, (n,), generator=gen)]) for _ in range(bootstrap)]
+    draws = [_fid(mu, cov, features[torch.randint(n, (n,), generator=gen)], sqrt_cov) for _ in range(bootstrap)]
     return fd, float(torch.tensor(draws, dtype=torch.float64).std())
 
 
@@ -172,21 +193,26 @@ def reference_moments(network: Callable[[Tensor], Tensor], reference: Tensor, ca
 FEATURE_SIZES = {"digits": DigitsClassifier.num_features, "inception": 2048}
 
 
-def load_reference_stats(path: str | Path, features: str, key: str = "fid.reference_stats") -> tuple[Tensor, Tensor]:
-    """(mu [F], sigma [F, F]) from a .npz in pytorch-fid's layout (as pytorch-fid, TTUR and clean-fid share them), checked."""
-    size = FEATURE_SIZES[features]
+def load_reference_stats(path: str | Path, features: str) -> tuple[Tensor, Tensor]:
+    """(mu [F], sigma [F, F]) from a .npz in pytorch-fid's layout (as pytorch-fid, TTUR and clean-fid share them),
+    checked; the errors are `ParameterError`s naming ``path`` and ``features``."""
+    size, file = FEATURE_SIZES[features], str(path)
     try:
         with np.load(path, allow_pickle=False) as stats:
             mu, sigma = (torch.from_numpy(np.asarray(stats[k], dtype=np.float64)) for k in ("mu", "sigma"))
     except FileNotFoundError:
-        raise ValueError(f"{key} = {str(path)!r} does not exist; pass a .npz with mu and sigma, or null to compute them") from None
+        raise ParameterError("{path} = {file!r} does not exist; pass a .npz with mu and sigma, or null to compute them",
+                             file=file) from None  # fmt: skip
     except KeyError as e:
-        raise ValueError(f"{key} = {str(path)!r} has no {e.args[0].split()[0]} array; it needs mu [F] and sigma [F, F] (pytorch-fid's layout)") from None
+        raise ParameterError("{path} = {file!r} has no {name} array; it needs mu [F] and sigma [F, F] "
+                             "(pytorch-fid's layout)", file=file, name=e.args[0].split()[0]) from None  # fmt: skip
     except (ValueError, OSError) as e:
-        raise ValueError(f"{key} = {str(path)!r} is not a .npz of plain arrays ({type(e).__name__}); it needs mu and sigma") from None
+        raise ParameterError("{path} = {file!r} is not a .npz of plain arrays ({error}); it needs mu and sigma",
+                             file=file, error=type(e).__name__) from None  # fmt: skip
     if mu.shape != (size,) or sigma.shape != (size, size):
-        raise ValueError(f"{key} = {str(path)!r} holds mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)}, but fid.features={features} "
-                         f"gives {size} features; use statistics of the same feature network")  # fmt: skip
+        raise ParameterError("{path} = {file!r} holds mu {mu} and sigma {sigma}, but {features}={kind} gives {size} "
+                             "features; use statistics of the same feature network", file=file, mu=tuple(mu.shape),
+                             sigma=tuple(sigma.shape), kind=features, size=size)  # fmt: skip
     return mu, sigma
 
 
@@ -205,17 +231,3 @@ def gather_rows(rows: Tensor) -> Tensor:
     dist.all_gather_object(parts, rows.cpu())
     return torch.cat(parts).to(rows.device)
 
-
-def frechet_distances(
-    reference: Tensor,
-    fakes: dict,
-    features: str = "digits",
-    digits_weights: str | None = None,
-    inception_weights: str | None = None,
-    antialias: bool = False,
-    reference_cache: str | None = None,
-) -> dict:
-    """Fréchet distance of each set of samples (values in [-1, 1]) to ``reference`` (`frechet_distance`, no bootstrap)."""
-    network = feature_network(features, digits_weights, inception_weights, antialias)
-    ref = reference_moments(network, reference, reference_cache)
-    return {key: frechet_distance(ref, features_of(network, samples))[0] for key, samples in fakes.items()}

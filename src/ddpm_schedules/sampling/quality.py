@@ -51,8 +51,8 @@ def chunk_noise(model: DiffusionModel, seed: int, c: int, m: int) -> tuple[Tenso
 
 
 def chunk_draws(starts: list[tuple[Tensor, torch.Generator]]) -> Iterator[Tensor]:
-    """Several chunks as one batch: their x_T, then every draw of each chunk from its own generator (as it alone draws)."""
-    yield torch.cat([x_T for x_T, _ in starts])
+    """Several chunks as one batch: every step draw after x_T, each chunk's from its own generator (as it alone
+    draws)."""
     while True:
         yield torch.cat([torch.randn(x_T.shape, generator=gen, dtype=torch.float64) for x_T, gen in starts])
 
@@ -60,13 +60,17 @@ def chunk_draws(starts: list[tuple[Tensor, torch.Generator]]) -> Iterator[Tensor
 def draw_samples(model: DiffusionModel, sampler: str, schedule: Schedule, settings: QualitySettings, procs: Processes,
                  batch_size: int) -> list[tuple[int, Tensor]]:
     """This process's chunks of ``settings.samples`` samples along ``schedule``: [(chunk index, samples)]; as many
-    chunks share the network calls as ``batch_size`` holds, each drawn exactly as on its own."""
+    chunks share the network calls as ``batch_size`` holds (a larger chunk is split into calls of ``batch_size``).
+    Each chunk gets the same noise and the same steps as on its own, so its samples equal its own call's up to the
+    network's rounding (a network's float32 kernels may round other batch sizes differently in the last bits)."""
     extra = {"eta": settings.ddim_eta} if sampler == "ddim" else {}
     out = []
     for group in call_groups(procs.chunks(settings.samples, settings.chunk), settings.chunk, batch_size):
         starts = [chunk_noise(model, settings.seed, c, min(settings.chunk, settings.samples - c * settings.chunk)) for c in group]
         sizes = [len(x_T) for x_T, _ in starts]
-        samples = SAMPLERS[sampler](model, schedule, sum(sizes), noise=chunk_draws(starts), **extra).cpu()
+        x_T = torch.cat([x for x, _ in starts])
+        draws = chunk_draws(starts)
+        samples = SAMPLERS[sampler](model, schedule, x_T, noise=draws, batch_size=batch_size, **extra).cpu()
         out += list(zip(group, samples.split(sizes)))
     return out
 
@@ -77,7 +81,7 @@ def teacher_samples(model: DiffusionModel, teacher: Schedule, settings: QualityS
     for c in procs.chunks(n, settings.chunk):
         m = min(settings.chunk, settings.samples - c * settings.chunk)
         k = min(m, n - c * settings.chunk)
-        out[c] = sample_ddim(model, teacher, k, x_T=chunk_noise(model, settings.seed, c, m)[0][:k]).cpu()
+        out[c] = sample_ddim(model, teacher, chunk_noise(model, settings.seed, c, m)[0][:k]).cpu()
     return out
 
 

@@ -8,22 +8,41 @@ Every sampler walks x_T ~ N(0, I) -> x_{tau_{K-1}} -> ... -> x0_hat along the sc
 - `sample_dpmpp`: DPM-Solver++(2M) (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler steps it (tests check);
 - `diffusers_sample`: a diffusers UNet stepped by diffusers' own scheduler along an exported schedule.
 
-``SAMPLERS`` maps the names ``eval.samplers`` takes to these functions.
+The three samplers share one signature (as k-diffusion's samplers do)::
+
+    sample_<name>(model, schedule, x_T, *, generator=None, noise=None, batch_size=None, trajectory=None, **options)
+
+- ``schedule``: a `Schedule` ending at the model's T, or its timesteps (tau_1, ..., tau_K);
+- ``x_T``: the start, a tensor [n, C, H, W], or a number of samples n (x_T then drawn from ``generator`` first);
+  the same x_T gives every sampler the same start;
+- ``noise``: the later draws (ancestral steps, DDIM with eta > 0), one standard normal [n, C, H, W] per noisy
+  step (K - 1 of them, from t = T down), instead of ``generator``'s; a sequence is checked up front, an iterator
+  as it is drawn from; samplers that draw nothing ignore it;
+- ``batch_size``: samples per network call (None: all n in one); the draws do not depend on it, so the samples
+  are the same for any batch size up to the network's rounding;
+- ``trajectory``: a list that receives x at every schedule point (x_T first, x_{tau_1} last) and then the final
+  unquantized x0_hat;
+- ``options``: the sampler's own keywords (`sample_ddim`'s ``eta``); another keyword is a TypeError.
+
+They return [n, C, H, W] float32 on the model's ``levels``. ``SAMPLERS`` maps the names ``eval.samplers`` takes
+to these functions: one call form for all.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ddpm_schedules.models import diffusion as dm
-from ddpm_schedules.models.model import DiffusionModel
+from ddpm_schedules.models.model import DiffusionModel, Prediction
 from ddpm_schedules.models.pairs import pair_tables
 from ddpm_schedules.schedules.schedule import Schedule
+from ddpm_schedules.storage.errors import ParameterError, check_count
 
-Draw = Callable[[], Tensor]  # the next standard normal tensor of the batch's shape (x_T first)
+Draw = Callable[[], Tensor]  # the next step's standard normal tensor [n, C, H, W]
 
 
 def quantize(x: Tensor, levels: int) -> Tensor:
@@ -55,46 +74,61 @@ def ddim_step(model: DiffusionModel, x_t: Tensor, x0_hat: Tensor, t: int, s: int
     return out + sigma2**0.5 * noise if sigma2 > 0 and noise is not None else out
 
 
-def _batched(model: DiffusionModel, schedule: Schedule | Sequence[int], n: int, run: Callable[[Schedule, Draw], Tensor],
-             generator: torch.Generator | None = None, batch_size: int | None = None, noise: Iterable[Tensor] | None = None,
-             x_T: Tensor | None = None) -> Tensor:
-    """Run ``run(schedule, draw)`` over batches of n samples; ``noise`` (x_T first, then per-step draws) replaces the
-    generator, ``x_T`` only its first draw (then one batch of n: samplers given the same x_T start from the same points)."""
+def _start(model: DiffusionModel, schedule: Schedule | Sequence[int], x_T: Tensor | int,
+           generator: torch.Generator | None, noise: Iterable[Tensor] | None,
+           batch_size: int | None) -> tuple[Schedule, Tensor, Draw]:
+    """The checked schedule, x_T in float64 on the model's device (drawn from ``generator`` for an int n) and the draw
+    of each later step's noise: the next tensor of ``noise``, or else ``generator``'s next draw."""
     schedule = as_schedule(model, schedule)
-    if x_T is not None:
-        if tuple(x_T.shape) != (n, *model.image_shape):
-            raise ValueError(f"x_T must have shape {(n, *model.image_shape)}, got {tuple(x_T.shape)}")
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        first = iter([x_T.to(model.device, torch.float64)])
-        return run(schedule, lambda: _next_or_draw(first, n, model, generator, gen_device))
-    if noise is not None:
-        shape = (n, *model.image_shape)
-        if isinstance(noise, Sequence) and (not noise or any(tuple(z.shape) != shape for z in noise)):
-            raise ValueError(f"noise must be tensors of shape {shape}: x_T first, then one per noisy step")
-        draws = iter(noise)
+    check_count(batch_size, "batch_size", "all samples in one call")
+    device = generator.device if generator is not None else torch.device("cpu")
+    if not torch.is_tensor(x_T):
+        try:
+            n = operator.index(x_T) if not isinstance(x_T, bool) else None
+        except TypeError:
+            n = None
+        if n is None:
+            raise TypeError(f"x_T must be a tensor [n, C, H, W] or a number of samples n, got {type(x_T).__name__}")
+        n = check_count(n, "n")
+        x_T = torch.randn(n, *model.image_shape, generator=generator, device=device, dtype=torch.float64)
+    elif x_T.ndim != 1 + len(model.image_shape) or tuple(x_T.shape[1:]) != tuple(model.image_shape) or not len(x_T):
+        want = ", ".join(map(str, model.image_shape))
+        raise ValueError(f"x_T must have shape [n, {want}] with n >= 1, got {tuple(x_T.shape)}")
+    shape = tuple(x_T.shape)
+    if noise is None:
 
-        def next_draw() -> Tensor:  # an iterator is checked as it is drawn from
-            z = next(draws, None)
-            if z is None or tuple(z.shape) != shape:
-                raise ValueError(f"noise must give tensors of shape {shape}: x_T first, then one per noisy step")
-            return z.to(model.device, torch.float64)
+        def drawn() -> Tensor:
+            return torch.randn(shape, generator=generator, device=device, dtype=torch.float64).to(model.device)
 
-        return run(schedule, next_draw)
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    out = []
-    for lo in range(0, n, batch_size or n):
-        m = min(batch_size or n, n - lo)
+        return schedule, x_T.to(model.device, torch.float64), drawn
+    rule = f"tensors of shape {shape}, one per noisy step after x_T"
+    if isinstance(noise, Sequence) and (len(noise) != schedule.K - 1 or any(tuple(z.shape) != shape for z in noise)):
+        got = ", ".join(str(tuple(z.shape)) for z in noise) or "none"
+        raise ValueError(f"noise must be {schedule.K - 1} {rule} (x_T is passed as x_T), got {got}")
+    draws = iter(noise)
 
-        def draw(m: int = m) -> Tensor:
-            return torch.randn(m, *model.image_shape, generator=generator, device=gen_device, dtype=torch.float64).to(model.device)
+    def draw() -> Tensor:  # an iterator is checked as it is drawn from
+        z = next(draws, None)
+        if z is None or tuple(z.shape) != shape:
+            raise ValueError(f"noise must give {rule}")
+        return z.to(model.device, torch.float64)
 
-        out.append(run(schedule, draw))
-    return torch.cat(out)
+    return schedule, x_T.to(model.device, torch.float64), draw
 
 
-def _next_or_draw(first, n: int, model: DiffusionModel, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    x = next(first, None)
-    return x if x is not None else torch.randn(n, *model.image_shape, generator=generator, device=device, dtype=torch.float64).to(model.device)
+def _predict(model: DiffusionModel, x: Tensor, t: int, batch_size: int | None) -> Prediction:
+    """`DiffusionModel.predict` in network calls of at most ``batch_size`` samples."""
+    if not batch_size or len(x) <= batch_size:
+        return model.predict(x, t)
+    parts = [model.predict(chunk, t) for chunk in x.split(batch_size)]
+    fields = zip(*((p.x0_hat, p.frac, p.eps) for p in parts))
+    return Prediction(*(None if v[0] is None else torch.cat(v) for v in fields))
+
+
+def _finish(model: DiffusionModel, x0_hat: Tensor, trajectory: list[Tensor] | None) -> Tensor:
+    if trajectory is not None:
+        trajectory.append(x0_hat)
+    return quantize(x0_hat, model.levels).float()
 
 
 def _steps(schedule: Schedule) -> list[tuple[int, int]]:
@@ -103,62 +137,46 @@ def _steps(schedule: Schedule) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def sample_ancestral(
-    model: DiffusionModel,
-    schedule: Schedule | Sequence[int],
-    n: int,
-    generator: torch.Generator | None = None,
-    batch_size: int | None = None,
-    noise: Iterable[Tensor] | None = None,
-    trajectory: list[Tensor] | None = None,
-    x_T: Tensor | None = None,
-) -> Tensor:
+def sample_ancestral(model: DiffusionModel, schedule: Schedule | Sequence[int], x_T: Tensor | int, *,
+                     generator: torch.Generator | None = None, noise: Iterable[Tensor] | None = None,
+                     batch_size: int | None = None, trajectory: list[Tensor] | None = None) -> Tensor:
     """Ancestral sampling through p(x_s | x_t) of every schedule pair (docs/design.md §1): [n, C, H, W] on ``levels``.
 
-    ``noise`` replaces the generator's draws: x_T first, then one tensor per noisy step (K - 1 of
-    them, from t = T down); a sequence is checked up front, an iterator as it is drawn from. ``trajectory``, if given, receives x at every schedule point
-    (x_T first, x_{tau_1} last) and then the final unquantized x0_hat.
+    One noise draw per step to s >= 1 (K - 1); the last step returns x0_hat. The arguments: the module's docstring.
     """
-    if isinstance(noise, Sequence) and len(noise) != as_schedule(model, schedule).K:
-        raise ValueError(f"noise must be {as_schedule(model, schedule).K} tensors: x_T and one per noisy step")
-
-    def run(schedule: Schedule, draw: Draw) -> Tensor:
-        x = draw()
-        for s, t in _steps(schedule):
-            if trajectory is not None:
-                trajectory.append(x)
-            pred = model.predict(x, t)
-            if s == 0:
-                if trajectory is not None:
-                    trajectory.append(pred.x0_hat)
-                return quantize(pred.x0_hat, model.levels).float()
-            p = pair_tables(model, t, [s], model.device).kl
-            mean = p["c0"] * pred.x0_hat + p["c1"] * x
-            log_var = p["log_var"] if pred.frac is None else dm.learned_log_variance(pred.frac, p["min_log"], p["max_log"])
-            x = mean + torch.exp(0.5 * log_var) * draw()
-        raise AssertionError("unreachable: every schedule starts from s = 0")
-
-    return _batched(model, schedule, n, run, generator=generator, batch_size=batch_size, noise=noise, x_T=x_T)
+    schedule, x, draw = _start(model, schedule, x_T, generator, noise, batch_size)
+    for s, t in _steps(schedule):
+        if trajectory is not None:
+            trajectory.append(x)
+        pred = _predict(model, x, t, batch_size)
+        if s == 0:
+            return _finish(model, pred.x0_hat, trajectory)
+        p = pair_tables(model, t, [s], model.device).kl
+        mean = p["c0"] * pred.x0_hat + p["c1"] * x
+        log_var = p["log_var"] if pred.frac is None else dm.learned_log_variance(pred.frac, p["min_log"], p["max_log"])
+        x = mean + torch.exp(0.5 * log_var) * draw()
+    raise AssertionError("unreachable: every schedule starts from s = 0")
 
 
 @torch.no_grad()
-def sample_ddim(model: DiffusionModel, schedule: Schedule | Sequence[int], n: int, eta: float = 0.0, **draws: Any) -> Tensor:
+def sample_ddim(model: DiffusionModel, schedule: Schedule | Sequence[int], x_T: Tensor | int, *,
+                generator: torch.Generator | None = None, noise: Iterable[Tensor] | None = None,
+                batch_size: int | None = None, trajectory: list[Tensor] | None = None, eta: float = 0.0) -> Tensor:
     """DDIM along the schedule (`ddim_step` for every pair; the last step returns x0_hat): [n, C, H, W] on ``levels``.
 
-    ``draws``: ``generator``, ``batch_size``, ``noise``, ``x_T`` as for `sample_ancestral`.
+    ``eta``: 0 (the default) is deterministic and draws nothing; eta > 0 draws once per step to s >= 1 (K - 1).
+    The other arguments: the module's docstring.
     """
     check_eta(eta)
-
-    def run(schedule: Schedule, draw: Draw) -> Tensor:
-        x = draw()
-        for s, t in _steps(schedule):
-            x0_hat = model.predict(x, t).x0_hat
-            if s == 0:
-                return quantize(x0_hat, model.levels).float()
-            x = ddim_step(model, x, x0_hat, t, s, eta, draw() if eta > 0 else None)
-        raise AssertionError("unreachable: every schedule starts from s = 0")
-
-    return _batched(model, schedule, n, run, **draws)
+    schedule, x, draw = _start(model, schedule, x_T, generator, noise, batch_size)
+    for s, t in _steps(schedule):
+        if trajectory is not None:
+            trajectory.append(x)
+        x0_hat = _predict(model, x, t, batch_size).x0_hat
+        if s == 0:
+            return _finish(model, x0_hat, trajectory)
+        x = ddim_step(model, x, x0_hat, t, s, eta, draw() if eta > 0 else None)
+    raise AssertionError("unreachable: every schedule starts from s = 0")
 
 
 def dpmpp_2m_coefficients(ab: Tensor, p: Tensor | int | None, c: Tensor | int, n: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
@@ -181,42 +199,45 @@ def dpmpp_2m_coefficients(ab: Tensor, p: Tensor | int | None, c: Tensor | int, n
 
 
 @torch.no_grad()
-def sample_dpmpp(model: DiffusionModel, schedule: Schedule | Sequence[int], n: int, **draws: Any) -> Tensor:
+def sample_dpmpp(model: DiffusionModel, schedule: Schedule | Sequence[int], x_T: Tensor | int, *,
+                 generator: torch.Generator | None = None, noise: Iterable[Tensor] | None = None,
+                 batch_size: int | None = None, trajectory: list[Tensor] | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) on the model's (clipped) x0_hat as its data prediction, at the schedule's
     timesteps: `dpmpp_2m_coefficients` for every step, first order for the first and the last (to t = 0, as
     diffusers' DPMSolverMultistepScheduler with final_sigmas_type="zero"): [n, C, H, W] on ``levels``.
 
-    ``draws``: ``generator``, ``batch_size``, ``noise``, ``x_T`` as for `sample_ancestral`.
+    Deterministic: it draws nothing after x_T. The arguments: the module's docstring.
     """
+    schedule, x, _ = _start(model, schedule, x_T, generator, noise, batch_size)
+    prev = None
+    for s, t in _steps(schedule):
+        if trajectory is not None:
+            trajectory.append(x)
+        x0_hat = _predict(model, x, t, batch_size).x0_hat
+        a, b, d = (float(v) for v in dpmpp_2m_coefficients(model.schedule.ab, None if prev is None else prev[0], t, s))
+        x = a * x + b * x0_hat + (d * prev[1] if prev is not None else 0.0)
+        prev = (t, x0_hat)
+    return _finish(model, x, trajectory)
 
-    def run(schedule: Schedule, draw: Draw) -> Tensor:
-        x, prev = draw(), None
-        for s, t in _steps(schedule):
-            x0_hat = model.predict(x, t).x0_hat
-            a, b, d = (float(v) for v in dpmpp_2m_coefficients(model.schedule.ab, None if prev is None else prev[0], t, s))
-            x = a * x + b * x0_hat + (d * prev[1] if prev is not None else 0.0)
-            prev = (t, x0_hat)
-        return quantize(x, model.levels).float()
 
-    return _batched(model, schedule, n, run, **draws)
-
-
-def check_eta(eta: float, key: str = "eta") -> None:
+def check_eta(eta: float) -> None:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"{key} = {eta!r}; DDIM's eta must be a number >= 0 (0 = deterministic, 1 = DDPM-like noise)")
+        raise ParameterError("{eta} = {value!r}; DDIM's eta must be a number >= 0 (0 = deterministic, "
+                             "1 = DDPM-like noise)", value=eta)  # fmt: skip
 
 
 SAMPLERS = {"ancestral": sample_ancestral, "ddim": sample_ddim, "dpmpp": sample_dpmpp}
 
 
-def check_samplers(names: Sequence[str], key: str = "eval.samplers") -> list[str]:
-    """Sampler names checked before any work."""
+def check_samplers(names: Sequence[str]) -> list[str]:
+    """Sampler names checked before any work; the errors are `ParameterError`s naming the list ``samplers``."""
     names = list(names)
     if not names:
-        raise ValueError(f"{key} is empty; use e.g. [ancestral, ddim]")
+        raise ParameterError("{samplers} is empty; use e.g. [ancestral, ddim]")
     for name in names:
         if name not in SAMPLERS:
-            raise ValueError(f"unknown sampler {name!r} in {key}; use {', '.join(SAMPLERS)}")
+            raise ParameterError("unknown sampler {name!r} in {samplers}; use {known}", name=name,
+                                 known=", ".join(SAMPLERS))  # fmt: skip
     return names
 
 

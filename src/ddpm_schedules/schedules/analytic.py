@@ -16,6 +16,7 @@ from torch import Tensor
 from ddpm_schedules.models.diffusion import NoiseSchedule, check_gamma
 from ddpm_schedules.schedules.dp import optimal_paths
 from ddpm_schedules.schedules.schedule import Schedule
+from ddpm_schedules.storage.errors import ParameterError
 from ddpm_schedules.storage.files import load_checked, save_checked, weights_fingerprint
 
 
@@ -26,21 +27,27 @@ def save_gamma(path: str | Path, gamma: Tensor, model) -> None:
     save_checked({"T": model.T, "weights": weights_fingerprint(model), "timesteps": known, "gamma": gamma[known]}, path)
 
 
-def load_gamma(path: str | Path, model) -> Tensor:
-    """Gamma [T+1] (NaN where the file has none) from `save_gamma`'s file, for this model only."""
+def load_gamma(gamma_file: str | Path, model) -> Tensor:
+    """Gamma [T+1] (NaN where the file has none) from `save_gamma`'s file, for this model only; the errors are
+    `ParameterError`s naming ``gamma_file``."""
+    path = str(gamma_file)
     try:
-        blob = load_checked(path)
+        blob = load_checked(gamma_file)
         T, weights, timesteps, values = blob["T"], blob["weights"], blob["timesteps"], blob["gamma"]
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"model.gamma_file {str(path)!r} is not a Gamma file written by evaluate.py (gamma.pt); estimate Gamma again") from None
+        raise ParameterError("{gamma_file} {path!r} is not a Gamma file written by evaluate.py (gamma.pt); "
+                             "estimate Gamma again", path=path) from None  # fmt: skip
     if T != model.T:
-        raise ValueError(f"model.gamma_file {str(path)!r} is for T = {T}; this model has T = {model.T}")
+        raise ParameterError("{gamma_file} {path!r} is for T = {T}; this model has T = {model_T}", path=path, T=T,
+                             model_T=model.T)  # fmt: skip
     if weights != weights_fingerprint(model):
-        raise ValueError(f"model.gamma_file {str(path)!r} was estimated for other weights; use this model's gamma.pt or drop model.gamma_file")
+        raise ParameterError("{gamma_file} {path!r} was estimated for other weights; use this model's gamma.pt or drop "
+                             "{gamma_file}", path=path)  # fmt: skip
     gamma = torch.full((model.T + 1,), math.nan, dtype=torch.float64)
     values = torch.as_tensor(values, dtype=torch.float64)
     if not torch.isfinite(values).all():
-        raise ValueError(f"model.gamma_file {str(path)!r} holds Gamma_t = {values[~torch.isfinite(values)][0].item()}; values must be finite")
+        raise ParameterError("{gamma_file} {path!r} holds Gamma_t = {bad}; values must be finite", path=path,
+                             bad=values[~torch.isfinite(values)][0].item())  # fmt: skip
     gamma[torch.as_tensor(timesteps).long()] = values
     return check_gamma(gamma, model.T)
 
@@ -82,7 +89,8 @@ def analytic_ot_schedule(schedule: NoiseSchedule, gamma: Tensor, K: int, dims: i
     T = schedule.T
     gamma = check_gamma(gamma, T)
     if torch.isnan(gamma[1:]).any():
-        raise ValueError("the analytic_ot strategy needs Gamma_t at every t = 1..T: use cost.grid=null (or a full model.gamma_file)")
+        raise ParameterError("the analytic_ot strategy needs Gamma_t at every t = 1..T: use {grid}=null "
+                             "(or a full {gamma_file})")  # fmt: skip
     if not 2 <= K <= T:
         raise ValueError(f"analytic_ot needs a budget K in 2..{T}, got {K}")
     k1, n1, k2 = bad_region_split(gamma, K)

@@ -7,7 +7,6 @@ the one chosen is the smallest compared from its last point backwards.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Iterable, Protocol, Sequence
 
@@ -19,7 +18,7 @@ from ddpm_schedules.schedules.schedule import Schedule, check_budgets
 
 
 class PairCosts(Protocol):
-    """What the DP reads of a cost matrix: `costs.cost_matrix.CostMatrix` is one, any additive pair cost can be."""
+    """What the DP reads of a cost matrix: `costs.matrix.CostMatrix` is one, any additive pair cost can be."""
 
     mean: torch.Tensor  # [N+1, N+1]: entry [i, j] the cost of the step grid[j] -> grid[i]
     grid: torch.Tensor  # [N+1]: 0, then the candidate timesteps, ending at T
@@ -88,7 +87,8 @@ def _k_chunks(n: int, k_max: int, threads: int) -> np.ndarray:
     return np.unique(np.concatenate([[1], cuts, [k_max + 1]])).astype(np.int64)
 
 
-def _check_costs(costs: torch.Tensor | np.ndarray) -> np.ndarray:
+def check_costs(costs: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A float64 copy of a square [N+1, N+1] cost matrix, inf on and below the diagonal (a NaN above: ValueError)."""
     C = costs.detach().cpu().numpy() if torch.is_tensor(costs) else np.asarray(costs)
     if C.ndim != 2 or C.shape[0] != C.shape[1] or C.shape[0] < 2:
         raise ValueError(f"costs must be a square [N+1, N+1] matrix with N >= 1, got shape {C.shape}")
@@ -121,7 +121,7 @@ def optimal_paths(costs: torch.Tensor | np.ndarray, budgets: int | Iterable[int]
     sum_k costs[i_{k-1}, i_k]. With ``at_most`` the best path of at most K steps is returned.
     A budget that no path of finite cost meets is a ValueError.
     """
-    C = _check_costs(costs)
+    C = check_costs(costs)
     n = C.shape[0] - 1
     budgets = check_budgets_on_grid(budgets, n)
     E, ptr = _dp_tables(C, max(budgets), _k_chunks(n, max(budgets), numba.get_num_threads()))
@@ -136,50 +136,6 @@ def optimal_paths(costs: torch.Tensor | np.ndarray, budgets: int | Iterable[int]
             if not np.isfinite(E[n, use]):
                 raise ValueError(f"no path of {'at most ' if at_most else ''}{k} steps has a finite cost; check for inf entries")
             out[k] = (_backtrack(ptr, use, n).tolist(), float(E[n, use]))
-    return out
-
-
-def brute_force_paths(costs: torch.Tensor | np.ndarray, budgets: int | Iterable[int], at_most: bool = False) -> Paths:
-    """Reference for tests: enumerate every path, same tie rule (smallest compared from the end)."""
-    C = _check_costs(costs)
-    n = C.shape[0] - 1
-    out: Paths = {}
-    exact: Paths = {}
-    for K in range(1, max(check_budgets_on_grid(budgets, n)) + 1):
-        best: tuple[list[int], float] | None = None
-        for inner in itertools.combinations(range(1, n), K - 1):
-            path = [0, *inner, n]
-            total = 0.0
-            for a, b in zip(path, path[1:]):
-                total += C[a, b]
-            if best is None or total < best[1] or (total == best[1] and path[::-1] < best[0][::-1]):
-                best = (path, total)
-        exact[K] = best
-    for K in check_budgets_on_grid(budgets, n):
-        if not at_most:
-            out[K] = exact[K]
-            continue
-        # 'at most K': fewest steps wins a tie, as the DP's strict improvement does
-        out[K] = min((exact[k] for k in range(1, K + 1)), key=lambda pt: pt[1])
-    return out
-
-
-def classic_paths(costs: torch.Tensor | np.ndarray, k_max: int) -> Paths:
-    """Reference for tests and benchmarks: the plain numpy loop (for k: M = E[:, None] + C; E = M.min(0)), every K <= k_max."""
-    C = _check_costs(costs)
-    n = C.shape[0] - 1
-    E = np.full(n + 1, np.inf)
-    E[0] = 0.0
-    ptrs, out = [], {}
-    for k in range(1, k_max + 1):
-        M = E[:, None] + C
-        ptr = M.argmin(0)  # the first minimum: the same tie rule
-        E = M[ptr, np.arange(n + 1)]
-        ptrs.append(ptr)
-        path = [n]
-        for p in reversed(ptrs):
-            path.append(int(p[path[-1]]))
-        out[k] = (path[::-1], float(E[n]))
     return out
 
 

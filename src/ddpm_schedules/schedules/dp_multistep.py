@@ -13,7 +13,6 @@ independent of p this is the pair DP on C1 (and C2) exactly.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Iterable, Protocol
 
@@ -21,7 +20,7 @@ import numba
 import numpy as np
 import torch
 
-from ddpm_schedules.schedules.dp import PairCosts, Paths, _check_costs, check_budgets_on_grid
+from ddpm_schedules.schedules.dp import PairCosts, Paths, check_budgets_on_grid, check_costs
 from ddpm_schedules.schedules.schedule import Schedule
 
 
@@ -56,8 +55,9 @@ def _tables(C1: np.ndarray, C2: np.ndarray, k_max: int) -> tuple[np.ndarray, np.
 
 
 def _check(C1: torch.Tensor | np.ndarray, C2: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """C1 as the pair DP checks it (`dp._check_costs`), C2 of the matching [N+1]^3 shape; entries off p > c > n > 0 set to inf."""
-    a = _check_costs(C1)
+    """C1 as the pair DP checks it (`dp.check_costs`), C2 of the matching [N+1]^3 shape; entries off p > c > n > 0
+    set to inf."""
+    a = check_costs(C1)
     n = a.shape[0]
     b = np.array(C2.detach().cpu().numpy() if torch.is_tensor(C2) else C2, dtype=np.float64)
     if b.shape != (n, n, n):
@@ -91,26 +91,6 @@ def optimal_multistep_paths(C1: torch.Tensor | np.ndarray, C2: torch.Tensor | np
         if not math.isfinite(total):
             raise ValueError(f"no path of {K} steps has a finite cost; check for inf entries")
         out[K] = (path, float(total))
-    return out
-
-
-def brute_force_multistep_paths(C1: torch.Tensor | np.ndarray, C2: torch.Tensor | np.ndarray, budgets: int | Iterable[int]) -> Paths:
-    """Reference for tests: every path's cost summed step by step (the smallest total; ties to the first enumerated)."""
-    a, b = _check(C1, C2)
-    n = a.shape[0] - 1
-    out: Paths = {}
-    for K in check_budgets_on_grid(budgets, n):
-        best: tuple[list[int], float] | None = None
-        for inner in itertools.combinations(range(1, n), K - 1):
-            path = [0, *inner, n]
-            down = path[::-1]  # sampling order: N first
-            total = a[down[1], down[0]] + (a[0, down[-2]] if K > 1 else 0.0)
-            for p, c, m in zip(down, down[1:], down[2:]):
-                if m > 0:
-                    total += b[p, c, m]
-            if best is None or total < best[1]:
-                best = (path, total)
-        out[K] = best
     return out
 
 

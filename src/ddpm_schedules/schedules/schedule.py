@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ddpm_schedules.storage.errors import ParameterError
 from ddpm_schedules.storage.files import atomic_write_json
 
 
@@ -79,16 +80,20 @@ class Schedule:
         return cls.from_dict(json.loads(text))
 
 
-def check_budgets(budgets: int | Iterable[int], limit: int | None, key: str = "budgets", limit_name: str = "T") -> list[int]:
-    """Budgets as sorted distinct integers in 1..limit (no upper limit for None); else a ValueError naming ``key``."""
+def check_budgets(
+    budgets: int | Iterable[int], limit: int | None, name: str = "budgets", limit_name: str = "T"
+) -> list[int]:
+    """Budgets as sorted distinct integers in 1..limit (no upper limit for None); else a `ParameterError` naming them
+    ``name`` (the caller's parameter)."""
     one = not isinstance(budgets, (list, tuple, set, range))
     budgets = [budgets] if one else list(budgets)
     if not budgets:
-        raise ValueError(f"{key} is empty; pass at least one K, e.g. [8, 16, 32]")
+        raise ParameterError("{" + name + "} is empty; pass at least one K, e.g. [8, 16, 32]")
     for K in budgets:
         if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= (limit or K):
             bound = f"an integer in 1..{limit} ({limit_name})" if limit else "a positive integer"
-            raise ValueError(f"{key} = {K!r} must be {bound}" if one else f"{key} has {K!r}; every budget must be {bound}")
+            template = "{%s} = {value!r} must be {bound}" if one else "{%s} has {value!r}; every budget must be {bound}"
+            raise ParameterError(template % name, value=K, bound=bound)
     return sorted({int(K) for K in budgets})
 
 

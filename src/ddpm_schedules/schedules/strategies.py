@@ -25,6 +25,7 @@ from ddpm_schedules.schedules.schedule import (
     respaced_schedule,
 )
 from ddpm_schedules.schedules.solver_baselines import SOLVER_BASELINES
+from ddpm_schedules.storage.errors import ParameterError
 
 
 class AnalyticCosts(PairCosts, Protocol):
@@ -130,7 +131,8 @@ class AnalyticOtStrategy(Strategy):
 
     def build(self, cost_matrix: AnalyticCosts, K: int) -> Schedule:
         if cost_matrix.gamma is None:
-            raise ValueError("the analytic_ot strategy needs Gamma: evaluate with model.var_type=analytic")
+            raise ValueError("the analytic_ot strategy needs Gamma: estimate the ELBO matrix under the analytic "
+                             "variance rule (DiffusionModel.use_variance('analytic'))")  # fmt: skip
         return analytic_ot_schedule(NoiseSchedule(cost_matrix.betas), cost_matrix.gamma, K, cost_matrix.dims)
 
 
@@ -188,9 +190,10 @@ class SolverBaselineStrategy(Strategy):
         return SOLVER_BASELINES[self.name](self.noise, K)
 
 
-def solver_baseline(name: str, T: int, noise: NoiseSchedule | None, key: str) -> SolverBaselineStrategy:
+def solver_baseline(name: str, T: int, noise: NoiseSchedule | None) -> SolverBaselineStrategy:
     if noise is None or noise.T != T:
-        raise ValueError(f"{key} has {name!r}, which needs the model's noise schedule: pass noise= to parse_strategies")
+        raise ParameterError("{strategies} has {name!r}, which needs the model's noise schedule: pass noise= to "
+                             "parse_strategies", name=name)  # fmt: skip
     return SolverBaselineStrategy(name, noise=noise)
 
 
@@ -199,45 +202,46 @@ STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, 
 PREFIXED = {"respace": respace, "file": from_file}
 
 
-def check_strategy_names(names: Sequence[str], key: str = "eval.strategies") -> tuple[str, ...]:
-    """The names' form before T is known: known strategies, and every ``file:`` schedule readable."""
+def check_strategy_names(names: Sequence[str]) -> tuple[str, ...]:
+    """The names' form before T is known: known strategies, and every ``file:`` schedule readable. The errors of the
+    strategy functions are `ParameterError`s naming the list ``strategies``."""
     if isinstance(names, str) or not names:
-        raise ValueError(f"{key} = {names!r}; use a non-empty list, e.g. [dp, even, quadratic]")
+        raise ParameterError("{strategies} = {names!r}; use a non-empty list, e.g. [dp, even, quadratic]", names=names)
     for name in map(str, names):
         prefix, sep, argument = name.partition(":")
         if name not in STRATEGIES and name not in SOLVER_BASELINES and not (sep and prefix in PREFIXED):
-            parse_strategy(name, 1, key)  # raises the unknown-name error
+            parse_strategy(name, 1)  # raises the unknown-name error
         if prefix == "file" and sep:
             try:
                 load_schedules(argument)
             except ValueError as e:
-                raise ValueError(f"{key} has {name!r}: {e}") from None
+                raise ParameterError("{strategies} has {name!r}: {error}", name=name, error=str(e)) from None
     return tuple(map(str, names))
 
 
-def parse_strategy(name: str, T: int, key: str = "eval.strategies", noise: NoiseSchedule | None = None) -> Strategy:
+def parse_strategy(name: str, T: int, noise: NoiseSchedule | None = None) -> Strategy:
     """One strategy from its name (``dp``, ``even``, ``karras``, ``respace:<spec>``, ``file:<path>``, ...); the solver
     baselines need ``noise``, the model's noise schedule."""
     name = str(name)
     if name in STRATEGIES:
         return STRATEGIES[name](name)
     if name in SOLVER_BASELINES:
-        return solver_baseline(name, T, noise, key)
+        return solver_baseline(name, T, noise)
     prefix, sep, argument = name.partition(":")
     if sep and prefix in PREFIXED:
         try:
             return PREFIXED[prefix](argument, T)
         except ValueError as e:
-            raise ValueError(f"{key} has {name!r}: {e}") from None
+            raise ParameterError("{strategies} has {name!r}: {error}", name=name, error=str(e)) from None
     known = [*STRATEGIES, *SOLVER_BASELINES, *(f"{p}:<{'spec' if p == 'respace' else 'path'}>" for p in PREFIXED)]
-    raise ValueError(f"unknown strategy {name!r} in {key}; use {', '.join(known)}")
+    raise ParameterError("unknown strategy {name!r} in {strategies}; use {known}", name=name, known=", ".join(known))
 
 
-def parse_strategies(names: Sequence[str], T: int, key: str = "eval.strategies", noise: NoiseSchedule | None = None) -> list[Strategy]:
+def parse_strategies(names: Sequence[str], T: int, noise: NoiseSchedule | None = None) -> list[Strategy]:
     """Every strategy of a list, checked before any heavy work."""
     if not names:
-        raise ValueError(f"{key} is empty; use e.g. [dp, even, quadratic]")
-    return [parse_strategy(n, T, key, noise) for n in names]
+        raise ParameterError("{strategies} is empty; use e.g. [dp, even, quadratic]")
+    return [parse_strategy(n, T, noise) for n in names]
 
 
 def build_schedules(strategies: Sequence[Strategy], matrices: PairCosts | Mapping[str, PairCosts], budgets: Sequence[int]) -> list[Schedule]:

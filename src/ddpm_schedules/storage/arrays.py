@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ddpm_schedules.storage.errors import ParameterError
+
 CHUNK_BYTES = 1 << 26  # conversion copies 64 MB at a time
 _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -199,13 +201,15 @@ def imagenet_batches(root: Path, image_size: int) -> dict[str, tuple[np.ndarray,
     ``data`` [N, 3 * S * S] uint8 in CHW planes, 1-based ``labels``), each converted once into a memory-mapped
     [N, 3, S, S] uint8 cache and 0-based int64 labels in ``root``: {"train": ..., "val": ...}."""
     if not root.is_dir():
-        raise ValueError(f"data.root = {str(root)!r} is not a folder; point it at the extracted Imagenet{image_size}_train / _val files")
+        raise ParameterError("{root} = {path!r} is not a folder; point it at the extracted Imagenet{size}_train / _val "
+                             "files", path=str(root), size=image_size)  # fmt: skip
     train = sorted(root.glob("train_data_batch_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]) if p.name.rsplit("_", 1)[-1].isdigit() else 0)
     train = [p for p in train if p.name.rsplit("_", 1)[-1].isdigit()]
     missing = [n for n, files in (("train_data_batch_1", train), ("val_data", [root / "val_data"] if (root / "val_data").exists() else [])) if not files]
     if missing:
-        raise ValueError(f"data.root {str(root)!r} has no {missing[0]}; it needs the image-net.org Imagenet{image_size} files "
-                         "train_data_batch_1..10 and val_data (extracted, in one folder)")  # fmt: skip
+        raise ParameterError("{root} {path!r} has no {missing}; it needs the image-net.org Imagenet{size} files "
+                             "train_data_batch_1..10 and val_data (extracted, in one folder)", path=str(root),
+                             missing=missing[0], size=image_size)  # fmt: skip
     return {"train": _converted(root, "train", train, image_size), "val": _converted(root, "val", [root / "val_data"], image_size)}
 
 
@@ -238,8 +242,9 @@ def _batch(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{str(path)!r} is not a downsampled-ImageNet batch (a dict with 'data' and 'labels'); download it again")
     data = np.asarray(d["data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * size * size:
-        raise ValueError(f"{str(path)!r} holds data of shape {data.shape} ({data.dtype}), not [N, {3 * size * size}] uint8: "
-                         f"is it Imagenet{size}? set data.image_size to match the files")  # fmt: skip
+        raise ParameterError("{path!r} holds data of shape {shape} ({dtype}), not [N, {dims}] uint8: is it "
+                             "Imagenet{size}? set {image_size} to match the files", path=str(path), shape=data.shape,
+                             dtype=data.dtype, dims=3 * size * size, size=size)  # fmt: skip
     labels = np.asarray(d["labels"], dtype=np.int64) - 1
     if len(labels) != len(data) or (len(labels) and labels.min() < 0):
         raise ValueError(f"{str(path)!r} has {len(labels)} labels (1-based) for {len(data)} images; download it again")

@@ -80,7 +80,7 @@ class PartialSums:
         saved = self.load_state()
         if saved is None:
             return 0
-        if set(saved.get("states", ())) != set(metric._defaults):
+        if set(saved.get("states", ())) != set(metric.metric_state):
             log.warning("partial sums %s belong to another configuration; starting afresh", self.path)
             return 0
         for name, value in saved["states"].items():
@@ -92,7 +92,7 @@ class PartialSums:
     def save(self, metric: Metric, done: int) -> None:
         """Write the states and progress to a temporary file, then rename it over the old one."""
         if self.path is not None:
-            self.save_state({"states": {name: getattr(metric, name).detach().cpu() for name in metric._defaults}}, done)
+            self.save_state({"states": {name: value.detach().cpu() for name, value in metric.metric_state.items()}}, done)
 
     def step(self, metric: Metric, done: int, stop_requested: bool = False, units: int = 1) -> None:
         """After each unit (or run of ``units``): save when due; on a stop request save and raise `Preempted`."""

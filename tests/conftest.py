@@ -48,9 +48,15 @@ def eval_cfg(tmp_path, ckpt, *overrides):
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         return compose(
             "evaluate",
-            overrides=[f"paths.output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"model.path={ckpt}",
-                       f"fid.digits_weights={DIGITS_FEATURES}", *SMALL, *overrides],
-        )  # fmt: skip
+            overrides=[
+                f"paths.output_dir={tmp_path / 'run'}",
+                f"cache_dir={tmp_path / 'cache'}",
+                f"model.path={ckpt}",
+                f"fid.digits_weights={DIGITS_FEATURES}",
+                *SMALL,
+                *overrides,
+            ],
+        )
 
 
 def train_cfg(tmp_path, *overrides):
@@ -58,11 +64,21 @@ def train_cfg(tmp_path, *overrides):
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         return compose(
             "train",
-            overrides=[f"paths.output_dir={tmp_path}", "data=synthetic", "unet=tiny", "diffusion.diffusion_steps=20",
-                       "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
-                       "callbacks.schedule_monitor.examples=8", "callbacks.schedule_monitor.budgets=[2,4]",
-                       "callbacks.schedule_monitor.progress=false", "+trainer.enable_progress_bar=false", *overrides],
-        )  # fmt: skip
+            overrides=[
+                f"paths.output_dir={tmp_path}",
+                "data=synthetic",
+                "unet=tiny",
+                "diffusion.diffusion_steps=20",
+                "trainer.max_steps=6",
+                "trainer.val_check_interval=3",
+                "trainer.log_every_n_steps=1",
+                "callbacks.schedule_monitor.examples=8",
+                "callbacks.schedule_monitor.budgets=[2,4]",
+                "callbacks.schedule_monitor.progress=false",
+                "+trainer.enable_progress_bar=false",
+                *overrides,
+            ],
+        )
 
 
 class TinyNet(nn.Module):
@@ -106,7 +122,17 @@ def quantized_data(n: int, shape=(1, 4, 4), levels: int = 17, seed: int = 0) -> 
     return (idx.float() / (levels - 1) * 2 - 1).clamp(-1, 1)
 
 
-def tiny_model(var_type="learned_range", mean_type="eps", T=20, schedule="cosine", levels=17, shape=(1, 4, 4), seed=0, clip=True, dtype=torch.float64):
+def tiny_model(
+    var_type="learned_range",
+    mean_type="eps",
+    T=20,
+    schedule="cosine",
+    levels=17,
+    shape=(1, 4, 4),
+    seed=0,
+    clip=True,
+    dtype=torch.float64,
+):
     torch.manual_seed(seed)
     C = shape[0]
     net = TinyNet(C, 2 * C if var_type == "learned_range" else C, T=T).to(dtype)
@@ -148,4 +174,3 @@ def run_on_gloo_processes(tmp_path: Path, name: str, body: str, suffix: str, dev
     for d, out in zip(devices, outs):
         subprocess.run([sys.executable, str(script), str(d), str(out)], check=True, env=env, timeout=300, cwd=tmp_path)
     return outs
-

@@ -16,5 +16,12 @@ if __name__ == "__main__":
     data = SyntheticDataModule(sizes=(8, 12, 4), batch_size=4)
     monitor = ScheduleMonitor(budgets=[2, 4], examples=12, batch_size=5, out_dir=out, progress=False)
     strategy = "ddp" if devices > 1 else "auto"
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, callbacks=[monitor], enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        callbacks=[monitor],
+        enable_progress_bar=False,
+    )
     trainer.validate(module, datamodule=data)

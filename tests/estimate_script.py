@@ -23,7 +23,9 @@ class Slow(torch.nn.Module):
 def make_model(delay: float = 0.0) -> DiffusionModel:
     torch.manual_seed(0)
     net = TinyNet(1, 2, T=12).double()
-    return DiffusionModel(Slow(net, delay), NoiseSchedule.named("cosine", 12), var_type="learned_range", levels=17, image_shape=(1, 4, 4))
+    return DiffusionModel(
+        Slow(net, delay), NoiseSchedule.named("cosine", 12), var_type="learned_range", levels=17, image_shape=(1, 4, 4)
+    )
 
 
 def make_data() -> torch.Tensor:
@@ -31,4 +33,11 @@ def make_data() -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    estimate_cost_matrix(make_model(delay=0.1), make_data(), seed=3, batch_size=4, progress=False, partial=PartialFile(sys.argv[1], every=1))
+    estimate_cost_matrix(
+        make_model(delay=0.1),
+        make_data(),
+        seed=3,
+        batch_size=4,
+        progress=False,
+        partial=PartialFile(sys.argv[1], every=1),
+    )

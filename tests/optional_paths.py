@@ -7,7 +7,9 @@ RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}  # a test's outcome 
 
 class _Summary:
     def __init__(self):
-        self.outcomes: dict[str, dict[str, str]] = {marker: {} for marker in OPTIONAL_PATHS}  # marker -> nodeid -> outcome, in run order
+        self.outcomes: dict[str, dict[str, str]] = {
+            marker: {} for marker in OPTIONAL_PATHS
+        }  # marker -> nodeid -> outcome, in run order
 
     def pytest_runtest_logreport(self, report):
         outcome = "error" if report.failed and report.when != "call" else report.outcome

@@ -59,8 +59,9 @@ def classic_paths(costs: torch.Tensor | np.ndarray, k_max: int) -> Paths:
     return out
 
 
-def brute_force_multistep_paths(C1: torch.Tensor | np.ndarray, C2: torch.Tensor | np.ndarray,
-                                budgets: int | Iterable[int]) -> Paths:
+def brute_force_multistep_paths(
+    C1: torch.Tensor | np.ndarray, C2: torch.Tensor | np.ndarray, budgets: int | Iterable[int]
+) -> Paths:
     """Every path's cost summed step by step (the smallest total; ties to the first enumerated): the first-order
     costs C1 of the first and last steps, C2[p, c, n] for every step c -> n in between (p the point before c)."""
     a = check_costs(C1)

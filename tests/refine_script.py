@@ -13,9 +13,20 @@ from ddpm_schedules.costs.precision import estimate_to_precision
 from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
 from ddpm_schedules.storage.resume import PartialFile
 
-REFINE = {"budgets": [2, 3, 5], "settings": RefineSettings(coarse="log:8", window=2, max_rounds=6), "objectives": ("elbo", "mse"), "seed": 4,
-          "batch_size": 3}  # rounds of 8, 17, 4 and 1 new columns
-PRECISION = {"budgets": [2, 4], "target_sem": 1e-9, "seed": 1, "batch_size": 4, "first": 4}  # unreachable: rounds of 4, 4, 8, 16 examples
+REFINE = {
+    "budgets": [2, 3, 5],
+    "settings": RefineSettings(coarse="log:8", window=2, max_rounds=6),
+    "objectives": ("elbo", "mse"),
+    "seed": 4,
+    "batch_size": 3,
+}  # rounds of 8, 17, 4 and 1 new columns
+PRECISION = {
+    "budgets": [2, 4],
+    "target_sem": 1e-9,
+    "seed": 1,
+    "batch_size": 4,
+    "first": 4,
+}  # unreachable: rounds of 4, 4, 8, 16 examples
 
 
 class Logged(torch.nn.Module):

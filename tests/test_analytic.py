@@ -50,14 +50,18 @@ def test_decoder_uses_btil_1_2_whatever_gamma(reference):
     model = fixture_model(reference["ms_eps"])
     ns = model.schedule
     for t in (1, 12, 100):
-        assert reverse_log_variance(model, torch.tensor([0]), t).item() == pytest.approx(math.log(dm.btil(ns.ab[1], ns.ab[2]).item()), rel=1e-12)
+        assert reverse_log_variance(model, torch.tensor([0]), t).item() == pytest.approx(
+            math.log(dm.btil(ns.ab[1], ns.ab[2]).item()), rel=1e-12
+        )
 
 
 @pytest.mark.parametrize("K", [5, 10, 20])
 def test_analytic_ot_equals_their_dp_seg(reference, K):
     """Their optimal trajectory (the DP on log(1 - beta Gamma / (1 - ab)) plus the split for Gamma > 1)."""
     model = fixture_model(reference["ms_eps"])
-    assert list(analytic_ot_schedule(model.schedule, reference["ms_eps"], K, 768).timesteps) == list(reference["dp_seg"][K])
+    assert list(analytic_ot_schedule(model.schedule, reference["ms_eps"], K, 768).timesteps) == list(
+        reference["dp_seg"][K]
+    )
 
 
 def test_analytic_ot_costs_are_the_kl_of_the_optimal_variance():
@@ -107,8 +111,14 @@ def test_gamma_file_round_trip_and_refusals(tmp_path):
         load_gamma(tmp_path / "junk.pt", model)
 
 
-@pytest.mark.parametrize(("gamma", "match"), [(torch.ones(7), "T \\+ 1 = 101"), (torch.tensor([0.0] + [-0.5] * 100), "-0.5 is negative"),
-                                              (torch.tensor([0.0] + [math.inf] * 100), "inf is negative or not finite")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("gamma", "match"),
+    [
+        (torch.ones(7), "T \\+ 1 = 101"),
+        (torch.tensor([0.0] + [-0.5] * 100), "-0.5 is negative"),
+        (torch.tensor([0.0] + [math.inf] * 100), "inf is negative or not finite"),
+    ],
+)
 def test_bad_gamma_is_refused(gamma, match):
     with pytest.raises(ValueError, match=match):
         fixture_model(gamma)
@@ -133,29 +143,50 @@ def test_evaluate_with_the_analytic_override(tmp_path, tiny_ckpt):
 
     from ddpm_schedules.app.evaluate import evaluate
 
-    out = evaluate(eval_cfg(tmp_path, tiny_ckpt, "model.var_type=analytic", "eval.strategies=[dp,analytic_ot,even]", "logger=none"))
-    assert out["model"]["var_type"] == "analytic" and out["model"]["trained_var_type"] == "learned_range" and out["model"]["var_type_override"]
+    out = evaluate(
+        eval_cfg(tmp_path, tiny_ckpt, "model.var_type=analytic", "eval.strategies=[dp,analytic_ot,even]", "logger=none")
+    )
+    assert (
+        out["model"]["var_type"] == "analytic"
+        and out["model"]["trained_var_type"] == "learned_range"
+        and out["model"]["var_type_override"]
+    )
     strategies = {row["strategy"] for row in out["results"]}
     assert {"dp", "analytic_ot", "even"} <= strategies
     ot = [row for row in out["results"] if row["strategy"] == "analytic_ot"]
     assert all(row["schedule"][0] == 1 and math.isfinite(row["bpd"]) for row in ot)
     gamma_file = tmp_path / "run" / "gamma.pt"
     assert gamma_file.is_file()
-    again = evaluate(eval_cfg(tmp_path / "b", tiny_ckpt, "model.var_type=analytic", f"model.gamma_file={gamma_file}",
-                              "eval.strategies=[dp,even]", "logger=none", "eval.samplers=[ddim]"))  # fmt: skip
+    again = evaluate(
+        eval_cfg(
+            tmp_path / "b",
+            tiny_ckpt,
+            "model.var_type=analytic",
+            f"model.gamma_file={gamma_file}",
+            "eval.strategies=[dp,even]",
+            "logger=none",
+            "eval.samplers=[ddim]",
+        )
+    )
     by_key = lambda o: {(r["strategy"], r["K"]): r["bpd"] for r in o["results"] if r["strategy"] in ("dp", "even")}  # noqa: E731
     assert by_key(again) == pytest.approx(by_key(out), rel=1e-9)  # the same Gamma, the same numbers
     learned = evaluate(eval_cfg(tmp_path, tiny_ckpt, "eval.strategies=[dp,even]", "logger=none"))
     assert learned["cost_matrix"]["file"] != out["cost_matrix"]["file"]
 
 
-@pytest.mark.parametrize(("overrides", "match"), [
-    (["model.var_type=analytic", "cost.target_sem=0.1"], "without cost.target_sem"),
-    (["model.gamma_file=g.pt"], "only used with model.var_type=analytic"),
-    (["model.var_type=bogus"], "var_type = 'bogus'"),
-    (["eval.strategies=[analytic_ot]"], "evaluate with model.var_type=analytic"),
-    (["model.var_type=analytic", "eval.strategies=[analytic_ot]", "cost.grid=5", "eval.full_chain=false"], "use cost.grid=null"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["model.var_type=analytic", "cost.target_sem=0.1"], "without cost.target_sem"),
+        (["model.gamma_file=g.pt"], "only used with model.var_type=analytic"),
+        (["model.var_type=bogus"], "var_type = 'bogus'"),
+        (["eval.strategies=[analytic_ot]"], "evaluate with model.var_type=analytic"),
+        (
+            ["model.var_type=analytic", "eval.strategies=[analytic_ot]", "cost.grid=5", "eval.full_chain=false"],
+            "use cost.grid=null",
+        ),
+    ],
+)
 def test_analytic_bad_inputs(tmp_path, tiny_ckpt, overrides, match):
     from conftest import eval_cfg
 
@@ -172,8 +203,16 @@ def test_schedule_monitor_with_the_analytic_rule(tmp_path):
 
     from ddpm_schedules.app.train import train
 
-    train(train_cfg(tmp_path, "logger=none", "callbacks.schedule_monitor.var_type=analytic", "callbacks.schedule_monitor.grid=null",
-                    "callbacks.schedule_monitor.strategies=[dp,analytic_ot,even]", "trainer.max_steps=3"))  # fmt: skip
+    train(
+        train_cfg(
+            tmp_path,
+            "logger=none",
+            "callbacks.schedule_monitor.var_type=analytic",
+            "callbacks.schedule_monitor.grid=null",
+            "callbacks.schedule_monitor.strategies=[dp,analytic_ot,even]",
+            "trainer.max_steps=3",
+        )
+    )
     record = json.loads((tmp_path / "schedules" / "step_3.json").read_text())
     assert record["var_type"] == "analytic"
     assert {r["strategy"] for r in record["results"]} == {"dp", "analytic_ot", "even"}

@@ -20,7 +20,9 @@ def files(tmp_path_factory):
     (d / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     state = torch.load(good, weights_only=True)["state_dict"]
     save_tiny_checkpoint(d / "arch.ckpt", flags={**TINY, "num_channels": 64}, state=state)
-    save_tiny_checkpoint(d / "nan.ckpt", state={k: v.clone().fill_(math.nan) if "out.2" in k else v for k, v in state.items()})
+    save_tiny_checkpoint(
+        d / "nan.ckpt", state={k: v.clone().fill_(math.nan) if "out.2" in k else v for k, v in state.items()}
+    )
     (d / "decreasing.json").write_text(json.dumps({"timesteps": [9, 4, 20], "T": 20}))
     (d / "out_of_range.json").write_text(json.dumps({"timesteps": [4, 25], "T": 20}))
     (d / "broken.json").write_text("{not json")
@@ -44,42 +46,106 @@ EVALUATE_CASES = [
     ("checkpoint missing", ["model.path={d}/missing.ckpt"], "is missing"),
     ("checkpoint truncated", ["model.path={d}/truncated.ckpt"], "is not a Lightning checkpoint"),
     ("checkpoint of another architecture", ["model.path={d}/arch.ckpt"], "does not match its own flags"),
-    ("improved-diffusion flags wrong", ["model=improved_diffusion", f"model.path={FIXTURE}/model.pt", "+model.flags.image_size=16",
-                                        "+model.flags.num_channels=32", "+model.flags.channel_mult='1,2'", "+model.flags.learn_sigma=false"],
-     "learn_sigma"),  # fmt: skip
-    ("unknown improved-diffusion flag", ["model=improved_diffusion", f"model.path={FIXTURE}/model.pt", "+model.flags.use_fp16=true"],
-     "unknown improved-diffusion flag"),
-    ("Inception weights missing", ["fid.features=inception", "fid.inception_weights={d}/pt_inception.pth"], "^fid.inception_weights = .*pt_inception.pth' does not exist; install"),
+    (
+        "improved-diffusion flags wrong",
+        [
+            "model=improved_diffusion",
+            f"model.path={FIXTURE}/model.pt",
+            "+model.flags.image_size=16",
+            "+model.flags.num_channels=32",
+            "+model.flags.channel_mult='1,2'",
+            "+model.flags.learn_sigma=false",
+        ],
+        "learn_sigma",
+    ),
+    (
+        "unknown improved-diffusion flag",
+        ["model=improved_diffusion", f"model.path={FIXTURE}/model.pt", "+model.flags.use_fp16=true"],
+        "unknown improved-diffusion flag",
+    ),
+    (
+        "Inception weights missing",
+        ["fid.features=inception", "fid.inception_weights={d}/pt_inception.pth"],
+        "^fid.inception_weights = .*pt_inception.pth' does not exist; install",
+    ),
     ("unknown feature network", ["fid.features=dino"], "^fid.features = 'dino'; use one of digits, inception"),
     ("digits feature network missing", ["fid.digits_weights={d}/none.pt"], "digits feature network .* is missing"),
     ("image size differs", ["data.image_size=16"], "does not match the model"),
     ("levels differ", ["data.levels=256"], "levels=256\\) does not match the model"),
-    ("unknown sampler", ["eval.samplers=[ancestral,euler]"], "unknown sampler 'euler' in eval.samplers; use ancestral, ddim, dpmpp"),
+    (
+        "unknown sampler",
+        ["eval.samplers=[ancestral,euler]"],
+        "unknown sampler 'euler' in eval.samplers; use ancestral, ddim, dpmpp",
+    ),
     ("negative DDIM eta", ["eval.ddim_eta=-1"], "eval.ddim_eta = -1; DDIM's eta must be a number >= 0"),
-    ("unknown objective", ["eval.strategies=[dp_fid]"], "unknown strategy 'dp_fid' in eval.strategies; use dp, dp_mse, dp_ode"),
-    ("sample budget above the grid", ["eval.sample_budgets=[30]"], "eval.sample_budgets has 30; every budget must be an integer in 1..20"),
-    ("ode grid smaller than a budget", ["eval.strategies=[dp_ode]", "cost.ode.grid=10"], "eval.budgets has 4; .* 1..2 \\(the size of cost.ode.grid\\)"),
-    ("more teacher samples than samples", ["eval.teacher_samples=40"], "eval.teacher_samples = 40 exceeds the 16 samples"),
+    (
+        "unknown objective",
+        ["eval.strategies=[dp_fid]"],
+        "unknown strategy 'dp_fid' in eval.strategies; use dp, dp_mse, dp_ode",
+    ),
+    (
+        "sample budget above the grid",
+        ["eval.sample_budgets=[30]"],
+        "eval.sample_budgets has 30; every budget must be an integer in 1..20",
+    ),
+    (
+        "ode grid smaller than a budget",
+        ["eval.strategies=[dp_ode]", "cost.ode.grid=10"],
+        "eval.budgets has 4; .* 1..2 \\(the size of cost.ode.grid\\)",
+    ),
+    (
+        "more teacher samples than samples",
+        ["eval.teacher_samples=40"],
+        "eval.teacher_samples = 40 exceeds the 16 samples",
+    ),
     ("target standard error 0", ["cost.target_sem=0"], "cost.target_sem = 0; it must be a positive number of bits/dim"),
-    ("target standard error negative", ["cost.target_sem=-0.1"], "cost.target_sem = -0.1; it must be a positive number"),
+    (
+        "target standard error negative",
+        ["cost.target_sem=-0.1"],
+        "cost.target_sem = -0.1; it must be a positive number",
+    ),
     ("grid spec unknown", ["cost.grid=cubic:3"], "cost.grid = 'cubic:3'; use null"),
     ("precision unknown", ["precision=8"], "precision = 8; use 32, bf16 or 16"),
-    ("grid without T", ["cost.grid=[5,10]"], "^cost.grid = \\[5, 10\\] lacks T = 20; every schedule ends there: append 20$"),
-    ("grid with t = 0", ["cost.grid=[0,5,20]"], "^cost.grid = \\[0, 5, 20\\]; every timestep must be a positive integer \\(got 0\\)$"),
-    ("grid beyond T", ["cost.grid=[5,30]"], "^cost.grid = \\[5, 30\\]; every timestep must be an integer in 1..T = 20 \\(got 30\\)$"),
+    (
+        "grid without T",
+        ["cost.grid=[5,10]"],
+        "^cost.grid = \\[5, 10\\] lacks T = 20; every schedule ends there: append 20$",
+    ),
+    (
+        "grid with t = 0",
+        ["cost.grid=[0,5,20]"],
+        "^cost.grid = \\[0, 5, 20\\]; every timestep must be a positive integer \\(got 0\\)$",
+    ),
+    (
+        "grid beyond T",
+        ["cost.grid=[5,30]"],
+        "^cost.grid = \\[5, 30\\]; every timestep must be an integer in 1..T = 20 \\(got 30\\)$",
+    ),
     ("grid stride 0", ["cost.grid=0"], "^cost.grid = 0; .* \\(a stride is an integer >= 1\\)$"),
-    ("schedule file without timesteps", ["eval.strategies=[dp,file:{d}/no_timesteps.json]"],
-     "^eval.strategies has 'file:.*no_timesteps.json': a schedule needs the keys 'timesteps' and 'T'; 'timesteps' is missing$"),
+    (
+        "schedule file without timesteps",
+        ["eval.strategies=[dp,file:{d}/no_timesteps.json]"],
+        "^eval.strategies has 'file:.*no_timesteps.json': a schedule needs the keys 'timesteps' and 'T'; 'timesteps' is missing$",
+    ),
     ("more examples than the split", ["cost.examples=5000"], "cost.examples = 5000 asks for 5000 val examples"),
     ("unknown split", ["cost.split=training"], "unknown split 'training'"),
     ("NaN-producing model", ["model.path={d}/nan.ckpt"], "NaN or Inf at t = "),
-    ("propagate with ancestral", ["eval.strategies=[dp_ode_oss]", "cost.ode.propagate=ancestral"],
-     "^cost.ode.propagate = 'ancestral'; dp_ode_oss carries a deterministic sampler's own states: use ddim or dpmpp$"),
+    (
+        "propagate with ancestral",
+        ["eval.strategies=[dp_ode_oss]", "cost.ode.propagate=ancestral"],
+        "^cost.ode.propagate = 'ancestral'; dp_ode_oss carries a deterministic sampler's own states: use ddim or dpmpp$",
+    ),
     # the checks below app/ name their own parameters; these messages name the config keys
-    ("two-step costs over their memory", ["eval.strategies=[dp_dpmpp]", "cost.ode.memory_gb=1e-9"],
-     "^cost.ode.grid has 20 points: .* more than cost.ode.memory_gb = 1e-09; use a coarser cost.ode.grid "),
-    ("refinement over its memory", ["cost.refine.enabled=true", "cost.refine.coarse=log:6", "cost.refine.memory_gb=0"],
-     "more than cost.refine.memory_gb = 0; raise it, use fewer cost.examples or a coarser grid$"),
+    (
+        "two-step costs over their memory",
+        ["eval.strategies=[dp_dpmpp]", "cost.ode.memory_gb=1e-9"],
+        "^cost.ode.grid has 20 points: .* more than cost.ode.memory_gb = 1e-09; use a coarser cost.ode.grid ",
+    ),
+    (
+        "refinement over its memory",
+        ["cost.refine.enabled=true", "cost.refine.coarse=log:6", "cost.refine.memory_gb=0"],
+        "more than cost.refine.memory_gb = 0; raise it, use fewer cost.examples or a coarser grid$",
+    ),
     ("data workers negative", ["+data.num_workers=-1"], "^data.num_workers = -1; it must be an integer >= 0"),
 ]
 
@@ -100,20 +166,46 @@ def test_evaluate_bad_input(tmp_path, files, name, overrides, message, monkeypat
 
 # what needs no model is refused before the model or the data is loaded (the loaders are never called): the cases
 # above whose message needs no model, and a few more
-SETTINGS_ONLY = {"budget 0", "budget not a number", "unknown strategy", "schedule file missing",
-                 "schedule file not JSON", "Inception weights missing", "unknown feature network", "digits feature network missing",
-                 "unknown sampler", "negative DDIM eta", "unknown objective", "more teacher samples than samples",
-                 "target standard error 0", "target standard error negative", "grid spec unknown", "precision unknown",
-                 "grid with t = 0", "grid stride 0", "schedule file without timesteps",
-                 "propagate with ancestral"}  # fmt: skip
-SETTINGS_CASES = [["cost.ode.grid=log:0"], ["compile=maybe"], ["model.gamma_file=g.pt"], ["model.var_type=learned"],
-                  ["cost.refine.enabled=true", "cost.refine.coarse=cubic"], ["eval.seed=-1"]]  # fmt: skip
+SETTINGS_ONLY = {
+    "budget 0",
+    "budget not a number",
+    "unknown strategy",
+    "schedule file missing",
+    "schedule file not JSON",
+    "Inception weights missing",
+    "unknown feature network",
+    "digits feature network missing",
+    "unknown sampler",
+    "negative DDIM eta",
+    "unknown objective",
+    "more teacher samples than samples",
+    "target standard error 0",
+    "target standard error negative",
+    "grid spec unknown",
+    "precision unknown",
+    "grid with t = 0",
+    "grid stride 0",
+    "schedule file without timesteps",
+    "propagate with ancestral",
+}
+SETTINGS_CASES = [
+    ["cost.ode.grid=log:0"],
+    ["compile=maybe"],
+    ["model.gamma_file=g.pt"],
+    ["model.var_type=learned"],
+    ["cost.refine.enabled=true", "cost.refine.coarse=cubic"],
+    ["eval.seed=-1"],
+]
 
 
 def refuse_loading(monkeypatch):
     import ddpm_schedules.app.evaluate as app
 
-    monkeypatch.setattr(app, "build", lambda node, **kw: pytest.fail(f"{node.get('_target_')} was loaded before the settings were checked"))
+    monkeypatch.setattr(
+        app,
+        "build",
+        lambda node, **kw: pytest.fail(f"{node.get('_target_')} was loaded before the settings were checked"),
+    )
 
 
 @pytest.mark.parametrize("overrides", SETTINGS_CASES, ids=[" ".join(c) for c in SETTINGS_CASES])
@@ -127,11 +219,25 @@ def test_settings_are_checked_before_the_model_or_the_data_is_loaded(tmp_path, f
 
 
 # every count evaluate.py reads: 0, -1 and a non-integer are refused before any work, naming the key
-COUNT_KEYS = ["cost.examples", "eval.examples", "fid.samples", "fid.reference_examples", "sample.grid_size", "sample.chunk",
-              "batch_size", "data.batch_size", "resume.every_columns", "resume.every_batches", "resume.every_seconds"]  # fmt: skip
+COUNT_KEYS = [
+    "cost.examples",
+    "eval.examples",
+    "fid.samples",
+    "fid.reference_examples",
+    "sample.grid_size",
+    "sample.chunk",
+    "batch_size",
+    "data.batch_size",
+    "resume.every_columns",
+    "resume.every_batches",
+    "resume.every_seconds",
+]
 # the inner loop refuses 0 for every key; the full suite adds -1 and a non-integer
-COUNT_CASES = [pytest.param(key, value, marks=[pytest.mark.slow] if value != "0" else [], id=f"{key}={value}")
-               for key in COUNT_KEYS for value in ("0", "-1", "2.5" if "seconds" not in key else "soon")]  # fmt: skip
+COUNT_CASES = [
+    pytest.param(key, value, marks=[pytest.mark.slow] if value != "0" else [], id=f"{key}={value}")
+    for key in COUNT_KEYS
+    for value in ("0", "-1", "2.5" if "seconds" not in key else "soon")
+]
 
 
 @pytest.mark.parametrize("key,value", COUNT_CASES)
@@ -187,14 +293,25 @@ def test_dpmpp_needs_no_diffusers(monkeypatch):
     assert sample_dpmpp(tiny_model("fixed_large", T=10), even_schedule(10, 3), 4).shape == (4, 1, 4, 4)
 
 
-
-
-@pytest.mark.parametrize("visible,overrides,message", [
-    (1, ["fabric.devices=2"], "^fabric.devices = 2 but 1 GPU is visible; use fabric.devices=1 or fewer"),
-    (4, ["fabric.devices=8", "fabric.accelerator=cuda"], "^fabric.devices = 8 but 4 GPUs are visible; use fabric.devices=4 or fewer"),
-    (0, ["fabric.accelerator=cuda"], "^fabric.accelerator = 'cuda' but no CUDA device is visible; use fabric.accelerator=cpu"),
-])  # fmt: skip
-def test_more_devices_than_visible_gpus_is_refused_before_any_process_starts(tmp_path, files, monkeypatch, visible, overrides, message):
+@pytest.mark.parametrize(
+    "visible,overrides,message",
+    [
+        (1, ["fabric.devices=2"], "^fabric.devices = 2 but 1 GPU is visible; use fabric.devices=1 or fewer"),
+        (
+            4,
+            ["fabric.devices=8", "fabric.accelerator=cuda"],
+            "^fabric.devices = 8 but 4 GPUs are visible; use fabric.devices=4 or fewer",
+        ),
+        (
+            0,
+            ["fabric.accelerator=cuda"],
+            "^fabric.accelerator = 'cuda' but no CUDA device is visible; use fabric.accelerator=cpu",
+        ),
+    ],
+)
+def test_more_devices_than_visible_gpus_is_refused_before_any_process_starts(
+    tmp_path, files, monkeypatch, visible, overrides, message
+):
     import ddpm_schedules.app.evaluate_config as settings
 
     monkeypatch.setattr(settings, "cuda_devices", lambda: visible)

@@ -53,7 +53,9 @@ def test_mean_and_sem_are_those_of_the_per_example_terms(var_type):
         if t == 0:
             continue
         s = cm.grid[:j]
-        per_example = torch.cat([terms(model, data[i : i + 1], t, s, example_noise(1, i, 1, t, (1, 4, 4))) for i in range(9)])
+        per_example = torch.cat(
+            [terms(model, data[i : i + 1], t, s, example_noise(1, i, 1, t, (1, 4, 4))) for i in range(9)]
+        )
         torch.testing.assert_close(cm.mean[:j, j], per_example.mean(0), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(cm.sem[:j, j], per_example.std(0) / 3, rtol=1e-6, atol=1e-12)
         assert torch.isinf(cm.mean[j:, j]).all() and torch.isnan(cm.sem[j:, j]).all()
@@ -89,7 +91,9 @@ def plain_negative_elbo(model, x0, seed):
         if t == 1:
             n = Normal(x0_hat, std)
             h = 1 / (model.levels - 1)
-            p = torch.where(x0 < -1 + h, n.cdf(x0 + h), torch.where(x0 > 1 - h, 1 - n.cdf(x0 - h), n.cdf(x0 + h) - n.cdf(x0 - h)))
+            p = torch.where(
+                x0 < -1 + h, n.cdf(x0 + h), torch.where(x0 > 1 - h, 1 - n.cdf(x0 - h), n.cdf(x0 + h) - n.cdf(x0 - h))
+            )
             total += -p.log().flatten(1).sum(1)
         else:
             coef1, coef2 = beta * ab_prev.sqrt() / (1 - ab_t), (1 - ab_prev) * (1 - beta).sqrt() / (1 - ab_t)
@@ -111,7 +115,9 @@ def test_superdiagonal_plus_prior_is_the_full_chain_negative_elbo():
 
 def test_metric_shards_merge_into_the_whole():
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.rand(5, j, generator=g, dtype=f64), torch.rand(5, generator=g, dtype=f64)) for j in (1, 2, 3, 1, 2, 3)]
+    batches = [
+        (torch.rand(5, j, generator=g, dtype=f64), torch.rand(5, generator=g, dtype=f64)) for j in (1, 2, 3, 1, 2, 3)
+    ]
     whole, a, b = CostMatrixMetric(4), CostMatrixMetric(4), CostMatrixMetric(4)
     for k, (column, prior) in enumerate(batches):
         j = column.shape[1]
@@ -119,8 +125,10 @@ def test_metric_shards_merge_into_the_whole():
         (a if k < 3 else b).update(column, j, prior if j == 1 else None)
     a.merge_state(b)
     got, want = a.compute(), whole.compute()
-    for x, y in zip((got.moments, got.prior_moments, got.count, *got.pairs_mean_sem()),
-                    (want.moments, want.prior_moments, want.count, *want.pairs_mean_sem())):  # fmt: skip
+    for x, y in zip(
+        (got.moments, got.prior_moments, got.count, *got.pairs_mean_sem()),
+        (want.moments, want.prior_moments, want.count, *want.pairs_mean_sem()),
+    ):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=0, equal_nan=True)
 
 
@@ -202,7 +210,7 @@ class CallSizes(torch.nn.Module):
 
 def test_columns_share_network_calls_up_to_batch_size_with_the_same_results():
     """Fewer examples than batch_size: several columns (timesteps) per call, and every number as with one column per call."""
-    from ddpm_schedules import even_schedule, evaluate_schedules
+    from ddpm_schedules import evaluate_schedules, even_schedule
     from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
 
     model, data = tiny_model("learned_range", T=30), quantized_data(6)
@@ -212,8 +220,16 @@ def test_columns_share_network_calls_up_to_batch_size_with_the_same_results():
         model.net = counter = CallSizes(model.net)
         cms = estimate_cost_matrices(model, data, ["elbo", "mse"], seed=3, batch_size=batch_size, progress=False)
         held = evaluate_schedules(model, data, schedules, seed=4, batch_size=batch_size, progress=False)
-        refined, _ = refine_cost_matrices(model, data, [3, 5], RefineSettings(coarse=3, window=1), ("elbo",), seed=5, batch_size=batch_size,
-                                          progress=False)  # fmt: skip
+        refined, _ = refine_cost_matrices(
+            model,
+            data,
+            [3, 5],
+            RefineSettings(coarse=3, window=1),
+            ("elbo",),
+            seed=5,
+            batch_size=batch_size,
+            progress=False,
+        )
         model.net = counter.net
         runs[batch_size] = (cms, held, refined, counter.sizes)
     (cms1, held1, ref1, sizes1), (cms3, held3, ref3, sizes3) = runs[6], runs[20]

@@ -16,7 +16,11 @@ from ddpm_schedules.storage.arrays import load_pickle
 def write_batch(path, images, labels_1based, protocol=pickle.HIGHEST_PROTOCOL):
     """A pickled batch in image-net.org's layout: data [N, 3*S*S] uint8 in CHW planes, 1-based labels (a list)."""
     with open(path, "wb") as f:
-        pickle.dump({"data": images.reshape(len(images), -1), "labels": list(labels_1based), "mean": np.zeros(images[0].size)}, f, protocol)
+        pickle.dump(
+            {"data": images.reshape(len(images), -1), "labels": list(labels_1based), "mean": np.zeros(images[0].size)},
+            f,
+            protocol,
+        )
 
 
 @pytest.fixture
@@ -37,7 +41,9 @@ def test_official_batches_images_labels_and_splits(imagenet32):
     dm = DownsampledImageNetDataModule(str(root), image_size=32, val_size=2)
     assert dm.split_sizes == {"train": 5, "val": 2, "test": 3} and dm.image_shape == (3, 32, 32)
     test_x, test_y = dm.splits["test"].read(slice(None))
-    assert torch.equal(test_x, torch.from_numpy(images[7:])) and test_y.tolist() == (labels[7:] - 1).tolist()  # CHW planes, 0-based
+    assert (
+        torch.equal(test_x, torch.from_numpy(images[7:])) and test_y.tolist() == (labels[7:] - 1).tolist()
+    )  # CHW planes, 0-based
     # train + val are the 7 training images, each once, with their own labels
     rows = {}
     for split in ("train", "val"):
@@ -66,7 +72,9 @@ def test_conversion_reads_each_batch_file_once(imagenet32, monkeypatch):
     reads.clear()
     DownsampledImageNetDataModule(str(root), image_size=32, val_size=2).setup()
     assert reads == []  # later opens map the checked cache
-    assert np.array_equal(np.load(root / "imagenet32_train.u8.npy"), images[:7])  # a plain .npy, its header completed at the end
+    assert np.array_equal(
+        np.load(root / "imagenet32_train.u8.npy"), images[:7]
+    )  # a plain .npy, its header completed at the end
 
 
 def test_a_cache_that_does_not_match_its_source_is_refused(imagenet32):
@@ -87,11 +95,17 @@ def test_a_truncated_cache_is_refused(imagenet32):
         DownsampledImageNetDataModule(str(root), image_size=32, val_size=2).setup()
 
 
-@pytest.mark.parametrize(("make", "match"), [
-    (lambda root: (root / "val_data").unlink(), "has no val_data"),
-    (lambda root: [p.unlink() for p in root.glob("train_data_batch_*")], "has no train_data_batch_1"),
-    (lambda root: write_batch(root / "train_data_batch_1", np.zeros((2, 3, 16, 16), np.uint8), [1, 2]), "train_data_batch_1.*\\[N, 3072\\] uint8"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda root: (root / "val_data").unlink(), "has no val_data"),
+        (lambda root: [p.unlink() for p in root.glob("train_data_batch_*")], "has no train_data_batch_1"),
+        (
+            lambda root: write_batch(root / "train_data_batch_1", np.zeros((2, 3, 16, 16), np.uint8), [1, 2]),
+            "train_data_batch_1.*\\[N, 3072\\] uint8",
+        ),
+    ],
+)
 def test_bad_batch_folders(imagenet32, make, match):
     root, _, _ = imagenet32
     make(root)
@@ -139,7 +153,9 @@ def test_npy_and_npz_are_memory_mapped(tmp_path):
     with zipfile.ZipFile(tmp_path / "stored.npz") as zf:
         assert zf.getinfo("data.npy").compress_type == zipfile.ZIP_STORED
     assert not (tmp_path / "stored.data.npy").exists()  # mapped in place
-    assert (tmp_path / "packed.data.npy").exists() and (tmp_path / "packed.data.json").exists()  # converted once, next to it
+    assert (tmp_path / "packed.data.npy").exists() and (
+        tmp_path / "packed.data.json"
+    ).exists()  # converted once, next to it
 
 
 def test_loaders_yield_integers_and_the_module_converts_them():
@@ -148,8 +164,19 @@ def test_loaders_yield_integers_and_the_module_converts_them():
     dm = DigitsDataModule(batch_size=8)
     x, y = next(iter(dm.train_dataloader()))
     assert x.dtype == torch.uint8 and x.shape == (8, 1, 8, 8) and y.dtype == torch.long
-    module = DiffusionModule({"image_size": 8, "in_channels": 1, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
-                              "attention_resolutions": "4", "diffusion_steps": 20}, loss="simple", levels=17)  # fmt: skip
+    module = DiffusionModule(
+        {
+            "image_size": 8,
+            "in_channels": 1,
+            "num_channels": 32,
+            "num_res_blocks": 1,
+            "channel_mult": "1,2",
+            "attention_resolutions": "4",
+            "diffusion_steps": 20,
+        },
+        loss="simple",
+        levels=17,
+    )
     torch.testing.assert_close(module.images((x, y)), x.float() / 16 * 2 - 1)
 
 
@@ -175,10 +202,16 @@ def test_photo_patches_are_rgb_uint8_from_disjoint_regions_of_the_two_photos():
     splits = dm.load()
     photos = load_sample_images().images
     h, w = photos[0].shape[:2]
-    for name, (y0, y1, x0, x1) in {"train": (0, h, 0, 3 * w // 4), "val": (0, h // 2, 3 * w // 4, w), "test": (h // 2, h, 3 * w // 4, w)}.items():
+    for name, (y0, y1, x0, x1) in {
+        "train": (0, h, 0, 3 * w // 4),
+        "val": (0, h // 2, 3 * w // 4, w),
+        "test": (h // 2, h, 3 * w // 4, w),
+    }.items():
         images, labels = splits[name].read(slice(None))
         assert images.dtype == torch.uint8 and images.shape[1:] == (3, 8, 8) and set(labels.tolist()) == {0, 1}
-        for img, k in zip(images.numpy(), labels.tolist()):  # each patch is found inside its split's region of its photo
+        for img, k in zip(
+            images.numpy(), labels.tolist()
+        ):  # each patch is found inside its split's region of its photo
             region = photos[k][y0:y1, x0:x1]
             patch = img.transpose(1, 2, 0)
             hits = np.argwhere((region[: region.shape[0] - 7, : region.shape[1] - 7] == patch[0, 0]).all(-1))

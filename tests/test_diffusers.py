@@ -27,13 +27,23 @@ VARIANCES = ["fixed_small", "fixed_large", "learned_range"]
 def save_tiny(path, prediction_type, variance_type, beta_schedule="squaredcos_cap_v2"):
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=2 if variance_type == "learned_range" else 1, layers_per_block=1,
-        block_out_channels=(32, 32), down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        sample_size=8,
+        in_channels=1,
+        out_channels=2 if variance_type == "learned_range" else 1,
+        layers_per_block=1,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
-    )  # fmt: skip
+    )
     unet.save_pretrained(path / "unet")
-    DDPMScheduler(num_train_timesteps=T, beta_schedule=beta_schedule, prediction_type=prediction_type, variance_type=variance_type,
-                  clip_sample=True).save_pretrained(path / "scheduler")  # fmt: skip
+    DDPMScheduler(
+        num_train_timesteps=T,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        variance_type=variance_type,
+        clip_sample=True,
+    ).save_pretrained(path / "scheduler")
     return path
 
 
@@ -43,7 +53,9 @@ def step_mean_and_std(scheduler, model_out, t0, x_t, monkeypatch):
 
     outs = []
     for fill in (0.0, 1.0):
-        monkeypatch.setattr(ddpm, "randn_tensor", lambda shape, fill=fill, **kw: torch.full(shape, fill, dtype=kw.get("dtype")))
+        monkeypatch.setattr(
+            ddpm, "randn_tensor", lambda shape, fill=fill, **kw: torch.full(shape, fill, dtype=kw.get("dtype"))
+        )
         outs.append(scheduler.step(model_out, t0, x_t).prev_sample.double())
     monkeypatch.undo()
     return outs[0], outs[1] - outs[0]
@@ -54,7 +66,11 @@ def step_mean_and_std(scheduler, model_out, t0, x_t, monkeypatch):
 def test_pair_terms_match_ddpm_scheduler_step(tmp_path, monkeypatch, prediction_type, variance_type):
     folder = save_tiny(tmp_path, prediction_type, variance_type)
     model = load_diffusers(folder, levels=17)
-    assert (model.mean_type, model.var_type, model.T) == ({"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[prediction_type], variance_type, T)
+    assert (model.mean_type, model.var_type, model.T) == (
+        {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[prediction_type],
+        variance_type,
+        T,
+    )
     unet = UNet2DModel.from_pretrained(folder / "unet").eval()
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     x0 = quantized_data(4, (1, 8, 8), levels=17).double()
@@ -87,7 +103,9 @@ def test_sampler_matches_diffusers_scheduler(tmp_path, prediction_type, variance
     schedule = Schedule((3, 17, 35, 50), T)
     shape = (2, 1, 8, 8)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-    x0_theirs, points_theirs = diffusers_sample(unet, scheduler, schedule, x_T, generator=torch.Generator().manual_seed(9))
+    x0_theirs, points_theirs = diffusers_sample(
+        unet, scheduler, schedule, x_T, generator=torch.Generator().manual_seed(9)
+    )
     # diffusers draws its step noise from the generator in order; ours takes the same draws (not the last: we stop at x0_hat)
     g = torch.Generator().manual_seed(9)
     draws = [torch.randn(shape, generator=g) for _ in range(schedule.K - 1)]

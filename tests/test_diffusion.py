@@ -52,7 +52,11 @@ def test_fixed_variance_closed_form_matches_torch_distributions():
     g = torch.Generator().manual_seed(1)
     D, B = 12, 3
     x0, x0_hat = torch.randn(B, D, generator=g, dtype=f64), torch.randn(B, D, generator=g, dtype=f64)
-    c0, btil, sigma2 = torch.tensor([0.3, 0.9], dtype=f64), torch.tensor([0.01, 0.2], dtype=f64), torch.tensor([0.02, 0.5], dtype=f64)
+    c0, btil, sigma2 = (
+        torch.tensor([0.3, 0.9], dtype=f64),
+        torch.tensor([0.01, 0.2], dtype=f64),
+        torch.tensor([0.02, 0.5], dtype=f64),
+    )
     got = dm.fixed_variance_kl(((x0 - x0_hat) ** 2).sum(1), c0, btil, sigma2, D)
     for j in range(2):
         ref = kl_divergence(Normal(c0[j] * x0, btil[j].sqrt()), Normal(c0[j] * x0_hat, sigma2[j].sqrt())).sum(1)
@@ -71,7 +75,9 @@ def test_learned_range_closed_form_matches_torch_distributions(f_lo, f_hi):
     got = dm.learned_range_kl((x0 - x0_hat) ** 2, frac, c0, log_btil, max_log)
     for j in range(4):
         log_var = frac * max_log[j] + (1 - frac) * log_btil[j]
-        ref = kl_divergence(Normal(c0[j] * x0, (0.5 * log_btil[j]).exp()), Normal(c0[j] * x0_hat, (0.5 * log_var).exp()))
+        ref = kl_divergence(
+            Normal(c0[j] * x0, (0.5 * log_btil[j]).exp()), Normal(c0[j] * x0_hat, (0.5 * log_var).exp())
+        )
         torch.testing.assert_close(got[:, j], ref.sum(1), rtol=1e-10, atol=1e-12)
 
 
@@ -82,7 +88,9 @@ def column_kl_reference(x0, x0_hat, frac, ns, t, s):
     out = torch.empty(x0.shape[0], s.numel(), dtype=f64)
     for j in range(s.numel()):
         log_var = frac * max_log[j] + (1 - frac) * min_log[j]
-        out[:, j] = kl_divergence(Normal(c0[j] * x0, (0.5 * min_log[j]).exp()), Normal(c0[j] * x0_hat, (0.5 * log_var).exp())).sum(1)
+        out[:, j] = kl_divergence(
+            Normal(c0[j] * x0, (0.5 * min_log[j]).exp()), Normal(c0[j] * x0_hat, (0.5 * log_var).exp())
+        ).sum(1)
     return out
 
 
@@ -131,7 +139,9 @@ def test_decoder_matches_normal_cdf_and_keeps_tail_precision():
     ours = dm.discretized_gaussian_log_likelihood(x, mean, scale.log(), levels)
     n = Normal(mean, scale)
     h = 1 / (levels - 1)
-    ref = torch.where(x < -1 + h, n.cdf(x + h), torch.where(x > 1 - h, 1 - n.cdf(x - h), n.cdf(x + h) - n.cdf(x - h))).log()
+    ref = torch.where(
+        x < -1 + h, n.cdf(x + h), torch.where(x > 1 - h, 1 - n.cdf(x - h), n.cdf(x + h) - n.cdf(x - h))
+    ).log()
     near = ref > -10  # where the plain CDF difference (1 + erf) is still accurate
     torch.testing.assert_close(ours[near], ref[near], rtol=1e-9, atol=1e-12)
     # far in the tail the CDF difference underflows to 0; the log-space form still decays quadratically

@@ -65,7 +65,15 @@ def cost_matrix_from(C, grid):
     n = len(grid)
     mean = torch.as_tensor(C, dtype=torch.float64).clone()
     mean[~torch.ones(n, n, dtype=torch.bool).triu(1)] = math.inf
-    return CostMatrix(mean=mean, sem=torch.zeros(n, n, dtype=torch.float64), grid=torch.tensor(grid), prior=0.5, prior_sem=0.0, count=1, dims=4)
+    return CostMatrix(
+        mean=mean,
+        sem=torch.zeros(n, n, dtype=torch.float64),
+        grid=torch.tensor(grid),
+        prior=0.5,
+        prior_sem=0.0,
+        count=1,
+        dims=4,
+    )
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -24,7 +24,12 @@ def test_one_forward_pass_per_example_per_distinct_timestep():
     model = tiny_model("learned_range", T=30)
     counter = CountingNet(model.net)
     model.net = counter
-    schedules = [even_schedule(30, 5), quadratic_schedule(30, 5), respaced_schedule(30, "3,3"), Schedule((2, 9, 30), 30)]
+    schedules = [
+        even_schedule(30, 5),
+        quadratic_schedule(30, 5),
+        respaced_schedule(30, "3,3"),
+        Schedule((2, 9, 30), 30),
+    ]
     union = sorted({t for s in schedules for t in s.timesteps})
     assert len(union) < sum(s.K for s in schedules)  # schedules share timesteps
     n = 11

@@ -86,7 +86,10 @@ def test_reference_statistics_round_trip_in_pytorch_fids_layout(tmp_path):
     from ddpm_schedules.sampling.frechet import load_reference_stats, save_reference_stats
 
     g = torch.Generator().manual_seed(0)
-    mu, sigma = torch.randn(128, generator=g, dtype=torch.float64), torch.randn(128, 128, generator=g, dtype=torch.float64)
+    mu, sigma = (
+        torch.randn(128, generator=g, dtype=torch.float64),
+        torch.randn(128, 128, generator=g, dtype=torch.float64),
+    )
     save_reference_stats(tmp_path / "ref.npz", mu, sigma)
     with np.load(tmp_path / "ref.npz") as stats:  # what pytorch-fid reads
         assert sorted(stats.files) == ["mu", "sigma"] and stats["sigma"].shape == (128, 128)
@@ -109,9 +112,19 @@ def test_a_runs_reference_statistics_serve_the_next_run_without_reference_images
     first = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "eval.samplers=[ddim]"))
     stats = tmp_path / "run" / "fid_reference_stats.npz"
     assert stats.is_file()
-    again = evaluate(eval_cfg(tmp_path / "b", tiny_ckpt, "logger=none", "eval.samplers=[ddim]", f"fid.reference_stats={stats}",
-                              "fid.reference_split=nonexistent"))  # fmt: skip  # the images are never read
-    assert [q["fid"] for q in again["sample_quality"]] == pytest.approx([q["fid"] for q in first["sample_quality"]], rel=1e-9)
+    again = evaluate(
+        eval_cfg(
+            tmp_path / "b",
+            tiny_ckpt,
+            "logger=none",
+            "eval.samplers=[ddim]",
+            f"fid.reference_stats={stats}",
+            "fid.reference_split=nonexistent",
+        )
+    )  # the images are never read
+    assert [q["fid"] for q in again["sample_quality"]] == pytest.approx(
+        [q["fid"] for q in first["sample_quality"]], rel=1e-9
+    )
 
 
 def covariance_of(rows, g, spread=0.5):

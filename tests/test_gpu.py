@@ -29,7 +29,9 @@ from ddpm_schedules.schedules.schedule import even_schedule
 STAND_IN = os.environ.get("DDPM_GPU_TESTS") == "cpu"
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() and not STAND_IN, reason="needs CUDA: run pytest -m gpu on a GPU machine"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available() and not STAND_IN, reason="needs CUDA: run pytest -m gpu on a GPU machine"
+    ),
 ]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not STAND_IN else "cpu")
 
@@ -57,7 +59,9 @@ def test_elbo_mse_and_ode_matrices_on_the_gpu_equal_the_cpu_ones():
     ode = estimate_ode_matrix(gpu, 5, seed=2, batch_size=3, progress=False, multistep=True)
     valid = torch.isfinite(ode_ref.mean)
     torch.testing.assert_close(ode.mean.cpu()[valid], ode_ref.mean[valid], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(ode.two_step.cpu(), ode_ref.two_step, rtol=1e-9, atol=1e-12)  # the Gram matrices on the GPU
+    torch.testing.assert_close(
+        ode.two_step.cpu(), ode_ref.two_step, rtol=1e-9, atol=1e-12
+    )  # the Gram matrices on the GPU
 
 
 @torch.no_grad()
@@ -65,7 +69,10 @@ def test_elbo_mse_and_ode_matrices_on_the_gpu_equal_the_cpu_ones():
 def test_each_sampler_on_the_gpu_draws_the_cpu_samples(sampler):
     cpu, gpu = both(lambda: tiny_model("learned_range", T=20))
     sch = even_schedule(20, 5)
-    draws = {name: SAMPLERS[sampler](m, sch, 16, generator=torch.Generator().manual_seed(3)) for name, m in (("cpu", cpu), ("gpu", gpu))}
+    draws = {
+        name: SAMPLERS[sampler](m, sch, 16, generator=torch.Generator().manual_seed(3))
+        for name, m in (("cpu", cpu), ("gpu", gpu))
+    }
     assert draws["gpu"].device.type == DEVICE.type
     # float64 networks: a quantized value may flip only where the two runs straddle a rounding boundary
     assert (draws["gpu"].cpu() == draws["cpu"]).float().mean() > 0.99
@@ -75,10 +82,16 @@ def _bpd_within_a_tenth_of_the_sem(model_a, model_b, data):
     """bits/dim of every DP schedule from model_b's matrix against model_a's: the same schedules, within 0.1 SEM."""
     from ddpm_schedules import estimate_cost_matrix
 
-    mats = [estimate_cost_matrix(m, data.to(m.device), grid=list(range(10, 1001, 10)), batch_size=200, progress=False) for m in (model_a, model_b)]
+    mats = [
+        estimate_cost_matrix(m, data.to(m.device), grid=list(range(10, 1001, 10)), batch_size=200, progress=False)
+        for m in (model_a, model_b)
+    ]
     paths = [optimal_schedules(cm, [4, 8, 16]) for cm in mats]
     assert [s.timesteps for s in paths[0].values()] == [s.timesteps for s in paths[1].values()]
-    results = [evaluate_schedules(m, data.to(m.device), list(p.values()), batch_size=200, progress=False) for m, p in zip((model_a, model_b), paths)]
+    results = [
+        evaluate_schedules(m, data.to(m.device), list(p.values()), batch_size=200, progress=False)
+        for m, p in zip((model_a, model_b), paths)
+    ]
     for a, b in zip(*results):
         assert abs(b.bpd - a.bpd) < 0.1 * a.bpd_sem, (a.schedule.K, a.bpd, b.bpd, a.bpd_sem)
 
@@ -116,7 +129,9 @@ def test_refinement_on_the_gpu_and_its_memory_guard():
     valid = torch.isfinite(ref["elbo"].mean)
     torch.testing.assert_close(out["elbo"].mean.cpu()[valid], ref["elbo"].mean[valid], rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="needs more than memory_gb = 1e-09"):
-        refine_cost_matrices(gpu, data.to(DEVICE), [2, 4], RefineSettings(coarse="log:12", memory_gb=1e-9), progress=False)
+        refine_cost_matrices(
+            gpu, data.to(DEVICE), [2, 4], RefineSettings(coarse="log:12", memory_gb=1e-9), progress=False
+        )
 
 
 def test_the_data_module_pins_its_batches_for_the_gpu():
@@ -131,9 +146,21 @@ def test_evaluate_end_to_end_on_the_gpu(tmp_path):
 
     from ddpm_schedules.app.evaluate import evaluate
 
-    out = evaluate(eval_cfg(tmp_path, ROOT / "checkpoints" / "digits.ckpt", "data=digits", "logger=none", "eval.budgets=[4,8]",
-                            "cost.examples=64", "eval.examples=64", "cost.grid=10", "eval.samplers=[ddim,dpmpp]",
-                            "eval.strategies=[dp,dp_ode,dp_dpmpp,even]", f"fid.digits_weights={DIGITS_FEATURES}"))  # fmt: skip
+    out = evaluate(
+        eval_cfg(
+            tmp_path,
+            ROOT / "checkpoints" / "digits.ckpt",
+            "data=digits",
+            "logger=none",
+            "eval.budgets=[4,8]",
+            "cost.examples=64",
+            "eval.examples=64",
+            "cost.grid=10",
+            "eval.samplers=[ddim,dpmpp]",
+            "eval.strategies=[dp,dp_ode,dp_dpmpp,even]",
+            f"fid.digits_weights={DIGITS_FEATURES}",
+        )
+    )
     assert {r["strategy"] for r in out["results"]} == {"dp", "dp_ode", "dp_dpmpp", "even"}
     assert all(r["fid"] is not None for r in out["sample_quality"])
     assert Path(out["cost_matrix"]["file"]).is_file()

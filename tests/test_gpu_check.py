@@ -15,7 +15,14 @@ ENV = {**os.environ, "PYTHON": sys.executable}  # this interpreter, whatever pyt
 
 @pytest.mark.slow
 def test_the_smoke_run_measures_every_step_and_writes_its_json(tmp_path):
-    proc = subprocess.run(["bash", str(SCRIPT), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, check=False, env=ENV)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["smoke"] and set(doc["passes_per_second"]) == {"fp32", "bf16", "bf16_compiled"}
@@ -31,4 +38,6 @@ def test_the_smoke_run_measures_every_step_and_writes_its_json(tmp_path):
 def test_without_cuda_and_without_smoke_it_says_so_in_one_line():
     proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120, check=False, env=ENV)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip().count("\n") == 0 and "no CUDA device is visible" in proc.stderr and "--smoke" in proc.stderr
+    assert (
+        proc.stderr.strip().count("\n") == 0 and "no CUDA device is visible" in proc.stderr and "--smoke" in proc.stderr
+    )

@@ -78,9 +78,10 @@ def test_decoder_inputs_match_improved_diffusion_exactly(reference):
     cdf_plus = tanh_normal_cdf(inv_std * (x0 - pred.x0_hat + half_bin))
     cdf_min = tanh_normal_cdf(inv_std * (x0 - pred.x0_hat - half_bin))
     log_p = torch.where(
-        x0 < -0.999, cdf_plus.clamp(min=1e-12).log(),
+        x0 < -0.999,
+        cdf_plus.clamp(min=1e-12).log(),
         torch.where(x0 > 0.999, (1 - cdf_min).clamp(min=1e-12).log(), (cdf_plus - cdf_min).clamp(min=1e-12).log()),
-    )  # fmt: skip
+    )
     bits = -log_p.flatten(1).mean(1) / math.log(2)
     assert_bits_close(bits, reference["vb_bits"][1], rtol=1e-5)
     ours = to_bits(terms(model, reference["x0"], 1, [0], reference["noise"][1])[:, 0], reference["x0"])

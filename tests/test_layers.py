@@ -10,14 +10,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "ddpm_schedules"
-LINT_IMPORTS = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
+LINT_IMPORTS = [
+    sys.executable,
+    "-c",
+    "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+]
 
 
 def lint_imports(src: Path) -> subprocess.CompletedProcess:
     """lint-imports with pyproject.toml's contracts on the package under ``src``."""
     env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([*LINT_IMPORTS, "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=src, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [*LINT_IMPORTS, "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def planted(tmp_path: Path, module: str, line: str) -> Path:
@@ -39,8 +49,16 @@ def test_the_package_keeps_its_contracts():
     "module, line, broken",
     [
         ("storage/files.py", "from ddpm_schedules.app import cli  # noqa", "stages import only the stages below them"),
-        ("models/model.py", "from ddpm_schedules.sampling import samplers  # noqa", "stages import only the stages below them"),
-        ("models/model.py", "from ddpm_schedules.models import pairs  # noqa", "no import cycle between the modules of a folder"),
+        (
+            "models/model.py",
+            "from ddpm_schedules.sampling import samplers  # noqa",
+            "stages import only the stages below them",
+        ),
+        (
+            "models/model.py",
+            "from ddpm_schedules.models import pairs  # noqa",
+            "no import cycle between the modules of a folder",
+        ),
     ],
 )
 def test_an_upward_import_or_a_cycle_breaks_a_contract(tmp_path, module, line, broken):
@@ -50,5 +68,7 @@ def test_an_upward_import_or_a_cycle_breaks_a_contract(tmp_path, module, line, b
 
 
 def test_no_module_is_over_300_lines():
-    long = {str(f.relative_to(PACKAGE)): n for f in PACKAGE.rglob("*.py") if (n := len(f.read_text().splitlines())) > 300}
+    long = {
+        str(f.relative_to(PACKAGE)): n for f in PACKAGE.rglob("*.py") if (n := len(f.read_text().splitlines())) > 300
+    }
     assert not long, f"split these modules: {long}"

@@ -2,8 +2,8 @@
 
 import torch
 
-from ddpm_schedules.costs.matrix import CostMatrixMetric
 from ddpm_schedules.costs.evaluation import ScheduleTermsMetric
+from ddpm_schedules.costs.matrix import CostMatrixMetric
 from ddpm_schedules.costs.moments import batch_moments, mean_sem, merge_moments
 
 f64 = torch.float64
@@ -55,4 +55,6 @@ def test_shards_merge_like_processes_would():
         whole.update(chunk[:, None], 1, chunk)
     a.merge_state(b)  # torchmetrics applies the same reduction across processes
     for got, want in zip(sums_and_stats(a.compute()), sums_and_stats(whole.compute())):
-        torch.testing.assert_close(got, want, rtol=1e-8, atol=0, equal_nan=True)  # values near 1e8: float64 keeps ~1e-8 of them
+        torch.testing.assert_close(
+            got, want, rtol=1e-8, atol=0, equal_nan=True
+        )  # values near 1e8: float64 keeps ~1e-8 of them

@@ -23,7 +23,10 @@ def step_2m(model, xs, x0s, grid, p, c, n):
     return sigma(tn) / sigma(tc) * xs[c] - alpha(tn) * math.expm1(-h) * D
 
 
-@pytest.mark.parametrize("var_type,mean_type,clip", [("fixed_large", "x0", False), ("learned_range", "x0", False), ("learned_range", "eps", True)])
+@pytest.mark.parametrize(
+    "var_type,mean_type,clip",
+    [("fixed_large", "x0", False), ("learned_range", "x0", False), ("learned_range", "eps", True)],
+)
 def test_the_gram_identity_equals_the_distance_of_the_stepped_update(var_type, mean_type, clip):
     """x0 prediction unclipped keeps every point of the random network's trajectories near unit scale (an eps network's
     unclipped x0_hat reaches 1e3 there, and the identity's rounding, 1e-16 max G, with it); clipped, some steps land
@@ -39,7 +42,9 @@ def test_the_gram_identity_equals_the_distance_of_the_stepped_update(var_type, m
         for p in range(c + 1, N + 1):
             for n in range(1, c):
                 dist = (step_2m(model, xs, x0s, grid, p, c, n) - xs[n]).flatten(1).norm(dim=1)
-                torch.testing.assert_close(sq[:, p - c - 1, n - 1], dist**2, rtol=1e-8, atol=1e-13)  # the identity itself
+                torch.testing.assert_close(
+                    sq[:, p - c - 1, n - 1], dist**2, rtol=1e-8, atol=1e-13
+                )  # the identity itself
                 if not clip:  # no step lands exactly on the teacher: the summed distances agree to 1e-8 as well
                     assert float(sums[p, c, n]) == pytest.approx(float(dist.sum()), rel=1e-8), (p, c, n)
                 checked += 1
@@ -55,7 +60,9 @@ def test_the_two_step_costs_do_not_depend_on_the_chunk_size():
     # u = 1.1e-16) along a 10-step teacher. The pair distances are norms of differences: rtol 1e-10. A two-step cost
     # is sqrt(w^T G w) of a Gram form that cancels, so a small distance keeps only about half its digits: its
     # absolute error is at most ~sqrt(u) times the largest distance (measured 2e-13 against 4e-10).
-    torch.testing.assert_close(a.two_step, b.two_step, rtol=1e-10, atol=1.5e-8 * float(a.two_step.nan_to_num(0, 0, 0).max()))
+    torch.testing.assert_close(
+        a.two_step, b.two_step, rtol=1e-10, atol=1.5e-8 * float(a.two_step.nan_to_num(0, 0, 0).max())
+    )
     torch.testing.assert_close(a.mean, b.mean, rtol=1e-10, atol=1e-15)
     plain = estimate_ode_matrix(model, 7, grid=list(range(3, 31, 3)), seed=2, progress=False)
     assert plain.two_step is None and torch.equal(plain.mean, a.mean)  # the pair matrix is the same with or without
@@ -77,11 +84,16 @@ def test_dp_dpmpp_strategy_and_the_monitor_price_two_step_paths():
         brute_path, brute_total = brute_force_multistep_paths(cm.mean, cm.two_step, [K])[K]
         assert list(by["dp_dpmpp", K].timesteps) == brute_path[1:]  # grid index = t on the full grid
         assert multistep_path_cost(cm, by["dp_dpmpp", K].timesteps) == pytest.approx(brute_total, rel=1e-12)
-        assert multistep_path_cost(cm, by["dp_dpmpp", K].timesteps) <= multistep_path_cost(cm, by["dp_ode", K].timesteps) + 1e-12
+        assert (
+            multistep_path_cost(cm, by["dp_dpmpp", K].timesteps)
+            <= multistep_path_cost(cm, by["dp_ode", K].timesteps) + 1e-12
+        )
     record = summarize(cm, [3, 5], 7, parse_strategies(["dp_dpmpp", "even"], 12))
     assert record["objective"] == record["unit"] == "dpmpp" and "schedules/dp_dpmpp_gap/K3" in record["metrics"]
     with pytest.raises(ValueError, match="dp_dpmpp needs DPM-Solver\\+\\+\\(2M\\)'s step costs"):
-        build_schedules(parse_strategies(["dp_dpmpp"], 12), {"dpmpp": estimate_ode_matrix(model, 2, progress=False)}, [3])
+        build_schedules(
+            parse_strategies(["dp_dpmpp"], 12), {"dpmpp": estimate_ode_matrix(model, 2, progress=False)}, [3]
+        )
 
 
 def test_a_grid_too_large_for_the_two_step_costs_is_refused_before_any_pass():

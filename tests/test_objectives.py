@@ -1,6 +1,5 @@
 """The mse and ode cost matrices against direct per-example computations, and the DP on them against brute force."""
 
-
 import pytest
 import torch
 from conftest import CountingNet, quantized_data, run_on_gloo_processes, tiny_model
@@ -42,7 +41,10 @@ def test_elbo_and_mse_share_one_forward_pass_per_column():
     both = estimate_cost_matrices(model, quantized_data(6), ["elbo", "mse"], seed=1, batch_size=4, progress=False)
     assert len(counting.calls) == 8 and set(counting.calls.values()) == {6}  # each of 6 examples once per column
     model.net = counting.net
-    alone = {name: estimate_cost_matrix(model, quantized_data(6), seed=1, progress=False, objective=name) for name in ("elbo", "mse")}
+    alone = {
+        name: estimate_cost_matrix(model, quantized_data(6), seed=1, progress=False, objective=name)
+        for name in ("elbo", "mse")
+    }
     for name in ("elbo", "mse"):
         torch.testing.assert_close(both[name].mean, alone[name].mean, rtol=1e-12, atol=0)
     assert both["elbo"].prior == alone["elbo"].prior > 0

@@ -26,7 +26,9 @@ def run_sampler(model, x_T, timesteps, propagate):
         if propagate == "ddim":
             x = ddim_step(model, x, x0_hat, t, s)
         else:
-            a, b, d = (float(v) for v in dpmpp_2m_coefficients(model.schedule.ab, None if prev is None else prev[0], t, s))
+            a, b, d = (
+                float(v) for v in dpmpp_2m_coefficients(model.schedule.ab, None if prev is None else prev[0], t, s)
+            )
             x = a * x + b * x0_hat + (d * prev[1] if prev is not None else 0.0)
             prev = (t, x0_hat)
     return x
@@ -98,7 +100,11 @@ def test_the_result_is_plain_json_and_bad_files_are_reported(tmp_path):
     out = OssPaths(torch.tensor([0, 3, 7, 10]), {1: (0, 3), 2: (0, 1, 3)}, {1: 0.5, 2: 0.25}, 12, 8, "dpmpp")
     out.save(tmp_path / "oss.json")
     back = OssPaths.load(tmp_path / "oss.json")
-    assert back.paths == out.paths and back.distance == out.distance and (back.passes, back.count, back.propagate) == (12, 8, "dpmpp")
+    assert (
+        back.paths == out.paths
+        and back.distance == out.distance
+        and (back.passes, back.count, back.propagate) == (12, 8, "dpmpp")
+    )
     assert back.schedule(2) == Schedule((3, 10), 10, "dp_ode_oss")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json is not a dp_ode_oss result"):
@@ -110,7 +116,9 @@ def test_the_result_is_plain_json_and_bad_files_are_reported(tmp_path):
 def test_bad_input_is_refused_before_any_pass():
     model = tiny_model("learned_range", T=10)
     model.net = CountingNet(model.net)
-    with pytest.raises(ValueError, match="^propagate = 'ancestral'; dp_ode_oss carries a deterministic sampler's own states"):
+    with pytest.raises(
+        ValueError, match="^propagate = 'ancestral'; dp_ode_oss carries a deterministic sampler's own states"
+    ):
         estimate_oss_paths(model, 2, [2], propagate="ancestral", progress=False)
     with pytest.raises(ValueError, match=r"budgets \[2, 11\] must lie in 1..10"):
         estimate_oss_paths(model, 2, [2, 11], progress=False)
@@ -144,24 +152,42 @@ def test_dp_ode_oss_runs_through_evaluate_and_is_cached(tmp_path, tiny_ckpt):
 
     from ddpm_schedules.app.evaluate import evaluate
 
-    overrides = ["logger=none", "eval.strategies=[dp_ode,dp_ode_oss]", "eval.samplers=[ddim]", "cost.ode.propagate=dpmpp"]
+    overrides = [
+        "logger=none",
+        "eval.strategies=[dp_ode,dp_ode_oss]",
+        "eval.samplers=[ddim]",
+        "cost.ode.propagate=dpmpp",
+    ]
     out = evaluate(eval_cfg(tmp_path, tiny_ckpt, *overrides))
     oss = out["cost_matrix"]["objectives"]["oss"]
     assert oss["propagate"] == "dpmpp" and oss["count"] == 4 and not oss["cached"]
     rows = {(r["strategy"], r["K"]): r for r in out["sample_quality"]}
     assert rows[("dp_ode_oss", 2)]["teacher_distance"] is not None
     paths = OssPaths.load(oss["file"])
-    assert [r["schedule"] for r in out["results"] if r["strategy"] == "dp_ode_oss"] == [list(paths.schedule(K).timesteps) for K in (2, 4)]
+    assert [r["schedule"] for r in out["results"] if r["strategy"] == "dp_ode_oss"] == [
+        list(paths.schedule(K).timesteps) for K in (2, 4)
+    ]
     again = evaluate(eval_cfg(tmp_path, tiny_ckpt, *overrides))
     assert again["cost_matrix"]["objectives"]["oss"]["cached"]
 
 
 def oss_run(partial=None, counting=False, propagate="dpmpp"):
-    model = tiny_model("learned_range", T=16, clip=False)  # unclipped: distinct distances (clipped, this net's are all 0)
+    model = tiny_model(
+        "learned_range", T=16, clip=False
+    )  # unclipped: distinct distances (clipped, this net's are all 0)
     if counting:
         model.net = CountingNet(model.net)
-    out = estimate_oss_paths(model, 3, [2, 4, 6], [2, 4, 6, 8, 10, 12, 14, 16], seed=3, propagate=propagate, batch_size=5, progress=False,
-                             partial=partial)  # fmt: skip
+    out = estimate_oss_paths(
+        model,
+        3,
+        [2, 4, 6],
+        [2, 4, 6, 8, 10, 12, 14, 16],
+        seed=3,
+        propagate=propagate,
+        batch_size=5,
+        progress=False,
+        partial=partial,
+    )
     return out, (sum(model.net.calls.values()) if counting else None)
 
 
@@ -229,7 +255,11 @@ def test_kill_9_between_levels_then_a_rerun_resumes_to_the_uninterrupted_paths(t
 
     script, partial = tmp_path / "kill.py", tmp_path / "oss.partial.pt"
     script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{Path(__file__).parents[1] / 'src'}", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{Path(__file__).parents[1] / 'src'}",
+        "OMP_NUM_THREADS": "1",
+    }
     proc = subprocess.Popen([sys.executable, str(script), str(partial)], env=env, stderr=subprocess.PIPE, text=True)
 
     def done() -> int:
@@ -244,7 +274,9 @@ def test_kill_9_between_levels_then_a_rerun_resumes_to_the_uninterrupted_paths(t
     os.kill(proc.pid, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=60)
     saved = done()
-    assert proc.returncode == -signal.SIGKILL and 2 <= saved < 6, f"the run should be killed mid-way, saved {saved}: {stderr[-500:]}"
+    assert proc.returncode == -signal.SIGKILL and 2 <= saved < 6, (
+        f"the run should be killed mid-way, saved {saved}: {stderr[-500:]}"
+    )
     fresh, fresh_calls = oss_run(counting=True)
     resumed, resumed_calls = oss_run(partial, counting=True)
     assert resumed.paths == fresh.paths and resumed.distance == fresh.distance and resumed.passes == fresh.passes

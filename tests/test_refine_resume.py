@@ -78,8 +78,12 @@ def assert_same_matrices(a: dict, b: dict):
 def kill_when(mode: str, partial: Path, log: Path, ready) -> None:
     """Start refine_script.py and SIGKILL it once ``ready()`` holds (waiting at most 120 s)."""
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{HERE.parent / 'src'}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(HERE / "refine_script.py"), mode, str(partial), str(log)], env=env,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "refine_script.py"), mode, str(partial), str(log)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not ready() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -99,7 +103,9 @@ def test_a_killed_refinement_resumes_mid_round_to_the_same_matrices(tmp_path):
     kill_when("refine", partial, log, lambda: (s := saved(partial)).get("round", 0) >= 1 and round_columns_kept(s) >= 3)
     state = saved(partial)
     kept, killed_columns = len(state["kept"]), len(set(log.read_text().split()))
-    assert state["round"] >= 1 and 3 <= round_columns_kept(state) < len(state["new"]), "the run should be stopped mid-round"
+    assert state["round"] >= 1 and 3 <= round_columns_kept(state) < len(state["new"]), (
+        "the run should be stopped mid-round"
+    )
     model, data, counter = counted(refine_case)
     resumed = run_refine(model, data, PartialFile(partial, every=1))
     model, data, fresh_counter = counted(refine_case)
@@ -107,9 +113,13 @@ def test_a_killed_refinement_resumes_mid_round_to_the_same_matrices(tmp_path):
     assert_same_matrices(resumed[0], fresh[0])
     assert resumed[1] == fresh[1]  # the rounds' records: grid sizes, new columns, passes, paths
     # the rerun estimated only the columns the killed run had not saved, one pass per example each
-    assert len(counter.calls) == len(fresh_counter.calls) - kept < len(fresh_counter.calls) and set(counter.calls.values()) == {6}
+    assert len(counter.calls) == len(fresh_counter.calls) - kept < len(fresh_counter.calls) and set(
+        counter.calls.values()
+    ) == {6}
     assert not partial.exists()
-    print(f"\nrefine columns: killed run {killed_columns} ({kept} saved), rerun {len(counter.calls)}, uninterrupted {len(fresh_counter.calls)}")
+    print(
+        f"\nrefine columns: killed run {killed_columns} ({kept} saved), rerun {len(counter.calls)}, uninterrupted {len(fresh_counter.calls)}"
+    )
 
 
 def estimates_counted(monkeypatch, counter) -> list[int]:
@@ -151,8 +161,10 @@ def test_killed_precision_rounds_resume_within_the_later_round_to_the_same_matri
     assert sum(counter.calls.values()) < sum(fresh_counter.calls.values())
     assert not partial.exists() and not round3.exists()
     calls = len(log.read_text().split())  # the killed run's forward calls (batches), estimates and held-out passes
-    print(f"\nprecision columns: killed run {36 + done} saved (3 rounds + {done} of the fourth; {calls} forward calls), rerun {12 - done}, "
-          f"uninterrupted 48; passes: rerun {sum(counter.calls.values())}, uninterrupted {sum(fresh_counter.calls.values())}")  # fmt: skip
+    print(
+        f"\nprecision columns: killed run {36 + done} saved (3 rounds + {done} of the fourth; {calls} forward calls), rerun {12 - done}, "
+        f"uninterrupted 48; passes: rerun {sum(counter.calls.values())}, uninterrupted {sum(fresh_counter.calls.values())}"
+    )
 
 
 def preempted_refinement(tmp_path, monkeypatch, units: int = 12) -> Path:
@@ -169,7 +181,12 @@ def preempted_refinement(tmp_path, monkeypatch, units: int = 12) -> Path:
 def test_sigterm_saves_the_refinement_and_a_rerun_finishes_it_and_removes_the_file(tmp_path, monkeypatch):
     partial = preempted_refinement(tmp_path, monkeypatch)  # round 0: 8 columns and its end, then 3 columns of round 1
     state = saved(partial)
-    assert state["round"] == 1 and round_columns_kept(state) == 3 and len(state["kept"]) == 11 and len(state["history"]) == 1
+    assert (
+        state["round"] == 1
+        and round_columns_kept(state) == 3
+        and len(state["kept"]) == 11
+        and len(state["history"]) == 1
+    )
     model, data, counter = counted(refine_case)
     resumed = run_refine(model, data, partial)
     fresh = run_refine(*refine_case())
@@ -183,7 +200,9 @@ def refine_cost(model, data, seed, partial=None):
     return refine_cost_matrices(model, data, progress=False, partial=partial, **{**REFINE, "seed": seed})
 
 
-@pytest.mark.parametrize("damage", ["truncate", *(pytest.param(d, marks=pytest.mark.slow) for d in ("flip", "other_config"))])
+@pytest.mark.parametrize(
+    "damage", ["truncate", *(pytest.param(d, marks=pytest.mark.slow) for d in ("flip", "other_config"))]
+)
 def test_a_damaged_or_foreign_refinement_file_is_reported_and_ignored(tmp_path, monkeypatch, caplog, damage):
     partial = preempted_refinement(tmp_path, monkeypatch)
     raw = bytearray(partial.read_bytes())
@@ -240,8 +259,12 @@ def test_a_damaged_or_foreign_precision_file_is_reported_and_ignored(tmp_path, m
     caplog.clear()
     with caplog.at_level("WARNING"):
         got = precision.estimate_to_precision(model, data, progress=False, partial=partial, **{**PRECISION, **options})
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "starting afresh" in r.getMessage()]
-    assert len(warnings) == 1 and ("another configuration" if damage == "other_config" else "unreadable") in warnings[0], warnings
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "starting afresh" in r.getMessage()
+    ]
+    assert (
+        len(warnings) == 1 and ("another configuration" if damage == "other_config" else "unreadable") in warnings[0]
+    ), warnings
     want = precision.estimate_to_precision(*precision_case(), progress=False, **{**PRECISION, **options})
     assert_same_rounds(got, want)
     assert not partial.exists()

@@ -71,7 +71,9 @@ def counted_model():
 def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
     partial = tmp_path / "cm.partial.pt"
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{HERE.parent / 'src'}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(HERE / "estimate_script.py"), str(partial)], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "estimate_script.py"), str(partial)], env=env, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while done_in(partial) < 4 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -84,7 +86,9 @@ def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
     else:
         assert proc.returncode == -signal.SIGKILL
     model, counter = counted_model()
-    resumed = estimate_cost_matrix(model, make_data(), seed=3, batch_size=4, progress=False, partial=PartialFile(partial, every=1))
+    resumed = estimate_cost_matrix(
+        model, make_data(), seed=3, batch_size=4, progress=False, partial=PartialFile(partial, every=1)
+    )
     # only the columns after the saved ones ran: one pass per example per remaining column
     assert sorted(counter.calls) == list(range(saved, 12)) and set(counter.calls.values()) == {10}
     assert not partial.exists()
@@ -101,7 +105,9 @@ def test_sigterm_in_process_then_resume(tmp_path, monkeypatch, batch_size, stops
     partial = tmp_path / "p.pt"
     monkeypatch.setattr("ddpm_schedules.storage.resume.sigterm_requests", stop_after(stops))
     with pytest.raises(Preempted, match=f"after {units} units; partial sums saved"):
-        estimate_cost_matrix(model, data, seed=1, progress=False, partial=PartialFile(partial, every=100), batch_size=batch_size)
+        estimate_cost_matrix(
+            model, data, seed=1, progress=False, partial=PartialFile(partial, every=100), batch_size=batch_size
+        )
     monkeypatch.undo()
     model.net = counter = CountingNet(model.net)
     resumed = estimate_cost_matrix(model, data, seed=1, progress=False, partial=partial, batch_size=batch_size)
@@ -147,8 +153,16 @@ def test_corrupt_or_mismatched_partial_sums_are_reported_and_recomputed(tmp_path
     metric = CostMatrixMetric(9)
     metric.moments[1] += 1e6  # would poison the result if it were used
     config_seed = 99 if damage == "other_config" else 0
-    saver = PartialSums(partial, {"what": "cost_matrix", "model": storage.model_fingerprint(model),
-                                  "data": storage.data_fingerprint([(0, data)]), "grid": list(range(9)), "seed": config_seed})  # fmt: skip
+    saver = PartialSums(
+        partial,
+        {
+            "what": "cost_matrix",
+            "model": storage.model_fingerprint(model),
+            "data": storage.data_fingerprint([(0, data)]),
+            "grid": list(range(9)),
+            "seed": config_seed,
+        },
+    )
     saver.save(metric, 5)
     raw = bytearray(partial.read_bytes())
     if damage == "truncate":

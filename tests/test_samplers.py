@@ -44,7 +44,9 @@ def test_ddim_with_eta_draws_the_posterior_noise():
     gen = torch.Generator().manual_seed(1)
     draws = [torch.randn(5, 1, 4, 4, generator=gen, dtype=torch.float64) for _ in range(4)]
     got = sample_ddim(model, sch, draws[0], noise=draws[1:], eta=0.7)
-    torch.testing.assert_close(got, plain_ddim(model, draws[0], [2, 7, 11, 15], eta=0.7, draws=draws[1:]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        got, plain_ddim(model, draws[0], [2, 7, 11, 15], eta=0.7, draws=draws[1:]), rtol=0, atol=0
+    )
     assert not torch.equal(got, sample_ddim(model, sch, draws[0], noise=draws[1:]))  # eta = 0 ignores the draws
 
 
@@ -84,9 +86,13 @@ def test_dpmpp_steps_as_diffusers_dpm_solver_multistep_scheduler():
     diffusers = pytest.importorskip("diffusers")
     model = tiny_model("learned_range", T=50, schedule="linear", levels=256)
     scheduler = diffusers.DPMSolverMultistepScheduler(
-        num_train_timesteps=50, trained_betas=model.schedule.betas.numpy(), prediction_type="sample",
-        algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
-    )  # fmt: skip
+        num_train_timesteps=50,
+        trained_betas=model.schedule.betas.numpy(),
+        prediction_type="sample",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+    )
     x_T = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for sch in (even_schedule(50, 6), Schedule((1, 3, 8, 20, 33, 41, 50), 50)):
         scheduler.set_timesteps(timesteps=sch.to_diffusers_timesteps())
@@ -180,8 +186,10 @@ def test_noise_x_T_and_batch_size_are_checked():
     model = tiny_model("fixed_small", T=10)
     sch = even_schedule(10, 3)
     x_T = torch.zeros(2, 1, 4, 4)
-    old_form = r"^noise must be 2 tensors of shape \(2, 1, 4, 4\), one per noisy step after x_T " \
-               r"\(x_T is passed as x_T\), got \(2, 1, 4, 4\), \(2, 1, 4, 4\), \(2, 1, 4, 4\)$"
+    old_form = (
+        r"^noise must be 2 tensors of shape \(2, 1, 4, 4\), one per noisy step after x_T "
+        r"\(x_T is passed as x_T\), got \(2, 1, 4, 4\), \(2, 1, 4, 4\), \(2, 1, 4, 4\)$"
+    )
     with pytest.raises(ValueError, match=old_form):
         sample_ddim(model, sch, x_T, noise=[x_T, x_T, x_T], eta=1.0)  # the old form: x_T first
     with pytest.raises(ValueError, match="noise must give tensors of shape"):

@@ -60,7 +60,13 @@ def test_respaced():
     assert len(first) == 10 and first[0] == 1 and first[-1] == 100
     assert sum(100 < t <= 200 for t in sections.timesteps) == 15
     assert sections.timesteps[-1] == 300 and sections.strategy == "respace:10,15,20"
-    for bad, msg in [("ddimx", "ddimN"), ("ddim251", "no integer stride"), ("a,b", "neither"), ("200,1", "fewer than"), ("0", ">= 1")]:
+    for bad, msg in [
+        ("ddimx", "ddimN"),
+        ("ddim251", "no integer stride"),
+        ("a,b", "neither"),
+        ("200,1", "fewer than"),
+        ("0", ">= 1"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             respaced_schedule(300, bad)
 

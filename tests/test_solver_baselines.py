@@ -15,7 +15,12 @@ from ddpm_schedules.schedules.solver_baselines import (
 
 diffusers = pytest.importorskip("diffusers")
 
-FLAGS = {"karras": "use_karras_sigmas", "logsnr": "use_lu_lambdas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+FLAGS = {
+    "karras": "use_karras_sigmas",
+    "logsnr": "use_lu_lambdas",
+    "exponential": "use_exponential_sigmas",
+    "beta": "use_beta_sigmas",
+}
 CONFIGS = [(1000, "linear"), (1000, "scaled_linear"), (4000, "linear"), (500, "scaled_linear")]
 
 
@@ -65,9 +70,18 @@ def test_baselines_are_strategies_that_need_the_models_noise_schedule():
     from ddpm_schedules.schedules.strategies import check_strategy_names, parse_strategies
 
     ns = NoiseSchedule.named("linear", 100)
-    assert check_strategy_names(["karras", "logsnr", "exponential", "beta", "ays"]) == ("karras", "logsnr", "exponential", "beta", "ays")
+    assert check_strategy_names(["karras", "logsnr", "exponential", "beta", "ays"]) == (
+        "karras",
+        "logsnr",
+        "exponential",
+        "beta",
+        "ays",
+    )
     karras, ays = parse_strategies(["karras", "ays"], 100, noise=ns)
-    assert karras.objective is None and karras.build_all(None, [4, 8]) == [karras_schedule(ns, 4), karras_schedule(ns, 8)]
+    assert karras.objective is None and karras.build_all(None, [4, 8]) == [
+        karras_schedule(ns, 4),
+        karras_schedule(ns, 8),
+    ]
     assert ays.build_all(None, [6]) == [ays_schedule(ns, 6)]
     with pytest.raises(ValueError, match="^strategies has 'karras', which needs the model's noise schedule"):
         parse_strategies(["karras"], 100)

@@ -22,7 +22,7 @@ from ddpm_schedules.storage.files import (
     load_checked,
     model_fingerprint,
     save_checked,
-)  # fmt: skip
+)
 
 
 def leftovers(folder):

@@ -23,12 +23,23 @@ def cm():
 
 
 def test_each_name_builds_the_schedule_of_its_function(cm, tmp_path):
-    (tmp_path / "mine.json").write_text(json.dumps([{"timesteps": [3, 20], "T": 20}, {"timesteps": [1, 7, 20], "T": 20, "strategy": "mine"}]))
+    (tmp_path / "mine.json").write_text(
+        json.dumps([{"timesteps": [3, 20], "T": 20}, {"timesteps": [1, 7, 20], "T": 20, "strategy": "mine"}])
+    )
     parsed = st.parse_strategies(["dp", "even", "quadratic", "respace:5", f"file:{tmp_path / 'mine.json'}"], 20)
     got = st.build_schedules(parsed, cm, [2, 4])
     dp = optimal_schedules(cm, [2, 4])
-    want = [dp[2], dp[4], even_schedule(20, 2), even_schedule(20, 4), quadratic_schedule(20, 2), quadratic_schedule(20, 4),
-            respaced_schedule(20, "5"), Schedule((3, 20), 20, "file:mine"), Schedule((1, 7, 20), 20, "mine")]  # fmt: skip
+    want = [
+        dp[2],
+        dp[4],
+        even_schedule(20, 2),
+        even_schedule(20, 4),
+        quadratic_schedule(20, 2),
+        quadratic_schedule(20, 4),
+        respaced_schedule(20, "5"),
+        Schedule((3, 20), 20, "file:mine"),
+        Schedule((1, 7, 20), 20, "mine"),
+    ]
     assert got == want and [s.strategy for s in got] == [s.strategy for s in want]
     assert [s.predicted_nats for s in got[:2]] == [dp[2].predicted_nats, dp[4].predicted_nats]
 
@@ -40,7 +51,11 @@ def test_file_schedules_are_read_once(cm, tmp_path, monkeypatch):
     monkeypatch.setattr(st, "load_schedules", lambda path: reads.append(path) or real(path))
     strategy = st.parse_strategy(f"file:{tmp_path / 's.json'}", 20)
     (tmp_path / "s.json").unlink()  # building needs the file no more
-    assert st.build_schedules([strategy], cm, [2, 4]) == st.build_schedules([strategy], cm, [8]) == [Schedule((4, 20), 20, "file:s")]
+    assert (
+        st.build_schedules([strategy], cm, [2, 4])
+        == st.build_schedules([strategy], cm, [8])
+        == [Schedule((4, 20), 20, "file:s")]
+    )
     assert len(reads) == 1
 
 
@@ -68,10 +83,17 @@ def test_a_new_strategy_is_one_class_and_one_registry_line(cm, monkeypatch):
 
 @pytest.mark.parametrize(
     "name,message",
-    [("optimal", "unknown strategy 'optimal' in strategies; use dp, dp_mse, dp_ode, dp_dpmpp, dp_ode_oss, analytic_ot, "
-                 "even, quadratic, karras, logsnr, exponential, beta, ays, respace:<spec>, file:<path>"),
-     ("respace:every7", "respacing 'every7'"), ("file:/nope/s.json", "does not exist"), ("fancy:3", "unknown strategy 'fancy:3'")],
-)  # fmt: skip
+    [
+        (
+            "optimal",
+            "unknown strategy 'optimal' in strategies; use dp, dp_mse, dp_ode, dp_dpmpp, dp_ode_oss, analytic_ot, "
+            "even, quadratic, karras, logsnr, exponential, beta, ays, respace:<spec>, file:<path>",
+        ),
+        ("respace:every7", "respacing 'every7'"),
+        ("file:/nope/s.json", "does not exist"),
+        ("fancy:3", "unknown strategy 'fancy:3'"),
+    ],
+)
 def test_bad_names_fail_at_parse_time(name, message):
     with pytest.raises(ValueError, match=message):
         st.parse_strategies(["dp", name], 20)

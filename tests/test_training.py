@@ -49,7 +49,11 @@ def test_train_resume_and_monitor_with_wandb_offline(tmp_path, monkeypatch):
     assert torch.equal(w, state["state_dict"]["model.net.out.2.weight"])
     assert not torch.equal(w, state["current_model_state"]["model.net.out.2.weight"])
     # resume: continues from step 6 to 12 and keeps the monitor's history
-    train(train_cfg(tmp_path, "logger=wandb", "data=digits", "data.batch_size=16", "trainer.max_steps=12", f"ckpt_path={ckpt}"))
+    train(
+        train_cfg(
+            tmp_path, "logger=wandb", "data=digits", "data.batch_size=16", "trainer.max_steps=12", f"ckpt_path={ckpt}"
+        )
+    )
     resumed = torch.load(ckpt, weights_only=True)
     assert resumed["global_step"] == 12
     history = next(v for k, v in resumed["callbacks"].items() if "ScheduleMonitor" in k)["history"]
@@ -59,9 +63,20 @@ def test_train_resume_and_monitor_with_wandb_offline(tmp_path, monkeypatch):
         train(train_cfg(tmp_path, "logger=none", "data=digits", "unet.num_channels=64", f"ckpt_path={ckpt}"))
     # a run whose loss turns NaN stops without replacing the last good checkpoint
     good = ckpt.read_bytes()
-    monkeypatch.setattr(DiffusionModule, "losses", lambda self, x0, t, noise: {"loss": torch.full((len(x0),), math.nan)})
+    monkeypatch.setattr(
+        DiffusionModule, "losses", lambda self, x0, t, noise: {"loss": torch.full((len(x0),), math.nan)}
+    )
     with pytest.raises(ValueError, match="the training loss is nan at step 12"):
-        train(train_cfg(tmp_path, "logger=none", "data=digits", "data.batch_size=16", "trainer.max_steps=18", f"ckpt_path={ckpt}"))
+        train(
+            train_cfg(
+                tmp_path,
+                "logger=none",
+                "data=digits",
+                "data.batch_size=16",
+                "trainer.max_steps=18",
+                f"ckpt_path={ckpt}",
+            )
+        )
     assert ckpt.read_bytes() == good
 
 
@@ -83,7 +98,9 @@ def test_each_loss_decreases_when_overfitting(loss):
 
     before = held_loss()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x0), batch_size=8)
-    trainer = pl.Trainer(max_steps=250, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=250, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.fit(module, loader)
     after = held_loss()
     assert after < 0.7 * before, (before, after)
@@ -119,7 +136,9 @@ def test_ddp_monitor_equals_single_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     for devices in (1, 2):
         out = tmp_path / f"dev{devices}"
-        subprocess.run([sys.executable, str(script), str(out), str(devices)], check=True, env=env, timeout=300, cwd=tmp_path)
+        subprocess.run(
+            [sys.executable, str(script), str(out), str(devices)], check=True, env=env, timeout=300, cwd=tmp_path
+        )
     one, two = (CostMatrix.load(tmp_path / d / "cost_matrix_step_0.pt") for d in ("dev1", "dev2"))
     assert one.count == two.count == 12
     valid = torch.isfinite(one.mean)
@@ -131,10 +150,16 @@ def test_ddp_monitor_equals_single_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override,message", [("experiment=nope", "Could not find 'experiment/nope'"), ("data=mnist", "Could not find 'data/mnist'")])
+@pytest.mark.parametrize(
+    "override,message",
+    [("experiment=nope", "Could not find 'experiment/nope'"), ("data=mnist", "Could not find 'data/mnist'")],
+)
 def test_unknown_config_names_list_the_options(tmp_path, override, message):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), override, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120
+        [sys.executable, str(ROOT / "train.py"), override, f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0 and message in proc.stderr and "Available options" in proc.stderr
 
@@ -144,10 +169,20 @@ def test_cli_error_is_one_line(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "data=synthetic", "unet=tiny", "module.loss=l1", "logger=none",
-         f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "data=synthetic",
+            "unet=tiny",
+            "module.loss=l1",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown loss 'l1'")
     assert "Traceback" not in proc.stderr
@@ -164,11 +199,25 @@ def test_sigterm_saves_and_resume_continues_with_the_same_ema(tmp_path, monkeypa
     import ddpm_schedules.app.train as pipeline
 
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), "data=digits", "data.batch_size=16", "unet=tiny", "diffusion.diffusion_steps=20",
-           "trainer.max_steps=100000", "trainer.val_check_interval=5", "callbacks.schedule_monitor.examples=8",
-           "callbacks.schedule_monitor.budgets=[2,4]", "callbacks.schedule_monitor.progress=false", "logger=none",
-           "+trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "data=digits",
+        "data.batch_size=16",
+        "unet=tiny",
+        "diffusion.diffusion_steps=20",
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=5",
+        "callbacks.schedule_monitor.examples=8",
+        "callbacks.schedule_monitor.budgets=[2,4]",
+        "callbacks.schedule_monitor.progress=false",
+        "logger=none",
+        "+trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 180
     while not last.is_file() and time.time() < deadline and proc.poll() is None:
@@ -189,11 +238,17 @@ def test_sigterm_saves_and_resume_continues_with_the_same_ema(tmp_path, monkeypa
         def on_train_start(self, trainer, pl_module):
             ema = next(c for c in trainer.callbacks if isinstance(c, EMAWeightAveraging))
             seen["step"] = trainer.global_step
-            seen["ema"] = {k[len("module."):]: v.clone() for k, v in ema._average_model.state_dict().items() if k.startswith("module.")}
+            seen["ema"] = {
+                k[len("module.") :]: v.clone()
+                for k, v in ema._average_model.state_dict().items()
+                if k.startswith("module.")
+            }
 
     original = pipeline.build_callbacks
     monkeypatch.setattr(pipeline, "build_callbacks", lambda cfg: [Probe(), *original(cfg)])
-    cfg = train_cfg(run, "data=digits", "data.batch_size=16", "logger=none", f"trainer.max_steps={step + 2}", f"ckpt_path={last}")
+    cfg = train_cfg(
+        run, "data=digits", "data.batch_size=16", "logger=none", f"trainer.max_steps={step + 2}", f"ckpt_path={last}"
+    )
     train(cfg)
     assert seen["step"] == step
     for k, v in state["state_dict"].items():
@@ -204,10 +259,14 @@ def test_sigterm_saves_and_resume_continues_with_the_same_ema(tmp_path, monkeypa
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mse", "ode"])
 def test_monitor_logs_the_same_keys_for_any_objective(tmp_path, objective):
-    metrics = train(train_cfg(tmp_path, "logger=none", f"callbacks.schedule_monitor.objective={objective}", "trainer.max_steps=3"))
+    metrics = train(
+        train_cfg(tmp_path, "logger=none", f"callbacks.schedule_monitor.objective={objective}", "trainer.max_steps=3")
+    )
     dp = f"dp_{objective}"
     for K in (2, 4):
-        assert metrics[f"schedules/{dp}_{objective}/K{K}"] <= metrics[f"schedules/even_{objective}/K{K}"] + 1e-9  # optimal on its matrix
+        assert (
+            metrics[f"schedules/{dp}_{objective}/K{K}"] <= metrics[f"schedules/even_{objective}/K{K}"] + 1e-9
+        )  # optimal on its matrix
         assert math.isfinite(metrics[f"schedules/{dp}_gap/K{K}"])
     if objective == "ode":  # the teacher's own steps jump exactly onto the teacher: the full grid chain costs 0
         assert metrics["schedules/full_ode"] == 0.0
@@ -249,7 +308,9 @@ def test_val_bpd_estimator_is_unbiased_and_far_less_noisy_than_one_uniform_t():
     assert sem < sem_one_t / 2  # the exact small-t terms and the strata remove most of the t-sampling noise
 
 
-@pytest.mark.parametrize("start,T,strata", [(10, 4000, 8), (10, 1000, 8), (0, 30, 4), (5, 30, 4), (10, 12, 8), (1, 2, 3)])
+@pytest.mark.parametrize(
+    "start,T,strata", [(10, 4000, 8), (10, 1000, 8), (0, 30, 4), (5, 30, 4), (10, 12, 8), (1, 2, 3)]
+)
 def test_val_bpd_strata_cover_every_t_once_and_grow_geometrically(start, T, strata):
     from ddpm_schedules.costs.terms import stratum_edges
 

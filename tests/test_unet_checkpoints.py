@@ -61,7 +61,9 @@ def test_network_reproduces_improved_diffusion_outputs(loaded, reference):
         torch.testing.assert_close(timesteps, torch.full_like(timesteps, (t - 1) * 1000 / T), rtol=0, atol=0)
         exact = net64(x_t.double(), timesteps)
         torch.testing.assert_close(exact, reference["model_out"][t].double(), rtol=0, atol=2e-6, msg=f"t = {t}")
-        torch.testing.assert_close(loaded.net(x_t, timesteps).double(), exact, rtol=0, atol=1e-5, msg=f"t = {t} (float32)")
+        torch.testing.assert_close(
+            loaded.net(x_t, timesteps).double(), exact, rtol=0, atol=1e-5, msg=f"t = {t} (float32)"
+        )
 
 
 @torch.no_grad()
@@ -69,7 +71,9 @@ def test_terms_through_the_unet_reproduce_vb_bits(loaded, reference):
     x0 = reference["x0"]
     for t in reference["t"].tolist():
         bits = to_bits(terms(loaded, x0, t, [t - 1], reference["noise"][t])[:, 0], x0)
-        torch.testing.assert_close(bits, reference["vb_bits"][t].double(), rtol=1e-5 if t > 1 else 2e-3, atol=1e-7, msg=f"t = {t}")
+        torch.testing.assert_close(
+            bits, reference["vb_bits"][t].double(), rtol=1e-5 if t > 1 else 2e-3, atol=1e-7, msg=f"t = {t}"
+        )
 
 
 # --- (c): state-dict layout ----------------------------------------------------------------------
@@ -103,7 +107,10 @@ def _raises_one_line(match: str, path=CKPT, **changes):
 
 
 def test_wrong_learn_sigma_is_named():
-    _raises_one_line(r"out\.2\.weight checkpoint \(6, 32, 3, 3\) vs model \(3, 32, 3, 3\).*probably differ: learn_sigma", learn_sigma=False)
+    _raises_one_line(
+        r"out\.2\.weight checkpoint \(6, 32, 3, 3\) vs model \(3, 32, 3, 3\).*probably differ: learn_sigma",
+        learn_sigma=False,
+    )
 
 
 def test_wrong_num_channels_is_named():
@@ -127,7 +134,9 @@ def test_missing_file(tmp_path):
 
 
 def test_unknown_flag():
-    with pytest.raises(ValueError, match=r"unknown improved-diffusion flag\(s\) 'num_chanels'; valid flags: image_size, num_channels"):
+    with pytest.raises(
+        ValueError, match=r"unknown improved-diffusion flag\(s\) 'num_chanels'; valid flags: image_size, num_channels"
+    ):
         load_improved_diffusion(CKPT, **FLAGS, num_chanels=32)
 
 
@@ -161,8 +170,12 @@ def test_class_conditional_unet_needs_labels():
 
 def test_small_one_channel_unet_with_learned_sigma():
     torch.manual_seed(0)
-    net = create_unet(8, 32, 1, channel_mult="1,2", attention_resolutions="4", num_heads=1, learn_sigma=True, in_channels=1).eval()
-    assert net.attention_resolutions == (2,) and any(".qkv." in k for k in net.state_dict() if k.startswith("input_blocks"))
+    net = create_unet(
+        8, 32, 1, channel_mult="1,2", attention_resolutions="4", num_heads=1, learn_sigma=True, in_channels=1
+    ).eval()
+    assert net.attention_resolutions == (2,) and any(
+        ".qkv." in k for k in net.state_dict() if k.startswith("input_blocks")
+    )
     out = net(torch.randn(3, 1, 8, 8), torch.tensor([0.0, 10.0, 990.0]))
     assert out.shape == (3, 2, 8, 8)
     assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output convolution

@@ -71,7 +71,12 @@ def test_improved_diffusion_loader_refuses_and_runs_nothing(tmp_path, evil):
 def test_export_command_refuses_and_writes_nothing(tmp_path, evil):
     path, marker = evil
     out = tmp_path / "exported" / "out.ckpt"
-    proc = subprocess.run([sys.executable, "-m", "ddpm_schedules.app.export", str(path), str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm_schedules.app.export", str(path), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--trust-checkpoint" in lines[0] and str(path) in lines[0], proc.stderr
@@ -140,11 +145,18 @@ def test_a_fresh_training_checkpoint_loads_as_data_resumes_and_exports(tmp_path)
     train(train_cfg(run, "logger=none", "data=digits", "data.batch_size=16"))
     last = run / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
-    train(train_cfg(run, "logger=none", "data=digits", "data.batch_size=16", "trainer.max_steps=9", f"ckpt_path={last}"))
+    train(
+        train_cfg(run, "logger=none", "data=digits", "data.batch_size=16", "trainer.max_steps=9", f"ckpt_path={last}")
+    )
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 9
     # the export command keeps flags, levels and the (EMA) weights, as plain data
     out = tmp_path / "exported.ckpt"
-    proc = subprocess.run([sys.executable, "-m", "ddpm_schedules.app.export", str(last), str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm_schedules.app.export", str(last), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     exported = torch.load(out, map_location="cpu", weights_only=True)
     source = torch.load(last, map_location="cpu", weights_only=True)

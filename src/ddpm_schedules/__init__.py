@@ -2,8 +2,9 @@
 
 from ddpm_schedules.app.run import EvaluationResult, run_evaluation
 from ddpm_schedules.costs.cost_matrix import estimate_cost_matrix
-from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.costs.evaluation import ScheduleResult, evaluate_schedules
+from ddpm_schedules.costs.matrix import CostMatrix
+from ddpm_schedules.costs.options import EstimateOptions
 from ddpm_schedules.costs.terms import prior_nats, terms
 from ddpm_schedules.models.checkpoints import load_checkpoint, load_improved_diffusion
 from ddpm_schedules.models.diffusion import NoiseSchedule
@@ -30,6 +31,7 @@ def load_diffusers(path, levels: int = 256) -> DiffusionModel:
 
 __all__ = [
     "CostMatrix",
+    "EstimateOptions",
     "DiffusionModel",
     "EvaluationResult",
     "NoiseSchedule",

@@ -76,11 +76,15 @@ def take(datamodule: ImageDataModule, split: str, examples: int | None, key: str
     """The first ``examples`` images of a split, named by the config key that asked for them."""
     sizes = datamodule.split_sizes
     if split in sizes and examples is not None and examples > sizes[split]:
-        raise ValueError(f"{key} = {examples} asks for {examples} {split} examples but the split has {sizes[split]}; lower it")
+        raise ValueError(
+            f"{key} = {examples} asks for {examples} {split} examples but the split has {sizes[split]}; lower it"
+        )
     return datamodule.tensor(split, examples)
 
 
-def evaluation_data(node: DictConfig, settings: EvaluateSettings, model: DiffusionModel, procs: Processes) -> tuple[Tensor, Tensor, Tensor | None]:
+def evaluation_data(
+    node: DictConfig, settings: EvaluateSettings, model: DiffusionModel, procs: Processes
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """The cost, held-out and FID reference tensors of the data module, checked against the model."""
     with config_keys("data"):  # the data module's arguments are the data group's keys; its files are read here
         datamodule: ImageDataModule = build(node)
@@ -98,5 +102,9 @@ def evaluation_data(node: DictConfig, settings: EvaluateSettings, model: Diffusi
             f"{procs.world} processes need at least {procs.world} examples each in cost.examples ({len(cost_data)}) and "
             f"eval.examples ({len(eval_data)}); raise them or lower fabric.devices"
         )
-    reference = take(datamodule, fid.reference_split, fid.reference_examples, "fid.reference_examples") if fid and not fid.reference_stats else None
+    reference = (
+        take(datamodule, fid.reference_split, fid.reference_examples, "fid.reference_examples")
+        if fid and not fid.reference_stats
+        else None
+    )
     return cost_data, eval_data, reference

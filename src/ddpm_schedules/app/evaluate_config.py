@@ -38,21 +38,34 @@ from ddpm_schedules.schedules.strategies import check_strategy_names
 def evaluate_settings(cfg: Any) -> EvaluateSettings:
     """evaluate.py's config as settings: every check that needs no model, before anything is loaded."""
     fid = frechet_settings(cfg)
-    every = ResumeSettings(every_columns=count(cfg, "resume.every_columns"),
-                           every_batches=count(cfg, "resume.every_batches"),
-                           every_seconds=positive(cfg, "resume.every_seconds", "seconds"))  # fmt: skip
+    every = ResumeSettings(
+        every_columns=count(cfg, "resume.every_columns"),
+        every_batches=count(cfg, "resume.every_batches"),
+        every_seconds=positive(cfg, "resume.every_seconds", "seconds"),
+    )
     count(cfg, "data.batch_size")
     if get(cfg, "data.eval_batch_size", None) is not None:  # not every data module takes one
         count(cfg, "data.eval_batch_size")
-    labels = Labels(model_source=str(get(cfg, "model._target_")).rsplit(".", 1)[-1].removeprefix("load_"),
-                    model_path=str(get(cfg, "model.path")), data_name=str(get(cfg, "data._target_")).rsplit(".", 1)[-1],
-                    cost_split=str(get(cfg, "cost.split")), eval_split=str(get(cfg, "eval.split")))  # fmt: skip
+    labels = Labels(
+        model_source=str(get(cfg, "model._target_")).rsplit(".", 1)[-1].removeprefix("load_"),
+        model_path=str(get(cfg, "model.path")),
+        data_name=str(get(cfg, "data._target_")).rsplit(".", 1)[-1],
+        cost_split=str(get(cfg, "cost.split")),
+        eval_split=str(get(cfg, "eval.split")),
+    )
     return EvaluateSettings(
-        out_dir=Path(get(cfg, "paths.output_dir")), cache_dir=Path(get(cfg, "cache_dir")),
-        batch_size=count(cfg, "batch_size", "auto: about 2^20 input values per call"), cost=cost_settings(cfg),
-        held_out=held_out_settings(cfg), quality=quality_settings(cfg, fid), fid=fid, resume=every,
-        model=model_settings(cfg), labels=labels, fabric=check_fabric(dict(get(cfg, "fabric")), cuda_devices()),
-    )  # fmt: skip
+        out_dir=Path(get(cfg, "paths.output_dir")),
+        cache_dir=Path(get(cfg, "cache_dir")),
+        batch_size=count(cfg, "batch_size", "auto: about 2^20 input values per call"),
+        cost=cost_settings(cfg),
+        held_out=held_out_settings(cfg),
+        quality=quality_settings(cfg, fid),
+        fid=fid,
+        resume=every,
+        model=model_settings(cfg),
+        labels=labels,
+        fabric=check_fabric(dict(get(cfg, "fabric")), cuda_devices()),
+    )
 
 
 def cost_settings(cfg: Any) -> CostSettings:
@@ -65,34 +78,53 @@ def cost_settings(cfg: Any) -> CostSettings:
         with config_keys(grid="cost.refine.coarse"):
             check_spec(refine.coarse)
     with config_keys(**ODE_KEYS):
-        ode = OdeSettings(trajectories=count(cfg, "cost.ode.trajectories"), grid=check_spec(get(cfg, "cost.ode.grid")),
-                          memory_gb=positive(cfg, "cost.ode.memory_gb", "GB"),
-                          propagate=check_propagate(get(cfg, "cost.ode.propagate")))  # fmt: skip
+        ode = OdeSettings(
+            trajectories=count(cfg, "cost.ode.trajectories"),
+            grid=check_spec(get(cfg, "cost.ode.grid")),
+            memory_gb=positive(cfg, "cost.ode.memory_gb", "GB"),
+            propagate=check_propagate(get(cfg, "cost.ode.propagate")),
+        )
     with config_keys(grid="cost.grid"):
         grid = check_spec(get(cfg, "cost.grid"))
     precision = PrecisionSettings(target_sem=target, first=count(cfg, "cost.first_round"))
-    return CostSettings(split=str(get(cfg, "cost.split")), examples=count(cfg, "cost.examples", "all"), grid=grid,
-                        seed=seed(cfg, "cost.seed"), precision=precision, refine=refine, ode=ode)  # fmt: skip
+    return CostSettings(
+        split=str(get(cfg, "cost.split")),
+        examples=count(cfg, "cost.examples", "all"),
+        grid=grid,
+        seed=seed(cfg, "cost.seed"),
+        precision=precision,
+        refine=refine,
+        ode=ode,
+    )
 
 
 def held_out_settings(cfg: Any) -> HeldOutSettings:
     with config_keys(strategies="eval.strategies"):
         strategies = check_strategy_names(get(cfg, "eval.strategies"))
-    return HeldOutSettings(split=str(get(cfg, "eval.split")), examples=count(cfg, "eval.examples", "all"),
-                           budgets=budgets(cfg, "eval.budgets"),
-                           sample_budgets=budgets(cfg, "eval.sample_budgets", empty_ok=True), strategies=strategies,
-                           full_chain=flag(cfg, "eval.full_chain"), seed=seed(cfg, "eval.seed"))  # fmt: skip
+    return HeldOutSettings(
+        split=str(get(cfg, "eval.split")),
+        examples=count(cfg, "eval.examples", "all"),
+        budgets=budgets(cfg, "eval.budgets"),
+        sample_budgets=budgets(cfg, "eval.sample_budgets", empty_ok=True),
+        strategies=strategies,
+        full_chain=flag(cfg, "eval.full_chain"),
+        seed=seed(cfg, "eval.seed"),
+    )
 
 
 def frechet_settings(cfg: Any) -> FrechetSettings | None:
     """The fid group, with the feature network checked (None when disabled)."""
     if not flag(cfg, "fid.enabled"):
         return None
-    fid = FrechetSettings(features=get(cfg, "fid.features"), digits_weights=get(cfg, "fid.digits_weights"),
-                          inception_weights=get(cfg, "fid.inception_weights"), antialias=flag(cfg, "fid.antialias"),
-                          reference_split=str(get(cfg, "fid.reference_split")),
-                          reference_examples=count(cfg, "fid.reference_examples", "all"),
-                          reference_stats=get(cfg, "fid.reference_stats"))  # fmt: skip
+    fid = FrechetSettings(
+        features=get(cfg, "fid.features"),
+        digits_weights=get(cfg, "fid.digits_weights"),
+        inception_weights=get(cfg, "fid.inception_weights"),
+        antialias=flag(cfg, "fid.antialias"),
+        reference_split=str(get(cfg, "fid.reference_split")),
+        reference_examples=count(cfg, "fid.reference_examples", "all"),
+        reference_stats=get(cfg, "fid.reference_stats"),
+    )
     with config_keys("fid", path="fid.reference_stats"):
         fid_feature_extractor(fid.features, fid.digits_weights, fid.inception_weights)
         if fid.reference_stats is not None:
@@ -113,11 +145,20 @@ def quality_settings(cfg: Any, fid: FrechetSettings | None) -> QualitySettings:
     samples = count(cfg, "fid.samples") if fid else grid_size
     teacher = count(cfg, "eval.teacher_samples", "none") or 0
     if teacher > samples:
-        raise ValueError(f"eval.teacher_samples = {teacher} exceeds the {samples} samples drawn per schedule; "
-                         "lower it or raise fid.samples")
-    return QualitySettings(samplers=tuple(samplers), ddim_eta=float(eta), samples=samples, grid_size=grid_size,
-                           chunk=count(cfg, "sample.chunk"), seed=seed(cfg, "sample.seed"), teacher_samples=teacher,
-                           bootstrap=count(cfg, "fid.bootstrap", "none") or 0)  # fmt: skip
+        raise ValueError(
+            f"eval.teacher_samples = {teacher} exceeds the {samples} samples drawn per schedule; "
+            "lower it or raise fid.samples"
+        )
+    return QualitySettings(
+        samplers=tuple(samplers),
+        ddim_eta=float(eta),
+        samples=samples,
+        grid_size=grid_size,
+        chunk=count(cfg, "sample.chunk"),
+        seed=seed(cfg, "sample.seed"),
+        teacher_samples=teacher,
+        bootstrap=count(cfg, "fid.bootstrap", "none") or 0,
+    )
 
 
 def model_settings(cfg: Any) -> ModelSettings:
@@ -125,21 +166,27 @@ def model_settings(cfg: Any) -> ModelSettings:
     if var_type is not None and var_type != "analytic":
         raise ValueError(f"model.var_type = {var_type!r}; use null (the checkpoint's rule) or analytic")
     if gamma_file is not None and var_type != "analytic":
-        raise ValueError(f"model.gamma_file = {gamma_file!r} is only used with model.var_type=analytic; "
-                         "add it or drop the file")
+        raise ValueError(
+            f"model.gamma_file = {gamma_file!r} is only used with model.var_type=analytic; add it or drop the file"
+        )
     if var_type == "analytic":
         if get(cfg, "cost.target_sem") is not None or flag(cfg, "cost.refine.enabled"):
-            raise ValueError("model.var_type=analytic estimates Gamma with the cost matrix in one set of passes: "
-                             "use it without cost.target_sem and cost.refine")  # fmt: skip
+            raise ValueError(
+                "model.var_type=analytic estimates Gamma with the cost matrix in one set of passes: "
+                "use it without cost.target_sem and cost.refine"
+            )
         grid = get(cfg, "cost.grid")
         if flag(cfg, "eval.full_chain") and grid is not None and gamma_file is None:
-            raise ValueError(f"model.var_type=analytic with eval.full_chain=true needs Gamma at every t: "
-                             f"use cost.grid=null, not {grid!r}")
+            raise ValueError(
+                f"model.var_type=analytic with eval.full_chain=true needs Gamma at every t: "
+                f"use cost.grid=null, not {grid!r}"
+            )
     precision = get(cfg, "precision")
     if str(precision) not in ("32", "bf16", "16"):
         raise ValueError(f"precision = {precision!r}; use 32, bf16 or 16 (autocast around the network pass)")
-    return ModelSettings(precision=str(precision), compile=flag(cfg, "compile"), var_type=var_type,
-                         gamma_file=gamma_file)  # fmt: skip
+    return ModelSettings(
+        precision=str(precision), compile=flag(cfg, "compile"), var_type=var_type, gamma_file=gamma_file
+    )
 
 
 def cuda_devices() -> int:

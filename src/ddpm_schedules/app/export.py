@@ -20,12 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="a .ckpt written by train.py")
     parser.add_argument("dst", help="where to write the exported .ckpt")
     parser.add_argument(
-        "--trust-checkpoint", action="store_true",
+        "--trust-checkpoint",
+        action="store_true",
         help="unpickle SRC fully even if it holds more than tensors and plain values (can run code hidden in the file)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     try:
-        dst = export_checkpoint(args.src, args.dst, trust_checkpoint=args.trust_checkpoint, trust_hint="--trust-checkpoint")
+        dst = export_checkpoint(
+            args.src, args.dst, trust_checkpoint=args.trust_checkpoint, trust_hint="--trust-checkpoint"
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,8 +21,13 @@ _ABSENT = object()
 config_keys = parameter_names
 
 # the config keys of what the dp_ode teacher's checks (costs/ode.py, multistep.py, oss.py) name by their parameters
-ODE_KEYS = {"grid": "cost.ode.grid", "memory_gb": "cost.ode.memory_gb", "trajectories": "cost.ode.trajectories",
-            "propagate": "cost.ode.propagate", "procs": "fabric.devices"}  # fmt: skip
+ODE_KEYS = {
+    "grid": "cost.ode.grid",
+    "memory_gb": "cost.ode.memory_gb",
+    "trajectories": "cost.ode.trajectories",
+    "propagate": "cost.ode.propagate",
+    "procs": "fabric.devices",
+}
 
 
 def get(cfg: Any, key: str, default: Any = _ABSENT) -> Any:
@@ -72,9 +77,13 @@ def check_fabric(fabric: dict[str, Any], cuda_devices: int) -> dict[str, Any]:
     """``fabric.devices`` against the GPUs this process sees (``cuda_devices``), where the accelerator is a GPU."""
     accelerator, devices = str(fabric.get("accelerator", "auto")), fabric.get("devices", 1)
     if accelerator in ("cuda", "gpu") and cuda_devices == 0:
-        raise ValueError(f"fabric.accelerator = {accelerator!r} but no CUDA device is visible; use fabric.accelerator=cpu (or auto)")
+        raise ValueError(
+            f"fabric.accelerator = {accelerator!r} but no CUDA device is visible; use fabric.accelerator=cpu (or auto)"
+        )
     on_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and cuda_devices > 0)
     if on_gpu and isinstance(devices, int) and not isinstance(devices, bool) and devices > cuda_devices:
-        raise ValueError(f"fabric.devices = {devices} but {cuda_devices} GPU{'s are' if cuda_devices != 1 else ' is'} visible; "
-                         f"use fabric.devices={cuda_devices} or fewer (or make more GPUs visible with CUDA_VISIBLE_DEVICES)")  # fmt: skip
+        raise ValueError(
+            f"fabric.devices = {devices} but {cuda_devices} GPU{'s are' if cuda_devices != 1 else ' is'} visible; "
+            f"use fabric.devices={cuda_devices} or fewer (or make more GPUs visible with CUDA_VISIBLE_DEVICES)"
+        )
     return fabric

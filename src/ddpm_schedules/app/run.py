@@ -25,9 +25,9 @@ from ddpm_schedules.app.stages import (
     precision_stage,
     refine_stage,
 )
-from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.costs.evaluation import ScheduleResult, evaluate_schedules
 from ddpm_schedules.costs.grids import full_grid
+from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import Processes
 from ddpm_schedules.reports import report
@@ -68,7 +68,9 @@ def held_out_stage(
     held_key = hash_parts(key=key, split=split, examples=len(data))
     lo, hi = ctx.procs.shard(len(data))
     partial = ctx.partial(ctx.cache_dir / f"held_out_{held_key[:20]}.pt", ctx.resume.every_batches)
-    results = evaluate_schedules(ctx.model, data[lo:hi], schedules + extra, options=ctx.options(seed, start_index=lo, partial=partial))
+    results = evaluate_schedules(
+        ctx.model, data[lo:hi], schedules + extra, options=ctx.options(seed, start_index=lo, partial=partial)
+    )
     return results[: len(schedules)], (results[-1] if extra else None)
 
 
@@ -79,12 +81,17 @@ def result_rows(results: list[ScheduleResult], quality: list[dict[str, Any]], cm
     ancestral = {(q["strategy"], tuple(q["schedule"])): q["fid"] for q in quality if q["sampler"] == "ancestral"}
     return [
         {
-            "strategy": r.schedule.strategy, "K": r.schedule.K, "schedule": list(r.schedule.timesteps), "bpd": r.bpd,
-            "bpd_sem": r.bpd_sem, "predicted_bpd": cm.bpd(cm.schedule_nats(r.schedule)) if set(r.schedule.timesteps) <= grid else None,
-            "fid": ancestral.get((r.schedule.strategy, r.schedule.timesteps)), "terms_bpd": r.terms_bpd,
+            "strategy": r.schedule.strategy,
+            "K": r.schedule.K,
+            "schedule": list(r.schedule.timesteps),
+            "bpd": r.bpd,
+            "bpd_sem": r.bpd_sem,
+            "predicted_bpd": cm.bpd(cm.schedule_nats(r.schedule)) if set(r.schedule.timesteps) <= grid else None,
+            "fid": ancestral.get((r.schedule.strategy, r.schedule.timesteps)),
+            "terms_bpd": r.terms_bpd,
         }
         for r in results
-    ]  # fmt: skip
+    ]
 
 
 def unique(schedules: Sequence[Schedule]) -> list[Schedule]:
@@ -111,64 +118,130 @@ def run_evaluation(
     """Every stage in order; process 0 writes the reports and, last and atomically, results.json."""
     s = settings.resolve(model)
     cost, held, quality, fid, labels, ode = s.cost, s.held_out, s.quality, s.fid, s.labels, s.cost.ode
-    grid, budgets, sample_budgets, strategies, ode_grid = cost.grid, held.budgets, held.sample_budgets, held.strategies, s.ode_grid
+    grid, budgets, sample_budgets, strategies, ode_grid = (
+        cost.grid,
+        held.budgets,
+        held.sample_budgets,
+        held.strategies,
+        s.ode_grid,
+    )
     precision, refine, cost_seed = cost.precision, cost.refine, cost.seed
     ctx = Context(model, Path(s.cache_dir), s.batch_size, procs, s.resume)
     objectives = objectives_of(strategies)
     with ctx.timed("cost_matrix"):
         refine_rounds = None
-        if refine is not None and precision.target_sem is not None:  # the grid from the first round, then rounds of examples on it
+        if (
+            refine is not None and precision.target_sem is not None
+        ):  # the grid from the first round, then rounds of examples on it
             first = cost_data[: min(max(1, precision.first), len(cost_data))]
             refined, refine_rounds = refine_stage(ctx, first, cost_seed, labels, ["elbo"], s.all_budgets, refine)
             grid = refined["elbo"].matrix.grid[1:].tolist()
-            cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision, refined["elbo"])
+            cost_data, precise, rounds = precision_stage(
+                ctx, cost_data, grid, cost_seed, labels, budgets, precision, refined["elbo"]
+            )
             others = [o for o in objectives if o not in (*TEACHER, "elbo")]
-            costs = {"elbo": precise} | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
+            costs = {"elbo": precise} | (
+                data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {}
+            )
         elif refine is not None:
             costs, rounds = refine_stage(ctx, cost_data, cost_seed, labels, objectives, s.all_budgets, refine)
         else:
             cost_data, precise, rounds = precision_stage(ctx, cost_data, grid, cost_seed, labels, budgets, precision)
             others = [o for o in objectives if o not in TEACHER and not (precise and o == "elbo")]
-            costs = ({"elbo": precise} if precise else {}) | (data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {})
-    if {"ode", "dpmpp"} & set(objectives):  # dp_dpmpp's step costs come from dp_ode's teacher trajectories, with no extra pass
+            costs = ({"elbo": precise} if precise else {}) | (
+                data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {}
+            )
+    if {"ode", "dpmpp"} & set(
+        objectives
+    ):  # dp_dpmpp's step costs come from dp_ode's teacher trajectories, with no extra pass
         with ctx.timed("ode_matrix"):
             costs["ode"] = ode_matrix_stage(ctx, cost_seed, ode, ode_grid, multistep="dpmpp" in objectives)
-    if "oss" in objectives:  # the same teacher, then a pass at every state the sampler reaches (about K N per trajectory)
+    if (
+        "oss" in objectives
+    ):  # the same teacher, then a pass at every state the sampler reaches (about K N per trajectory)
         with ctx.timed("oss_paths"):
             costs["oss"] = oss_stage(ctx, cost_seed, ode, ode_grid, s.all_budgets)
-    matrices = {o: c.matrix for o, c in costs.items()} | ({"dpmpp": costs["ode"].matrix} if "dpmpp" in objectives else {})
-    if model.var_type == "analytic" and model.gamma is None:  # Gamma of the cost examples serves held-out bits/dim and sampling
+    matrices = {o: c.matrix for o, c in costs.items()} | (
+        {"dpmpp": costs["ode"].matrix} if "dpmpp" in objectives else {}
+    )
+    if (
+        model.var_type == "analytic" and model.gamma is None
+    ):  # Gamma of the cost examples serves held-out bits/dim and sampling
         model.use_variance("analytic", matrices["elbo"].gamma)
     with ctx.timed("dp_and_schedules"):
         schedules = build_schedules(strategies, matrices, budgets)
         sampled = unique(build_schedules(strategies, matrices, sample_budgets)) if sample_budgets else []
     with ctx.timed("held_out_bpd"):
-        results, full = held_out_stage(ctx, eval_data, schedules, held.seed, costs["elbo"].key, labels.eval_split, held.full_chain)
+        results, full = held_out_stage(
+            ctx, eval_data, schedules, held.seed, costs["elbo"].key, labels.eval_split, held.full_chain
+        )
     with ctx.timed("sample_quality"):
-        teacher = Schedule(tuple(full_grid(ode_grid, model.T)[1:].tolist()), model.T, "teacher") if set(DETERMINISTIC) & set(quality.samplers) else None
-        entries, grids, ref = quality_stage(model, sampled, quality, procs, s.batch_size, fid, *_reference(ctx, fid, reference, labels), teacher)
+        teacher = (
+            Schedule(tuple(full_grid(ode_grid, model.T)[1:].tolist()), model.T, "teacher")
+            if set(DETERMINISTIC) & set(quality.samplers)
+            else None
+        )
+        entries, grids, ref = quality_stage(
+            model, sampled, quality, procs, s.batch_size, fid, *_reference(ctx, fid, reference, labels), teacher
+        )
     elbo = costs["elbo"]
     result = EvaluationResult(
-        model={"source": labels.model_source, "path": labels.model_path, "T": model.T, "mean_type": model.mean_type, "var_type": model.var_type,
-               "trained_var_type": model.trained_var_type, "var_type_override": model.var_type != model.trained_var_type},
-        data={"name": labels.data_name, "levels": model.levels, "dims": math.prod(model.image_shape), "cost_split": labels.cost_split,
-              "cost_examples": len(cost_data), "eval_split": labels.eval_split, "eval_examples": len(eval_data)},
-        cost_matrix={"grid_size": elbo.matrix.grid.numel() - 1, "seconds": ctx.timings["cost_matrix"], "file": str(elbo.file),
-                     "cached": elbo.cached, "seed": cost_seed, "objectives": {o: c.describe() for o, c in costs.items()},
-                     "target_sem": precision.target_sem, "target_met": rounds[-1].get("met") if precision.target_sem is not None else None,
-                     "refine": refine.__dict__ if refine else None, "rounds": rounds, "refine_rounds": refine_rounds},
+        model={
+            "source": labels.model_source,
+            "path": labels.model_path,
+            "T": model.T,
+            "mean_type": model.mean_type,
+            "var_type": model.var_type,
+            "trained_var_type": model.trained_var_type,
+            "var_type_override": model.var_type != model.trained_var_type,
+        },
+        data={
+            "name": labels.data_name,
+            "levels": model.levels,
+            "dims": math.prod(model.image_shape),
+            "cost_split": labels.cost_split,
+            "cost_examples": len(cost_data),
+            "eval_split": labels.eval_split,
+            "eval_examples": len(eval_data),
+        },
+        cost_matrix={
+            "grid_size": elbo.matrix.grid.numel() - 1,
+            "seconds": ctx.timings["cost_matrix"],
+            "file": str(elbo.file),
+            "cached": elbo.cached,
+            "seed": cost_seed,
+            "objectives": {o: c.describe() for o, c in costs.items()},
+            "target_sem": precision.target_sem,
+            "target_met": rounds[-1].get("met") if precision.target_sem is not None else None,
+            "refine": refine.__dict__ if refine else None,
+            "rounds": rounds,
+            "refine_rounds": refine_rounds,
+        },
         full_chain={"K": model.T, "bpd": full.bpd, "bpd_sem": full.bpd_sem} if full else None,
-        fid={"features": fid.description if fid else None, "reference_split": fid.reference_split if fid else None,
-             "reference_examples": len(reference) if fid and reference is not None else None, "samples": quality.samples if fid else None,
-             "bootstrap": quality.bootstrap if fid else None, "samplers": list(quality.samplers), "ddim_eta": quality.ddim_eta,
-             "sample_budgets": list(sample_budgets), "teacher_samples": quality.teacher_samples if teacher else None,
-             "teacher": {"sampler": "ddim", "eta": 0.0, "steps": teacher.K} if teacher else None},
-        results=result_rows(results, entries, elbo.matrix), sample_quality=entries, timings=ctx.timings,
-        matrices=matrices, schedules=schedules, grids=grids,
-    )  # fmt: skip
+        fid={
+            "features": fid.description if fid else None,
+            "reference_split": fid.reference_split if fid else None,
+            "reference_examples": len(reference) if fid and reference is not None else None,
+            "samples": quality.samples if fid else None,
+            "bootstrap": quality.bootstrap if fid else None,
+            "samplers": list(quality.samplers),
+            "ddim_eta": quality.ddim_eta,
+            "sample_budgets": list(sample_budgets),
+            "teacher_samples": quality.teacher_samples if teacher else None,
+            "teacher": {"sampler": "ddim", "eta": 0.0, "steps": teacher.K} if teacher else None,
+        },
+        results=result_rows(results, entries, elbo.matrix),
+        sample_quality=entries,
+        timings=ctx.timings,
+        matrices=matrices,
+        schedules=schedules,
+        grids=grids,
+    )
     if procs.rank == 0:
         with ctx.timed("report"):
-            report.write_evaluation(Path(s.out_dir), result.to_json(), elbo.matrix, unique(schedules + sampled), grids, logger)
+            report.write_evaluation(
+                Path(s.out_dir), result.to_json(), elbo.matrix, unique(schedules + sampled), grids, logger
+            )
         if model.var_type == "analytic":
             save_gamma(Path(s.out_dir) / "gamma.pt", model.gamma, model)  # model.gamma_file= reuses it
         if ref is not None:  # pytorch-fid's layout: fid.reference_stats= reuses it, and other tools read it
@@ -177,7 +250,9 @@ def run_evaluation(
     return result
 
 
-def _reference(ctx: Context, fid: FrechetSettings | None, reference: Tensor | None, labels: Labels) -> tuple[Any, str | None]:
+def _reference(
+    ctx: Context, fid: FrechetSettings | None, reference: Tensor | None, labels: Labels
+) -> tuple[Any, str | None]:
     """What quality_stage compares with: the statistics of ``fid.reference_stats``, or this process's shard of the
     reference images and where their statistics are cached."""
     if fid is None:
@@ -192,6 +267,13 @@ def _reference_cache(ctx: Context, fid: FrechetSettings, reference: Tensor, labe
     """Where the reference images' feature moments are cached (one process only: the shards would differ); the key
     is the data, split, count, feature network (its file's digest) and resize."""
     weights = fid.digits_weights if fid.features == "digits" else fid.inception_weights
-    key = hash_parts(features=fid.features, weights=file_digest(weights), data=labels.data_name, split=fid.reference_split,
-                     examples=len(reference), antialias=bool(fid.antialias), moments=True)  # fmt: skip
+    key = hash_parts(
+        features=fid.features,
+        weights=file_digest(weights),
+        data=labels.data_name,
+        split=fid.reference_split,
+        examples=len(reference),
+        antialias=bool(fid.antialias),
+        moments=True,
+    )
     return str(ctx.cache_dir / f"fid_reference_{key[:20]}.pt")

@@ -68,7 +68,11 @@ class FrechetSettings:
 
     @property
     def description(self) -> str:
-        return "Inception-v3 pool3 (FID; bilinear resize to 299)" if self.features == "inception" else "digits classifier penultimate layer (FD, not FID)"
+        return (
+            "Inception-v3 pool3 (FID; bilinear resize to 299)"
+            if self.features == "inception"
+            else "digits classifier penultimate layer (FD, not FID)"
+        )
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,9 @@ class EvaluateSettings:
 
     out_dir: Path = Path("outputs")
     cache_dir: Path = Path(".cache")
-    batch_size: int | None = None  # examples per network call; None: `auto_batch_size` of the model's images (set by `resolve`)
+    batch_size: int | None = (
+        None  # examples per network call; None: `auto_batch_size` of the model's images (set by `resolve`)
+    )
     cost: CostSettings = CostSettings()
     held_out: HeldOutSettings = HeldOutSettings()
     quality: QualitySettings = QualitySettings()
@@ -161,10 +167,17 @@ class EvaluateSettings:
         if any(s.objective == "dpmpp" for s in strategies):
             check_multistep_size(sizes["the size of cost.ode.grid"], self.cost.ode.memory_gb)
         if any(s.objective == "oss" for s in strategies) and model.image_shape is not None:
-            check_oss_size(sizes["the size of cost.ode.grid"] + 1, self.cost.ode.trajectories, math.prod(model.image_shape), self.cost.ode.memory_gb)
+            check_oss_size(
+                sizes["the size of cost.ode.grid"] + 1,
+                self.cost.ode.trajectories,
+                math.prod(model.image_shape),
+                self.cost.ode.memory_gb,
+            )
         name, limit = min(sizes.items(), key=lambda kv: kv[1])
         budgets = check_budgets(list(held.budgets), limit, "eval.budgets", name)
-        sampled = check_budgets(list(held.sample_budgets), limit, "eval.sample_budgets", name) if held.sample_budgets else []
+        sampled = (
+            check_budgets(list(held.sample_budgets), limit, "eval.sample_budgets", name) if held.sample_budgets else []
+        )
         _check_analytic(strategies, model, grid)
         refine = self.cost.refine
         if refine is not None:
@@ -172,8 +185,11 @@ class EvaluateSettings:
             first = min(self.cost.precision.first, examples) if self.cost.precision.target_sem is not None else examples
             with config_keys("cost.refine"):
                 check_refine(refine, T, first, sorted(set(budgets) | set(sampled)))
-        return replace(resolved, held_out=replace(held, budgets=tuple(budgets), sample_budgets=tuple(sampled), strategies=tuple(strategies)),
-                       batch_size=self.batch_size or auto_batch_size(model.image_shape))  # fmt: skip
+        return replace(
+            resolved,
+            held_out=replace(held, budgets=tuple(budgets), sample_budgets=tuple(sampled), strategies=tuple(strategies)),
+            batch_size=self.batch_size or auto_batch_size(model.image_shape),
+        )
 
 
 AUTO_VALUES = 2**20  # input values per network call of `batch_size: null`

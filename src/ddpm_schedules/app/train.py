@@ -29,7 +29,9 @@ class TrainSettings:
     nodes. Every key is read without a fallback value: conf/train.yaml and its groups hold the defaults."""
 
     seed: int
-    flags: dict[str, Any]  # improved-diffusion's flags: the unet group (network) + the diffusion group (process, conventions)
+    flags: dict[
+        str, Any
+    ]  # improved-diffusion's flags: the unet group (network) + the diffusion group (process, conventions)
     output_dir: Path
     ckpt_path: str | None = None
     trust_checkpoint: bool = False
@@ -49,9 +51,18 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     if ckpt_path:
         check_resume_checkpoint(str(ckpt_path), flags, trust)
     callbacks = {name: node for name, node in (cfg.get("callbacks") or {}).items() if node is not None}
-    return TrainSettings(seed=seed(cfg, "seed"), flags=flags, output_dir=Path(get(cfg, "paths.output_dir")),
-                         ckpt_path=ckpt_path or None, trust_checkpoint=trust, data=cfg.data, module=cfg.module,
-                         trainer=cfg.trainer, logger=cfg.get("logger"), callbacks=callbacks)  # fmt: skip
+    return TrainSettings(
+        seed=seed(cfg, "seed"),
+        flags=flags,
+        output_dir=Path(get(cfg, "paths.output_dir")),
+        ckpt_path=ckpt_path or None,
+        trust_checkpoint=trust,
+        data=cfg.data,
+        module=cfg.module,
+        trainer=cfg.trainer,
+        logger=cfg.get("logger"),
+        callbacks=callbacks,
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -116,6 +127,10 @@ def check_resume_checkpoint(path: str, flags: dict[str, Any], trust_checkpoint: 
         raise
     except Exception:
         raise ValueError(f"ckpt_path = {path!r} is not a checkpoint written by train.py") from None
-    differ = [f"{k}={saved.get(k)!r} (config: {v!r})" for k, v in flags.items() if k in saved and str(saved[k]) != str(v)]
+    differ = [
+        f"{k}={saved.get(k)!r} (config: {v!r})" for k, v in flags.items() if k in saved and str(saved[k]) != str(v)
+    ]
     if differ:
-        raise ValueError(f"ckpt_path = {path!r} was trained with {', '.join(differ)}; resume with the flags it was trained with")
+        raise ValueError(
+            f"ckpt_path = {path!r} was trained with {', '.join(differ)}; resume with the flags it was trained with"
+        )

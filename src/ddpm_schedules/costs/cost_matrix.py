@@ -62,7 +62,9 @@ def estimate_cost_matrices(
     opts = estimate_options(options, **overrides)
     seed, batch_size = opts.seed, opts.batch_size
     if "ode" in objectives:
-        raise ValueError("the ode objective runs teacher trajectories from noise, not data: use ode.estimate_ode_matrix(model, trajectories)")
+        raise ValueError(
+            "the ode objective runs teacher trajectories from noise, not data: use ode.estimate_ode_matrix(model, trajectories)"
+        )
     objectives = check_objectives(objectives, allowed=("elbo", "mse"))
     g = full_grid(grid, model.T)
     batches = indexed_batches(data, batch_size, model.levels, model.image_shape, opts.start_index)
@@ -75,24 +77,46 @@ def estimate_cost_matrices(
         model.gamma_at(g[1:])  # every grid t needs a given Gamma_t
     metric = CostMatrixMetric(g.numel(), len(objectives)).to(device)
     # batch_size shapes the network calls (columns per call): a resume replays the interrupted run's calls only with it
-    config = {"what": "cost_matrix", "sums": "moments", "model": model_fingerprint(model), "data": data_fingerprint(batches), "grid": g.tolist(), "seed": seed,
-              "batch_size": batch_size}
+    config = {
+        "what": "cost_matrix",
+        "sums": "moments",
+        "model": model_fingerprint(model),
+        "data": data_fingerprint(batches),
+        "grid": g.tolist(),
+        "seed": seed,
+        "batch_size": batch_size,
+    }
     if objectives != ["elbo"]:
         config["objectives"] = objectives
     with resumable(model, metric, opts.partial_file(every=50), config) as (saver, done, stop_requested):
         bar = tqdm(desc="cost matrix", unit="col", disable=not opts.progress, initial=done, total=g.numel() - 1)
         for group in call_groups(range(done + 1, g.numel()), max(len(x0) for _, x0 in batches), batch_size):
-            tables = {j: pair_tables(model, int(g[j]), g[:1] if gamma_from_passes else g[:j], device) for j in group} if "elbo" in objectives else {}
+            tables = (
+                {j: pair_tables(model, int(g[j]), g[:1] if gamma_from_passes else g[:j], device) for j in group}
+                if "elbo" in objectives
+                else {}
+            )
             for start, x0 in batches:  # each column's updates in batch order, as one column at a time
                 x0 = x0.to(device)
-                x_ts = [model.q_sample(x0, int(g[j]), example_noise(seed, start, x0.shape[0], int(g[j]), shape).to(device)) for j in group]
+                x_ts = [
+                    model.q_sample(x0, int(g[j]), example_noise(seed, start, x0.shape[0], int(g[j]), shape).to(device))
+                    for j in group
+                ]
                 for j, x_t, pred in zip(group, x_ts, model.predict_many(x_ts, [int(g[j]) for j in group])):
                     t = int(g[j])
-                    terms = [elbo_terms(model, x0, x_t, t, g[:j], pred, tables[j], gamma_from_passes) if name == "elbo"
-                             else mse_terms(x0, pred.x0_hat, t, g[:j]) for name in objectives]  # fmt: skip
-                    metric.update(torch.stack(terms), j, prior_nats(model, x0) if j == 1 and "elbo" in objectives else None)
+                    terms = [
+                        elbo_terms(model, x0, x_t, t, g[:j], pred, tables[j], gamma_from_passes)
+                        if name == "elbo"
+                        else mse_terms(x0, pred.x0_hat, t, g[:j])
+                        for name in objectives
+                    ]
+                    metric.update(
+                        torch.stack(terms), j, prior_nats(model, x0) if j == 1 and "elbo" in objectives else None
+                    )
                     if gamma_from_passes:
-                        metric.update_columns(j, ((x0.double() - pred.x0_hat) ** 2).flatten(1).sum(1), (pred.eps**2).flatten(1).mean(1))
+                        metric.update_columns(
+                            j, ((x0.double() - pred.x0_hat) ** 2).flatten(1).sum(1), (pred.eps**2).flatten(1).mean(1)
+                        )
             bar.update(len(group))
             saver.step(metric, group[-1], stop_requested(), units=len(group))
         bar.close()
@@ -105,11 +129,22 @@ def estimate_cost_matrices(
         moments[:, k], gamma = analytic_moments(model, g, moments[:, k], sums.column_moments, math.prod(shape))
     analytic = {"gamma": gamma, "betas": model.schedule.betas} if gamma is not None else {}
     none = empty_moments()
-    return {name: from_moments(moments[:, k], prior_moments if name == "elbo" else none, g, math.prod(shape), name, **(analytic if name == "elbo" else {}))
-            for k, name in enumerate(objectives)}  # fmt: skip
+    return {
+        name: from_moments(
+            moments[:, k],
+            prior_moments if name == "elbo" else none,
+            g,
+            math.prod(shape),
+            name,
+            **(analytic if name == "elbo" else {}),
+        )
+        for k, name in enumerate(objectives)
+    }
 
 
-def elbo_terms(model: DiffusionModel, x0: Tensor, x_t: Tensor, t: int, s: Tensor, pred: Prediction, tables, decoder_only: bool) -> Tensor:
+def elbo_terms(
+    model: DiffusionModel, x0: Tensor, x_t: Tensor, t: int, s: Tensor, pred: Prediction, tables, decoder_only: bool
+) -> Tensor:
     """[B, S] ELBO terms of the pairs (s, t); with ``decoder_only`` only s = 0 is computed (the rest: zeros, filled later)."""
     if not decoder_only:
         return pair_terms(model, x0, x_t, t, s, pred, tables=tables)
@@ -118,7 +153,9 @@ def elbo_terms(model: DiffusionModel, x0: Tensor, x_t: Tensor, t: int, s: Tensor
     return out
 
 
-def analytic_moments(model: DiffusionModel, grid: Tensor, moments: Tensor, column_moments: Tensor, dims: int) -> tuple[Tensor, Tensor]:
+def analytic_moments(
+    model: DiffusionModel, grid: Tensor, moments: Tensor, column_moments: Tensor, dims: int
+) -> tuple[Tensor, Tensor]:
     """The KL moments of every pair s >= 1 under the analytic variance, and Gamma [T+1] (NaN off the grid).
 
     Gamma_t is the column's mean ||eps||^2 / D; with sigma2(s, t) then fixed, KL = a + b ||x_0 - x0_hat||^2
@@ -131,7 +168,9 @@ def analytic_moments(model: DiffusionModel, grid: Tensor, moments: Tensor, colum
     for j in range(2, grid.numel()):
         t, s = int(grid[j]), grid[1:j]
         sigma2 = torch.exp(ns.analytic_log_variance(s, t, gamma[t]))
-        a = fixed_variance_kl(torch.zeros(1, dtype=torch.float64), c0(ns.ab[s], ns.ab[t]), btil(ns.ab[s], ns.ab[t]), sigma2, dims)[0]
+        a = fixed_variance_kl(
+            torch.zeros(1, dtype=torch.float64), c0(ns.ab[s], ns.ab[t]), btil(ns.ab[s], ns.ab[t]), sigma2, dims
+        )[0]
         b = c0(ns.ab[s], ns.ab[t]) ** 2 / (2 * sigma2)
         n, mean_sq, m2_sq = column_moments[:, 0, j]
         moments[0, 1:j, j], moments[1, 1:j, j], moments[2, 1:j, j] = n, a + b * mean_sq, b**2 * m2_sq
@@ -142,5 +181,3 @@ def mse_terms(x0: Tensor, x0_hat: Tensor, t: int, s: Tensor) -> Tensor:
     """[B, S]: the paper's reweighted cost (t - s) ||x_0 - x0_hat(x_t, t)||^2, summed over dimensions."""
     sq_err = ((x0.double() - x0_hat.double()) ** 2).flatten(1).sum(1)
     return sq_err[:, None] * (t - s.to(x0.device, torch.float64))[None, :]
-
-

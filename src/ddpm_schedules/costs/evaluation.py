@@ -11,8 +11,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.costs.moments import batch_moments, empty_moments, mean_sem, merge_moments
+from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.costs.terms import pair_tables, pair_terms, prior_nats
 from ddpm_schedules.models.diffusion import nats_to_bpd
 from ddpm_schedules.models.model import DiffusionModel, call_groups
@@ -93,9 +93,13 @@ def evaluate_schedules(
         raise ValueError("no schedules to evaluate; pass at least one Schedule")
     for sch in schedules:
         if not isinstance(sch, Schedule):
-            raise ValueError(f"expected Schedule objects, got {type(sch).__name__}; build them with even_schedule() etc.")
+            raise ValueError(
+                f"expected Schedule objects, got {type(sch).__name__}; build them with even_schedule() etc."
+            )
         if sch.T != model.T:
-            raise ValueError(f"schedule {sch.strategy!r} (K={sch.K}) ends at T = {sch.T} but the model has T = {model.T}")
+            raise ValueError(
+                f"schedule {sch.strategy!r} (K={sch.K}) ends at T = {sch.T} but the model has T = {model.T}"
+            )
     # flat step index of every (schedule, step); and at each t the distinct s it needs
     offsets = [0]
     for sch in schedules:
@@ -110,17 +114,33 @@ def evaluate_schedules(
     device = model.device
     metric = ScheduleTermsMetric(offsets[-1], len(schedules)).to(device)
     tables = {t: pair_tables(model, t, sorted(by_s), device) for t, by_s in needs.items()}
-    config = {"what": "held_out", "sums": "moments", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed,
-              "schedules": [list(s.timesteps) for s in schedules], "batch_size": batch_size}  # fmt: skip
-    with resumable(model, metric, opts.partial_file(every=10), config) as (saver, done, stop_requested), tqdm(
-        total=len(batches) * len(needs), initial=done * len(needs), desc="held-out terms", unit="pass", disable=not opts.progress
-    ) as bar:
+    config = {
+        "what": "held_out",
+        "sums": "moments",
+        "model": model_fingerprint(model),
+        "data": data_fingerprint(batches),
+        "seed": seed,
+        "schedules": [list(s.timesteps) for s in schedules],
+        "batch_size": batch_size,
+    }
+    with (
+        resumable(model, metric, opts.partial_file(every=10), config) as (saver, done, stop_requested),
+        tqdm(
+            total=len(batches) * len(needs),
+            initial=done * len(needs),
+            desc="held-out terms",
+            unit="pass",
+            disable=not opts.progress,
+        ) as bar,
+    ):
         for b, (start, x0) in enumerate(batches[done:], start=done):
             x0 = x0.to(device)
             prior = prior_nats(model, x0)
             step_terms = torch.zeros(x0.shape[0], offsets[-1], dtype=torch.float64, device=device)
             for group in call_groups(sorted(needs), x0.shape[0], batch_size):  # several timesteps per network call
-                x_ts = [model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device)) for t in group]
+                x_ts = [
+                    model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device)) for t in group
+                ]
                 for t, x_t, pred in zip(group, x_ts, model.predict_many(x_ts, group)):
                     terms = pair_terms(model, x0, x_t, t, tables[t].s, pred, tables=tables[t])
                     for col, s_val in enumerate(tables[t].s.tolist()):

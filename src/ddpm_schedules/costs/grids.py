@@ -49,8 +49,11 @@ def candidate_grid(grid: GridSpec, T: int) -> list[int] | None:
         raise ParameterError("{grid} = {value!r}; {hint}", value=grid, hint=HINT)
     if isinstance(grid, int):
         if not 1 <= grid <= T:
-            raise ParameterError("{grid} = {value}; an integer grid is a stride >= 1 and <= T = {T} "
-                                 "(every k-th step, plus T)", value=grid, T=T)  # fmt: skip
+            raise ParameterError(
+                "{grid} = {value}; an integer grid is a stride >= 1 and <= T = {T} (every k-th step, plus T)",
+                value=grid,
+                T=T,
+            )
         return sorted(set(range(grid, T + 1, grid)) | {T})
     if isinstance(grid, str):
         return _named(grid, T)
@@ -65,8 +68,9 @@ def check_spec(grid: GridSpec) -> GridSpec:
         values = list(grid)
         bad = [t for t in values if isinstance(t, bool) or not isinstance(t, int) or t < 1]
         if not values or bad:
-            raise ParameterError("{grid} = {value!r}; every timestep must be a positive integer{got}", value=values,
-                                 got=_got(bad))  # fmt: skip
+            raise ParameterError(
+                "{grid} = {value!r}; every timestep must be a positive integer{got}", value=values, got=_got(bad)
+            )
         return tuple(values)
     if isinstance(grid, str):
         _named(grid, 1)
@@ -84,11 +88,13 @@ def _listed(grid: Sequence, T: int) -> list[int]:
     values = list(grid)
     bad = [t for t in values if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= T]
     if not values or bad:
-        raise ParameterError("{grid} = {value!r}; every timestep must be an integer in 1..T = {T}{got}", value=values,
-                             T=T, got=_got(bad))  # fmt: skip
+        raise ParameterError(
+            "{grid} = {value!r}; every timestep must be an integer in 1..T = {T}{got}", value=values, T=T, got=_got(bad)
+        )
     if T not in values:
-        raise ParameterError("{grid} = {value!r} lacks T = {T}; every schedule ends there: append {T}", value=values,
-                             T=T)  # fmt: skip
+        raise ParameterError(
+            "{grid} = {value!r} lacks T = {T}; every schedule ends there: append {T}", value=values, T=T
+        )
     return sorted(set(values))
 
 
@@ -121,4 +127,3 @@ def grid_size(grid: GridSpec, T: int) -> int:
     """How many candidate timesteps a spec gives (T for every step)."""
     g = candidate_grid(grid, T)
     return T if g is None else len(set(g))
-

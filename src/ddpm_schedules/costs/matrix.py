@@ -42,7 +42,9 @@ class CostMatrixMetric(Metric):
         terms = terms.to(torch.float64)
         terms = terms[None] if terms.ndim == 2 else terms
         if terms.ndim != 3 or terms.shape[0] != self.moments.shape[1] or terms.shape[2] != column:
-            raise ValueError(f"terms for column {column} must be [{self.moments.shape[1]}, B, {column}], got {tuple(terms.shape)}")
+            raise ValueError(
+                f"terms for column {column} must be [{self.moments.shape[1]}, B, {column}], got {tuple(terms.shape)}"
+            )
         old = self.moments[:, :, :column, column]
         self.moments[:, :, :column, column] = merge_moments(torch.stack([old, batch_moments(terms, dim=1)]))
         self.count[column] += terms.shape[1]
@@ -52,11 +54,15 @@ class CostMatrixMetric(Metric):
     def update_columns(self, column: int, sq_err: Tensor, eps_sq: Tensor) -> None:
         """Add B examples' ||x_0 - x0_hat||^2 and ||eps||^2 / D at column ``column`` (the analytic rule's statistics)."""
         old = self.column_moments[:, :, column]
-        self.column_moments[:, :, column] = merge_moments(torch.stack([old, batch_moments(torch.stack([sq_err, eps_sq], 1), dim=0)]))
+        self.column_moments[:, :, column] = merge_moments(
+            torch.stack([old, batch_moments(torch.stack([sq_err, eps_sq], 1), dim=0)])
+        )
 
     def compute(self) -> MatrixSums:
         """The merged sums (under torch.distributed every process's moments are merged first: torchmetrics syncs)."""
-        return MatrixSums(self.moments.clone(), self.prior_moments.clone(), self.column_moments.clone(), self.count.clone())
+        return MatrixSums(
+            self.moments.clone(), self.prior_moments.clone(), self.column_moments.clone(), self.count.clone()
+        )
 
 
 @dataclass
@@ -74,11 +80,17 @@ class MatrixSums:
         """Each pair's mean [O, N+1, N+1] and its standard error; inf and NaN where i >= j."""
         mean, sem = mean_sem(self.moments)
         valid = torch.ones(mean.shape[-2:], dtype=torch.bool, device=mean.device).triu(1)
-        return torch.where(valid, mean, torch.full_like(mean, math.inf)), torch.where(valid, sem, torch.full_like(sem, math.nan))
+        return torch.where(valid, mean, torch.full_like(mean, math.inf)), torch.where(
+            valid, sem, torch.full_like(sem, math.nan)
+        )
 
     def cpu(self) -> "MatrixSums":
-        return MatrixSums(*(None if v is None else v.cpu() for v in (self.moments, self.prior_moments, self.column_moments,
-                                                                      self.count, self.multistep)))  # fmt: skip
+        return MatrixSums(
+            *(
+                None if v is None else v.cpu()
+                for v in (self.moments, self.prior_moments, self.column_moments, self.count, self.multistep)
+            )
+        )
 
 
 @dataclass
@@ -95,20 +107,31 @@ class CostMatrix:
     objective: str = "elbo"  # elbo (nats), mse (paper's reweighting) or ode (trajectory error; ode.py)
     moments: Tensor | None = field(default=None, repr=False)  # [3, N+1, N+1] (count, mean, M2): lets matrices merge
     prior_moments: Tensor | None = field(default=None, repr=False)  # [3]
-    gamma: Tensor | None = field(default=None, repr=False)  # [T+1] Gamma_t (NaN off the grid) of an analytic-variance matrix
+    gamma: Tensor | None = field(
+        default=None, repr=False
+    )  # [T+1] Gamma_t (NaN off the grid) of an analytic-variance matrix
     betas: Tensor | None = field(default=None, repr=False)  # [T] the model's betas, with gamma (analytic_ot needs both)
-    two_step: Tensor | None = field(default=None, repr=False)  # [N+1]^3 DPM-Solver++(2M)'s step costs (ode, multistep.py)
+    two_step: Tensor | None = field(
+        default=None, repr=False
+    )  # [N+1]^3 DPM-Solver++(2M)'s step costs (ode, multistep.py)
 
     def merged(self, other: "CostMatrix") -> "CostMatrix":
         """The matrix of both sets of examples (e.g. two rounds of `estimate_to_precision`), from their moments."""
         if self.moments is None or other.moments is None:
             raise ValueError("only matrices estimated with their moments can be merged; estimate them again")
         if self.gamma is not None or other.gamma is not None:
-            raise ValueError("analytic-variance matrices cannot be merged: each one's Gamma comes from its own examples")
+            raise ValueError(
+                "analytic-variance matrices cannot be merged: each one's Gamma comes from its own examples"
+            )
         if not torch.equal(self.grid, other.grid) or self.objective != other.objective:
             raise ValueError("matrices of different grids or objectives cannot be merged")
-        return from_moments(merge_moments(torch.stack([self.moments, other.moments])),
-                            merge_moments(torch.stack([self.prior_moments, other.prior_moments])), self.grid, self.dims, self.objective)
+        return from_moments(
+            merge_moments(torch.stack([self.moments, other.moments])),
+            merge_moments(torch.stack([self.prior_moments, other.prior_moments])),
+            self.grid,
+            self.dims,
+            self.objective,
+        )
 
     @property
     def T(self) -> int:
@@ -120,7 +143,9 @@ class CostMatrix:
         pos = {int(t): i for i, t in enumerate(self.grid.tolist())}
         missing = [t for t in ts if t not in pos or t == 0]
         if missing:
-            raise ValueError(f"timestep {missing[0]} is not on the cost matrix grid; pick timesteps from cost_matrix.grid[1:]")
+            raise ValueError(
+                f"timestep {missing[0]} is not on the cost matrix grid; pick timesteps from cost_matrix.grid[1:]"
+            )
         if not ts or ts[-1] != self.T:
             raise ValueError(f"a candidate grid must contain T = {self.T}")
         return torch.tensor([0] + [pos[t] for t in ts])
@@ -147,21 +172,38 @@ class CostMatrix:
         try:
             return cls(**load_checked(path))
         except Exception as e:
-            raise ValueError(f"cost matrix file {str(path)!r} is not a saved CostMatrix ({type(e).__name__}); recompute it") from None
+            raise ValueError(
+                f"cost matrix file {str(path)!r} is not a saved CostMatrix ({type(e).__name__}); recompute it"
+            ) from None
 
 
 def from_moments(
-    moments: Tensor, prior_moments: Tensor, grid: Tensor, dims: int, objective: str, gamma: Tensor | None = None, betas: Tensor | None = None
+    moments: Tensor,
+    prior_moments: Tensor,
+    grid: Tensor,
+    dims: int,
+    objective: str,
+    gamma: Tensor | None = None,
+    betas: Tensor | None = None,
 ) -> CostMatrix:
     """A CostMatrix from the moments [3, N+1, N+1] of its pairs and [3] of the prior (mean inf, sem NaN where i >= j)."""
     mean, sem = mean_sem(moments)
     valid = torch.ones_like(mean, dtype=torch.bool).triu(1)
     prior, prior_sem = mean_sem(prior_moments) if prior_moments[0] > 0 else (torch.zeros(()), torch.zeros(()))
     return CostMatrix(
-        mean=torch.where(valid, mean, torch.full_like(mean, math.inf)), sem=torch.where(valid, sem, torch.full_like(sem, math.nan)),
-        grid=grid, prior=float(prior), prior_sem=float(prior_sem), count=int(moments[0, 0, 1:].min()) if grid.numel() > 1 else 0,
-        dims=dims, objective=objective, moments=moments, prior_moments=prior_moments, gamma=gamma, betas=betas,
-    )  # fmt: skip
+        mean=torch.where(valid, mean, torch.full_like(mean, math.inf)),
+        sem=torch.where(valid, sem, torch.full_like(sem, math.nan)),
+        grid=grid,
+        prior=float(prior),
+        prior_sem=float(prior_sem),
+        count=int(moments[0, 0, 1:].min()) if grid.numel() > 1 else 0,
+        dims=dims,
+        objective=objective,
+        moments=moments,
+        prior_moments=prior_moments,
+        gamma=gamma,
+        betas=betas,
+    )
 
 
 def check_objectives(objectives: Sequence[str], allowed: Sequence[str] = OBJECTIVES) -> list[str]:

@@ -24,9 +24,13 @@ def check_multistep_size(points: int, memory_gb: float) -> None:
     before any pass, with a `ParameterError` naming ``grid`` and ``memory_gb``."""
     need = (points + 1) ** 3 * 8 / 2**30
     if need > memory_gb:
-        raise ParameterError("{grid} has {points} points: DPM-Solver++(2M)'s step costs need {need:.1f} GB, more than "
-                             "{memory_gb} = {limit}; use a coarser {grid} (5 at T = 1000: 200 points, 0.06 GB)",
-                             points=points, need=need, limit=memory_gb)  # fmt: skip
+        raise ParameterError(
+            "{grid} has {points} points: DPM-Solver++(2M)'s step costs need {need:.1f} GB, more than "
+            "{memory_gb} = {limit}; use a coarser {grid} (5 at T = 1000: 200 points, 0.06 GB)",
+            points=points,
+            need=need,
+            limit=memory_gb,
+        )
 
 
 def trajectory_gram(xs: Tensor, x0s: Tensor) -> Tensor:
@@ -52,8 +56,18 @@ def step_sq_distances(ab: Tensor, grid: Tensor, G: Tensor, c: int) -> Tensor:
     pp, xp, dcp = diag[:, dp, None], G[:, xc, dp, None], G[:, dc, dp, None]  # [B, P, 1]
     nn, xn_c, dn = diag[:, None, xn], G[:, None, xc, xn], G[:, None, dc, xn]  # [B, 1, M]
     pn = G[:, dp, xn]  # [B, P, M]
-    return (a**2 * cc + b**2 * dd + d**2 * pp + nn + 2 * a * b * xx + 2 * a * d * xp + 2 * b * d * dcp
-            - 2 * a * xn_c - 2 * b * dn - 2 * d * pn)  # fmt: skip
+    return (
+        a**2 * cc
+        + b**2 * dd
+        + d**2 * pp
+        + nn
+        + 2 * a * b * xx
+        + 2 * a * d * xp
+        + 2 * b * d * dcp
+        - 2 * a * xn_c
+        - 2 * b * dn
+        - 2 * d * pn
+    )
 
 
 def multistep_distance_sums(ab: Tensor, grid: Tensor, G: Tensor) -> Tensor:

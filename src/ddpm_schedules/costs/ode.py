@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm_schedules.costs.matrix import CostMatrix, CostMatrixMetric, MatrixSums, from_moments
 from ddpm_schedules.costs.grids import full_grid
+from ddpm_schedules.costs.matrix import CostMatrix, CostMatrixMetric, MatrixSums, from_moments
 from ddpm_schedules.costs.moments import empty_moments
-from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.costs.multistep import check_multistep_size, multistep_distance_sums, trajectory_gram
+from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import example_noise
 from ddpm_schedules.sampling.samplers import ddim_step
@@ -55,7 +55,9 @@ def teacher_trajectory(model: DiffusionModel, x_T: Tensor, grid: Tensor) -> tupl
     return xs, x0s
 
 
-def jump_distances(model: DiffusionModel, xs: Tensor, x0s: Tensor, grid: Tensor, j: int, max_elements: int = 1 << 22) -> Tensor:
+def jump_distances(
+    model: DiffusionModel, xs: Tensor, x0s: Tensor, grid: Tensor, j: int, max_elements: int = 1 << 22
+) -> Tensor:
     """[B, j]: || jump_{t->s}(x_t) - x_s || for t = grid[j] and every s = grid[i], i < j (one DDIM step each)."""
     ab = model.schedule.ab.to(xs.device)
     t = int(grid[j])
@@ -111,7 +113,9 @@ def estimate_ode_matrix(
     opts = estimate_options(options, **overrides)
     seed, start_index = opts.seed, opts.start_index
     if model.image_shape is None:
-        raise ValueError("this DiffusionModel has no image_shape; pass image_shape=(C, H, W) to run teacher trajectories")
+        raise ValueError(
+            "this DiffusionModel has no image_shape; pass image_shape=(C, H, W) to run teacher trajectories"
+        )
     if isinstance(trajectories, bool) or not isinstance(trajectories, int) or trajectories < 1:
         raise ValueError(f"trajectories = {trajectories!r}; it must be a positive integer")
     g = full_grid(grid, model.T)
@@ -121,21 +125,40 @@ def estimate_ode_matrix(
     chunk = chunk_size(opts.batch_size, g.numel(), dims, memory_gb)
     starts = list(range(0, trajectories, chunk))
     metric = OdeMetric(g.numel(), multistep).to(model.device)
-    config = {"what": "ode", "model": model_fingerprint(model), "grid": g.tolist(), "seed": seed, "trajectories": trajectories,
-              "start_index": start_index, "chunk": chunk, **({"multistep": True} if multistep else {})}  # fmt: skip
-    with resumable(model, metric, opts.partial_file(every=1), config) as (saver, done, stop_requested), tqdm(
-        total=trajectories, initial=min(trajectories, done * chunk), desc="ode matrix", unit="traj", disable=not opts.progress
-    ) as bar:
+    config = {
+        "what": "ode",
+        "model": model_fingerprint(model),
+        "grid": g.tolist(),
+        "seed": seed,
+        "trajectories": trajectories,
+        "start_index": start_index,
+        "chunk": chunk,
+        **({"multistep": True} if multistep else {}),
+    }
+    with (
+        resumable(model, metric, opts.partial_file(every=1), config) as (saver, done, stop_requested),
+        tqdm(
+            total=trajectories,
+            initial=min(trajectories, done * chunk),
+            desc="ode matrix",
+            unit="traj",
+            disable=not opts.progress,
+        ) as bar,
+    ):
         for c, lo in enumerate(starts[done:], start=done):
             m = min(chunk, trajectories - lo)
             xs, x0s = teacher_trajectory(model, trajectory_noise(seed, start_index + lo, m, model.image_shape), g)
             for j in range(1, g.numel()):
                 metric.update(jump_distances(model, xs, x0s, g, j), j)
             if multistep:
-                metric.multistep += multistep_distance_sums(model.schedule.ab.to(model.device), g.to(model.device), trajectory_gram(xs, x0s))
+                metric.multistep += multistep_distance_sums(
+                    model.schedule.ab.to(model.device), g.to(model.device), trajectory_gram(xs, x0s)
+                )
             bar.update(m)
             saver.step(metric, c + 1, stop_requested())
     sums = metric.compute().cpu()
     saver.remove()
     cm = from_moments(sums.moments[:, 0], empty_moments(), g, dims, "ode")
-    return replace(cm, two_step=sums.multistep / float(sums.count[1])) if multistep else cm  # every process's trajectories
+    return (
+        replace(cm, two_step=sums.multistep / float(sums.count[1])) if multistep else cm
+    )  # every process's trajectories

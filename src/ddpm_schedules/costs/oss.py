@@ -48,8 +48,10 @@ PROPAGATE = ("ddim", "dpmpp")  # deterministic samplers whose own states can be 
 
 def check_propagate(propagate: object) -> str:
     if propagate not in PROPAGATE:
-        raise ParameterError("{propagate} = {value!r}; dp_ode_oss carries a deterministic sampler's own states: "
-                             "use ddim or dpmpp", value=propagate)  # fmt: skip
+        raise ParameterError(
+            "{propagate} = {value!r}; dp_ode_oss carries a deterministic sampler's own states: use ddim or dpmpp",
+            value=propagate,
+        )
     return str(propagate)
 
 
@@ -62,10 +64,15 @@ def oss_memory_gb(points: int, trajectories: int, dims: int) -> float:
 def check_oss_size(points: int, trajectories: int, dims: int, memory_gb: float) -> None:
     need = oss_memory_gb(points, trajectories, dims)
     if need > memory_gb:
-        raise ParameterError("dp_ode_oss holds every trajectory's states at every point of {grid}: {need:.1f} GB for "
-                             "{n} trajectories and {points} points, more than {memory_gb} = {limit}; use fewer "
-                             "{trajectories}, more processes ({procs}) or a coarser {grid}", need=need, n=trajectories,
-                             points=points, limit=memory_gb)  # fmt: skip
+        raise ParameterError(
+            "dp_ode_oss holds every trajectory's states at every point of {grid}: {need:.1f} GB for "
+            "{n} trajectories and {points} points, more than {memory_gb} = {limit}; use fewer "
+            "{trajectories}, more processes ({procs}) or a coarser {grid}",
+            need=need,
+            n=trajectories,
+            points=points,
+            limit=memory_gb,
+        )
 
 
 @dataclass(frozen=True)
@@ -91,16 +98,31 @@ class OssPaths:
 
     def save(self, path: str | Path) -> None:
         """Plain JSON (atomic): the grid, the paths and what they cost."""
-        atomic_write_json(Path(path), {"what": "oss", "grid": self.grid.tolist(), "paths": {str(k): list(p) for k, p in self.paths.items()},
-                                       "distance": {str(k): d for k, d in self.distance.items()}, "passes": self.passes,
-                                       "count": self.count, "propagate": self.propagate})  # fmt: skip
+        atomic_write_json(
+            Path(path),
+            {
+                "what": "oss",
+                "grid": self.grid.tolist(),
+                "paths": {str(k): list(p) for k, p in self.paths.items()},
+                "distance": {str(k): d for k, d in self.distance.items()},
+                "passes": self.passes,
+                "count": self.count,
+                "propagate": self.propagate,
+            },
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "OssPaths":
         try:
             doc = json.loads(Path(path).read_text())
-            return cls(torch.tensor(doc["grid"]), {int(k): tuple(p) for k, p in doc["paths"].items()},
-                       {int(k): float(d) for k, d in doc["distance"].items()}, int(doc["passes"]), int(doc["count"]), str(doc["propagate"]))  # fmt: skip
+            return cls(
+                torch.tensor(doc["grid"]),
+                {int(k): tuple(p) for k, p in doc["paths"].items()},
+                {int(k): float(d) for k, d in doc["distance"].items()},
+                int(doc["passes"]),
+                int(doc["count"]),
+                str(doc["propagate"]),
+            )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a dp_ode_oss result ({type(e).__name__}: {e})") from None
 
@@ -125,7 +147,9 @@ class StepDistanceSums(Metric):
         return self.sums, self.count
 
 
-def _steps(ab: Tensor, g: Tensor, x: Tensor, x0: Tensor, prev: tuple[Tensor, int] | None, j: int, targets: Tensor) -> Tensor:
+def _steps(
+    ab: Tensor, g: Tensor, x: Tensor, x0: Tensor, prev: tuple[Tensor, int] | None, j: int, targets: Tensor
+) -> Tensor:
     """[len(targets), B, D]: the sampler's step from its state (x, x0_hat at g[j], the previous (x0_hat, grid index)) to each target."""
     p = None if prev is None else g[prev[1]]
     a, b, d = (v.to(x.device)[:, None, None] for v in dpmpp_2m_coefficients(ab, p, g[j], g[targets]))
@@ -133,8 +157,16 @@ def _steps(ab: Tensor, g: Tensor, x: Tensor, x0: Tensor, prev: tuple[Tensor, int
     return out + d * prev[0] if prev is not None else out
 
 
-def _distances(ab: Tensor, g: Tensor, state: tuple[Tensor, tuple[Tensor, int] | None], x0: Tensor, j: int, targets: Tensor,
-               teacher: Tensor, max_elements: int = 1 << 24) -> Tensor:
+def _distances(
+    ab: Tensor,
+    g: Tensor,
+    state: tuple[Tensor, tuple[Tensor, int] | None],
+    x0: Tensor,
+    j: int,
+    targets: Tensor,
+    teacher: Tensor,
+    max_elements: int = 1 << 24,
+) -> Tensor:
     """[B, len(targets)]: || step(state at j -> i) - teacher at i || for every target i, in chunks of targets."""
     x, prev = state
     out = torch.empty(x.shape[0], targets.numel(), dtype=torch.float64, device=x.device)
@@ -145,7 +177,9 @@ def _distances(ab: Tensor, g: Tensor, state: tuple[Tensor, tuple[Tensor, int] | 
     return out
 
 
-States = dict[int, tuple[Tensor, "tuple[Tensor, int] | None"]]  # grid index -> (x, the previous (x0_hat, grid index) for dpmpp)
+States = dict[
+    int, tuple[Tensor, "tuple[Tensor, int] | None"]
+]  # grid index -> (x, the previous (x0_hat, grid index) for dpmpp)
 
 
 @dataclass
@@ -171,18 +205,26 @@ class _Levels:
         prev = [self.states[i][1] for i in index]
         two = bool(prev) and prev[0] is not None
         return {
-            "back": self.back, "value": self.value, "passes": self.passes, "count": self.count,
+            "back": self.back,
+            "value": self.value,
+            "passes": self.passes,
+            "count": self.count,
             "index": torch.tensor(index, dtype=torch.long),
             "x": torch.stack([self.states[i][0].cpu() for i in index]) if index else torch.zeros(0),
             "prev_x0": torch.stack([q[0].cpu() for q in prev]) if two else None,
             "prev_index": torch.tensor([q[1] for q in prev], dtype=torch.long) if two else None,
-        }  # fmt: skip
+        }
 
     @classmethod
     def unpack(cls, saved: dict, device: torch.device) -> "_Levels":
         prev = saved["prev_x0"]
-        states = {int(i): (saved["x"][n].to(device), None if prev is None else (prev[n].to(device), int(saved["prev_index"][n])))
-                  for n, i in enumerate(saved["index"].tolist())}  # fmt: skip
+        states = {
+            int(i): (
+                saved["x"][n].to(device),
+                None if prev is None else (prev[n].to(device), int(saved["prev_index"][n])),
+            )
+            for n, i in enumerate(saved["index"].tolist())
+        }
         return cls(saved["back"], saved["value"], states, int(saved["passes"]), saved["count"], int(saved["done"]))
 
 
@@ -228,7 +270,9 @@ def estimate_oss_paths(
     seed, batch_size, start_index = opts.seed, opts.batch_size, opts.start_index
     check_propagate(propagate)
     if model.image_shape is None:
-        raise ValueError("this DiffusionModel has no image_shape; pass image_shape=(C, H, W) to run teacher trajectories")
+        raise ValueError(
+            "this DiffusionModel has no image_shape; pass image_shape=(C, H, W) to run teacher trajectories"
+        )
     g = full_grid(grid, model.T)
     N, dims = g.numel() - 1, math.prod(model.image_shape)
     budgets = sorted({int(K) for K in budgets})
@@ -237,9 +281,20 @@ def estimate_oss_paths(
     check_oss_size(N + 1, trajectories, dims, memory_gb)
     ab = model.schedule.ab
     partial = opts.partial_file(every=1)
-    config = {"what": "oss", "model": model_fingerprint(model), "grid": g.tolist(), "seed": seed, "trajectories": trajectories,
-              "start_index": start_index, "budgets": budgets, "propagate": propagate, "batch_size": batch_size}  # fmt: skip
-    saver = PartialSums(partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0)
+    config = {
+        "what": "oss",
+        "model": model_fingerprint(model),
+        "grid": g.tolist(),
+        "seed": seed,
+        "trajectories": trajectories,
+        "start_index": start_index,
+        "budgets": budgets,
+        "propagate": propagate,
+        "batch_size": batch_size,
+    }
+    saver = PartialSums(
+        partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0
+    )
     resumed = _resume_from(saver, model.device)
     x_T = trajectory_noise(seed, start_index, trajectories, model.image_shape)
     xs, x0s = teacher_trajectory(model, x_T, g)
@@ -250,22 +305,37 @@ def estimate_oss_paths(
     del xs, x0s
     sums = StepDistanceSums(N + 1).to(teacher.device)
     with sigterm_requests(enabled=partial is not None) as stop_requested:
-        levels = tqdm(range(dp.done + 1, budgets[-1] + 1), initial=dp.done, total=budgets[-1], desc="oss levels", unit="level", disable=not opts.progress)
+        levels = tqdm(
+            range(dp.done + 1, budgets[-1] + 1),
+            initial=dp.done,
+            total=budgets[-1],
+            desc="oss levels",
+            unit="level",
+            disable=not opts.progress,
+        )
         for k in levels:
             states = dp.states
-            targets = {j: torch.tensor([i for i in range(j) if _useful(k, i, budgets)], dtype=torch.long) for j in sorted(states) if j > 0}
+            targets = {
+                j: torch.tensor([i for i in range(j) if _useful(k, i, budgets)], dtype=torch.long)
+                for j in sorted(states)
+                if j > 0
+            }
             targets = {j: t for j, t in targets.items() if t.numel()}
             x0 = dict(known_x0)
             todo = [j for j in targets if j not in x0]
             for group in call_groups(todo, trajectories, batch_size):
-                preds = model.predict_many([states[j][0].view(-1, *model.image_shape) for j in group], [int(g[j]) for j in group])
+                preds = model.predict_many(
+                    [states[j][0].view(-1, *model.image_shape) for j in group], [int(g[j]) for j in group]
+                )
                 x0.update({j: p.x0_hat.flatten(1) for j, p in zip(group, preds)})
             dp.passes += len(todo)
             priced = torch.zeros(N + 1, N + 1, dtype=torch.bool)
             for j, t in targets.items():
                 priced[t, j] = True
             sums.reset()
-            sums.update({j: (t, _distances(ab, g, states[j], x0[j], j, t, teacher)) for j, t in targets.items()}, trajectories)
+            sums.update(
+                {j: (t, _distances(ab, g, states[j], x0[j], j, t, teacher)) for j, t in targets.items()}, trajectories
+            )
             total, dp.count = (v.cpu() for v in sums.compute())
             mean = torch.where(priced, total / dp.count, math.inf)
             dp.value[k], dp.back[k] = mean.min(dim=1)

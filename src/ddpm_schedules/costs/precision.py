@@ -19,10 +19,9 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from ddpm_schedules.costs.cost_matrix import estimate_cost_matrix
-
-from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.costs.evaluation import evaluate_schedules
 from ddpm_schedules.costs.grids import full_grid
+from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.schedules.dp import optimal_schedules
@@ -35,8 +34,9 @@ log = logging.getLogger(__name__)
 
 def check_target_sem(target_sem: Any) -> float:
     if isinstance(target_sem, bool) or not isinstance(target_sem, (int, float)) or not target_sem > 0:
-        raise ParameterError("{target_sem} = {value!r}; it must be a positive number of bits/dim (e.g. 0.01)",
-                             value=target_sem)  # fmt: skip
+        raise ParameterError(
+            "{target_sem} = {value!r}; it must be a positive number of bits/dim (e.g. 0.01)", value=target_sem
+        )
     return float(target_sem)
 
 
@@ -75,9 +75,23 @@ def estimate_to_precision(
     partial = opts.partial_file(every=50)
     g = full_grid(start.grid[1:] if start is not None else grid, model.T)
     started = None if start is None else hashlib.sha256(start.moments.cpu().numpy().tobytes()).hexdigest()
-    config = {"what": "precision", "model": model_fingerprint(model), "data": data_fingerprint([(0, data)]), "grid": g.tolist(), "seed": seed,
-              "target_sem": target_sem, "first": first, "budgets": [int(K) for K in budgets], "batch_size": batch_size, "world": procs.world,
-              "start": started} if partial else {}  # fmt: skip
+    config = (
+        {
+            "what": "precision",
+            "model": model_fingerprint(model),
+            "data": data_fingerprint([(0, data)]),
+            "grid": g.tolist(),
+            "seed": seed,
+            "target_sem": target_sem,
+            "first": first,
+            "budgets": [int(K) for K in budgets],
+            "batch_size": batch_size,
+            "world": procs.world,
+            "start": started,
+        }
+        if partial
+        else {}
+    )
     saver = PartialSums(partial.path if partial else None, config)
     cm, rounds, used = start, [], 0 if start is None else start.count
     saved = saver.load_state() if partial else None
@@ -96,16 +110,35 @@ def estimate_to_precision(
             if size:
                 lo, hi = procs.shard(size)
                 within = None if partial is None else replace(partial, path=_round_file(partial.path, len(rounds)))
-                part = estimate_cost_matrix(model, data[used + lo : used + hi], g[1:], options=replace(opts, start_index=used + lo, partial=within))
+                part = estimate_cost_matrix(
+                    model,
+                    data[used + lo : used + hi],
+                    g[1:],
+                    options=replace(opts, start_index=used + lo, partial=within),
+                )
                 cm = part if cm is None else cm.merged(part)
                 used += size
                 _save(saver, cm, rounds, used, stop_requested())  # the round's passes are done: never redo them
             paths = optimal_schedules(cm, budgets)
             lo, hi = procs.shard(used)
-            results = evaluate_schedules(model, data[lo:hi], list(paths.values()), options=replace(opts, progress=False, start_index=lo, partial=None))
-            sems = {int(K): r.bpd_sem for K, r in zip(paths, results)}  # int keys: the partial file holds plain values only
+            results = evaluate_schedules(
+                model,
+                data[lo:hi],
+                list(paths.values()),
+                options=replace(opts, progress=False, start_index=lo, partial=None),
+            )
+            sems = {
+                int(K): r.bpd_sem for K, r in zip(paths, results)
+            }  # int keys: the partial file holds plain values only
             met = max(sems.values()) <= target_sem
-            rounds.append({"examples": used, "predicted_bpd": {int(K): r.bpd for K, r in zip(paths, results)}, "sem_bpd": sems, "met": met})
+            rounds.append(
+                {
+                    "examples": used,
+                    "predicted_bpd": {int(K): r.bpd for K, r in zip(paths, results)},
+                    "sem_bpd": sems,
+                    "met": met,
+                }
+            )
             if met or used >= len(data):
                 saver.remove()
                 return cm, rounds
@@ -115,7 +148,12 @@ def estimate_to_precision(
 
 def _save(saver: PartialSums, cm: CostMatrix, rounds: list[dict[str, Any]], used: int, stop_requested: bool) -> None:
     """The merged matrix and the records so far, on disk; on a stop request, then `Preempted`."""
-    saver.tick(lambda: saver.save_state({"matrix": cm.__dict__, "rounds": rounds, "used": used}, used), used, stop_requested, force=True)
+    saver.tick(
+        lambda: saver.save_state({"matrix": cm.__dict__, "rounds": rounds, "used": used}, used),
+        used,
+        stop_requested,
+        force=True,
+    )
 
 
 def _round_file(path: str | Path, index: int) -> Path:

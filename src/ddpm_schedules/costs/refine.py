@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm_schedules.costs.matrix import CostMatrix, CostMatrixMetric, from_moments
 from ddpm_schedules.costs.grids import GridSpec, candidate_grid, full_grid
+from ddpm_schedules.costs.matrix import CostMatrix, CostMatrixMetric, from_moments
 from ddpm_schedules.costs.moments import empty_moments
 from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.costs.refine_state import RefineState
@@ -39,7 +39,9 @@ from ddpm_schedules.storage.resume import PartialSums, sigterm_requests
 class RefineSettings:
     coarse: GridSpec = "log:100"  # the first grid
     window: int = 5  # timesteps added on each side of every timestep an optimal path uses
-    bisect: bool = False  # also the midpoints between each path timestep and its grid neighbours: wide gaps shrink by half a round
+    bisect: bool = (
+        False  # also the midpoints between each path timestep and its grid neighbours: wide gaps shrink by half a round
+    )
     max_rounds: int = 10
     max_passes: int | None = None  # forward passes (examples x columns) at most; None: no limit
     memory_gb: float = 4.0  # the kept column statistics (about 8 (2K + 5) bytes per example and column) at most
@@ -52,19 +54,27 @@ def check_refine(settings: RefineSettings, T: int, examples: int, budgets: Seque
         coarse = candidate_grid(settings.coarse, T)
     size = T if coarse is None else len(set(coarse) | {T})
     if budgets and max(budgets) > size:
-        raise ParameterError("{coarse} has {size} timesteps but the largest budget is K = {K}; use a finer {coarse}",
-                             size=size, K=max(budgets))  # fmt: skip
+        raise ParameterError(
+            "{coarse} has {size} timesteps but the largest budget is K = {K}; use a finer {coarse}",
+            size=size,
+            K=max(budgets),
+        )
     if isinstance(settings.window, bool) or not isinstance(settings.window, int) or settings.window < 0:
-        raise ParameterError("{window} = {value!r}; it must be an integer >= 0 (timesteps added on each side)",
-                             value=settings.window)  # fmt: skip
+        raise ParameterError(
+            "{window} = {value!r}; it must be an integer >= 0 (timesteps added on each side)", value=settings.window
+        )
     if not isinstance(settings.bisect, bool):
         raise ParameterError("{bisect} = {value!r}; it must be true or false", value=settings.bisect)
     check_count(settings.max_rounds, "max_rounds")
     need = examples * size
     if settings.max_passes is not None and settings.max_passes < need:
-        raise ParameterError("{max_passes} = {value} is below the {need} passes the coarse grid needs ({n} examples); "
-                             "raise it or coarsen {coarse}", value=settings.max_passes, need=need,
-                             n=examples)  # fmt: skip
+        raise ParameterError(
+            "{max_passes} = {value} is below the {need} passes the coarse grid needs ({n} examples); "
+            "raise it or coarsen {coarse}",
+            value=settings.max_passes,
+            need=need,
+            n=examples,
+        )
 
 
 def refine_cost_matrices(
@@ -95,10 +105,25 @@ def refine_cost_matrices(
     check_refine(settings, T, examples, budgets)
     batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
     partial = opts.partial_file(every=50)
-    config = {"what": "refine", "model": model_fingerprint(model), "data": data_fingerprint(batches), "seed": seed, "settings": asdict(settings),
-              "budgets": [int(K) for K in budgets], "objectives": list(objectives), "start_index": start_index,
-              "examples": examples, "batch_size": batch_size} if partial else {}  # fmt: skip
-    saver = PartialSums(partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0)
+    config = (
+        {
+            "what": "refine",
+            "model": model_fingerprint(model),
+            "data": data_fingerprint(batches),
+            "seed": seed,
+            "settings": asdict(settings),
+            "budgets": [int(K) for K in budgets],
+            "objectives": list(objectives),
+            "start_index": start_index,
+            "examples": examples,
+            "batch_size": batch_size,
+        }
+        if partial
+        else {}
+    )
+    saver = PartialSums(
+        partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0
+    )
     state = RefineState.load(saver, model.device) if partial else None
     if state is None:
         state = RefineState(set(candidate_grid(settings.coarse, T) or range(1, T + 1)) | {T})
@@ -111,23 +136,45 @@ def refine_cost_matrices(
                 state.history.append({"round": state.round, "stopped": "max_passes", "passes": state.passes})
                 break
             todo = [t for t in state.new if t not in state.kept]  # a resumed round: only the columns not kept yet
-            _estimate_columns(model, batches, todo, state.kept, seed, settings.memory_gb, opts.progress,
-                              lambda: saver.tick(lambda: state.save(saver), len(state.kept), stop_requested()), batch_size)  # fmt: skip
+            _estimate_columns(
+                model,
+                batches,
+                todo,
+                state.kept,
+                seed,
+                settings.memory_gb,
+                opts.progress,
+                lambda: saver.tick(lambda: state.save(saver), len(state.kept), stop_requested()),
+                batch_size,
+            )
             state.passes += len(state.new) * examples
             grid = sorted(state.grid)
             matrices = matrices_from_stats(model, batches, state.kept, grid, objectives)
-            paths = {o: optimal_schedules(matrices[o], budgets) for o in objectives}  # each objective's DP needs its own paths' columns
+            paths = {
+                o: optimal_schedules(matrices[o], budgets) for o in objectives
+            }  # each objective's DP needs its own paths' columns
             # int keys: the partial file holds plain values only (weights_only)
-            state.history.append({"round": state.round, "grid_size": len(grid), "new_columns": len(state.new), "passes": state.passes,
-                                  "paths": {o: {int(K): list(p.timesteps) for K, p in ps.items()} for o, ps in paths.items()}})  # fmt: skip
+            state.history.append(
+                {
+                    "round": state.round,
+                    "grid_size": len(grid),
+                    "new_columns": len(state.new),
+                    "passes": state.passes,
+                    "paths": {o: {int(K): list(p.timesteps) for K, p in ps.items()} for o, ps in paths.items()},
+                }
+            )
             used = [t for ps in paths.values() for p in ps.values() for t in p.timesteps]
             near = wanted_timesteps(grid, used, settings.window, settings.bisect, T)
             if near <= state.grid:
                 break  # the paths need nothing new: the DP on a larger grid would give them again
             state.grid |= near
             state.round, state.new = state.round + 1, None
-            saver.tick(lambda: state.save(saver), len(state.kept), stop_requested(), force=True)  # every round ends on disk
-    if matrices is None:  # resumed after the last round's columns (a pass budget, or the rounds, ran out): the kept grid's
+            saver.tick(
+                lambda: state.save(saver), len(state.kept), stop_requested(), force=True
+            )  # every round ends on disk
+    if (
+        matrices is None
+    ):  # resumed after the last round's columns (a pass budget, or the rounds, ran out): the kept grid's
         matrices = matrices_from_stats(model, batches, state.kept, sorted(state.kept), objectives)
     saver.remove()
     return matrices, state.history
@@ -146,8 +193,17 @@ def wanted_timesteps(grid: list[int], used: list[int], window: int, bisect: bool
 
 
 @torch.no_grad()
-def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], out: dict, seed: int, memory_gb: float, progress: bool,
-                      after: Callable[[], None] = lambda: None, batch_size: int = 64) -> None:
+def _estimate_columns(
+    model: DiffusionModel,
+    batches: list,
+    columns: list[int],
+    out: dict,
+    seed: int,
+    memory_gb: float,
+    progress: bool,
+    after: Callable[[], None] = lambda: None,
+    batch_size: int = 64,
+) -> None:
     """The `ColumnStats` of each of ``columns`` into ``out``; ``after`` runs once each column is in (to save it)."""
     kept = sum(st.nbytes for stats in out.values() for st in stats)
     if out and kept / len(out) * (len(out) + len(columns)) > memory_gb * 2**30:  # checked before the round's passes
@@ -156,11 +212,18 @@ def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], 
     model.eval()
     try:
         bar = tqdm(total=len(columns), desc="refine", unit="col", disable=not progress)
-        for group in call_groups(columns, max(len(x0) for _, x0 in batches), batch_size):  # several columns per network call
+        for group in call_groups(
+            columns, max(len(x0) for _, x0 in batches), batch_size
+        ):  # several columns per network call
             stats, tables = {t: [] for t in group}, {t: stats_tables(model, t, model.device) for t in group}
             for start, x0 in batches:
                 x0 = x0.to(model.device)
-                x_ts = [model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, tuple(x0.shape[1:])).to(model.device)) for t in group]
+                x_ts = [
+                    model.q_sample(
+                        x0, t, example_noise(seed, start, x0.shape[0], t, tuple(x0.shape[1:])).to(model.device)
+                    )
+                    for t in group
+                ]
                 for t, pred in zip(group, model.predict_many(x_ts, group)):
                     stats[t].append(column_stats(model, x0, pred, t, tables=tables[t]))
             for t in group:
@@ -176,11 +239,17 @@ def _estimate_columns(model: DiffusionModel, batches: list, columns: list[int], 
 
 
 def _too_much(columns: int, memory_gb: float) -> ParameterError:
-    return ParameterError("keeping the statistics of {columns} columns needs more than {memory_gb} = {value}; "
-                          "raise it, use fewer {examples} or a coarser grid", columns=columns, value=memory_gb)
+    return ParameterError(
+        "keeping the statistics of {columns} columns needs more than {memory_gb} = {value}; "
+        "raise it, use fewer {examples} or a coarser grid",
+        columns=columns,
+        value=memory_gb,
+    )
 
 
-def matrices_from_stats(model: DiffusionModel, batches: list, kept: dict, grid: list[int], objectives: Sequence[str]) -> dict[str, CostMatrix]:
+def matrices_from_stats(
+    model: DiffusionModel, batches: list, kept: dict, grid: list[int], objectives: Sequence[str]
+) -> dict[str, CostMatrix]:
     """Every pair of ``[0] + grid`` from the kept column statistics (no forward pass)."""
     g = full_grid(grid, model.T)
     metric = CostMatrixMetric(g.numel(), len(objectives))
@@ -188,11 +257,18 @@ def matrices_from_stats(model: DiffusionModel, batches: list, kept: dict, grid: 
         t = int(g[j])
         tables = pair_tables(model, t, g[:j], model.device) if "elbo" in objectives else None
         for (_, x0), stats in zip(batches, kept[t]):
-            terms = [stats_terms(model, stats, tables) if o == "elbo" else stats.sq_err[:, None] * (t - g[:j].to(stats.sq_err))[None, :]
-                     for o in objectives]  # fmt: skip
+            terms = [
+                stats_terms(model, stats, tables)
+                if o == "elbo"
+                else stats.sq_err[:, None] * (t - g[:j].to(stats.sq_err))[None, :]
+                for o in objectives
+            ]
             prior = prior_nats(model, x0.to(model.device)) if j == 1 and "elbo" in objectives else None
             metric.update(torch.stack(terms), j, prior)
     sums = metric.compute()
     moments, prior_moments = sums.moments, sums.prior_moments
     dims = math.prod(batches[0][1].shape[1:])
-    return {o: from_moments(moments[:, k], prior_moments if o == "elbo" else empty_moments(), g, dims, o) for k, o in enumerate(objectives)}
+    return {
+        o: from_moments(moments[:, k], prior_moments if o == "elbo" else empty_moments(), g, dims, o)
+        for k, o in enumerate(objectives)
+    }

@@ -36,8 +36,17 @@ class RefineState:
         """Write the state atomically (tensors moved to the CPU), with the number of kept columns as its progress."""
         if saver.path is None:
             return  # no file: skip copying the statistics to the CPU
-        saver.save_state({"grid": sorted(self.grid), "history": self.history, "round": self.round, "new": self.new, "passes": self.passes,
-                          "kept": {t: [_stats_dict(st) for st in stats] for t, stats in self.kept.items()}}, len(self.kept))  # fmt: skip
+        saver.save_state(
+            {
+                "grid": sorted(self.grid),
+                "history": self.history,
+                "round": self.round,
+                "new": self.new,
+                "passes": self.passes,
+                "kept": {t: [_stats_dict(st) for st in stats] for t, stats in self.kept.items()},
+            },
+            len(self.kept),
+        )
 
     @classmethod
     def load(cls, saver: PartialSums, device: torch.device | str) -> RefineState | None:
@@ -45,20 +54,34 @@ class RefineState:
         file, one of another configuration, or processes that do not all stand at the same round."""
         saved = saver.load_state()
         try:
-            state = None if saved is None else cls(
-                grid=set(saved["grid"]), history=list(saved["history"]), round=int(saved["round"]), new=saved["new"],
-                passes=int(saved["passes"]),
-                kept={int(t): [ColumnStats(**{k: _to(v, device) for k, v in st.items()}) for st in stats] for t, stats in saved["kept"].items()},
-            )  # fmt: skip
+            state = (
+                None
+                if saved is None
+                else cls(
+                    grid=set(saved["grid"]),
+                    history=list(saved["history"]),
+                    round=int(saved["round"]),
+                    new=saved["new"],
+                    passes=int(saved["passes"]),
+                    kept={
+                        int(t): [ColumnStats(**{k: _to(v, device) for k, v in st.items()}) for st in stats]
+                        for t, stats in saved["kept"].items()
+                    },
+                )
+            )
         except Exception as e:  # a readable file of the right configuration but not a refinement's state
-            log.warning("partial sums %s are not a refinement's state (%s); starting afresh", saver.path, type(e).__name__)
+            log.warning(
+                "partial sums %s are not a refinement's state (%s); starting afresh", saver.path, type(e).__name__
+            )
             state = None
         where = None if state is None else (state.round, sorted(state.grid), state.new, len(state.history))
         if not agreed(where):
             log.warning("the processes' partial refinements stand at different rounds; starting afresh")
             return None
         if state is not None:
-            log.info("resuming the refinement from %s: round %d, %d columns kept", saver.path, state.round, len(state.kept))
+            log.info(
+                "resuming the refinement from %s: round %d, %d columns kept", saver.path, state.round, len(state.kept)
+            )
         return state
 
 

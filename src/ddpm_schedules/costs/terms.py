@@ -39,7 +39,9 @@ def pair_terms(
     if tables is None:
         tables = pair_tables(model, t, s, x0.device)
     elif tables.t != int(t) or not torch.equal(tables.s, check_pairs(model, s, t)):
-        raise ValueError(f"pair tables were made for t = {tables.t} and other s; call pair_tables(model, t, s) for this column")
+        raise ValueError(
+            f"pair tables were made for t = {tables.t} and other s; call pair_tables(model, t, s) for this column"
+        )
     x0 = x0.double().flatten(1)
     x0_hat = pred.x0_hat.flatten(1)
     frac = pred.frac.flatten(1) if pred.frac is not None else None
@@ -80,22 +82,27 @@ class ColumnStats:
         return sum(v.numel() * v.element_size() for v in parts if v is not None)
 
 
-def column_stats(model: DiffusionModel, x0: Tensor, pred: Prediction, t: int, max_order: int = 64,
-                 tables: PairTables | None = None) -> ColumnStats:
+def column_stats(
+    model: DiffusionModel, x0: Tensor, pred: Prediction, t: int, max_order: int = 64, tables: PairTables | None = None
+) -> ColumnStats:
     """The `ColumnStats` of one batch's prediction at t (see `stats_terms`); ``tables``: `stats_tables` of t, reused."""
     tables = stats_tables(model, t, x0.device) if tables is None else tables
     x0 = x0.double().flatten(1)
     x0_hat = pred.x0_hat.flatten(1)
     frac = pred.frac.flatten(1) if pred.frac is not None else None
     err2 = (x0 - x0_hat) ** 2
-    stats = ColumnStats(int(t), decoder_nll(x0, x0_hat, frac, tables.decoder_log_var, model.levels), err2.sum(1), x0.shape[1])
+    stats = ColumnStats(
+        int(t), decoder_nll(x0, x0_hat, frac, tables.decoder_log_var, model.levels), err2.sum(1), x0.shape[1]
+    )
     if frac is None:
         return stats
     delta = tables.kl["max_log"] - torch.log(tables.kl["btil"])
     lo, hi, direct, K = chebyshev_plan(frac, float(delta.abs().max()) if delta.numel() else 0.0, max_order=max_order)
     keep = ~direct
     stats.frac_sum, stats.direct, stats.lo, stats.hi = frac.sum(1), direct, lo[keep], hi[keep]
-    stats.moments = chebyshev_moments(frac[keep], torch.stack([torch.ones_like(err2[keep]), err2[keep]]), lo[keep], hi[keep], max(K, 1))
+    stats.moments = chebyshev_moments(
+        frac[keep], torch.stack([torch.ones_like(err2[keep]), err2[keep]]), lo[keep], hi[keep], max(K, 1)
+    )
     if direct.any():
         stats.kept = (frac[direct].clone(), err2[direct].clone())
     return stats
@@ -117,7 +124,9 @@ def stats_terms(model: DiffusionModel, stats: ColumnStats, tables: PairTables) -
         return out
     p = tables.kl
     if stats.frac_sum is None:
-        out[:, ~tables.decoder] = dm.fixed_variance_kl(stats.sq_err, p["c0"], p["btil"], torch.exp(p["log_var"]), stats.dims)
+        out[:, ~tables.decoder] = dm.fixed_variance_kl(
+            stats.sq_err, p["c0"], p["btil"], torch.exp(p["log_var"]), stats.dims
+        )
         return out
     log_btil = torch.log(p["btil"])
     delta = p["max_log"] - log_btil
@@ -129,7 +138,9 @@ def stats_terms(model: DiffusionModel, stats: ColumnStats, tables: PairTables) -
         f, e2 = stats.kept
         sums[:, stats.direct] = direct_exp_sums(f, torch.stack([torch.ones_like(e2), e2]), delta)
     w = p["c0"] ** 2 / p["btil"]
-    out[:, ~tables.decoder] = 0.5 * (sums[0] - stats.dims + delta[None, :] * stats.frac_sum[:, None] + w[None, :] * sums[1])
+    out[:, ~tables.decoder] = 0.5 * (
+        sums[0] - stats.dims + delta[None, :] * stats.frac_sum[:, None] + w[None, :] * sums[1]
+    )
     return out
 
 
@@ -171,7 +182,9 @@ def step_terms(model: DiffusionModel, x0: Tensor, x_t: Tensor, t: Tensor, pred: 
     return torch.where((s == 0).reshape(shape), decoder, kl).flatten(1).sum(1)
 
 
-def full_chain_estimate(model: DiffusionModel, x0: Tensor, generator: torch.Generator, exact_below: int = 10, strata: int = 8) -> Tensor:
+def full_chain_estimate(
+    model: DiffusionModel, x0: Tensor, generator: torch.Generator, exact_below: int = 10, strata: int = 8
+) -> Tensor:
     """[B] nats: an unbiased, low-variance estimate of each example's full-chain negative ELBO.
 
     The terms of t = 1..exact_below (where 8-bit data keeps most of its bits) are computed exactly; the
@@ -198,7 +211,12 @@ def stratum_edges(start: int, T: int, strata: int) -> list[int]:
     """start = e_0 < e_1 < ... = T, at most ``strata`` ranges (e_i, e_i+1], spaced geometrically."""
     if T <= start:
         return []
-    points = torch.logspace(math.log10(max(start, 1)), math.log10(T), strata + 1, dtype=torch.float64).round().long().tolist()
+    points = (
+        torch.logspace(math.log10(max(start, 1)), math.log10(T), strata + 1, dtype=torch.float64)
+        .round()
+        .long()
+        .tolist()
+    )
     return sorted({start, T} | {p for p in points[1:-1] if start < p < T})
 
 
@@ -208,7 +226,9 @@ def _step_at(model: DiffusionModel, x0: Tensor, t: Tensor, generator: torch.Gene
     return step_terms(model, x0, x_t, t, model.predict(x_t, t))
 
 
-def decoder_nll(x0: Tensor, x0_hat: Tensor, frac: Tensor | None, log_var_range: tuple[Tensor, Tensor], levels: int) -> Tensor:
+def decoder_nll(
+    x0: Tensor, x0_hat: Tensor, frac: Tensor | None, log_var_range: tuple[Tensor, Tensor], levels: int
+) -> Tensor:
     """[B] nats of -log p(x_0 | x_t) summed over dimensions (inputs flattened to [B, D])."""
     lo, hi = log_var_range
     log_var = (lo if frac is None else dm.learned_log_variance(frac, lo, hi)).expand_as(x0)
@@ -233,7 +253,11 @@ def _kl_elementwise(
         q = {k: v[lo : lo + chunk, None, None] for k, v in p.items()}  # [S', 1, 1]
         mean_q = q["c0"] * x0 + q["c1"] * x_t
         mean_p = q["c0"] * x0_hat + q["c1"] * x_t
-        log_var_p = q["log_var"].expand_as(mean_p) if frac is None else dm.learned_log_variance(frac, q["min_log"], q["max_log"])
+        log_var_p = (
+            q["log_var"].expand_as(mean_p)
+            if frac is None
+            else dm.learned_log_variance(frac, q["min_log"], q["max_log"])
+        )
         kl = dm.normal_kl(mean_q, torch.log(q["btil"]).expand_as(mean_q), mean_p, log_var_p)
         out[:, lo : lo + chunk] = kl.sum(-1).T
     return out

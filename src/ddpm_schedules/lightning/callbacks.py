@@ -15,9 +15,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ddpm_schedules.costs.cost_matrix import estimate_cost_matrix
-
-from ddpm_schedules.costs.matrix import OBJECTIVES, CostMatrix, check_objectives
 from ddpm_schedules.costs.grids import candidate_grid, full_grid
+from ddpm_schedules.costs.matrix import OBJECTIVES, CostMatrix, check_objectives
 from ddpm_schedules.costs.ode import estimate_ode_matrix
 from ddpm_schedules.costs.options import EstimateOptions
 from ddpm_schedules.models.noise import shard
@@ -61,15 +60,20 @@ class ScheduleMonitor(Callback):
         progress: bool = True,
     ):
         super().__init__()
-        for name, value in (("every_n_validations", every_n_validations), ("examples", examples), ("batch_size", batch_size)):
+        for name, value in (
+            ("every_n_validations", every_n_validations),
+            ("examples", examples),
+            ("batch_size", batch_size),
+        ):
             check_count(value, name)
         self.budgets = check_budgets(list(budgets), None)
         self.every_n_validations = every_n_validations
         self.examples, self.grid, self.seed, self.batch_size = examples, grid, seed, batch_size
         self.objective = check_objectives([objective], allowed=(*OBJECTIVES, "dpmpp"))[0]
         if var_type not in (None, "analytic"):
-            raise ParameterError("{var_type} = {value!r}; use null (the model's own variance) or analytic "
-                                 "(Analytic-DPM)", value=var_type)  # fmt: skip
+            raise ParameterError(
+                "{var_type} = {value!r}; use null (the model's own variance) or analytic (Analytic-DPM)", value=var_type
+            )
         self.var_type = var_type
         dp = "dp" if self.objective == "elbo" else f"dp_{self.objective}"
         self.strategy_names, self.strategies = list(strategies or (dp, "even", "quadratic")), list[Strategy]()
@@ -94,7 +98,13 @@ class ScheduleMonitor(Callback):
         if grid is None:
             return list(range(1, T + 1))
         stub = SimpleNamespace(T=T)  # baselines need only T
-        extra = {t for s in self.strategies if s.objective is None for sch in s.build_all(stub, self.budgets) for t in sch.timesteps}
+        extra = {
+            t
+            for s in self.strategies
+            if s.objective is None
+            for sch in s.build_all(stub, self.budgets)
+            for t in sch.timesteps
+        }
         return full_grid(sorted(set(grid) | extra), T)[1:].tolist()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -102,14 +112,19 @@ class ScheduleMonitor(Callback):
         self.strategies = parse_strategies(self.strategy_names, T, pl_module.model.schedule)
         other = [s.name for s in self.strategies if s.objective and s.objective != self.objective]
         if other:
-            raise ParameterError("{strategies} {other} need another matrix than the monitored objective {monitored!r}; "
-                                 "set {objective} to theirs", other=other, monitored=self.objective)  # fmt: skip
+            raise ParameterError(
+                "{strategies} {other} need another matrix than the monitored objective {monitored!r}; "
+                "set {objective} to theirs",
+                other=other,
+                monitored=self.objective,
+            )
         grid = candidate_grid(self.grid, T)
         n = T if grid is None else len(set(grid))
         too_big = [k for k in self.budgets if k > n]
         if too_big:
-            raise ParameterError("{budgets} {too_big} exceed the {n} grid points; lower them or refine the grid",
-                                 too_big=too_big, n=n)  # fmt: skip
+            raise ParameterError(
+                "{budgets} {too_big} exceed the {n} grid points; lower them or refine the grid", too_big=too_big, n=n
+            )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -124,9 +139,17 @@ class ScheduleMonitor(Callback):
         model = pl_module.model
         data = trainer.datamodule.tensor("val", self.examples)
         lo, hi = shard(len(data), trainer.global_rank, trainer.world_size)
-        options = EstimateOptions(seed=self.seed, batch_size=self.batch_size, progress=self.progress and trainer.is_global_zero, start_index=lo)
+        options = EstimateOptions(
+            seed=self.seed,
+            batch_size=self.batch_size,
+            progress=self.progress and trainer.is_global_zero,
+            start_index=lo,
+        )
         grid = self.timesteps(model.T)
-        if self.objective in ("ode", "dpmpp"):  # trajectories from noise: as many as the examples the other objectives use
+        if self.objective in (
+            "ode",
+            "dpmpp",
+        ):  # trajectories from noise: as many as the examples the other objectives use
             cm = estimate_ode_matrix(model, hi - lo, grid, multistep=self.objective == "dpmpp", options=options)
         else:
             with variance_rule(model, self.var_type):
@@ -176,7 +199,9 @@ def variance_rule(model, var_type: str | None) -> Iterator[None]:
         model.var_type, model.gamma = saved
 
 
-def summarize(cm: CostMatrix, budgets: Sequence[int], global_step: int = 0, strategies: Sequence[Strategy] | None = None) -> dict[str, Any]:
+def summarize(
+    cm: CostMatrix, budgets: Sequence[int], global_step: int = 0, strategies: Sequence[Strategy] | None = None
+) -> dict[str, Any]:
     """The strategies' schedules that lie on the grid with their predicted cost, as results.json-shaped entries.
 
     The unit is bits/dim on the ELBO matrix (keys ``schedules/<strategy>_bpd/K<K>``) and the objective's
@@ -184,7 +209,9 @@ def summarize(cm: CostMatrix, budgets: Sequence[int], global_step: int = 0, stra
     chain (``schedules/full_<unit>``) and the DP's gap to it (``schedules/<dp strategy>_gap/K<K>``).
     """
     elbo, multistep = cm.objective == "elbo", cm.two_step is not None
-    objective = "dpmpp" if multistep else cm.objective  # an ode matrix with two-step costs prices DPM-Solver++(2M) paths
+    objective = (
+        "dpmpp" if multistep else cm.objective
+    )  # an ode matrix with two-step costs prices DPM-Solver++(2M) paths
     dp = "dp" if elbo else f"dp_{objective}"
     strategies = strategies or parse_strategies([dp, "even", "quadratic"], cm.T)
     unit = "bpd" if elbo else objective
@@ -197,7 +224,9 @@ def summarize(cm: CostMatrix, budgets: Sequence[int], global_step: int = 0, stra
     for sch in build_schedules(strategies, {objective: cm}, budgets):
         (schedules if set(sch.timesteps) <= grid else skipped).append(sch)
     if skipped:
-        rank_zero_warn(f"ScheduleMonitor: {', '.join(f'{s.strategy} K={s.K}' for s in skipped)} not on the cost-matrix grid; use grid=null")
+        rank_zero_warn(
+            f"ScheduleMonitor: {', '.join(f'{s.strategy} K={s.K}' for s in skipped)} not on the cost-matrix grid; use grid=null"
+        )
     chain = Schedule(tuple(cm.grid[1:].tolist()), cm.T, "full" if len(grid) == cm.T + 1 else "grid")
     full = cost(chain)
     key = f"predicted_{unit}"
@@ -232,7 +261,9 @@ class FinalCheckpoint(Callback):
         super().__init__()
         self.saved_step = -1  # the global step of the latest checkpoint any callback saved
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         self.saved_step = trainer.global_step
 
     def save_last(self, trainer: pl.Trainer) -> None:

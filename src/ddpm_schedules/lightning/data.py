@@ -109,14 +109,18 @@ class ImageDataModule(pl.LightningDataModule):
         if num_workers is None:
             num_workers = 4 if torch.cuda.is_available() else 0
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ParameterError("{num_workers} = {value!r}; it must be an integer >= 0 (0 = load in the main process) "
-                                 "or null", value=num_workers)  # fmt: skip
+            raise ParameterError(
+                "{num_workers} = {value!r}; it must be an integer >= 0 (0 = load in the main process) or null",
+                value=num_workers,
+            )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.random_flip = random_flip
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers and num_workers > 0
+        self.persistent_workers = (
+            num_workers > 0 if persistent_workers is None else persistent_workers and num_workers > 0
+        )
         self.splits: dict[str, Split] = {}
 
     def load(self) -> dict[str, Split]:
@@ -150,8 +154,15 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         self.setup()
         ds = ImageDataset(self.splits[split], random_flip=self.random_flip and split == "train")
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, drop_last=shuffle,
-                          pin_memory=self.pin_memory, persistent_workers=self.persistent_workers)  # fmt: skip
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            drop_last=shuffle,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)
@@ -199,15 +210,22 @@ class PhotoPatchesDataModule(ImageDataModule):
         photos = load_sample_images().images  # two [427, 640, 3] uint8 arrays
         h, w, s = *photos[0].shape[:2], self.image_size
         if s < 1 or s > min(h // 2, w // 4):
-            raise ParameterError("{image_size} = {value}; photo patches must be 1..{most} pixels", value=s,
-                                 most=min(h // 2, w // 4))  # fmt: skip
-        regions = {"train": (0, h, 0, 3 * w // 4), "val": (0, h // 2, 3 * w // 4, w), "test": (h // 2, h, 3 * w // 4, w)}
+            raise ParameterError(
+                "{image_size} = {value}; photo patches must be 1..{most} pixels", value=s, most=min(h // 2, w // 4)
+            )
+        regions = {
+            "train": (0, h, 0, 3 * w // 4),
+            "val": (0, h // 2, 3 * w // 4, w),
+            "test": (h // 2, h, 3 * w // 4, w),
+        }
         rng = np.random.default_rng(self.seed)
         out = {}
         for split, n in zip(SPLITS, self.sizes):
             y0, y1, x0, x1 = regions[split]
             ys, xs = rng.integers(y0, y1 - s + 1, n), rng.integers(x0, x1 - s + 1, n)
-            images = np.stack([photos[k % 2][y : y + s, x : x + s] for k, (y, x) in enumerate(zip(ys, xs))]).transpose(0, 3, 1, 2)
+            images = np.stack([photos[k % 2][y : y + s, x : x + s] for k, (y, x) in enumerate(zip(ys, xs))]).transpose(
+                0, 3, 1, 2
+            )
             out[split] = whole(np.ascontiguousarray(images), np.arange(n) % 2)  # label: which photo
         return out
 
@@ -215,7 +233,15 @@ class PhotoPatchesDataModule(ImageDataModule):
 class SyntheticDataModule(ImageDataModule):
     """Small random images with spatial structure, for tests: blurred noise quantized to ``levels``."""
 
-    def __init__(self, sizes: Sequence[int] = (64, 16, 16), image_size: int = 8, channels: int = 1, levels: int = 17, seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        sizes: Sequence[int] = (64, 16, 16),
+        image_size: int = 8,
+        channels: int = 1,
+        levels: int = 17,
+        seed: int = 0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.sizes, self.image_size, self.channels, self.seed = tuple(sizes), image_size, channels, seed
         self.levels = levels
@@ -226,6 +252,8 @@ class SyntheticDataModule(ImageDataModule):
         x = torch.randn(n, self.channels, self.image_size, self.image_size, generator=g)
         x = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
         x = (x / x.abs().amax(dim=(1, 2, 3), keepdim=True)).clamp(-1, 1)
-        images = torch.round((x + 1) / 2 * (self.levels - 1)).to(torch.uint8 if self.levels <= 256 else torch.int32).numpy()
+        images = (
+            torch.round((x + 1) / 2 * (self.levels - 1)).to(torch.uint8 if self.levels <= 256 else torch.int32).numpy()
+        )
         idx = split_indices(n, self.sizes, 0)
         return {k: whole(images, index=i) for k, i in zip(SPLITS, idx)}

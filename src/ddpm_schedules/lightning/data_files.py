@@ -12,7 +12,14 @@ import numpy as np
 from PIL import Image
 
 from ddpm_schedules.lightning.data import SPLITS, ImageDataModule, Split, split_indices, whole
-from ddpm_schedules.storage.arrays import decompress_npz_member, imagenet_batches, load_pickle, map_npy, map_npz_member, npz_keys
+from ddpm_schedules.storage.arrays import (
+    decompress_npz_member,
+    imagenet_batches,
+    load_pickle,
+    map_npy,
+    map_npz_member,
+    npz_keys,
+)
 from ddpm_schedules.storage.errors import ParameterError
 
 
@@ -51,7 +58,11 @@ class CIFAR10DataModule(ImageDataModule):
         train_x, train_y = read([f"data_batch_{i}" for i in range(1, 6)])
         test_x, test_y = read(["test_batch"])
         train_idx, val_idx = split_indices(len(train_x), [len(train_x) - self.val_size, self.val_size], self.seed)
-        return {"train": Split(train_x, train_y, train_idx), "val": Split(train_x, train_y, val_idx), "test": whole(test_x, test_y)}
+        return {
+            "train": Split(train_x, train_y, train_idx),
+            "val": Split(train_x, train_y, val_idx),
+            "test": whole(test_x, test_y),
+        }
 
 
 def _key(d: dict, name: str):
@@ -62,16 +73,25 @@ def _key(d: dict, name: str):
 class ImageFolderDataModule(ImageDataModule):
     """Every .png / .jpg under ``root``, centre-cropped and resized to ``image_size``, split by a fixed permutation."""
 
-    def __init__(self, root: str, image_size: int = 32, val_size: int = 1000, test_size: int = 1000, seed: int = 0, **kwargs):
+    def __init__(
+        self, root: str, image_size: int = 32, val_size: int = 1000, test_size: int = 1000, seed: int = 0, **kwargs
+    ):
         super().__init__(**kwargs)
-        self.root, self.image_size, self.val_size, self.test_size, self.seed = Path(root), image_size, val_size, test_size, seed
+        self.root, self.image_size, self.val_size, self.test_size, self.seed = (
+            Path(root),
+            image_size,
+            val_size,
+            test_size,
+            seed,
+        )
 
     def load(self) -> dict[str, Split]:
         _require(self.root, "image folder")
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
         if not files:
-            raise ParameterError("no .png / .jpg images under {location!r}; point {root} at an image folder",
-                                 location=str(self.root))  # fmt: skip
+            raise ParameterError(
+                "no .png / .jpg images under {location!r}; point {root} at an image folder", location=str(self.root)
+            )
         arrays = []
         for path in files:
             img = Image.open(path).convert("RGB")
@@ -99,8 +119,12 @@ def open_images(path: Path, image_size: int, key: str | None = None) -> tuple[np
         keys = npz_keys(path)
         name = key or ("data" if "data" in keys else "arr_0" if "arr_0" in keys else keys[0] if keys else None)
         if name not in keys:
-            raise ParameterError("{location!r} has no array {name!r}; it holds {keys}; set {key}", location=str(path),
-                                 name=name, keys=keys)  # fmt: skip
+            raise ParameterError(
+                "{location!r} has no array {name!r}; it holds {keys}; set {key}",
+                location=str(path),
+                name=name,
+                keys=keys,
+            )
         arr = map_npz_member(path, name)
         arr = decompress_npz_member(path, name) if arr is None else arr
         if "labels" in keys:
@@ -112,8 +136,12 @@ def open_images(path: Path, image_size: int, key: str | None = None) -> tuple[np
     elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] == s:
         arr = arr.transpose(0, 3, 1, 2)  # a view: rows are read (and transposed) only when used
     if arr.ndim != 4 or arr.shape[2:] != (s, s):
-        raise ParameterError("{location!r} holds images of shape {shape}, not {s}x{s}; set {image_size} to match",
-                             location=str(path), shape=arr.shape[1:], s=s)  # fmt: skip
+        raise ParameterError(
+            "{location!r} holds images of shape {shape}, not {s}x{s}; set {image_size} to match",
+            location=str(path),
+            shape=arr.shape[1:],
+            s=s,
+        )
     if arr.dtype != np.uint8:
         raise ValueError(f"{str(path)!r} holds {arr.dtype} values; expected uint8 pixels 0..255")
     return arr, labels if labels is not None else np.zeros(len(arr), dtype=np.int64)
@@ -122,7 +150,16 @@ def open_images(path: Path, image_size: int, key: str | None = None) -> tuple[np
 class NpzDataModule(ImageDataModule):
     """uint8 images from an .npy / .npz file ([N, H, W, C], [N, C, H, W] or flattened [N, C*H*W]), memory-mapped."""
 
-    def __init__(self, path: str, image_size: int = 64, key: str | None = None, val_size: int = 1000, test_path: str | None = None, seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        path: str,
+        image_size: int = 64,
+        key: str | None = None,
+        val_size: int = 1000,
+        test_path: str | None = None,
+        seed: int = 0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.path, self.image_size, self.key, self.val_size, self.seed = Path(path), image_size, key, val_size, seed
         self.test_path = Path(test_path) if test_path else None
@@ -137,7 +174,9 @@ class NpzDataModule(ImageDataModule):
             test = whole(*open_images(self.test_path, self.image_size, self.key))
             train_idx, val_idx = split_indices(len(x), [len(x) - self.val_size, self.val_size], self.seed)
         else:
-            train_idx, val_idx, test_idx = split_indices(len(x), [len(x) - 2 * self.val_size, self.val_size, self.val_size], self.seed)
+            train_idx, val_idx, test_idx = split_indices(
+                len(x), [len(x) - 2 * self.val_size, self.val_size, self.val_size], self.seed
+            )
             test = Split(x, y, test_idx)
         return {"train": Split(x, y, train_idx), "val": Split(x, y, val_idx), "test": test}
 
@@ -150,8 +189,9 @@ class DownsampledImageNetDataModule(ImageDataModule):
     def __init__(self, root: str, image_size: int = 64, val_size: int = 10000, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if image_size not in (32, 64):
-            raise ParameterError("{image_size} = {value!r}; the official downsampled ImageNet comes in 32 and 64",
-                                 value=image_size)  # fmt: skip
+            raise ParameterError(
+                "{image_size} = {value!r}; the official downsampled ImageNet comes in 32 and 64", value=image_size
+            )
         self.root, self.image_size, self.val_size, self.seed = Path(root), image_size, val_size, seed
 
     def prepare_data(self) -> None:

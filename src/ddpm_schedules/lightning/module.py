@@ -156,8 +156,11 @@ class DiffusionModule(pl.LightningModule):
         loss = (terms["loss"] * weights).mean()
         if not torch.isfinite(loss):
             # stop before a checkpoint of broken weights can replace the last good one
-            raise ParameterError("the training loss is {loss} at step {step}; lower {lr} or check the data",
-                                 loss=loss.item(), step=self.global_step)  # fmt: skip
+            raise ParameterError(
+                "the training loss is {loss} at step {step}; lower {lr} or check the data",
+                loss=loss.item(),
+                step=self.global_step,
+            )
         self.log("train/loss", loss, prog_bar=True)
         for name in ("mse", "vb"):
             if name in terms:

@@ -18,7 +18,9 @@ def chebyshev_order(a: float, tol: float = 1e-17) -> int:
     """Terms K that keep the Chebyshev truncation error of exp(-f delta) on a range of half-width h below ``tol``
     times its largest value, a = h max|delta|: the bound 2 I_K(a) <= 2 (a/2)^K e^(a^2 / 4(K+1)) / K!."""
     K = 1
-    while K < 4096 and math.log(2) + K * math.log(max(a, 1e-300) / 2) + a * a / (4 * (K + 1)) - math.lgamma(K + 1) > math.log(tol):
+    while K < 4096 and math.log(2) + K * math.log(max(a, 1e-300) / 2) + a * a / (4 * (K + 1)) - math.lgamma(
+        K + 1
+    ) > math.log(tol):
         K += 1
     return K
 
@@ -35,8 +37,9 @@ def _largest_a(max_order: int, tol: float) -> float:
     return lo
 
 
-def chebyshev_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, tol: float = 1e-17, max_order: int = 64,
-                       max_elements: int = 1 << 24) -> Tensor:
+def chebyshev_exp_sums(
+    frac: Tensor, weights: Tensor, delta: Tensor, tol: float = 1e-17, max_order: int = 64, max_elements: int = 1 << 24
+) -> Tensor:
     """sum_d weights[w, b, d] exp(-frac[b, d] delta[s]) for every (w, b, s): [W, B, S].
 
     Per example b, on [lo_b, hi_b] = the range of its frac, exp(-f delta) = sum_k c_k(b, delta) T_k(z),
@@ -59,7 +62,9 @@ def chebyshev_exp_sums(frac: Tensor, weights: Tensor, delta: Tensor, tol: float 
     return out
 
 
-def chebyshev_plan(frac: Tensor, delta_max: float, tol: float = 1e-17, max_order: int = 64) -> tuple[Tensor, Tensor, Tensor, int]:
+def chebyshev_plan(
+    frac: Tensor, delta_max: float, tol: float = 1e-17, max_order: int = 64
+) -> tuple[Tensor, Tensor, Tensor, int]:
     """(lo [B], hi [B], direct [B] bool, K): each example's range of f, which examples need more than ``max_order``
     terms for |delta| <= ``delta_max`` (to be summed directly), and the terms K of the others."""
     lo, hi = frac.min(1).values.detach(), frac.max(1).values.detach()

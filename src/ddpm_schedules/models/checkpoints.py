@@ -19,7 +19,9 @@ from ddpm_schedules.storage.files import atomic_torch_save
 MAX_LISTED = 4
 
 
-def load_improved_diffusion(path: str | Path, levels: int = 256, flags: Mapping[str, Any] | None = None, **more_flags) -> DiffusionModel:
+def load_improved_diffusion(
+    path: str | Path, levels: int = 256, flags: Mapping[str, Any] | None = None, **more_flags
+) -> DiffusionModel:
     """Load an improved-diffusion checkpoint with its training flags (image_size, num_channels, ...).
 
     Flags use improved-diffusion's names and defaults (``model_and_diffusion_defaults()``), plus
@@ -55,15 +57,19 @@ def read_checkpoint(path: str | Path, trust_checkpoint: bool = False, trust_hint
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = " ".join(str(e).split())
-        if not re.search(r"unsupported global|trying to call reduce|can only (create new object|build)", text, re.IGNORECASE):
+        if not re.search(
+            r"unsupported global|trying to call reduce|can only (create new object|build)", text, re.IGNORECASE
+        ):
             raise
         what = re.search(r"GLOBAL (\S+)", text)
         opt_in = "{trust_checkpoint}=true" if trust_hint is None else "{hint}"
         raise UntrustedCheckpointError(
             "{path!r} needs full unpickling{what}, which can run code hidden in the file; if you trust where it came "
-            "from, load it with " + opt_in, path=str(path), what=f" (it references {what.group(1)})" if what else "",
+            "from, load it with " + opt_in,
+            path=str(path),
+            what=f" (it references {what.group(1)})" if what else "",
             hint=trust_hint,
-        ) from None  # fmt: skip
+        ) from None
 
 
 def load_checkpoint(path: str | Path, trust_checkpoint: bool = False, trust_hint: str | None = None) -> DiffusionModel:
@@ -139,7 +145,9 @@ def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], f
     """One line naming missing/unexpected keys, shape mismatches and the flags that probably differ; '' if none."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
-    shapes = {k: (tuple(got[k].shape), tuple(v.shape)) for k, v in expected.items() if k in got and got[k].shape != v.shape}
+    shapes = {
+        k: (tuple(got[k].shape), tuple(v.shape)) for k, v in expected.items() if k in got and got[k].shape != v.shape
+    }
     if not (missing or unexpected or shapes):
         return ""
 
@@ -167,16 +175,29 @@ def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], f
             if ck[1] != ours[1]:
                 hint(f"in_channels (the checkpoint takes {ck[1]})")
         elif k.startswith("time_embed."):
-            hint(f"num_channels (the checkpoint has {got['time_embed.0.weight'].shape[1]})" if "time_embed.0.weight" in got else "num_channels")
+            hint(
+                f"num_channels (the checkpoint has {got['time_embed.0.weight'].shape[1]})"
+                if "time_embed.0.weight" in got
+                else "num_channels"
+            )
         elif k == "label_emb.weight":
             hint(f"class_cond (the checkpoint has {ck[0]} classes, this package uses NUM_CLASSES = {NUM_CLASSES})")
     blocks = ("input_blocks.", "output_blocks.", "middle_block.")
     structural = [k for k in missing + unexpected if not k.startswith("label_emb.")]
     block_shapes = [k for k in shapes if k.startswith(blocks) and not k.startswith("input_blocks.0.0.")]
     ratios = {shapes[k][0][0] / shapes[k][1][0] for k in block_shapes}
-    if block_shapes and not structural and all(".emb_layers.1." in k for k in block_shapes) and ratios in ({2.0}, {0.5}):
+    if (
+        block_shapes
+        and not structural
+        and all(".emb_layers.1." in k for k in block_shapes)
+        and ratios in ({2.0}, {0.5})
+    ):
         hint(f"use_scale_shift_norm (the checkpoint {'uses' if ratios == {2.0} else 'does not use'} it)")
-    elif structural and not block_shapes and all(any(a in k for a in (".norm.", ".qkv.", ".proj_out.")) for k in structural):
+    elif (
+        structural
+        and not block_shapes
+        and all(any(a in k for a in (".norm.", ".qkv.", ".proj_out.")) for k in structural)
+    ):
         hint("attention_resolutions (or image_size, which turns resolutions into ds rates)")
     elif structural or (block_shapes and not any(h.startswith("num_channels") for h in hints)):
         hint("num_res_blocks/channel_mult/attention_resolutions (or image_size)")
@@ -211,10 +232,19 @@ def export_checkpoint(
         raise ValueError(f"checkpoint file {str(src)!r} is missing (no such file)")
     ckpt = _read_ours(src, trust_checkpoint, trust_hint)
     _model_from_checkpoint(src, ckpt)  # fails clearly on anything that is not one of ours
-    hp = {"flags": _plain(_plain_flags(ckpt["hyper_parameters"]["flags"])), "levels": int(ckpt["hyper_parameters"].get("levels", 256))}
-    state = {str(k): v.detach().clone(memory_format=torch.contiguous_format) for k, v in ckpt["state_dict"].items() if k.startswith("model.net.")}
+    hp = {
+        "flags": _plain(_plain_flags(ckpt["hyper_parameters"]["flags"])),
+        "levels": int(ckpt["hyper_parameters"].get("levels", 256)),
+    }
+    state = {
+        str(k): v.detach().clone(memory_format=torch.contiguous_format)
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("model.net.")
+    }
     step = ckpt.get("global_step")
-    atomic_torch_save({"hyper_parameters": hp, "state_dict": state, "global_step": None if step is None else int(step)}, dst)
+    atomic_torch_save(
+        {"hyper_parameters": hp, "state_dict": state, "global_step": None if step is None else int(step)}, dst
+    )
     return Path(dst)
 
 
@@ -230,4 +260,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Sequence):
         return [_plain(v) for v in value]
     raise ValueError(f"a checkpoint flag holds a {type(value).__name__} ({value!r}); flags must be plain values")
-

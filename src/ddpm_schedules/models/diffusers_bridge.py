@@ -43,7 +43,9 @@ def scheduler_conventions(config: dict[str, Any]) -> dict[str, Any]:
     """The conventions of docs/design.md §1 from a diffusers scheduler config; refuses what has no DDPM ELBO."""
     name = config.get("_class_name", "scheduler")
     if "num_train_timesteps" not in config or ("beta_schedule" not in config and config.get("trained_betas") is None):
-        raise ValueError(f"{name} has no discrete beta schedule (num_train_timesteps, beta_schedule), so no DDPM ELBO; use a DDPM-family scheduler config")
+        raise ValueError(
+            f"{name} has no discrete beta schedule (num_train_timesteps, beta_schedule), so no DDPM ELBO; use a DDPM-family scheduler config"
+        )
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"{name} predicts {prediction!r}; supported prediction_type values: {list(PREDICTION_TYPES)}")
@@ -51,10 +53,18 @@ def scheduler_conventions(config: dict[str, Any]) -> dict[str, Any]:
     if variance not in VARIANCE_TYPES:
         raise ValueError(f"{name} has variance_type={variance!r}; supported: {VARIANCE_TYPES}")
     if config.get("thresholding"):
-        raise ValueError(f"{name} uses dynamic thresholding, which makes p(x_s | x_t) non-Gaussian; set thresholding=false")
+        raise ValueError(
+            f"{name} uses dynamic thresholding, which makes p(x_s | x_t) non-Gaussian; set thresholding=false"
+        )
     if config.get("clip_sample", True) and float(config.get("clip_sample_range", 1.0)) != 1.0:
-        raise ValueError(f"{name} clips x0 to ±{config['clip_sample_range']}; only clip_sample_range=1 matches data in [-1, 1]")
-    return {"mean_type": PREDICTION_TYPES[prediction], "var_type": variance, "clip_denoised": bool(config.get("clip_sample", True))}
+        raise ValueError(
+            f"{name} clips x0 to ±{config['clip_sample_range']}; only clip_sample_range=1 matches data in [-1, 1]"
+        )
+    return {
+        "mean_type": PREDICTION_TYPES[prediction],
+        "var_type": variance,
+        "clip_denoised": bool(config.get("clip_sample", True)),
+    }
 
 
 def load_diffusers(path: str | Path, levels: int = 256) -> DiffusionModel:
@@ -62,7 +72,9 @@ def load_diffusers(path: str | Path, levels: int = 256) -> DiffusionModel:
     diffusers = _require_diffusers()
     path = Path(path)
     if not (path / "unet").is_dir() or not (path / "scheduler").is_dir():
-        raise ValueError(f"{str(path)!r} is not a diffusers folder with unet/ and scheduler/; save one with pipeline.save_pretrained(path)")
+        raise ValueError(
+            f"{str(path)!r} is not a diffusers folder with unet/ and scheduler/; save one with pipeline.save_pretrained(path)"
+        )
     config_file = path / "scheduler" / "scheduler_config.json"
     try:
         config = json.loads(config_file.read_text())
@@ -84,5 +96,10 @@ def load_diffusers(path: str | Path, levels: int = 256) -> DiffusionModel:
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     return DiffusionModel(
-        UNetOutput(unet), NoiseSchedule(betas), rescale_timesteps=False, levels=levels, image_shape=(channels, size, size), **conventions
+        UNetOutput(unet),
+        NoiseSchedule(betas),
+        rescale_timesteps=False,
+        levels=levels,
+        image_shape=(channels, size, size),
+        **conventions,
     ).eval()

@@ -129,11 +129,15 @@ def check_gamma(gamma: Tensor, T: int) -> Tensor:
     negative or infinite value."""
     gamma = torch.as_tensor(gamma, dtype=torch.float64).detach().cpu().reshape(-1)
     if gamma.numel() != T + 1:
-        raise ValueError(f"Gamma has {gamma.numel()} entries; the model has T = {T}, so it needs T + 1 = {T + 1} (index 0 unused)")
+        raise ValueError(
+            f"Gamma has {gamma.numel()} entries; the model has T = {T}, so it needs T + 1 = {T + 1} (index 0 unused)"
+        )
     known = gamma[1:][~torch.isnan(gamma[1:])]
     bad = known[~torch.isfinite(known) | (known < 0)]
     if bad.numel():
-        raise ValueError(f"Gamma_t = {bad[0].item()} is negative or not finite; Gamma_t = E||eps_theta||^2 / D must be a finite value >= 0")
+        raise ValueError(
+            f"Gamma_t = {bad[0].item()} is negative or not finite; Gamma_t = E||eps_theta||^2 / D must be a finite value >= 0"
+        )
     return gamma
 
 

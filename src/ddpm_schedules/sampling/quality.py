@@ -28,7 +28,6 @@ from ddpm_schedules.sampling.frechet import (
 from ddpm_schedules.sampling.samplers import SAMPLERS, sample_ddim
 from ddpm_schedules.schedules.schedule import Schedule
 
-
 DETERMINISTIC = ("ddim", "dpmpp")  # samplers whose samples are compared with the teacher's from the same x_T
 
 
@@ -57,8 +56,14 @@ def chunk_draws(starts: list[tuple[Tensor, torch.Generator]]) -> Iterator[Tensor
         yield torch.cat([torch.randn(x_T.shape, generator=gen, dtype=torch.float64) for x_T, gen in starts])
 
 
-def draw_samples(model: DiffusionModel, sampler: str, schedule: Schedule, settings: QualitySettings, procs: Processes,
-                 batch_size: int) -> list[tuple[int, Tensor]]:
+def draw_samples(
+    model: DiffusionModel,
+    sampler: str,
+    schedule: Schedule,
+    settings: QualitySettings,
+    procs: Processes,
+    batch_size: int,
+) -> list[tuple[int, Tensor]]:
     """This process's chunks of ``settings.samples`` samples along ``schedule``: [(chunk index, samples)]; as many
     chunks share the network calls as ``batch_size`` holds (a larger chunk is split into calls of ``batch_size``).
     Each chunk gets the same noise and the same steps as on its own, so its samples equal its own call's up to the
@@ -66,7 +71,10 @@ def draw_samples(model: DiffusionModel, sampler: str, schedule: Schedule, settin
     extra = {"eta": settings.ddim_eta} if sampler == "ddim" else {}
     out = []
     for group in call_groups(procs.chunks(settings.samples, settings.chunk), settings.chunk, batch_size):
-        starts = [chunk_noise(model, settings.seed, c, min(settings.chunk, settings.samples - c * settings.chunk)) for c in group]
+        starts = [
+            chunk_noise(model, settings.seed, c, min(settings.chunk, settings.samples - c * settings.chunk))
+            for c in group
+        ]
         sizes = [len(x_T) for x_T, _ in starts]
         x_T = torch.cat([x for x, _ in starts])
         draws = chunk_draws(starts)
@@ -75,7 +83,9 @@ def draw_samples(model: DiffusionModel, sampler: str, schedule: Schedule, settin
     return out
 
 
-def teacher_samples(model: DiffusionModel, teacher: Schedule, settings: QualitySettings, procs: Processes) -> dict[int, Tensor]:
+def teacher_samples(
+    model: DiffusionModel, teacher: Schedule, settings: QualitySettings, procs: Processes
+) -> dict[int, Tensor]:
     """DDIM (eta = 0) along the teacher's grid from the x_T of the first ``teacher_samples`` samples: {chunk: samples}."""
     out, n = {}, min(settings.teacher_samples, settings.samples)
     for c in procs.chunks(n, settings.chunk):
@@ -87,16 +97,32 @@ def teacher_samples(model: DiffusionModel, teacher: Schedule, settings: QualityS
 
 def gather_chunks(parts: list[tuple[int, Tensor]], width: int) -> Tensor:
     """Rows of every process's chunks, in chunk order ([0, width] when there are none)."""
-    rows = torch.cat([torch.cat([torch.full((len(x), 1), float(c), dtype=torch.float64), x.double().flatten(1)], 1) for c, x in parts]) \
-        if parts else torch.empty(0, width + 1, dtype=torch.float64)  # fmt: skip
+    rows = (
+        torch.cat(
+            [
+                torch.cat([torch.full((len(x), 1), float(c), dtype=torch.float64), x.double().flatten(1)], 1)
+                for c, x in parts
+            ]
+        )
+        if parts
+        else torch.empty(0, width + 1, dtype=torch.float64)
+    )
     rows = gather_rows(rows)
     order = torch.argsort(rows[:, 0], stable=True)  # within a chunk the rows keep their order
     return rows[order, 1:]
 
 
-def quality_stage(model: DiffusionModel, schedules: Sequence[Schedule], settings: QualitySettings, procs: Processes,
-                  batch_size: int, fid: Any = None, reference: Tensor | tuple[Tensor, Tensor] | None = None,
-                  reference_cache: str | None = None, teacher: Schedule | None = None) -> tuple[list[dict[str, Any]], dict[str, Tensor], Any]:
+def quality_stage(
+    model: DiffusionModel,
+    schedules: Sequence[Schedule],
+    settings: QualitySettings,
+    procs: Processes,
+    batch_size: int,
+    fid: Any = None,
+    reference: Tensor | tuple[Tensor, Tensor] | None = None,
+    reference_cache: str | None = None,
+    teacher: Schedule | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Tensor], Any]:
     """For every sampler and schedule: the Fréchet distance (with its bootstrap error) of ``settings.samples``
     samples to ``reference`` (images, or their feature statistics (mu, sigma)), and for DDIM and DPM-Solver++ the mean L2 distance
     of its first samples to the teacher's.
@@ -108,20 +134,35 @@ def quality_stage(model: DiffusionModel, schedules: Sequence[Schedule], settings
     ref = None
     if fid:
         ref = reference if isinstance(reference, tuple) else reference_moments(network, reference, reference_cache)
-    targets = teacher_samples(model, teacher, settings, procs) if teacher is not None and settings.teacher_samples else {}
+    targets = (
+        teacher_samples(model, teacher, settings, procs) if teacher is not None and settings.teacher_samples else {}
+    )
     entries, grids = [], {}
     work = [(sampler, sch) for sampler in settings.samplers for sch in schedules]
     for sampler, sch in tqdm(work, desc="samples", unit="set", disable=procs.rank != 0):
         parts = draw_samples(model, sampler, sch, settings, procs, batch_size)
-        entry = {"strategy": sch.strategy, "K": sch.K, "sampler": sampler, "schedule": list(sch.timesteps),
-                 "fid": None, "fid_sem": None, "teacher_distance": None}  # fmt: skip
+        entry = {
+            "strategy": sch.strategy,
+            "K": sch.K,
+            "sampler": sampler,
+            "schedule": list(sch.timesteps),
+            "fid": None,
+            "fid_sem": None,
+            "teacher_distance": None,
+        }
         if network is not None:
             feats = gather_chunks([(c, features_of(network, x)) for c, x in parts], ref[0].numel())
             # resamples keyed by the schedule, not its place in the list: a row's SE does not depend on what else runs
             boot_seed = mix(settings.seed, zlib.crc32(sch.strategy.encode()), sch.K)
             entry["fid"], entry["fid_sem"] = frechet_distance(ref, feats, settings.bootstrap, seed=boot_seed)
-        if sampler in DETERMINISTIC and teacher is not None and settings.teacher_samples:  # the same on every process: a collective
-            dist = [(c, (x[: len(targets[c])] - targets[c]).flatten(1).norm(dim=1, keepdim=True)) for c, x in parts if c in targets]
+        if (
+            sampler in DETERMINISTIC and teacher is not None and settings.teacher_samples
+        ):  # the same on every process: a collective
+            dist = [
+                (c, (x[: len(targets[c])] - targets[c]).flatten(1).norm(dim=1, keepdim=True))
+                for c, x in parts
+                if c in targets
+            ]
             entry["teacher_distance"] = float(gather_chunks(dist, 1).mean())
         entries.append(entry)
         if parts:

@@ -61,7 +61,9 @@ def as_schedule(model: DiffusionModel, schedule: Schedule | Sequence[int]) -> Sc
     return schedule
 
 
-def ddim_step(model: DiffusionModel, x_t: Tensor, x0_hat: Tensor, t: int, s: int, eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
+def ddim_step(
+    model: DiffusionModel, x_t: Tensor, x0_hat: Tensor, t: int, s: int, eta: float = 0.0, noise: Tensor | None = None
+) -> Tensor:
     """DDIM's update from t to s (Song et al. 2021, eq. 12): sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z.
 
     eps_hat is recomputed from the (clipped) x0_hat, as improved-diffusion's ddim_sample; sigma^2 = eta^2 btil(s|t).
@@ -74,9 +76,14 @@ def ddim_step(model: DiffusionModel, x_t: Tensor, x0_hat: Tensor, t: int, s: int
     return out + sigma2**0.5 * noise if sigma2 > 0 and noise is not None else out
 
 
-def _start(model: DiffusionModel, schedule: Schedule | Sequence[int], x_T: Tensor | int,
-           generator: torch.Generator | None, noise: Iterable[Tensor] | None,
-           batch_size: int | None) -> tuple[Schedule, Tensor, Draw]:
+def _start(
+    model: DiffusionModel,
+    schedule: Schedule | Sequence[int],
+    x_T: Tensor | int,
+    generator: torch.Generator | None,
+    noise: Iterable[Tensor] | None,
+    batch_size: int | None,
+) -> tuple[Schedule, Tensor, Draw]:
     """The checked schedule, x_T in float64 on the model's device (drawn from ``generator`` for an int n) and the draw
     of each later step's noise: the next tensor of ``noise``, or else ``generator``'s next draw."""
     schedule = as_schedule(model, schedule)
@@ -137,9 +144,16 @@ def _steps(schedule: Schedule) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def sample_ancestral(model: DiffusionModel, schedule: Schedule | Sequence[int], x_T: Tensor | int, *,
-                     generator: torch.Generator | None = None, noise: Iterable[Tensor] | None = None,
-                     batch_size: int | None = None, trajectory: list[Tensor] | None = None) -> Tensor:
+def sample_ancestral(
+    model: DiffusionModel,
+    schedule: Schedule | Sequence[int],
+    x_T: Tensor | int,
+    *,
+    generator: torch.Generator | None = None,
+    noise: Iterable[Tensor] | None = None,
+    batch_size: int | None = None,
+    trajectory: list[Tensor] | None = None,
+) -> Tensor:
     """Ancestral sampling through p(x_s | x_t) of every schedule pair (docs/design.md §1): [n, C, H, W] on ``levels``.
 
     One noise draw per step to s >= 1 (K - 1); the last step returns x0_hat. The arguments: the module's docstring.
@@ -159,9 +173,17 @@ def sample_ancestral(model: DiffusionModel, schedule: Schedule | Sequence[int], 
 
 
 @torch.no_grad()
-def sample_ddim(model: DiffusionModel, schedule: Schedule | Sequence[int], x_T: Tensor | int, *,
-                generator: torch.Generator | None = None, noise: Iterable[Tensor] | None = None,
-                batch_size: int | None = None, trajectory: list[Tensor] | None = None, eta: float = 0.0) -> Tensor:
+def sample_ddim(
+    model: DiffusionModel,
+    schedule: Schedule | Sequence[int],
+    x_T: Tensor | int,
+    *,
+    generator: torch.Generator | None = None,
+    noise: Iterable[Tensor] | None = None,
+    batch_size: int | None = None,
+    trajectory: list[Tensor] | None = None,
+    eta: float = 0.0,
+) -> Tensor:
     """DDIM along the schedule (`ddim_step` for every pair; the last step returns x0_hat): [n, C, H, W] on ``levels``.
 
     ``eta``: 0 (the default) is deterministic and draws nothing; eta > 0 draws once per step to s >= 1 (K - 1).
@@ -179,7 +201,9 @@ def sample_ddim(model: DiffusionModel, schedule: Schedule | Sequence[int], x_T: 
     raise AssertionError("unreachable: every schedule starts from s = 0")
 
 
-def dpmpp_2m_coefficients(ab: Tensor, p: Tensor | int | None, c: Tensor | int, n: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
+def dpmpp_2m_coefficients(
+    ab: Tensor, p: Tensor | int | None, c: Tensor | int, n: Tensor | int
+) -> tuple[Tensor, Tensor, Tensor]:
     """(a, b, d) of DPM-Solver++(2M)'s update x_n = a x_c + b x0_hat(c) + d x0_hat(p) (Lu et al. 2022, Alg. 2, in
     diffusers' midpoint form), float64: with lambda = log(alpha / sigma), h = lambda_n - lambda_c, r = (lambda_c -
     lambda_p) / h and phi = alpha_n (1 - e^-h): a = sigma_n / sigma_c, b = phi (1 + 1 / 2r), d = -phi / 2r. Without p
@@ -195,13 +219,24 @@ def dpmpp_2m_coefficients(ab: Tensor, p: Tensor | int | None, c: Tensor | int, n
         return a, phi, torch.zeros_like(phi)
     half_over_r = 0.5 * h / (lam[c] - lam[torch.as_tensor(p)])
     last = n == 0
-    return a, torch.where(last, phi, phi * (1 + half_over_r)), torch.where(last, torch.zeros_like(phi), -phi * half_over_r)
+    return (
+        a,
+        torch.where(last, phi, phi * (1 + half_over_r)),
+        torch.where(last, torch.zeros_like(phi), -phi * half_over_r),
+    )
 
 
 @torch.no_grad()
-def sample_dpmpp(model: DiffusionModel, schedule: Schedule | Sequence[int], x_T: Tensor | int, *,
-                 generator: torch.Generator | None = None, noise: Iterable[Tensor] | None = None,
-                 batch_size: int | None = None, trajectory: list[Tensor] | None = None) -> Tensor:
+def sample_dpmpp(
+    model: DiffusionModel,
+    schedule: Schedule | Sequence[int],
+    x_T: Tensor | int,
+    *,
+    generator: torch.Generator | None = None,
+    noise: Iterable[Tensor] | None = None,
+    batch_size: int | None = None,
+    trajectory: list[Tensor] | None = None,
+) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) on the model's (clipped) x0_hat as its data prediction, at the schedule's
     timesteps: `dpmpp_2m_coefficients` for every step, first order for the first and the last (to t = 0, as
     diffusers' DPMSolverMultistepScheduler with final_sigmas_type="zero"): [n, C, H, W] on ``levels``.
@@ -222,8 +257,9 @@ def sample_dpmpp(model: DiffusionModel, schedule: Schedule | Sequence[int], x_T:
 
 def check_eta(eta: float) -> None:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ParameterError("{eta} = {value!r}; DDIM's eta must be a number >= 0 (0 = deterministic, "
-                             "1 = DDPM-like noise)", value=eta)  # fmt: skip
+        raise ParameterError(
+            "{eta} = {value!r}; DDIM's eta must be a number >= 0 (0 = deterministic, 1 = DDPM-like noise)", value=eta
+        )
 
 
 SAMPLERS = {"ancestral": sample_ancestral, "ddim": sample_ddim, "dpmpp": sample_dpmpp}
@@ -236,8 +272,9 @@ def check_samplers(names: Sequence[str]) -> list[str]:
         raise ParameterError("{samplers} is empty; use e.g. [ancestral, ddim]")
     for name in names:
         if name not in SAMPLERS:
-            raise ParameterError("unknown sampler {name!r} in {samplers}; use {known}", name=name,
-                                 known=", ".join(SAMPLERS))  # fmt: skip
+            raise ParameterError(
+                "unknown sampler {name!r} in {samplers}; use {known}", name=name, known=", ".join(SAMPLERS)
+            )
     return names
 
 

@@ -35,19 +35,27 @@ def load_gamma(gamma_file: str | Path, model) -> Tensor:
         blob = load_checked(gamma_file)
         T, weights, timesteps, values = blob["T"], blob["weights"], blob["timesteps"], blob["gamma"]
     except (ValueError, KeyError, TypeError):
-        raise ParameterError("{gamma_file} {path!r} is not a Gamma file written by evaluate.py (gamma.pt); "
-                             "estimate Gamma again", path=path) from None  # fmt: skip
+        raise ParameterError(
+            "{gamma_file} {path!r} is not a Gamma file written by evaluate.py (gamma.pt); estimate Gamma again",
+            path=path,
+        ) from None
     if T != model.T:
-        raise ParameterError("{gamma_file} {path!r} is for T = {T}; this model has T = {model_T}", path=path, T=T,
-                             model_T=model.T)  # fmt: skip
+        raise ParameterError(
+            "{gamma_file} {path!r} is for T = {T}; this model has T = {model_T}", path=path, T=T, model_T=model.T
+        )
     if weights != weights_fingerprint(model):
-        raise ParameterError("{gamma_file} {path!r} was estimated for other weights; use this model's gamma.pt or drop "
-                             "{gamma_file}", path=path)  # fmt: skip
+        raise ParameterError(
+            "{gamma_file} {path!r} was estimated for other weights; use this model's gamma.pt or drop {gamma_file}",
+            path=path,
+        )
     gamma = torch.full((model.T + 1,), math.nan, dtype=torch.float64)
     values = torch.as_tensor(values, dtype=torch.float64)
     if not torch.isfinite(values).all():
-        raise ParameterError("{gamma_file} {path!r} holds Gamma_t = {bad}; values must be finite", path=path,
-                             bad=values[~torch.isfinite(values)][0].item())  # fmt: skip
+        raise ParameterError(
+            "{gamma_file} {path!r} holds Gamma_t = {bad}; values must be finite",
+            path=path,
+            bad=values[~torch.isfinite(values)][0].item(),
+        )
     gamma[torch.as_tensor(timesteps).long()] = values
     return check_gamma(gamma, model.T)
 
@@ -89,8 +97,9 @@ def analytic_ot_schedule(schedule: NoiseSchedule, gamma: Tensor, K: int, dims: i
     T = schedule.T
     gamma = check_gamma(gamma, T)
     if torch.isnan(gamma[1:]).any():
-        raise ParameterError("the analytic_ot strategy needs Gamma_t at every t = 1..T: use {grid}=null "
-                             "(or a full {gamma_file})")  # fmt: skip
+        raise ParameterError(
+            "the analytic_ot strategy needs Gamma_t at every t = 1..T: use {grid}=null (or a full {gamma_file})"
+        )
     if not 2 <= K <= T:
         raise ValueError(f"analytic_ot needs a budget K in 2..{T}, got {K}")
     k1, n1, k2 = bad_region_split(gamma, K)

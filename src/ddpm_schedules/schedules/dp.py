@@ -28,6 +28,7 @@ class PairCosts(Protocol):
 
     def grid_indices(self, timesteps: Sequence[int]) -> torch.Tensor: ...
 
+
 Paths = dict[int, tuple[list[int], float]]
 
 
@@ -134,7 +135,9 @@ def optimal_paths(costs: torch.Tensor | np.ndarray, budgets: int | Iterable[int]
         if k in wanted:
             use = best_k if at_most else k
             if not np.isfinite(E[n, use]):
-                raise ValueError(f"no path of {'at most ' if at_most else ''}{k} steps has a finite cost; check for inf entries")
+                raise ValueError(
+                    f"no path of {'at most ' if at_most else ''}{k} steps has a finite cost; check for inf entries"
+                )
             out[k] = (_backtrack(ptr, use, n).tolist(), float(E[n, use]))
     return out
 
@@ -157,7 +160,11 @@ def optimal_schedules(
     T = g[-1]
     elbo = cost_matrix.objective == "elbo"
     return {
-        K: Schedule(tuple(g[i] for i in path[1:]), T, "dp" if elbo else f"dp_{cost_matrix.objective}",
-                    predicted_nats=total + cost_matrix.prior if elbo else None)  # fmt: skip
+        K: Schedule(
+            tuple(g[i] for i in path[1:]),
+            T,
+            "dp" if elbo else f"dp_{cost_matrix.objective}",
+            predicted_nats=total + cost_matrix.prior if elbo else None,
+        )
         for K, (path, total) in optimal_paths(sub, budgets, at_most).items()
     }

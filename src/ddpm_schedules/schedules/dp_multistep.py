@@ -65,12 +65,16 @@ def _check(C1: torch.Tensor | np.ndarray, C2: torch.Tensor | np.ndarray) -> tupl
     i = np.arange(n)
     valid = (i[:, None, None] > i[None, :, None]) & (i[None, :, None] > i[None, None, :]) & (i[None, None, :] > 0)
     if np.isnan(b[valid]).any():
-        raise ValueError("a two-step cost C2[p, c, n], p > c > n > 0, is NaN; every triple needs a cost (inf forbids it)")
+        raise ValueError(
+            "a two-step cost C2[p, c, n], p > c > n > 0, is NaN; every triple needs a cost (inf forbids it)"
+        )
     b[~valid] = np.inf
     return a, b
 
 
-def optimal_multistep_paths(C1: torch.Tensor | np.ndarray, C2: torch.Tensor | np.ndarray, budgets: int | Iterable[int]) -> Paths:
+def optimal_multistep_paths(
+    C1: torch.Tensor | np.ndarray, C2: torch.Tensor | np.ndarray, budgets: int | Iterable[int]
+) -> Paths:
     """{K: ([0 = i_0 < ... < i_K = N], total)} minimising the first-order costs of the first and last steps plus
     C2[p, c, n] for every step c -> n in between (p the point before c)."""
     a, b = _check(C1, C2)
@@ -94,18 +98,25 @@ def optimal_multistep_paths(C1: torch.Tensor | np.ndarray, C2: torch.Tensor | np
     return out
 
 
-def optimal_multistep_schedules(costs: MultistepCosts, budgets: int | Iterable[int], name: str = "dp_dpmpp") -> dict[int, Schedule]:
+def optimal_multistep_schedules(
+    costs: MultistepCosts, budgets: int | Iterable[int], name: str = "dp_dpmpp"
+) -> dict[int, Schedule]:
     """The schedules whose DPM-Solver++(2M) steps stay closest to the teacher, for every budget (exact on the grid)."""
     if costs.two_step is None:
         raise ValueError(f"{name} needs DPM-Solver++(2M)'s step costs: estimate the ode matrix with multistep=True")
     g = costs.grid.tolist()
-    return {K: Schedule(tuple(g[i] for i in path[1:]), costs.T, name) for K, (path, _) in optimal_multistep_paths(costs.mean, costs.two_step, budgets).items()}
+    return {
+        K: Schedule(tuple(g[i] for i in path[1:]), costs.T, name)
+        for K, (path, _) in optimal_multistep_paths(costs.mean, costs.two_step, budgets).items()
+    }
 
 
 def multistep_path_cost(costs: MultistepCosts, timesteps: Iterable[int]) -> float:
     """What `optimal_multistep_paths` minimises, for any schedule on the grid: first-order first and last steps, 2M between."""
     if costs.two_step is None:
-        raise ValueError("pricing a DPM-Solver++(2M) path needs the step costs: estimate the ode matrix with multistep=True")
+        raise ValueError(
+            "pricing a DPM-Solver++(2M) path needs the step costs: estimate the ode matrix with multistep=True"
+        )
     down = costs.grid_indices(timesteps).tolist()[::-1]  # N first, 0 last
     total = float(costs.mean[down[1], down[0]]) + (float(costs.mean[0, down[-2]]) if len(down) > 2 else 0.0)
     return total + sum(float(costs.two_step[p, c, m]) for p, c, m in zip(down, down[1:], down[2:]) if m > 0)

@@ -33,7 +33,9 @@ class Schedule:
             raise ValueError("a schedule needs at least one timestep; it must end at T")
         bad = [b for a, b in zip((0,) + ts, ts) if b <= a]
         if bad:
-            raise ValueError(f"schedule {list(ts)} is not strictly increasing from 1 (at {bad[0]}); sort it and drop repeats")
+            raise ValueError(
+                f"schedule {list(ts)} is not strictly increasing from 1 (at {bad[0]}); sort it and drop repeats"
+            )
         if ts[-1] != self.T:
             raise ValueError(f"schedule {list(ts)} ends at {ts[-1]}, not at T = {self.T}; append {self.T}")
 
@@ -177,10 +179,11 @@ def load_schedules(path: str | Path) -> list[Schedule]:
     """Read schedules written by `save_schedules` or `Schedule.to_json` (a list or a single object)."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"schedule file {str(p)!r} does not exist; write one with save_schedules() or Schedule.to_json()")
+        raise ValueError(
+            f"schedule file {str(p)!r} does not exist; write one with save_schedules() or Schedule.to_json()"
+        )
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"schedule file {str(p)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
     return [Schedule.from_dict(d) for d in (data if isinstance(data, list) else [data])]
-

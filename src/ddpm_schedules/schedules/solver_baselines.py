@@ -69,10 +69,14 @@ def strictly_increasing(t: list[int], T: int) -> list[int]:
     return out
 
 
-def _from_sigmas(ns: NoiseSchedule, K: int, name: str, make: Callable[[float, float, int], np.ndarray], rounded: bool) -> Schedule:
+def _from_sigmas(
+    ns: NoiseSchedule, K: int, name: str, make: Callable[[float, float, int], np.ndarray], rounded: bool
+) -> Schedule:
     T = ns.T
     if not 1 <= K <= T:
-        raise ValueError(f"{name} at K = {K}: a model with T = {T} gives at most {T} distinct timesteps; lower the budget")
+        raise ValueError(
+            f"{name} at K = {K}: a model with T = {T} gives at most {T} distinct timesteps; lower the budget"
+        )
     sig = sigmas_of(ns)
     index = sigma_to_index(make(float(sig[0]), float(sig[-1]), K), np.log(sig))
     index = np.round(index) if rounded else np.trunc(index)
@@ -118,5 +122,10 @@ def stable_diffusion_schedule() -> NoiseSchedule:
     return NoiseSchedule(np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2)
 
 
-SOLVER_BASELINES = {"karras": karras_schedule, "logsnr": logsnr_schedule, "exponential": exponential_schedule, "beta": beta_schedule,
-                    "ays": ays_schedule}  # fmt: skip
+SOLVER_BASELINES = {
+    "karras": karras_schedule,
+    "logsnr": logsnr_schedule,
+    "exponential": exponential_schedule,
+    "beta": beta_schedule,
+    "ays": ays_schedule,
+}

@@ -131,8 +131,10 @@ class AnalyticOtStrategy(Strategy):
 
     def build(self, cost_matrix: AnalyticCosts, K: int) -> Schedule:
         if cost_matrix.gamma is None:
-            raise ValueError("the analytic_ot strategy needs Gamma: estimate the ELBO matrix under the analytic "
-                             "variance rule (DiffusionModel.use_variance('analytic'))")  # fmt: skip
+            raise ValueError(
+                "the analytic_ot strategy needs Gamma: estimate the ELBO matrix under the analytic "
+                "variance rule (DiffusionModel.use_variance('analytic'))"
+            )
         return analytic_ot_schedule(NoiseSchedule(cost_matrix.betas), cost_matrix.gamma, K, cost_matrix.dims)
 
 
@@ -192,13 +194,23 @@ class SolverBaselineStrategy(Strategy):
 
 def solver_baseline(name: str, T: int, noise: NoiseSchedule | None) -> SolverBaselineStrategy:
     if noise is None or noise.T != T:
-        raise ParameterError("{strategies} has {name!r}, which needs the model's noise schedule: pass noise= to "
-                             "parse_strategies", name=name)  # fmt: skip
+        raise ParameterError(
+            "{strategies} has {name!r}, which needs the model's noise schedule: pass noise= to parse_strategies",
+            name=name,
+        )
     return SolverBaselineStrategy(name, noise=noise)
 
 
-STRATEGIES = {"dp": ElboStrategy, "dp_mse": MseStrategy, "dp_ode": OdeStrategy, "dp_dpmpp": DpmppStrategy, "dp_ode_oss": OssStrategy,
-              "analytic_ot": AnalyticOtStrategy, "even": EvenStrategy, "quadratic": QuadraticStrategy}  # fmt: skip
+STRATEGIES = {
+    "dp": ElboStrategy,
+    "dp_mse": MseStrategy,
+    "dp_ode": OdeStrategy,
+    "dp_dpmpp": DpmppStrategy,
+    "dp_ode_oss": OssStrategy,
+    "analytic_ot": AnalyticOtStrategy,
+    "even": EvenStrategy,
+    "quadratic": QuadraticStrategy,
+}
 PREFIXED = {"respace": respace, "file": from_file}
 
 
@@ -244,13 +256,17 @@ def parse_strategies(names: Sequence[str], T: int, noise: NoiseSchedule | None =
     return [parse_strategy(n, T, noise) for n in names]
 
 
-def build_schedules(strategies: Sequence[Strategy], matrices: PairCosts | Mapping[str, PairCosts], budgets: Sequence[int]) -> list[Schedule]:
+def build_schedules(
+    strategies: Sequence[Strategy], matrices: PairCosts | Mapping[str, PairCosts], budgets: Sequence[int]
+) -> list[Schedule]:
     """Every (strategy, K) schedule, strategy by strategy in the order given; each DP runs on its objective's matrix."""
     if not isinstance(matrices, Mapping):
         matrices = {matrices.objective: matrices}
     missing = sorted({s.objective for s in strategies if s.objective and s.objective not in matrices})
     if missing:
-        raise ValueError(f"no {', '.join(missing)} cost matrix for strategies {[s.name for s in strategies if s.objective in missing]}")
+        raise ValueError(
+            f"no {', '.join(missing)} cost matrix for strategies {[s.name for s in strategies if s.objective in missing]}"
+        )
     some = next(iter(matrices.values()))
     return [sch for s in strategies for sch in s.build_all(matrices[s.objective] if s.objective else some, budgets)]
 

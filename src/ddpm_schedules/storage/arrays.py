@@ -94,7 +94,9 @@ def signature(paths: Iterable[Path], samples: int = 16, block: int = 1 << 16) ->
     return out
 
 
-def cached_array(cache: Path, sources: list[Path], shape: tuple[int, ...], dtype: np.dtype, fill: Callable[[np.ndarray], None]) -> np.ndarray:
+def cached_array(
+    cache: Path, sources: list[Path], shape: tuple[int, ...], dtype: np.dtype, fill: Callable[[np.ndarray], None]
+) -> np.ndarray:
     """The memory-mapped cache ``cache`` (.npy) of an array converted from ``sources``: written once by
     ``fill(out)`` into a temporary file and renamed (never half-written), then checked against its sources
     on every open (their sizes and sampled checksums, and the cache's own size)."""
@@ -114,7 +116,13 @@ def cached_array(cache: Path, sources: list[Path], shape: tuple[int, ...], dtype
     return _publish(cache, want, list(shape), dtype)
 
 
-def cached_rows(cache: Path, sources: list[Path], row_shape: tuple[int, ...], dtype: np.dtype, rows: Callable[[], Iterable[np.ndarray]]) -> np.ndarray:
+def cached_rows(
+    cache: Path,
+    sources: list[Path],
+    row_shape: tuple[int, ...],
+    dtype: np.dtype,
+    rows: Callable[[], Iterable[np.ndarray]],
+) -> np.ndarray:
     """`cached_array` for an array whose number of rows is known only once its sources are read: the blocks of
     ``rows()`` are written one after the other (each source read once), and the .npy header, written first with
     room to spare, gets the final row count at the end."""
@@ -148,7 +156,9 @@ def _npy_header_bytes(dtype: np.dtype, shape: tuple[int, ...], length: int = 128
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
 
 
-def _open_cache(cache: Path, sources: list[Path], dtype: np.dtype, shape: list[int] | None, row_shape: list[int] | None = None) -> np.ndarray | None:
+def _open_cache(
+    cache: Path, sources: list[Path], dtype: np.dtype, shape: list[int] | None, row_shape: list[int] | None = None
+) -> np.ndarray | None:
     """The cache mapped, after checking it against its sources and itself; None when there is none yet."""
     meta = cache.with_suffix(".json")
     if not (cache.exists() and meta.exists()):
@@ -156,11 +166,15 @@ def _open_cache(cache: Path, sources: list[Path], dtype: np.dtype, shape: list[i
     have = json.loads(meta.read_text())
     shape_ok = have.get("shape") == shape if shape is not None else (have.get("shape") or [None])[1:] == row_shape
     if have.get("sources") != signature(sources) or not shape_ok or have.get("dtype") != np.dtype(dtype).str:
-        raise ValueError(f"cache {str(cache)!r} does not match its source files {[p.name for p in sources]} (size or checksum); "
-                         "delete it (and its .json) to convert again")  # fmt: skip
+        raise ValueError(
+            f"cache {str(cache)!r} does not match its source files {[p.name for p in sources]} (size or checksum); "
+            "delete it (and its .json) to convert again"
+        )
     array = map_npy(cache)
     if list(array.shape) != have["shape"] or cache.stat().st_size != have.get("bytes"):
-        raise ValueError(f"cache {str(cache)!r} has {cache.stat().st_size} bytes, not the {have.get('bytes')} written; delete it to convert again")
+        raise ValueError(
+            f"cache {str(cache)!r} has {cache.stat().st_size} bytes, not the {have.get('bytes')} written; delete it to convert again"
+        )
     return array
 
 
@@ -168,7 +182,9 @@ def _publish(cache: Path, sources: dict[str, Any], shape: list[int], dtype: np.d
     """Write the cache's .json (its sources' signature, shape, dtype and size) and map the cache."""
     meta = cache.with_suffix(".json")
     meta_tmp = meta.with_name(f".{meta.name}.tmp")
-    meta_tmp.write_text(json.dumps({"sources": sources, "shape": shape, "dtype": np.dtype(dtype).str, "bytes": cache.stat().st_size}))
+    meta_tmp.write_text(
+        json.dumps({"sources": sources, "shape": shape, "dtype": np.dtype(dtype).str, "bytes": cache.stat().st_size})
+    )
     os.replace(meta_tmp, meta)
     return map_npy(cache)
 
@@ -179,7 +195,9 @@ def decompress_npz_member(path: Path, key: str) -> np.ndarray:
     with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
         shape, fortran, dtype = _npy_header(f)
     if fortran:
-        raise ValueError(f"{str(path)!r} stores {key!r} in Fortran order; save it in C order (np.savez with a C-contiguous array)")
+        raise ValueError(
+            f"{str(path)!r} stores {key!r} in Fortran order; save it in C order (np.savez with a C-contiguous array)"
+        )
 
     def fill(out: np.ndarray) -> None:
         flat = out.reshape(-1).view(np.uint8)
@@ -201,16 +219,36 @@ def imagenet_batches(root: Path, image_size: int) -> dict[str, tuple[np.ndarray,
     ``data`` [N, 3 * S * S] uint8 in CHW planes, 1-based ``labels``), each converted once into a memory-mapped
     [N, 3, S, S] uint8 cache and 0-based int64 labels in ``root``: {"train": ..., "val": ...}."""
     if not root.is_dir():
-        raise ParameterError("{root} = {path!r} is not a folder; point it at the extracted Imagenet{size}_train / _val "
-                             "files", path=str(root), size=image_size)  # fmt: skip
-    train = sorted(root.glob("train_data_batch_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]) if p.name.rsplit("_", 1)[-1].isdigit() else 0)
+        raise ParameterError(
+            "{root} = {path!r} is not a folder; point it at the extracted Imagenet{size}_train / _val files",
+            path=str(root),
+            size=image_size,
+        )
+    train = sorted(
+        root.glob("train_data_batch_*"),
+        key=lambda p: int(p.name.rsplit("_", 1)[-1]) if p.name.rsplit("_", 1)[-1].isdigit() else 0,
+    )
     train = [p for p in train if p.name.rsplit("_", 1)[-1].isdigit()]
-    missing = [n for n, files in (("train_data_batch_1", train), ("val_data", [root / "val_data"] if (root / "val_data").exists() else [])) if not files]
+    missing = [
+        n
+        for n, files in (
+            ("train_data_batch_1", train),
+            ("val_data", [root / "val_data"] if (root / "val_data").exists() else []),
+        )
+        if not files
+    ]
     if missing:
-        raise ParameterError("{root} {path!r} has no {missing}; it needs the image-net.org Imagenet{size} files "
-                             "train_data_batch_1..10 and val_data (extracted, in one folder)", path=str(root),
-                             missing=missing[0], size=image_size)  # fmt: skip
-    return {"train": _converted(root, "train", train, image_size), "val": _converted(root, "val", [root / "val_data"], image_size)}
+        raise ParameterError(
+            "{root} {path!r} has no {missing}; it needs the image-net.org Imagenet{size} files "
+            "train_data_batch_1..10 and val_data (extracted, in one folder)",
+            path=str(root),
+            missing=missing[0],
+            size=image_size,
+        )
+    return {
+        "train": _converted(root, "train", train, image_size),
+        "val": _converted(root, "val", [root / "val_data"], image_size),
+    }
 
 
 def _converted(root: Path, name: str, files: list[Path], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +269,9 @@ def _converted(root: Path, name: str, files: list[Path], size: int) -> tuple[np.
         raise ValueError(f"labels cache {str(labels_cache)!r} is missing; delete {str(cache)!r} to convert again")
     labels = np.load(labels_cache)
     if len(labels) != len(images):
-        raise ValueError(f"labels cache {str(labels_cache)!r} holds {len(labels)} labels for {len(images)} images; delete both to convert again")
+        raise ValueError(
+            f"labels cache {str(labels_cache)!r} holds {len(labels)} labels for {len(images)} images; delete both to convert again"
+        )
     return images, labels
 
 
@@ -239,12 +279,20 @@ def _batch(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch: (data [N, 3*S*S] uint8, 0-based labels [N] int64), checked."""
     d = load_pickle(path)
     if not isinstance(d, dict) or "data" not in d or "labels" not in d:
-        raise ValueError(f"{str(path)!r} is not a downsampled-ImageNet batch (a dict with 'data' and 'labels'); download it again")
+        raise ValueError(
+            f"{str(path)!r} is not a downsampled-ImageNet batch (a dict with 'data' and 'labels'); download it again"
+        )
     data = np.asarray(d["data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * size * size:
-        raise ParameterError("{path!r} holds data of shape {shape} ({dtype}), not [N, {dims}] uint8: is it "
-                             "Imagenet{size}? set {image_size} to match the files", path=str(path), shape=data.shape,
-                             dtype=data.dtype, dims=3 * size * size, size=size)  # fmt: skip
+        raise ParameterError(
+            "{path!r} holds data of shape {shape} ({dtype}), not [N, {dims}] uint8: is it "
+            "Imagenet{size}? set {image_size} to match the files",
+            path=str(path),
+            shape=data.shape,
+            dtype=data.dtype,
+            dims=3 * size * size,
+            size=size,
+        )
     labels = np.asarray(d["labels"], dtype=np.int64) - 1
     if len(labels) != len(data) or (len(labels) and labels.min() < 0):
         raise ValueError(f"{str(path)!r} has {len(labels)} labels (1-based) for {len(data)} images; download it again")

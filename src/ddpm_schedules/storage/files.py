@@ -71,7 +71,9 @@ def save_checked(obj: Any, path: str | Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     payload = buf.getvalue()
-    atomic_torch_save({"payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8), "sha256": _sha256(payload)}, path)
+    atomic_torch_save(
+        {"payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8), "sha256": _sha256(payload)}, path
+    )
 
 
 def load_checked(path: str | Path) -> Any:

@@ -40,7 +40,9 @@ class Preempted(SystemExit):
 class PartialSums:
     """Atomic save / checked load of a Metric's states plus a progress counter, for one configuration."""
 
-    def __init__(self, path: str | Path | None, config: dict[str, Any], every_units: int = 50, every_seconds: float = 600.0):
+    def __init__(
+        self, path: str | Path | None, config: dict[str, Any], every_units: int = 50, every_seconds: float = 600.0
+    ):
         self.path = Path(path) if path is not None else None
         self.config = json.loads(json.dumps(config, sort_keys=True, default=str))
         self.every_units, self.every_seconds = max(1, every_units), every_seconds
@@ -92,13 +94,17 @@ class PartialSums:
     def save(self, metric: Metric, done: int) -> None:
         """Write the states and progress to a temporary file, then rename it over the old one."""
         if self.path is not None:
-            self.save_state({"states": {name: value.detach().cpu() for name, value in metric.metric_state.items()}}, done)
+            self.save_state(
+                {"states": {name: value.detach().cpu() for name, value in metric.metric_state.items()}}, done
+            )
 
     def step(self, metric: Metric, done: int, stop_requested: bool = False, units: int = 1) -> None:
         """After each unit (or run of ``units``): save when due; on a stop request save and raise `Preempted`."""
         self.tick(lambda: self.save(metric, done), done, stop_requested, units=units)
 
-    def tick(self, save: Callable[[], None], done: int, stop_requested: bool = False, force: bool = False, units: int = 1) -> None:
+    def tick(
+        self, save: Callable[[], None], done: int, stop_requested: bool = False, force: bool = False, units: int = 1
+    ) -> None:
         """After each unit (or run of ``units``): call ``save`` when due (or ``force``); on a stop request save and raise `Preempted`."""
         self._unsaved += units
         due = self._unsaved >= self.every_units or time.monotonic() - self._last_save >= self.every_seconds
@@ -131,10 +137,14 @@ class PartialFile:
 
 
 @contextmanager
-def resumable(model: torch.nn.Module, metric: Metric, partial: PartialFile | None, config: dict[str, Any]) -> Iterator[tuple[PartialSums, int, Callable[[], bool]]]:
+def resumable(
+    model: torch.nn.Module, metric: Metric, partial: PartialFile | None, config: dict[str, Any]
+) -> Iterator[tuple[PartialSums, int, Callable[[], bool]]]:
     """The frame of an estimation loop: ``metric`` restored from ``partial``, the model in eval and inference
     mode, SIGTERM turned into a flag. Yields (saver, units already done, stop requested?)."""
-    saver = PartialSums(partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0)
+    saver = PartialSums(
+        partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0
+    )
     done = saver.load(metric)
     was_training = model.training
     model.eval()

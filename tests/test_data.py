@@ -61,12 +61,12 @@ def test_official_batches_images_labels_and_splits(imagenet32):
 
 
 def test_conversion_reads_each_batch_file_once(imagenet32, monkeypatch):
-    import ddpm_schedules.storage.arrays as arrays
+    import ddpm_schedules.storage.imagenet as imagenet
 
     root, images, _ = imagenet32
     reads = []
-    real = arrays.load_pickle
-    monkeypatch.setattr(arrays, "load_pickle", lambda path: reads.append(os.path.basename(path)) or real(path))
+    real = imagenet.load_pickle
+    monkeypatch.setattr(imagenet, "load_pickle", lambda path: reads.append(os.path.basename(path)) or real(path))
     DownsampledImageNetDataModule(str(root), image_size=32, val_size=2).setup()
     assert sorted(reads) == ["train_data_batch_1", "train_data_batch_2", "val_data"]
     reads.clear()

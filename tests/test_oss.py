@@ -12,7 +12,8 @@ from conftest import CountingNet, run_on_gloo_processes, tiny_model
 from test_resume import stop_after  # SIGTERM 'arrives' at the n-th check: here, after the n-th level
 
 from ddpm_schedules.costs.ode import estimate_ode_matrix, teacher_trajectory, trajectory_noise
-from ddpm_schedules.costs.oss import OssPaths, check_oss_size, estimate_oss_paths
+from ddpm_schedules.costs.oss import check_oss_size, estimate_oss_paths
+from ddpm_schedules.costs.oss_state import OssPaths
 from ddpm_schedules.sampling.samplers import ddim_step, dpmpp_2m_coefficients, quantize, sample_ddim, sample_dpmpp
 from ddpm_schedules.schedules.dp import optimal_paths
 from ddpm_schedules.schedules.schedule import Schedule

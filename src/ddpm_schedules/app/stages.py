@@ -19,7 +19,8 @@ from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.costs.ode import estimate_ode_matrix
 from ddpm_schedules.costs.options import EstimateOptions
-from ddpm_schedules.costs.oss import OssPaths, estimate_oss_paths
+from ddpm_schedules.costs.oss import estimate_oss_paths
+from ddpm_schedules.costs.oss_state import OssPaths
 from ddpm_schedules.costs.precision import estimate_to_precision
 from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
 from ddpm_schedules.models.model import DiffusionModel

@@ -20,12 +20,8 @@ at the first and the last step, as `sample_dpmpp`).
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -35,14 +31,13 @@ from tqdm.auto import tqdm
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.ode import teacher_trajectory, trajectory_noise
 from ddpm_schedules.costs.options import EstimateOptions, estimate_options
+from ddpm_schedules.costs.oss_state import OssLevels, OssPaths, resume_levels
 from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.sampling.samplers import dpmpp_2m_coefficients
-from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.storage.errors import ParameterError
-from ddpm_schedules.storage.files import atomic_write_json, model_fingerprint
-from ddpm_schedules.storage.resume import PartialSums, agreed, sigterm_requests
+from ddpm_schedules.storage.files import model_fingerprint
+from ddpm_schedules.storage.resume import PartialSums, sigterm_requests
 
-log = logging.getLogger(__name__)
 PROPAGATE = ("ddim", "dpmpp")  # deterministic samplers whose own states can be carried
 
 
@@ -73,58 +68,6 @@ def check_oss_size(points: int, trajectories: int, dims: int, memory_gb: float) 
             points=points,
             limit=memory_gb,
         )
-
-
-@dataclass(frozen=True)
-class OssPaths:
-    """The DP's result: per budget K the grid indices of the best path (0 first, N last) and its final distance."""
-
-    grid: Tensor  # [0] + the candidate timesteps
-    paths: dict[int, tuple[int, ...]]
-    distance: dict[int, float]  # E || x_0 of the sampler along the path - x_0 of the teacher ||
-    passes: int  # network passes per trajectory, the teacher's included
-    count: int  # trajectories
-    propagate: str = "ddim"
-    objective: ClassVar[str] = "oss"
-
-    @property
-    def T(self) -> int:
-        return int(self.grid[-1])
-
-    def schedule(self, K: int, strategy: str = "dp_ode_oss") -> Schedule:
-        if K not in self.paths:
-            raise ValueError(f"no {strategy} path for K = {K}: the DP ran for K in {sorted(self.paths)}")
-        return Schedule(tuple(int(self.grid[i]) for i in self.paths[K][1:]), self.T, strategy)
-
-    def save(self, path: str | Path) -> None:
-        """Plain JSON (atomic): the grid, the paths and what they cost."""
-        atomic_write_json(
-            Path(path),
-            {
-                "what": "oss",
-                "grid": self.grid.tolist(),
-                "paths": {str(k): list(p) for k, p in self.paths.items()},
-                "distance": {str(k): d for k, d in self.distance.items()},
-                "passes": self.passes,
-                "count": self.count,
-                "propagate": self.propagate,
-            },
-        )
-
-    @classmethod
-    def load(cls, path: str | Path) -> "OssPaths":
-        try:
-            doc = json.loads(Path(path).read_text())
-            return cls(
-                torch.tensor(doc["grid"]),
-                {int(k): tuple(p) for k, p in doc["paths"].items()},
-                {int(k): float(d) for k, d in doc["distance"].items()},
-                int(doc["passes"]),
-                int(doc["count"]),
-                str(doc["propagate"]),
-            )
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not a dp_ode_oss result ({type(e).__name__}: {e})") from None
 
 
 class StepDistanceSums(Metric):
@@ -175,71 +118,6 @@ def _distances(
         part = targets[lo : lo + chunk]
         out[:, lo : lo + chunk] = (_steps(ab, g, x, x0, prev, j, part) - teacher[part.to(teacher.device)]).norm(dim=2).T
     return out
-
-
-States = dict[
-    int, tuple[Tensor, "tuple[Tensor, int] | None"]
-]  # grid index -> (x, the previous (x0_hat, grid index) for dpmpp)
-
-
-@dataclass
-class _Levels:
-    """The DP after ``done`` levels: its tables, every trajectory's states, the passes per trajectory and the trajectories."""
-
-    back: Tensor
-    value: Tensor
-    states: States
-    passes: int
-    count: Tensor
-    done: int = 0
-
-    @classmethod
-    def start(cls, N: int, levels: int, x_T: Tensor, trajectories: int) -> "_Levels":
-        back = torch.full((levels + 1, N + 1), -1, dtype=torch.long)
-        value = torch.full((levels + 1, N + 1), math.inf, dtype=torch.float64)
-        return cls(back, value, {N: (x_T, None)}, N, torch.tensor(float(trajectories)))
-
-    def pack(self) -> dict:
-        """Plain tensors and numbers for a partial file."""
-        index = sorted(self.states)
-        prev = [self.states[i][1] for i in index]
-        two = bool(prev) and prev[0] is not None
-        return {
-            "back": self.back,
-            "value": self.value,
-            "passes": self.passes,
-            "count": self.count,
-            "index": torch.tensor(index, dtype=torch.long),
-            "x": torch.stack([self.states[i][0].cpu() for i in index]) if index else torch.zeros(0),
-            "prev_x0": torch.stack([q[0].cpu() for q in prev]) if two else None,
-            "prev_index": torch.tensor([q[1] for q in prev], dtype=torch.long) if two else None,
-        }
-
-    @classmethod
-    def unpack(cls, saved: dict, device: torch.device) -> "_Levels":
-        prev = saved["prev_x0"]
-        states = {
-            int(i): (
-                saved["x"][n].to(device),
-                None if prev is None else (prev[n].to(device), int(saved["prev_index"][n])),
-            )
-            for n, i in enumerate(saved["index"].tolist())
-        }
-        return cls(saved["back"], saved["value"], states, int(saved["passes"]), saved["count"], int(saved["done"]))
-
-
-def _resume_from(saver: PartialSums, device: torch.device) -> _Levels | None:
-    """The saved levels of this configuration, if every process stands at the same level; else None (start afresh)."""
-    saved = saver.load_state()
-    try:
-        levels = None if saved is None else _Levels.unpack(saved, device)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        log.warning("partial file %s is not a dp_ode_oss state (%s); starting afresh", saver.path, type(e).__name__)
-        levels = None
-    if not agreed(None if levels is None else levels.done):
-        log.warning("the processes' partial dp_ode_oss levels differ; starting afresh")
-        levels = None
-    return levels
 
 
 def _useful(k: int, i: int, budgets: list[int]) -> bool:
@@ -295,12 +173,12 @@ def estimate_oss_paths(
     saver = PartialSums(
         partial.path if partial else None, config, partial.every if partial else 1, partial.seconds if partial else 0
     )
-    resumed = _resume_from(saver, model.device)
+    resumed = resume_levels(saver, model.device)
     x_T = trajectory_noise(seed, start_index, trajectories, model.image_shape)
     xs, x0s = teacher_trajectory(model, x_T, g)
     teacher = xs.flatten(2)
     # level 0: x_T at N, whose x0_hat the teacher already computed
-    dp = resumed if resumed is not None else _Levels.start(N, budgets[-1], teacher[N], trajectories)
+    dp = resumed if resumed is not None else OssLevels.start(N, budgets[-1], teacher[N], trajectories)
     known_x0 = {N: x0s[N].flatten(1)} if resumed is None else {}
     del xs, x0s
     sums = StepDistanceSums(N + 1).to(teacher.device)

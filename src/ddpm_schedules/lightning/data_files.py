@@ -12,14 +12,8 @@ import numpy as np
 from PIL import Image
 
 from ddpm_schedules.lightning.data import SPLITS, ImageDataModule, Split, split_indices, whole
-from ddpm_schedules.storage.arrays import (
-    decompress_npz_member,
-    imagenet_batches,
-    load_pickle,
-    map_npy,
-    map_npz_member,
-    npz_keys,
-)
+from ddpm_schedules.storage.arrays import decompress_npz_member, load_pickle, map_npy, map_npz_member, npz_keys
+from ddpm_schedules.storage.imagenet import imagenet_batches
 from ddpm_schedules.storage.errors import ParameterError
 
 

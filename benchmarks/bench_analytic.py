@@ -62,7 +62,10 @@ def main() -> None:
     n = len(budgets)
     rows = []
     for i, K in enumerate(budgets):
-        p200, p_more = analytic_cm.bpd(analytic_dp[K].predicted_nats), more_cm.bpd(optimal_schedules(more_cm, [K])[K].predicted_nats)
+        p200, p_more = (
+            analytic_cm.bpd(analytic_dp[K].predicted_nats),
+            more_cm.bpd(optimal_schedules(more_cm, [K])[K].predicted_nats),
+        )
         rows.append({
             "K": K,
             "dp_analytic": _r(analytic[i]), "analytic_ot": _r(analytic[n + i]), "even_analytic": _r(analytic[2 * n + i]),
@@ -71,7 +74,13 @@ def main() -> None:
             "predicted_dp_bpd_sem": predicted[i].bpd_sem, "predicted_dp_bpd_recomputed": predicted[i].bpd,
             "dp_analytic_schedule": list(analytic_dp[K].timesteps), "analytic_ot_schedule": list(ot[i].timesteps),
         })  # fmt: skip
-    out = {"checkpoint": str(a.checkpoint), "own_var_type": own, "T": model.T, "seconds": round(seconds, 1), "rows": rows}
+    out = {
+        "checkpoint": str(a.checkpoint),
+        "own_var_type": own,
+        "T": model.T,
+        "seconds": round(seconds, 1),
+        "rows": rows,
+    }
     print(json.dumps(out, indent=1))
     if a.out:
         a.out.write_text(json.dumps(out, indent=1))

@@ -89,20 +89,28 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--var-types", default="learned_range,fixed_large")
-    p.add_argument("--net", choices=["stand-in", "digits-unet"], default="digits-unet", help="the network whose passes are timed")
+    p.add_argument(
+        "--net", choices=["stand-in", "digits-unet"], default="digits-unet", help="the network whose passes are timed"
+    )
     p.add_argument("--repeats", type=int, default=2, help="each timing is the best of this many runs")
     p.add_argument("--naive", action="store_true", help="also time a loop over s (slow)")
     a = p.parse_args()
     torch.manual_seed(0)
     data = digits_like(a.examples)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, T={a.T}, {a.examples} examples, batch {a.batch_size}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, T={a.T}, {a.examples} examples, batch {a.batch_size}"
+    )
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         make_net(a.net, 2)(data[:1], torch.zeros(1))
     print(f"network: {a.net}, {counter.get_total_flops() / 1e6:.0f} MFLOP per example")
     for var_type in a.var_types.split(","):
         out = 2 if var_type == "learned_range" else 1
         model = DiffusionModel(
-            make_net(a.net, out).eval(), NoiseSchedule.named("cosine", a.T), var_type=var_type, levels=17, image_shape=(1, 8, 8)
+            make_net(a.net, out).eval(),
+            NoiseSchedule.named("cosine", a.T),
+            var_type=var_type,
+            levels=17,
+            image_shape=(1, 8, 8),
         )
         bare_forward(model, data[: a.batch_size], a.batch_size)  # warm-up
         bare, ours, ratio = math.inf, math.inf, math.inf

@@ -39,14 +39,30 @@ def write_batches(folder: Path, images: int, per_batch: int = 20_000, val: int =
     for k, start in enumerate(range(0, images, per_batch), 1):
         n = min(per_batch, images - start)
         with open(folder / f"train_data_batch_{k}", "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (n, 3 * SIZE * SIZE), dtype=np.uint8), "labels": rng.integers(1, 1001, n).tolist()}, f, 4)
+            pickle.dump(
+                {
+                    "data": rng.integers(0, 256, (n, 3 * SIZE * SIZE), dtype=np.uint8),
+                    "labels": rng.integers(1, 1001, n).tolist(),
+                },
+                f,
+                4,
+            )
     with open(folder / "val_data", "wb") as f:
-        pickle.dump({"data": rng.integers(0, 256, (val, 3 * SIZE * SIZE), dtype=np.uint8), "labels": rng.integers(1, 1001, val).tolist()}, f, 4)
+        pickle.dump(
+            {
+                "data": rng.integers(0, 256, (val, 3 * SIZE * SIZE), dtype=np.uint8),
+                "labels": rng.integers(1, 1001, val).tolist(),
+            },
+            f,
+            4,
+        )
 
 
 def loader_rate(folder: Path, workers: int, batches: int, batch_size: int = 128) -> float:
     """Images/s of the training loader (shuffled, uint8 batches as they leave the loader)."""
-    dm = DownsampledImageNetDataModule(str(folder), image_size=SIZE, val_size=1000, batch_size=batch_size, num_workers=workers)
+    dm = DownsampledImageNetDataModule(
+        str(folder), image_size=SIZE, val_size=1000, batch_size=batch_size, num_workers=workers
+    )
     it = iter(dm.train_dataloader())
     next(it)  # workers started
     start = time.perf_counter()
@@ -115,9 +131,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=200, help="loader batches of 128 timed")
     p.add_argument("--steps", type=int, default=5, help="training steps per run")
-    p.add_argument("--batch-size", type=int, default=16, help="training batch per process (the model's activations grow with it)")
-    p.add_argument("--baseline-images", type=int, default=4000,
-                   help="the same runs on a set this small give the cost of the software stack and the model alone (0: skip)")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="training batch per process (the model's activations grow with it)"
+    )
+    p.add_argument(
+        "--baseline-images",
+        type=int,
+        default=4000,
+        help="the same runs on a set this small give the cost of the software stack and the model alone (0: skip)",
+    )
     p.add_argument("--folder", type=Path, default=None, help="keep the set here (default: a temporary folder, removed)")
     a = p.parse_args()
     tmp = None if a.folder else Path(tempfile.mkdtemp(prefix="imagenet64_synthetic_"))
@@ -145,7 +167,10 @@ def main() -> None:
                 r["pss_over_data"] = round(r["peak_pss_sum_gb"] / data_gb, 3)
                 if a.baseline_images:
                     base = training_peak(small, n, workers, a.steps, small / f"run_{n}_{workers}", a.batch_size)
-                    r["baseline_rss_sum_gb"], r["baseline_pss_sum_gb"] = base["peak_rss_sum_gb"], base["peak_pss_sum_gb"]
+                    r["baseline_rss_sum_gb"], r["baseline_pss_sum_gb"] = (
+                        base["peak_rss_sum_gb"],
+                        base["peak_pss_sum_gb"],
+                    )
                     r["data_rss_over_data"] = round((r["peak_rss_sum_gb"] - base["peak_rss_sum_gb"]) / data_gb, 3)
                     r["data_pss_over_data"] = round((r["peak_pss_sum_gb"] - base["peak_pss_sum_gb"]) / data_gb, 3)
                 runs.append(r)

@@ -40,13 +40,17 @@ def main() -> None:
         t_ref.append(time.perf_counter() - start)
     t_ours, t_ref = min(t_ours), min(t_ref)
     assert ours == ref, "paths or costs differ from the classic loop"
-    print(f"T=1000, K=1..1000: optimal_paths {t_ours:.3f} s, classic numpy loop {t_ref:.2f} s, speed-up {t_ref / t_ours:.1f}x, identical")
+    print(
+        f"T=1000, K=1..1000: optimal_paths {t_ours:.3f} s, classic numpy loop {t_ref:.2f} s, speed-up {t_ref / t_ours:.1f}x, identical"
+    )
     C = cost_like(4000)
     start = time.perf_counter()
     optimal_paths(C, range(1, 1001))
     t_big = time.perf_counter() - start
     tables = 4001 * 1001 * (8 + 4) / 2**20
-    print(f"T=4000, K=1..1000: optimal_paths {t_big:.2f} s (tables {tables:.0f} MiB + the matrix {C.nbytes / 2**20:.0f} MiB)")
+    print(
+        f"T=4000, K=1..1000: optimal_paths {t_big:.2f} s (tables {tables:.0f} MiB + the matrix {C.nbytes / 2**20:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

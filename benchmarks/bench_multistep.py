@@ -42,12 +42,17 @@ def main() -> None:
     ab = NoiseSchedule.named("cosine", T).ab
     print(f"N = {N}, {a.trajectories} trajectories, {torch.get_num_threads()} threads")
     for D in map(int, a.dims.split(",")):
-        xs, x0s = torch.randn(N + 1, a.chunk, D, dtype=torch.float64), torch.randn(N + 1, a.chunk, D, dtype=torch.float64)
+        xs, x0s = (
+            torch.randn(N + 1, a.chunk, D, dtype=torch.float64),
+            torch.randn(N + 1, a.chunk, D, dtype=torch.float64),
+        )
         gram = timed(lambda: trajectory_gram(xs, x0s)) / a.chunk
         print(f"D = {D}: Gram {gram * 1e3:.1f} ms per trajectory, {gram * a.trajectories:.2f} s for all")
     G = trajectory_gram(xs, x0s)  # a chunk of trajectories at once, as estimate_ode_matrix passes them
     sums = timed(lambda: multistep_distance_sums(ab, grid, G), repeat=1) / a.chunk
-    print(f"two-step distances (any D, {a.chunk} trajectories per call): {sums:.3f} s per trajectory, {sums * a.trajectories:.1f} s for all")
+    print(
+        f"two-step distances (any D, {a.chunk} trajectories per call): {sums:.3f} s per trajectory, {sums * a.trajectories:.1f} s for all"
+    )
     C1, C2 = torch.rand(N + 1, N + 1, dtype=torch.float64), torch.rand(N + 1, N + 1, N + 1, dtype=torch.float64)
     optimal_multistep_paths(C1[:8, :8], C2[:8, :8, :8], [2])  # compile
     for K in map(int, a.budgets.split(",")):

@@ -28,19 +28,31 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--coarse", default="log:140")
     p.add_argument("--window", type=int, default=1)
-    p.add_argument("--bisect", action="store_true", help="also add the midpoints to each path timestep's grid neighbours")
+    p.add_argument(
+        "--bisect", action="store_true", help="also add the midpoints to each path timestep's grid neighbours"
+    )
     p.add_argument("--max-passes", type=int, default=50_000, help="25%% of the full grid's 200,000")
     p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "digits.ckpt")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     p.add_argument("--max-rounds", type=int, default=10)
-    p.add_argument("--full-cache", type=Path, default=None, help="keep the full-grid matrix in this file (reused when it exists)")
+    p.add_argument(
+        "--full-cache", type=Path, default=None, help="keep the full-grid matrix in this file (reused when it exists)"
+    )
     a = p.parse_args()
     budgets = [int(k) for k in a.budgets.split(",")]
     model = load_checkpoint(a.checkpoint)
     dm = DigitsDataModule()
     cost, test = dm.tensor("val"), dm.tensor("test")
     start = time.perf_counter()
-    matrices, history = refine_cost_matrices(model, cost, budgets, RefineSettings(coarse=a.coarse, window=a.window, bisect=a.bisect, max_passes=a.max_passes, max_rounds=a.max_rounds), batch_size=200)
+    matrices, history = refine_cost_matrices(
+        model,
+        cost,
+        budgets,
+        RefineSettings(
+            coarse=a.coarse, window=a.window, bisect=a.bisect, max_passes=a.max_passes, max_rounds=a.max_rounds
+        ),
+        batch_size=200,
+    )
     refine_s = time.perf_counter() - start
     refined = optimal_schedules(matrices["elbo"], budgets)
     start = time.perf_counter()
@@ -60,7 +72,9 @@ def main() -> None:
                       "seconds_refined": round(refine_s, 1), "seconds_full_grid": round(full_s, 1)}, indent=1))  # fmt: skip
     print("| K | refined DP | full-grid DP | difference | max(SE, 0.005) |")
     for K, (r, f) in rows.items():
-        print(f"| {K} | {r.bpd:.4f} ± {r.bpd_sem:.4f} | {f.bpd:.4f} ± {f.bpd_sem:.4f} | {r.bpd - f.bpd:+.4f} | {max(f.bpd_sem, 0.005):.4f} |")
+        print(
+            f"| {K} | {r.bpd:.4f} ± {r.bpd_sem:.4f} | {f.bpd:.4f} ± {f.bpd_sem:.4f} | {r.bpd - f.bpd:+.4f} | {max(f.bpd_sem, 0.005):.4f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -31,16 +31,27 @@ def table(results: dict) -> str:
     """FID ± SE per (sampler, strategy) row and K column; the teacher distance of DDIM below it."""
     rows = results["sample_quality"]
     budgets = sorted({r["K"] for r in rows})
-    lines = ["| sampler | strategy | " + " | ".join(f"K={k}" for k in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
+    lines = [
+        "| sampler | strategy | " + " | ".join(f"K={k}" for k in budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
+    ]
     for sampler in dict.fromkeys(r["sampler"] for r in rows):
         for strategy in dict.fromkeys(r["strategy"] for r in rows):
             cell = {r["K"]: r for r in rows if r["sampler"] == sampler and r["strategy"] == strategy}
             lines.append(f"| {sampler} | {strategy} | " + " | ".join(
                 f"{cell[k]['fid']:.1f} ± {cell[k]['fid_sem']:.1f}" if k in cell else "" for k in budgets) + " |")  # fmt: skip
-    lines += ["", "| teacher distance (ddim) | " + " | ".join(f"K={k}" for k in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    lines += [
+        "",
+        "| teacher distance (ddim) | " + " | ".join(f"K={k}" for k in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
         cell = {r["K"]: r for r in rows if r["sampler"] == "ddim" and r["strategy"] == strategy}
-        lines.append(f"| {strategy} | " + " | ".join(f"{cell[k]['teacher_distance']:.3f}" if k in cell else "" for k in budgets) + " |")
+        lines.append(
+            f"| {strategy} | "
+            + " | ".join(f"{cell[k]['teacher_distance']:.3f}" if k in cell else "" for k in budgets)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -74,13 +85,18 @@ def main() -> int:
     p.add_argument("--samplers", default="ddim,dpmpp")
     p.add_argument("--strategies", default=STRATEGIES)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_sample_quality")
-    p.add_argument("--floor-only", action="store_true", help="only the real patches' FID against --out's reference statistics")
+    p.add_argument(
+        "--floor-only", action="store_true", help="only the real patches' FID against --out's reference statistics"
+    )
     a = p.parse_args()
     if a.floor_only:
         print(floor(a.out / "fid_reference_stats.npz", a.samples))
         return 0
     if not a.checkpoint.is_file():
-        print(f"--checkpoint {a.checkpoint} does not exist; train one with: python train.py experiment=photos16", file=sys.stderr)
+        print(
+            f"--checkpoint {a.checkpoint} does not exist; train one with: python train.py experiment=photos16",
+            file=sys.stderr,
+        )
         return 2
     cmd = [sys.executable, str(ROOT / "evaluate.py"), f"model.path={a.checkpoint}", "data=photos", "logger=none",
            f"eval.strategies=[{a.strategies}]", f"eval.samplers=[{a.samplers}]", f"eval.sample_budgets=[{a.budgets}]",
@@ -92,7 +108,12 @@ def main() -> int:
         return 1
     seconds = time.perf_counter() - start
     results = json.loads((a.out / "results.json").read_text())
-    text = table(results) + "\n\n" + floor(a.out / "fid_reference_stats.npz", a.samples) + f"\n\n{a.samples} samples per cell against {a.reference} test patches; {seconds / 60:.1f} min in all.\n"
+    text = (
+        table(results)
+        + "\n\n"
+        + floor(a.out / "fid_reference_stats.npz", a.samples)
+        + f"\n\n{a.samples} samples per cell against {a.reference} test patches; {seconds / 60:.1f} min in all.\n"
+    )
     (a.out / "sample_quality.md").write_text(text)
     print(text)
     return 0

@@ -25,7 +25,10 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def flags(unet: str, diffusion: str = "cosine") -> dict:
-    return {**yaml.safe_load((CONF / "unet" / f"{unet}.yaml").read_text()), **yaml.safe_load((CONF / "diffusion" / f"{diffusion}.yaml").read_text())}
+    return {
+        **yaml.safe_load((CONF / "unet" / f"{unet}.yaml").read_text()),
+        **yaml.safe_load((CONF / "diffusion" / f"{diffusion}.yaml").read_text()),
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -63,7 +66,9 @@ def forward_rate(model: str, device: torch.device, batch: int, iters: int, dtype
     net = create_unet(**{k: f[k] for k in keys}).to(device).eval()
     x = torch.randn(batch, 3, f["image_size"], f["image_size"], device=device)
     t = torch.randint(0, 4000, (batch,), device=device).float()
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
+    )
     with torch.inference_mode(), autocast:
         net(x, t)
         sync(device)
@@ -93,7 +98,9 @@ def main() -> None:
             rate = forward_rate("imagenet64", device, 64, 20, torch.bfloat16)
             print(f"ImageNet-64 UNet forward, batch 64, bf16: {rate:.1f} samples/s")
         else:
-            print(f"ImageNet-64 UNet forward, batch 8, float32 (CPU): {forward_rate('imagenet64', device, 8, 1):.2f} samples/s")
+            print(
+                f"ImageNet-64 UNet forward, batch 8, float32 (CPU): {forward_rate('imagenet64', device, 8, 1):.2f} samples/s"
+            )
 
 
 if __name__ == "__main__":

@@ -73,13 +73,25 @@ def full_chain(checkout: Path, flags: dict, images: int, compile_ours: bool) -> 
     theirs = their_unet(checkout, flags).eval()
     theirs.load_state_dict(state)
     model = load_improved_diffusion(FIXTURE / "model.pt", levels=256, flags=flags).eval()
-    x0 = (torch.randint(0, 256, (images, 3, flags["image_size"], flags["image_size"]), generator=torch.Generator().manual_seed(1)) / 127.5 - 1)
+    x0 = (
+        torch.randint(
+            0, 256, (images, 3, flags["image_size"], flags["image_size"]), generator=torch.Generator().manual_seed(1)
+        )
+        / 127.5
+        - 1
+    )
     schedule = [full_schedule(model.T)]
-    runs = {"improved-diffusion calc_bpd_loop": lambda: diffusion.calc_bpd_loop(theirs, x0)["total_bpd"].mean().item(),
-            "evaluate_schedules (full chain)": lambda: evaluate_schedules(model, x0, schedule, batch_size=images, progress=False)[0].bpd}
+    runs = {
+        "improved-diffusion calc_bpd_loop": lambda: diffusion.calc_bpd_loop(theirs, x0)["total_bpd"].mean().item(),
+        "evaluate_schedules (full chain)": lambda: (
+            evaluate_schedules(model, x0, schedule, batch_size=images, progress=False)[0].bpd
+        ),
+    }
     if compile_ours:
         model.compile_network()
-        evaluate_schedules(model, x0[:images], schedule, batch_size=images, progress=False)  # compiles once, outside the timing
+        evaluate_schedules(
+            model, x0[:images], schedule, batch_size=images, progress=False
+        )  # compiles once, outside the timing
         runs["evaluate_schedules, compiled"] = runs.pop("evaluate_schedules (full chain)")
     times = {}
     for name, run in runs.items():
@@ -95,21 +107,32 @@ def full_chain(checkout: Path, flags: dict, images: int, compile_ours: bool) -> 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--improved-diffusion", type=Path, required=True, help="a checkout of openai/improved-diffusion")
-    p.add_argument("--flags", type=Path, default=None, help="a conf/unet/*.yaml instead of the fixture (random weights)")
+    p.add_argument(
+        "--flags", type=Path, default=None, help="a conf/unet/*.yaml instead of the fixture (random weights)"
+    )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
-    p.add_argument("--full-chain", type=int, default=0, help="also time full-chain bits/dim on this many fixture images")
+    p.add_argument(
+        "--full-chain", type=int, default=0, help="also time full-chain bits/dim on this many fixture images"
+    )
     args = p.parse_args()
     if not (args.improved_diffusion / "improved_diffusion" / "unet.py").is_file():
-        p.error(f"--improved-diffusion {args.improved_diffusion} has no improved_diffusion/unet.py; pass a checkout of openai/improved-diffusion")
+        p.error(
+            f"--improved-diffusion {args.improved_diffusion} has no improved_diffusion/unet.py; pass a checkout of openai/improved-diffusion"
+        )
 
     if args.flags is None:
         flags = json.loads((FIXTURE / "flags.json").read_text())
         state = torch.load(FIXTURE / "model.pt", map_location="cpu", weights_only=True)
     else:
-        flags = {"in_channels": 3, "num_heads_upsample": -1, "class_cond": False, **yaml.safe_load(args.flags.read_text())}
+        flags = {
+            "in_channels": 3,
+            "num_heads_upsample": -1,
+            "class_cond": False,
+            **yaml.safe_load(args.flags.read_text()),
+        }
         state = None
     ours = create_unet(**{k: flags[k] for k in FLAG_KEYS}).eval()
     if state is None:
@@ -128,7 +151,10 @@ def main() -> None:
         diff = (ours(x, t) - theirs(x, t)).abs().max().item()
 
     variants = {"improved-diffusion": (theirs, x), "ours": (ours, x)}
-    variants["ours, channels_last"] = (ours.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last))
+    variants["ours, channels_last"] = (
+        ours.to(memory_format=torch.channels_last),
+        x.to(memory_format=torch.channels_last),
+    )
     if args.compile:
         fresh = create_unet(**{k: flags[k] for k in FLAG_KEYS}).eval()
         fresh.load_state_dict(state)
@@ -143,7 +169,9 @@ def main() -> None:
     print(f"batch {args.batch}, {torch.get_num_threads()} threads, max |ours - theirs| = {diff:.2e}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:22s} {med * 1e3:8.1f} ms/pass  {args.batch / med:8.1f} samples/s  time ratio to improved-diffusion {med / base:.3f}")
+        print(
+            f"  {name:22s} {med * 1e3:8.1f} ms/pass  {args.batch / med:8.1f} samples/s  time ratio to improved-diffusion {med / base:.3f}"
+        )
     if args.full_chain:
         print(f"full chain, {args.full_chain} images, T = {flags['diffusion_steps']}:")
         full_chain(args.improved_diffusion, flags, args.full_chain, args.compile)

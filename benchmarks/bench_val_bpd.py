@@ -36,7 +36,10 @@ def compare(name: str, model, images: torch.Tensor, batch_size: int = 100) -> No
         ours.update(full_chain_estimate(model, x0, g) / (dims * math.log(2)))
         t = torch.randint(1, model.T + 1, (len(x0),), generator=g)
         x_t = model.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64)).to(x0.dtype)
-        one_t.update((model.T * step_terms(model, x0, x_t, t, model.predict(x_t, t)) + prior_nats(model, x0)) / (dims * math.log(2)))
+        one_t.update(
+            (model.T * step_terms(model, x0, x_t, t, model.predict(x_t, t)) + prior_nats(model, x0))
+            / (dims * math.log(2))
+        )
     estimate_s = time.perf_counter() - start
     start = time.perf_counter()
     full = evaluate_schedules(model, images, [full_schedule(model.T)], batch_size=batch_size, progress=False)[0]

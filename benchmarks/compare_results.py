@@ -26,7 +26,9 @@ def _row_key(row: Any) -> tuple | None:
 def differences(a: Any, b: Any, where: str = "") -> list[str]:
     """Paths of the fields that differ, leaving out timings and file paths; rows only in one run are listed as such."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) if k not in SKIP for d in differences(a.get(k), b.get(k), f"{where}.{k}")]
+        return [
+            d for k in sorted(set(a) | set(b)) if k not in SKIP for d in differences(a.get(k), b.get(k), f"{where}.{k}")
+        ]
     if isinstance(a, list) and isinstance(b, list) and a and b and all(_row_key(r) for r in a + b):
         rows_a, rows_b = {_row_key(r): r for r in a}, {_row_key(r): r for r in b}
         out = [f"{where}{list(k)} only in before" for k in rows_a if k not in rows_b]
@@ -53,8 +55,10 @@ def main() -> int:
             continue
         diff = r["bpd"] - b["bpd"]
         worst = max(worst, abs(diff) / b["bpd_sem"])
-        print(f"| {r['strategy']} | {r['K']} | {b['bpd']:.3f} ± {b['bpd_sem']:.3f} | {r['bpd']:.3f} ± {r['bpd_sem']:.3f} | "
-              f"{diff:+.4f} | {diff / b['bpd_sem']:+.2f} |")
+        print(
+            f"| {r['strategy']} | {r['K']} | {b['bpd']:.3f} ± {b['bpd_sem']:.3f} | {r['bpd']:.3f} ± {r['bpd_sem']:.3f} | "
+            f"{diff:+.4f} | {diff / b['bpd_sem']:+.2f} |"
+        )
     print(f"\nlargest |difference| / SE: {worst:.2f}")
     if args.fields:
         changed = differences(before, after)

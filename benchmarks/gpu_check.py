@@ -44,7 +44,11 @@ SCALING_GRIDS = {"full grid (4,000 columns)": 4000, "refined, budgets 8..64 (19.
 
 
 def build_model(size: dict, device: torch.device):
-    flags = {**yaml.safe_load((CONF / "unet" / f"{size['unet']}.yaml").read_text()), "noise_schedule": "cosine", "diffusion_steps": size["T"]}
+    flags = {
+        **yaml.safe_load((CONF / "unet" / f"{size['unet']}.yaml").read_text()),
+        "noise_schedule": "cosine",
+        "diffusion_steps": size["T"],
+    }
     return DiffusionModule(flags, loss="hybrid", levels=size["levels"]).model.to(device).eval()
 
 
@@ -82,7 +86,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("outputs/gpu_check/gpu_check.json"))
     a = p.parse_args()
     if not a.smoke and not torch.cuda.is_available():
-        print("gpu_check.py: no CUDA device is visible (torch.cuda.is_available() is False); run it on a GPU machine, or pass --smoke")
+        print(
+            "gpu_check.py: no CUDA device is visible (torch.cuda.is_available() is False); run it on a GPU machine, or pass --smoke"
+        )
         return 2
     size, device = (SMOKE, torch.device("cpu")) if a.smoke else (FULL, torch.device("cuda"))
     begin = time.perf_counter()
@@ -100,7 +106,9 @@ def main() -> int:
     columns = len(grid)
     print(f"cost matrix: {size['examples']} examples x {columns} columns in {matrix_s:.1f} s", flush=True)
     settings = RefineSettings(coarse=size["coarse"], window=size["window"])
-    (refined, rounds), refine_s = timed(lambda: refine_cost_matrices(model, data, size["budgets"], settings, batch_size=size["batch"], progress=False))
+    (refined, rounds), refine_s = timed(
+        lambda: refine_cost_matrices(model, data, size["budgets"], settings, batch_size=size["batch"], progress=False)
+    )
     refined_columns = refined["elbo"].grid.numel() - 1
     print(f"refined: {refined_columns} columns after {len(rounds)} rounds in {refine_s:.1f} s", flush=True)
     per_pass = matrix_s / (size["examples"] * columns)

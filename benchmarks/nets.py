@@ -19,7 +19,8 @@ class SmallConvNet(nn.Module):
         self.inp = nn.Conv2d(channels, width, 3, padding=1)
         self.emb = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1)) for _ in range(2 * blocks)
+            nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+            for _ in range(2 * blocks)
         )
         self.out = nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, out_channels, 3, padding=1))
 

@@ -71,7 +71,9 @@ def main() -> None:
     schedules = [s for K in budgets for s in (dp[K], even_schedule(a.T, K), quadratic_schedule(a.T, K))]
     results = evaluate_schedules(model, data["test"], schedules + [full_schedule(a.T)], seed=1)
     full = results[-1]
-    print(f"\nheld-out bits/dim (test split, {full.count} digits); full {a.T}-step chain: {full.bpd:.3f} ± {full.bpd_sem:.3f}")
+    print(
+        f"\nheld-out bits/dim (test split, {full.count} digits); full {a.T}-step chain: {full.bpd:.3f} ± {full.bpd_sem:.3f}"
+    )
     print(f"{'K':>4} {'dp':>8} {'even':>8} {'quadratic':>10} {'dp predicted (val)':>19}   dp schedule")
     for i, K in enumerate(budgets):
         r_dp, r_even, r_quad = results[3 * i : 3 * i + 3]

@@ -1,6 +1,6 @@
 """Train the digits classifier whose penultimate features give Fréchet distances on the digits data.
 
-    python scripts/train_digits_features.py checkpoints/digits_features.pt
+python scripts/train_digits_features.py checkpoints/digits_features.pt
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def test_analytic_ot_equals_their_dp_seg(reference, K):
 
 
 def test_analytic_ot_costs_are_the_kl_of_the_optimal_variance():
-    """D/2 log(sigma*^2 / btil) with sigma*^2 = btil + c0^2 (1 - ab_t) / ab_t (1 - Gamma_t), unclipped (the closed form)."""
+    """D/2 log(sigma*^2 / btil) with sigma*^2 = btil + c0^2 (1 - ab_t) / ab_t (1 - Gamma_t), unclipped (the closed
+    form)."""
     ns = dm.NoiseSchedule.named("cosine", 50)
     gamma = torch.cat([torch.zeros(1), torch.linspace(0.3, 0.95, 50, dtype=torch.float64)])
     costs = ns.analytic_ot_costs(gamma, 10)
@@ -168,7 +169,10 @@ def test_evaluate_with_the_analytic_override(tmp_path, tiny_ckpt):
             "eval.samplers=[ddim]",
         )
     )
-    by_key = lambda o: {(r["strategy"], r["K"]): r["bpd"] for r in o["results"] if r["strategy"] in ("dp", "even")}  # noqa: E731
+
+    def by_key(o):
+        return {(r["strategy"], r["K"]): r["bpd"] for r in o["results"] if r["strategy"] in ("dp", "even")}
+
     assert by_key(again) == pytest.approx(by_key(out), rel=1e-9)  # the same Gamma, the same numbers
     learned = evaluate(eval_cfg(tmp_path, tiny_ckpt, "eval.strategies=[dp,even]", "logger=none"))
     assert learned["cost_matrix"]["file"] != out["cost_matrix"]["file"]
@@ -198,7 +202,8 @@ def test_analytic_bad_inputs(tmp_path, tiny_ckpt, overrides, match):
 
 @pytest.mark.slow
 def test_schedule_monitor_with_the_analytic_rule(tmp_path):
-    """During training the monitor prices schedules with the analytic variance and leaves the model's own rule in place."""
+    """During training the monitor prices schedules with the analytic variance and leaves the model's own rule in
+    place."""
     from conftest import train_cfg
 
     from ddpm_schedules.app.train import train
@@ -226,7 +231,8 @@ def test_schedule_monitor_with_the_analytic_rule(tmp_path):
 
 
 def test_analytic_ot_with_gamma_above_one_at_small_t():
-    """A model that overshoots at small t (Gamma_1 > 1) still gets a K-step trajectory; their rule would drop every step."""
+    """A model that overshoots at small t (Gamma_1 > 1) still gets a K-step trajectory; their rule would drop every
+    step."""
     ns = dm.NoiseSchedule.named("linear", 100)
     gamma = torch.cat([torch.zeros(1), torch.linspace(0.3, 0.99, 100, dtype=torch.float64)])
     gamma[1:3] = 1.2

@@ -125,7 +125,10 @@ EVALUATE_CASES = [
     (
         "schedule file without timesteps",
         ["eval.strategies=[dp,file:{d}/no_timesteps.json]"],
-        "^eval.strategies has 'file:.*no_timesteps.json': a schedule needs the keys 'timesteps' and 'T'; 'timesteps' is missing$",
+        (
+            "^eval.strategies has 'file:.*no_timesteps.json': a schedule needs the keys 'timesteps' and 'T'; "
+            "'timesteps' is missing$"
+        ),
     ),
     ("more examples than the split", ["cost.examples=5000"], "cost.examples = 5000 asks for 5000 val examples"),
     ("unknown split", ["cost.split=training"], "unknown split 'training'"),
@@ -133,7 +136,10 @@ EVALUATE_CASES = [
     (
         "propagate with ancestral",
         ["eval.strategies=[dp_ode_oss]", "cost.ode.propagate=ancestral"],
-        "^cost.ode.propagate = 'ancestral'; dp_ode_oss carries a deterministic sampler's own states: use ddim or dpmpp$",
+        (
+            "^cost.ode.propagate = 'ancestral'; dp_ode_oss carries a deterministic sampler's own states: use ddim "
+            "or dpmpp$"
+        ),
     ),
     # the checks below app/ name their own parameters; these messages name the config keys
     (

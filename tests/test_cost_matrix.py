@@ -209,7 +209,8 @@ class CallSizes(torch.nn.Module):
 
 
 def test_columns_share_network_calls_up_to_batch_size_with_the_same_results():
-    """Fewer examples than batch_size: several columns (timesteps) per call, and every number as with one column per call."""
+    """Fewer examples than batch_size: several columns (timesteps) per call, and every number as with one column per
+    call."""
     from ddpm_schedules import evaluate_schedules, even_schedule
     from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
 

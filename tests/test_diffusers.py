@@ -106,7 +106,8 @@ def test_sampler_matches_diffusers_scheduler(tmp_path, prediction_type, variance
     x0_theirs, points_theirs = diffusers_sample(
         unet, scheduler, schedule, x_T, generator=torch.Generator().manual_seed(9)
     )
-    # diffusers draws its step noise from the generator in order; ours takes the same draws (not the last: we stop at x0_hat)
+    # diffusers draws its step noise from the generator in order; ours takes the same draws (not the last: we stop at
+    # x0_hat)
     g = torch.Generator().manual_seed(9)
     draws = [torch.randn(shape, generator=g) for _ in range(schedule.K - 1)]
     trajectory = []

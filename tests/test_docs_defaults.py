@@ -23,7 +23,8 @@ DOCS = {"docs/evaluate.md": "evaluate", "docs/training.md": "train"}  # each doc
 MIN_KEYS = {"docs/evaluate.md": 56, "docs/training.md": 25}  # the keys the tables state now: a dropped row fails
 NO_SINGLE_DEFAULT = {"cache_dir"}  # $DDPM_SCHEDULES_CACHE, else a folder under $HOME: said in words
 # evaluate.yaml's keys that the table need not list: Hydra's own, the run directory, the groups' internals (their
-# choice is a row) and the top-level `seed`, which evaluate.py does not read (its seeds are cost.seed, eval.seed, sample.seed)
+# choice is a row) and the top-level `seed`, which evaluate.py does not read (its seeds are cost.seed, eval.seed,
+# sample.seed)
 UNLISTED = ("hydra", "paths", "data.", "logger.", "seed")
 
 ABSENT, MISSING, NONE_STATED = object(), object(), object()
@@ -42,15 +43,24 @@ def settings_rows(text: str) -> list[dict]:
         if not (line.startswith("|") and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[i + 1].strip())):
             continue
         header = [h.lower() for h in cells(line)]
-        col = {name: next((j for j, h in enumerate(header) if h.startswith(name)), None) for name in ("with", "key", "default")}
+        col = {
+            name: next((j for j, h in enumerate(header) if h.startswith(name)), None)
+            for name in ("with", "key", "default")
+        }
         if col["key"] is None or col["default"] is None:
             continue
         for n, row in enumerate(lines[i + 2 :], start=i + 3):
             if not row.startswith("|"):
                 break
             c = cells(row)
-            rows.append({"line": n, "with": re.findall(r"`([^`]+)`", c[col["with"]]) if col["with"] is not None else [],
-                         "keys": re.findall(r"`([^`]+)`", c[col["key"]]), "defaults": c[col["default"]]})  # fmt: skip
+            rows.append(
+                {
+                    "line": n,
+                    "with": re.findall(r"`([^`]+)`", c[col["with"]]) if col["with"] is not None else [],
+                    "keys": re.findall(r"`([^`]+)`", c[col["key"]]),
+                    "defaults": c[col["default"]],
+                }
+            )
     return rows
 
 
@@ -133,7 +143,11 @@ def check_rows(rows: list[dict], config: str, where: str) -> tuple[list[str], se
         for key, item in zip(row["keys"], stated):
             actual = config_value(cfg, key)
             try:
-                doc = {k: v for pair in split_top(item) for k, v in parse_value(pair).items()} if key.endswith(".*") else parse_value(item)
+                doc = (
+                    {k: v for pair in split_top(item) for k, v in parse_value(pair).items()}
+                    if key.endswith(".*")
+                    else parse_value(item)
+                )
             except (yaml.YAMLError, AttributeError, TypeError) as e:
                 errors.append(f"{at}: {key}: cannot read the default {item!r} ({e.__class__.__name__})")
                 continue
@@ -144,7 +158,9 @@ def check_rows(rows: list[dict], config: str, where: str) -> tuple[list[str], se
                     errors.append(f"{at}: {key} states no default (—) but conf/{config}.yaml has {actual!r}; state it")
             elif doc is MISSING or actual is MISSING:
                 if doc is not actual:
-                    errors.append(f"{at}: {key}: the doc says {item!r}, the config {'???' if actual is MISSING else repr(actual)}")
+                    errors.append(
+                        f"{at}: {key}: the doc says {item!r}, the config {'???' if actual is MISSING else repr(actual)}"
+                    )
             elif not same(doc, actual):
                 errors.append(f"{at}: {key}: the doc says {doc!r}, conf/{config}.yaml has {actual!r}")
             if doc is not NONE_STATED:
@@ -164,15 +180,20 @@ def test_every_stated_default_matches_the_config():
         rows = settings_rows((ROOT / doc).read_text())
         errors, checked = check_rows(rows, config, doc)
         assert not errors, "\n".join(errors)
-        assert len(checked) >= MIN_KEYS[doc], f"{doc}: {len(checked)} keys checked, fewer than the {MIN_KEYS[doc]} it states"
+        assert len(checked) >= MIN_KEYS[doc], (
+            f"{doc}: {len(checked)} keys checked, fewer than the {MIN_KEYS[doc]} it states"
+        )
 
 
 def test_evaluate_table_lists_every_setting():
     rows = settings_rows((ROOT / "docs/evaluate.md").read_text())
     listed = {k for r in rows if not r["with"] for k in r["keys"]}
     cfg = composed("evaluate")
-    keys = [k for k in leaf_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-            if not k.startswith(UNLISTED) and not any(part.startswith("_") for part in k.split("."))]  # fmt: skip
+    keys = [
+        k
+        for k in leaf_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+        if not k.startswith(UNLISTED) and not any(part.startswith("_") for part in k.split("."))
+    ]
     missing = [k for k in keys if k not in listed and not any(k.startswith(p[:-1]) for p in listed if p.endswith(".*"))]
     assert not missing, f"conf/evaluate.yaml has keys docs/evaluate.md's table does not list: {missing}"
 

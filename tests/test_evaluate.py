@@ -278,6 +278,10 @@ def test_target_sem_reports_its_rounds_and_the_examples_used(tmp_path, tiny_ckpt
     assert doc["cost_matrix"]["grid_size"] == 10
 
 
+# the tiny model refined from a 6-point grid, without a logger or FID
+REFINED = ("logger=none", "fid.enabled=false", "cost.refine.enabled=true", "cost.refine.coarse=log:6")
+
+
 @pytest.mark.slow  # end to end; the inner loop covers its parts
 def test_refinement_and_target_sem_together(tmp_path, tiny_ckpt):
     """The grid is refined on the first round's examples, then rounds of examples are added on it."""
@@ -285,10 +289,7 @@ def test_refinement_and_target_sem_together(tmp_path, tiny_ckpt):
         eval_cfg(
             tmp_path,
             tiny_ckpt,
-            "logger=none",
-            "fid.enabled=false",
-            "cost.refine.enabled=true",
-            "cost.refine.coarse=log:6",
+            *REFINED,
             "cost.target_sem=1e-9",
             "cost.first_round=4",
             "eval.strategies=[dp,dp_mse,even]",
@@ -311,10 +312,7 @@ def test_refinement_through_evaluate_reports_its_rounds(tmp_path, tiny_ckpt):
         eval_cfg(
             tmp_path,
             tiny_ckpt,
-            "logger=none",
-            "fid.enabled=false",
-            "cost.refine.enabled=true",
-            "cost.refine.coarse=log:6",
+            *REFINED,
             "eval.strategies=[dp,dp_mse,even]",
         )
     )

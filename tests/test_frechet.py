@@ -1,4 +1,5 @@
-"""Fréchet distances: equal to torchmetrics' FrechetInceptionDistance, bootstrap errors (the Inception path: test_inception.py)."""
+"""Fréchet distances: equal to torchmetrics' FrechetInceptionDistance, bootstrap errors (the Inception path:
+test_inception.py)."""
 
 import pytest
 import torch

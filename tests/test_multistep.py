@@ -12,7 +12,8 @@ from ddpm_schedules.costs.ode import estimate_ode_matrix, teacher_trajectory, tr
 
 
 def step_2m(model, xs, x0s, grid, p, c, n):
-    """DPM-Solver++(2M) from the teacher's point c with x0_hat at c and p, written out (Lu et al. 2022, midpoint form)."""
+    """DPM-Solver++(2M) from the teacher's point c with x0_hat at c and p, written out (Lu et al. 2022, midpoint
+    form)."""
     ab = model.schedule.ab
     alpha, sigma = (lambda t: ab[t].sqrt()), (lambda t: (1 - ab[t]).sqrt())
     lam = lambda t: math.log(alpha(t) / sigma(t))

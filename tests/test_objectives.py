@@ -125,7 +125,8 @@ def test_bad_objective_input():
 ODE_BODY = """
 from ddpm_schedules.costs.ode import estimate_ode_matrix
 lo, hi = shard(9, fabric.global_rank, fabric.world_size)
-cm = estimate_ode_matrix(tiny_model("learned_range", T=10), hi - lo, seed=5, batch_size=2, progress=False, start_index=lo, multistep=True)
+cm = estimate_ode_matrix(tiny_model("learned_range", T=10), hi - lo, seed=5, batch_size=2, progress=False,
+                         start_index=lo, multistep=True)
 if fabric.global_rank == 0:
     cm.save(out)
 """

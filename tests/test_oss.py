@@ -1,4 +1,5 @@
-"""dp_ode_oss (costs/oss.py): the DP over the sampler's own states against running the sampler along every partial path."""
+"""dp_ode_oss (costs/oss.py): the DP over the sampler's own states against running the sampler along every partial
+path."""
 
 import math
 import os
@@ -132,8 +133,9 @@ def test_bad_input_is_refused_before_any_pass():
 OSS_BODY = """
 from ddpm_schedules.costs.oss import estimate_oss_paths
 lo, hi = shard(7, fabric.global_rank, fabric.world_size)
-res = estimate_oss_paths(tiny_model("learned_range", T=16, clip=False), hi - lo, [2, 4, 6], [2, 4, 6, 8, 10, 12, 14, 16], seed=3, propagate="dpmpp",
-                         batch_size=5, progress=False, start_index=lo)
+res = estimate_oss_paths(tiny_model("learned_range", T=16, clip=False), hi - lo, [2, 4, 6],
+                         [2, 4, 6, 8, 10, 12, 14, 16], seed=3, propagate="dpmpp", batch_size=5, progress=False,
+                         start_index=lo)
 if fabric.global_rank == 0:
     res.save(out)
 """
@@ -242,8 +244,8 @@ class Slow(torch.nn.Module):
 
 model = tiny_model("learned_range", T=16, clip=False)
 model.net = Slow(model.net)
-estimate_oss_paths(model, 3, [2, 4, 6], [2, 4, 6, 8, 10, 12, 14, 16], seed=3, propagate="dpmpp", batch_size=5, progress=False,
-                   partial=PartialFile(sys.argv[1], every=1))
+estimate_oss_paths(model, 3, [2, 4, 6], [2, 4, 6, 8, 10, 12, 14, 16], seed=3, propagate="dpmpp", batch_size=5,
+                   progress=False, partial=PartialFile(sys.argv[1], every=1))
 """
 
 

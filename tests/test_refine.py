@@ -1,4 +1,5 @@
-"""Coarse-to-fine refinement: passes only for new columns, the matrix of the final grid, a stop when the paths settle."""
+"""Coarse-to-fine refinement: passes only for new columns, the matrix of the final grid, a stop when the paths
+settle."""
 
 import pytest
 import torch

@@ -39,7 +39,8 @@ def saved(path: Path) -> dict:
 
 
 def stop_after(units: int):
-    """A stand-in for sigterm_requests whose SIGTERM 'arrives' at the given call of its flag (one per column or round)."""
+    """A stand-in for sigterm_requests whose SIGTERM 'arrives' at the given call of its flag (one per column or
+    round)."""
     calls = {"n": 0}
 
     class StopAfter:
@@ -118,7 +119,8 @@ def test_a_killed_refinement_resumes_mid_round_to_the_same_matrices(tmp_path):
     ) == {6}
     assert not partial.exists()
     print(
-        f"\nrefine columns: killed run {killed_columns} ({kept} saved), rerun {len(counter.calls)}, uninterrupted {len(fresh_counter.calls)}"
+        f"\nrefine columns: killed run {killed_columns} ({kept} saved), rerun {len(counter.calls)}, uninterrupted "
+        f"{len(fresh_counter.calls)}"
     )
 
 
@@ -162,8 +164,9 @@ def test_killed_precision_rounds_resume_within_the_later_round_to_the_same_matri
     assert not partial.exists() and not round3.exists()
     calls = len(log.read_text().split())  # the killed run's forward calls (batches), estimates and held-out passes
     print(
-        f"\nprecision columns: killed run {36 + done} saved (3 rounds + {done} of the fourth; {calls} forward calls), rerun {12 - done}, "
-        f"uninterrupted 48; passes: rerun {sum(counter.calls.values())}, uninterrupted {sum(fresh_counter.calls.values())}"
+        f"\nprecision columns: killed run {36 + done} saved (3 rounds + {done} of the fourth; {calls} forward calls), "
+        f"rerun {12 - done}, uninterrupted 48; passes: rerun {sum(counter.calls.values())}, uninterrupted "
+        f"{sum(fresh_counter.calls.values())}"
     )
 
 

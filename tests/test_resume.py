@@ -54,7 +54,8 @@ def stop_after(units: int):
 
 
 def assert_same_matrix(a, b):
-    """Bit for bit: a resume replays the same network calls (the batch size is part of the partial file's configuration)."""
+    """Bit for bit: a resume replays the same network calls (the batch size is part of the partial file's
+    configuration)."""
     valid = torch.isfinite(a.mean)
     assert torch.equal(a.mean[valid], b.mean[valid]) and a.prior == b.prior and a.count == b.count
 

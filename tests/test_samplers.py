@@ -82,7 +82,8 @@ def test_dpmpp_along_a_schedule_equals_dpm_solver_pp_2m_written_out():
 
 
 def test_dpmpp_steps_as_diffusers_dpm_solver_multistep_scheduler():
-    """The reference implementation: diffusers' scheduler (second order, data prediction, final sigma 0) on the same betas."""
+    """The reference implementation: diffusers' scheduler (second order, data prediction, final sigma 0) on the same
+    betas."""
     diffusers = pytest.importorskip("diffusers")
     model = tiny_model("learned_range", T=50, schedule="linear", levels=256)
     scheduler = diffusers.DPMSolverMultistepScheduler(

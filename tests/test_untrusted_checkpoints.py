@@ -107,7 +107,8 @@ def test_lightning_resume_itself_loads_as_data(tmp_path, evil, monkeypatch):
 
 @pytest.mark.skipif(
     "_target_" not in OmegaConf.load(ROOT / "conf" / "model" / "checkpoint.yaml"),
-    reason="needs conf/model/checkpoint.yaml as `_target_: ddpm_schedules.models.checkpoints.load_checkpoint` with trust_checkpoint",
+    reason="needs conf/model/checkpoint.yaml as `_target_: ddpm_schedules.models.checkpoints.load_checkpoint` "
+    "with trust_checkpoint",
 )
 def test_evaluate_refuses_and_runs_nothing(tmp_path, evil):
     path, marker = evil

@@ -1,1 +1,2 @@
-"""The entry points' wiring: typed settings, the run's stages, train/evaluate, the CLI and the export command. Imports every other folder."""
+"""The entry points' wiring: typed settings, the run's stages, train/evaluate, the CLI and the export command. Imports
+every other folder."""

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Cost matrix -> DP schedules -> held-out bits/dim, samples and FID per (strategy, K) -> reports; results.json's dict.
+    """Cost matrix -> DP schedules -> held-out bits/dim, samples and FID per (strategy, K) -> reports;
+    results.json's dict.
 
     Every setting is checked before the model or the data is loaded; results.json is written last and atomically.
     """
@@ -62,7 +63,8 @@ def device_for(procs: Processes) -> torch.device:
 
 
 def build_model(node: DictConfig, settings: EvaluateSettings) -> DiffusionModel:
-    """The model from the model group's loader, with model.var_type (an override of the checkpoint's rule) and its Gamma file."""
+    """The model from the model group's loader, with model.var_type (an override of the checkpoint's rule) and its
+    Gamma file."""
     loader = OmegaConf.masked_copy(node, [k for k in node if k not in ("var_type", "gamma_file")])
     with config_keys("model"):  # the loader's arguments are the model group's keys
         model = build(loader)
@@ -99,8 +101,8 @@ def evaluation_data(
     eval_data = take(datamodule, held.split, held.examples, "eval.examples")
     if min(len(cost_data), len(eval_data)) < procs.world:
         raise ValueError(
-            f"{procs.world} processes need at least {procs.world} examples each in cost.examples ({len(cost_data)}) and "
-            f"eval.examples ({len(eval_data)}); raise them or lower fabric.devices"
+            f"{procs.world} processes need at least {procs.world} examples each in cost.examples ({len(cost_data)}) "
+            f"and eval.examples ({len(eval_data)}); raise them or lower fabric.devices"
         )
     reference = (
         take(datamodule, fid.reference_split, fid.reference_examples, "fid.reference_examples")

@@ -36,6 +36,10 @@ class Labels:
     cost_split: str = "val"
     eval_split: str = "test"
 
+    def cost_key(self, examples: int) -> dict[str, Any]:
+        """The cost examples' part of a cache key: the data set, its split and how many."""
+        return {"data": self.data_name, "split": self.cost_split, "examples": examples}
+
 
 @dataclass(frozen=True)
 class ResumeSettings:
@@ -151,7 +155,8 @@ class EvaluateSettings:
 
     @config_keys(strategies="eval.strategies", **ODE_KEYS)
     def resolve(self, model: Any) -> "EvaluateSettings":
-        """The settings checked against ``model`` (its T, variance rule and Gamma): grids, budgets, strategies, refinement."""
+        """The settings checked against ``model`` (its T, variance rule and Gamma): grids, budgets, strategies,
+        refinement."""
         if self.T is not None:
             if self.T != model.T:
                 raise ValueError(f"these settings were resolved for T = {self.T}, not the model's T = {model.T}")
@@ -203,7 +208,8 @@ def auto_batch_size(image_shape: Sequence[int] | None) -> int:
 
 
 def _check_analytic(strategies: list[Strategy], model: Any, grid: list[int] | None) -> None:
-    """analytic_ot reads Gamma at every t = 1..T: refused before any work without the analytic rule or with a coarse grid."""
+    """analytic_ot reads Gamma at every t = 1..T: refused before any work without the analytic rule or with a
+    coarse grid."""
     if not any(s.name == "analytic_ot" for s in strategies):
         return
     if model.var_type != "analytic":

@@ -103,16 +103,15 @@ def precision_stage(
     settings: PrecisionSettings,
     start: CostStage | None = None,
 ) -> tuple[Tensor, CostStage | None, list[dict[str, Any]]]:
-    """With a target, the ELBO matrix from `estimate_to_precision` (cached with its rounds); returns the examples it used.
+    """With a target, the ELBO matrix from `estimate_to_precision` (cached with its rounds); returns the
+    examples it used.
     ``start``: refinement's matrix of the first examples, continued on its grid."""
     if settings.target_sem is None:
         return data, None, []
     g = full_grid(grid, ctx.model.T) if start is None else start.matrix.grid
     key = cache_key(
         ctx.model,
-        data=labels.data_name,
-        split=labels.cost_split,
-        examples=len(data),
+        **labels.cost_key(len(data)),
         grid=g.tolist(),
         seed=seed,
         target_sem=settings.target_sem,
@@ -162,13 +161,12 @@ def refine_stage(
     budgets: Sequence[int],
     settings: RefineSettings,
 ) -> tuple[dict[str, CostStage], list[dict[str, Any]]]:
-    """``cost.refine``: the data objectives' matrices on a grid refined around the DP's paths (refine.py), cached with its rounds."""
+    """``cost.refine``: the data objectives' matrices on a grid refined around the DP's paths (refine.py), cached
+    with its rounds."""
     wanted = [o for o in objectives if o not in TEACHER]
     key = cache_key(
         ctx.model,
-        data=labels.data_name,
-        split=labels.cost_split,
-        examples=len(data),
+        **labels.cost_key(len(data)),
         seed=seed,
         refine=settings.__dict__,
         budgets=list(budgets),
@@ -200,7 +198,7 @@ def data_matrices_stage(
     """The data objectives' matrices (elbo, mse), from the cache (keyed by weights, data, grid, seed, conventions)
     or estimated together from one set of forward passes."""
     g = full_grid(grid, ctx.model.T)
-    base = dict(data=labels.data_name, split=labels.cost_split, examples=len(data), grid=g.tolist(), seed=seed)
+    base = dict(**labels.cost_key(len(data)), grid=g.tolist(), seed=seed)
     keys = {o: cache_key(ctx.model, **base, **({} if o == "elbo" else {"objective": o})) for o in objectives}
     files = {o: ctx.cache_dir / f"cost_matrix_{k[:20]}.pt" for o, k in keys.items()}
     out = {o: CostStage(cm, keys[o], files[o], True) for o in objectives if (cm := _load(files[o])) is not None}
@@ -218,6 +216,11 @@ def data_matrices_stage(
     return out
 
 
+def teacher_key(grid: Tensor, seed: int, settings: OdeSettings) -> dict[str, Any]:
+    """The teacher trajectories' part of a cache key: their grid, noise seed and count."""
+    return {"grid": grid.tolist(), "seed": seed, "trajectories": settings.trajectories}
+
+
 @config_keys(**ODE_KEYS)
 def ode_matrix_stage(
     ctx: Context, seed: int, settings: OdeSettings, grid: list[int] | None, multistep: bool = False
@@ -228,9 +231,7 @@ def ode_matrix_stage(
     key = cache_key(
         ctx.model,
         objective="ode",
-        grid=g.tolist(),
-        seed=seed,
-        trajectories=settings.trajectories,
+        **teacher_key(g, seed, settings),
         **({"multistep": True} if multistep else {}),
     )
     file = ctx.cache_dir / f"cost_matrix_{key[:20]}.pt"
@@ -256,9 +257,7 @@ def oss_stage(
     key = cache_key(
         ctx.model,
         objective="oss",
-        grid=g.tolist(),
-        seed=seed,
-        trajectories=settings.trajectories,
+        **teacher_key(g, seed, settings),
         budgets=sorted(budgets),
         propagate=settings.propagate,
     )

@@ -118,7 +118,8 @@ def check_data_matches_model(datamodule: ImageDataModule, flags: dict[str, Any])
 
 
 def check_resume_checkpoint(path: str, flags: dict[str, Any], trust_checkpoint: bool = False) -> None:
-    """A checkpoint to resume from must exist, load as data (unless trusted) and have been trained with the same model flags."""
+    """A checkpoint to resume from must exist, load as data (unless trusted) and have been trained with the same
+    model flags."""
     if not Path(path).is_file():
         raise ValueError(f"ckpt_path = {path!r} does not exist; point it at <run dir>/checkpoints/last.ckpt")
     try:

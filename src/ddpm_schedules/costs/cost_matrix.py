@@ -63,7 +63,8 @@ def estimate_cost_matrices(
     seed, batch_size = opts.seed, opts.batch_size
     if "ode" in objectives:
         raise ValueError(
-            "the ode objective runs teacher trajectories from noise, not data: use ode.estimate_ode_matrix(model, trajectories)"
+            "the ode objective runs teacher trajectories from noise, not data: "
+            "use ode.estimate_ode_matrix(model, trajectories)"
         )
     objectives = check_objectives(objectives, allowed=("elbo", "mse"))
     g = full_grid(grid, model.T)
@@ -145,7 +146,8 @@ def estimate_cost_matrices(
 def elbo_terms(
     model: DiffusionModel, x0: Tensor, x_t: Tensor, t: int, s: Tensor, pred: Prediction, tables, decoder_only: bool
 ) -> Tensor:
-    """[B, S] ELBO terms of the pairs (s, t); with ``decoder_only`` only s = 0 is computed (the rest: zeros, filled later)."""
+    """[B, S] ELBO terms of the pairs (s, t); with ``decoder_only`` only s = 0 is computed
+    (the rest: zeros, filled later)."""
     if not decoder_only:
         return pair_terms(model, x0, x_t, t, s, pred, tables=tables)
     out = torch.zeros(x0.shape[0], s.numel(), dtype=torch.float64, device=x0.device)

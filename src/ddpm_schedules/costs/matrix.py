@@ -22,7 +22,8 @@ OBJECTIVES = ("elbo", "mse", "ode")  # the pair costs a DP can run on (ode: see 
 
 
 class CostMatrixMetric(Metric):
-    """Per-pair moments (count, mean, M2) of the costs of one or more objectives, per-column counts, the prior's moments."""
+    """Per-pair moments (count, mean, M2) of the costs of one or more objectives, per-column counts, the prior's
+    moments."""
 
     full_state_update = False
     is_differentiable = False
@@ -34,7 +35,8 @@ class CostMatrixMetric(Metric):
         self.add_state("moments", empty_moments(objectives, size, size), dist_reduce_fx=merge_moments)
         self.add_state("count", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("prior_moments", empty_moments(), dist_reduce_fx=merge_moments)
-        # analytic variance: per column, moments of ||x_0 - x0_hat||^2 and of ||eps||^2 / D (Gamma_t), see `analytic_moments`
+        # analytic variance: per column, moments of ||x_0 - x0_hat||^2 and of ||eps||^2 / D (Gamma_t),
+        # see `analytic_moments`
         self.add_state("column_moments", empty_moments(2, size), dist_reduce_fx=merge_moments)
 
     def update(self, terms: Tensor, column: int, prior: Tensor | None = None) -> None:
@@ -52,7 +54,8 @@ class CostMatrixMetric(Metric):
             self.prior_moments = merge_moments(torch.stack([self.prior_moments, batch_moments(prior.reshape(-1))]))
 
     def update_columns(self, column: int, sq_err: Tensor, eps_sq: Tensor) -> None:
-        """Add B examples' ||x_0 - x0_hat||^2 and ||eps||^2 / D at column ``column`` (the analytic rule's statistics)."""
+        """Add B examples' ||x_0 - x0_hat||^2 and ||eps||^2 / D at column ``column``
+        (the analytic rule's statistics)."""
         old = self.column_moments[:, :, column]
         self.column_moments[:, :, column] = merge_moments(
             torch.stack([old, batch_moments(torch.stack([sq_err, eps_sq], 1), dim=0)])
@@ -68,7 +71,8 @@ class CostMatrixMetric(Metric):
 @dataclass
 class MatrixSums:
     """What `CostMatrixMetric.compute` returns: the moments (count, mean, M2) of every pair, of the prior and of the
-    analytic rule's per-column statistics, examples per column, and (ode.py, with multistep) the summed step distances."""
+    analytic rule's per-column statistics, examples per column, and (ode.py, with multistep) the summed step
+    distances."""
 
     moments: Tensor  # [3, O, N+1, N+1]
     prior_moments: Tensor  # [3]
@@ -186,7 +190,8 @@ def from_moments(
     gamma: Tensor | None = None,
     betas: Tensor | None = None,
 ) -> CostMatrix:
-    """A CostMatrix from the moments [3, N+1, N+1] of its pairs and [3] of the prior (mean inf, sem NaN where i >= j)."""
+    """A CostMatrix from the moments [3, N+1, N+1] of its pairs and [3] of the prior
+    (mean inf, sem NaN where i >= j)."""
     mean, sem = mean_sem(moments)
     valid = torch.ones_like(mean, dtype=torch.bool).triu(1)
     prior, prior_sem = mean_sem(prior_moments) if prior_moments[0] > 0 else (torch.zeros(()), torch.zeros(()))

@@ -34,7 +34,8 @@ def check_multistep_size(points: int, memory_gb: float) -> None:
 
 
 def trajectory_gram(xs: Tensor, x0s: Tensor) -> Tensor:
-    """[B, 2N+1, 2N+1] float64: inner products of x at grid[0..N] (rows 0..N) and x0_hat at grid[1..N] (rows N+1..2N)."""
+    """[B, 2N+1, 2N+1] float64: inner products of x at grid[0..N] (rows 0..N) and x0_hat at grid[1..N]
+    (rows N+1..2N)."""
     V = torch.cat([xs, x0s[1:]]).flatten(2).transpose(0, 1).double()  # [B, 2N+1, D]
     return V @ V.transpose(1, 2)
 

@@ -73,7 +73,8 @@ def jump_distances(
 
 
 def chunk_size(batch_size: int, points: int, dims: int, memory_gb: float) -> int:
-    """Trajectories per chunk: at most batch_size, and their stored points (2 x points x dims float64) within memory_gb."""
+    """Trajectories per chunk: at most batch_size, and their stored points (2 x points x dims float64) within
+    memory_gb."""
     return max(1, min(batch_size, int(memory_gb * 2**30) // (2 * points * dims * 8)))
 
 
@@ -101,9 +102,9 @@ def estimate_ode_matrix(
     options: EstimateOptions | None = None,
     **overrides: Any,
 ) -> CostMatrix:
-    """The GITS cost matrix on ``[0] + grid`` from ``trajectories`` teacher trajectories (global indices from ``start_index``);
-    with ``multistep`` it carries DPM-Solver++(2M)'s step costs C2[p, c, n] from the same trajectories as ``two_step``
-    (multistep.py: no extra network pass).
+    """The GITS cost matrix on ``[0] + grid`` from ``trajectories`` teacher trajectories (global indices from
+    ``start_index``); with ``multistep`` it carries DPM-Solver++(2M)'s step costs C2[p, c, n] from the same
+    trajectories as ``two_step`` (multistep.py: no extra network pass).
 
     Trajectories are processed in chunks of at most ``batch_size`` whose stored points fit ``memory_gb``; under
     torch.distributed each process passes its own range and the sums combine as for the ELBO matrix. ``options``

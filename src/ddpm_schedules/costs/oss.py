@@ -71,7 +71,8 @@ def check_oss_size(points: int, trajectories: int, dims: int, memory_gb: float) 
 
 
 class StepDistanceSums(Metric):
-    """One level of the DP: per (i, j) the sum over trajectories of || step(state at j -> i) - teacher at i ||, and the trajectories."""
+    """One level of the DP: per (i, j) the sum over trajectories of || step(state at j -> i) - teacher at i ||, and the
+    trajectories."""
 
     full_state_update = False
 
@@ -93,7 +94,8 @@ class StepDistanceSums(Metric):
 def _steps(
     ab: Tensor, g: Tensor, x: Tensor, x0: Tensor, prev: tuple[Tensor, int] | None, j: int, targets: Tensor
 ) -> Tensor:
-    """[len(targets), B, D]: the sampler's step from its state (x, x0_hat at g[j], the previous (x0_hat, grid index)) to each target."""
+    """[len(targets), B, D]: the sampler's step from its state (x, x0_hat at g[j], the previous (x0_hat, grid index))
+    to each target."""
     p = None if prev is None else g[prev[1]]
     a, b, d = (v.to(x.device)[:, None, None] for v in dpmpp_2m_coefficients(ab, p, g[j], g[targets]))
     out = a * x + b * x0
@@ -138,9 +140,9 @@ def estimate_oss_paths(
     options: EstimateOptions | None = None,
     **overrides: Any,
 ) -> OssPaths:
-    """OSS's DP over ``propagate``'s own states on ``[0] + grid`` for every budget, from ``trajectories`` teacher trajectories
-    (global indices from ``start_index``: the same x_T as `estimate_ode_matrix` with the same seed). Under
-    torch.distributed each process passes its own trajectories; every level's sums are combined before it chooses.
+    """OSS's DP over ``propagate``'s own states on ``[0] + grid`` for every budget, from ``trajectories`` teacher
+    trajectories (global indices from ``start_index``: the same x_T as `estimate_ode_matrix` with the same seed).
+    Under torch.distributed each process passes its own trajectories; every level's sums are combined before it chooses.
     ``options``: `EstimateOptions` (or its fields as keywords); ``partial`` keeps the finished levels (the DP's tables
     and every trajectory's states; a bare path saves after each level): a rerun recomputes the teacher (N passes)
     and goes on from the last saved level."""

@@ -80,7 +80,8 @@ States = dict[
 
 @dataclass
 class OssLevels:
-    """The DP after ``done`` levels: its tables, every trajectory's states, the passes per trajectory and the trajectories."""
+    """The DP after ``done`` levels: its tables, every trajectory's states, the passes per trajectory and the
+    trajectories."""
 
     back: Tensor
     value: Tensor

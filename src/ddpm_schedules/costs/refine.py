@@ -1,9 +1,10 @@
 """Coarse-to-fine grid refinement (``cost.refine``): forward passes only where the DP's paths go.
 
 Start from a coarse grid that keeps small t dense (e.g. ``log:100``), run the DP for every requested
-budget and every objective (elbo, mse), add every timestep within ``window`` of a timestep any optimal path uses (and, with ``bisect``,
-the midpoints between it and its neighbours on the grid, so that a wide gap of a coarse grid at large t
-is searched in a few rounds, not only at its edges), and run the DP again on the union grid; repeat until the paths need no new timestep (or a round or pass budget is spent).
+budget and every objective (elbo, mse), add every timestep within ``window`` of a timestep any optimal
+path uses (and, with ``bisect``, the midpoints between it and its neighbours on the grid, so that a wide
+gap of a coarse grid at large t is searched in a few rounds, not only at its edges), and run the DP again
+on the union grid; repeat until the paths need no new timestep (or a round or pass budget is spent).
 A column's forward passes are made once: what its pairs need of each example's prediction at t is
 kept (`terms.ColumnStats`: one number per example for fixed variances, a few dozen Chebyshev moments
 for learned ones, not the [D] prediction), so the pairs of an old column with a newly added s cost no
@@ -92,7 +93,8 @@ def refine_cost_matrices(
     every objective (a grid refined for the ELBO alone misses where the MSE objective's paths go).
 
     ``options``: `EstimateOptions` (or its fields as keywords). Under torch.distributed each process passes its
-    shard (``start_index``: its first example's global index) and ``examples``, the total, for the pass count; the matrices combine as `estimate_cost_matrix`'s.
+    shard (``start_index``: its first example's global index) and ``examples``, the total, for the pass count;
+    the matrices combine as `estimate_cost_matrix`'s.
     With ``partial`` (a `PartialFile`, or a path: saved every 50 columns) the kept statistics, the grid and
     the rounds are saved after every round and as the columns are done; a rerun of the same configuration
     estimates only the columns not yet kept, SIGTERM saves and stops with `Preempted`, and the file is

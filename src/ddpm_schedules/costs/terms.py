@@ -109,12 +109,14 @@ def column_stats(
 
 
 def stats_tables(model: DiffusionModel, t: int, device: torch.device | str | None = None) -> PairTables:
-    """The pair tables `column_stats` needs at t: the decoder's and, for learned variances, every s < t (the largest Delta)."""
+    """The pair tables `column_stats` needs at t: the decoder's and, for learned variances,
+    every s < t (the largest Delta)."""
     return pair_tables(model, t, torch.arange(t) if model.var_type == "learned_range" else [0], device)
 
 
 def stats_terms(model: DiffusionModel, stats: ColumnStats, tables: PairTables) -> Tensor:
-    """[B, S] nats of the pairs (s, t) of ``tables`` from a batch's `ColumnStats` at t: `pair_terms` without the prediction."""
+    """[B, S] nats of the pairs (s, t) of ``tables`` from a batch's `ColumnStats` at t:
+    `pair_terms` without the prediction."""
     if tables.t != stats.t:
         raise ValueError(f"pair tables were made for t = {tables.t}, the statistics for t = {stats.t}")
     B = stats.decoder.shape[0]

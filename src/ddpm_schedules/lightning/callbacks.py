@@ -187,7 +187,8 @@ class ScheduleMonitor(Callback):
 
 @contextmanager
 def variance_rule(model, var_type: str | None) -> Iterator[None]:
-    """The model evaluated with ``var_type`` (analytic: Gamma from the estimate's own passes) inside, its own rule after."""
+    """The model evaluated with ``var_type`` (analytic: Gamma from the estimate's own passes) inside,
+    its own rule after."""
     if var_type is None:
         yield
         return
@@ -225,7 +226,8 @@ def summarize(
         (schedules if set(sch.timesteps) <= grid else skipped).append(sch)
     if skipped:
         rank_zero_warn(
-            f"ScheduleMonitor: {', '.join(f'{s.strategy} K={s.K}' for s in skipped)} not on the cost-matrix grid; use grid=null"
+            f"ScheduleMonitor: {', '.join(f'{s.strategy} K={s.K}' for s in skipped)} "
+            "not on the cost-matrix grid; use grid=null"
         )
     chain = Schedule(tuple(cm.grid[1:].tolist()), cm.T, "full" if len(grid) == cm.T + 1 else "grid")
     full = cost(chain)

@@ -138,7 +138,8 @@ class DiffusionModule(pl.LightningModule):
         return terms
 
     def images(self, batch: Any) -> Tensor:
-        """The batch's images in [-1, 1]: integer pixels are converted here, on the batch's device (data stays uint8 until then)."""
+        """The batch's images in [-1, 1]: integer pixels are converted here, on the batch's device
+        (data stays uint8 until then)."""
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         return to_unit_range(x0, self.model.levels)
 

@@ -1,1 +1,2 @@
-"""The model and its conventions: the noise schedule and the paper's formulas, DiffusionModel, pair tables, the UNet, the noise rule and the loaders. Imports storage/."""
+"""The model and its conventions: the noise schedule and the paper's formulas, DiffusionModel, pair tables, the UNet,
+the noise rule and the loaders. Imports storage/."""

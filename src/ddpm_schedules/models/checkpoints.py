@@ -1,4 +1,5 @@
-"""Loaders for pre-trained models: improved-diffusion `.pt` checkpoints with their flags, and our Lightning checkpoints."""
+"""Loaders for pre-trained models: improved-diffusion `.pt` checkpoints with their flags, and our Lightning
+checkpoints."""
 
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ def scheduler_conventions(config: dict[str, Any]) -> dict[str, Any]:
     name = config.get("_class_name", "scheduler")
     if "num_train_timesteps" not in config or ("beta_schedule" not in config and config.get("trained_betas") is None):
         raise ValueError(
-            f"{name} has no discrete beta schedule (num_train_timesteps, beta_schedule), so no DDPM ELBO; use a DDPM-family scheduler config"
+            f"{name} has no discrete beta schedule (num_train_timesteps, beta_schedule), so no DDPM ELBO; use a "
+            "DDPM-family scheduler config"
         )
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
@@ -73,7 +74,8 @@ def load_diffusers(path: str | Path, levels: int = 256) -> DiffusionModel:
     path = Path(path)
     if not (path / "unet").is_dir() or not (path / "scheduler").is_dir():
         raise ValueError(
-            f"{str(path)!r} is not a diffusers folder with unet/ and scheduler/; save one with pipeline.save_pretrained(path)"
+            f"{str(path)!r} is not a diffusers folder with unet/ and scheduler/; save one with "
+            "pipeline.save_pretrained(path)"
         )
     config_file = path / "scheduler" / "scheduler_config.json"
     try:
@@ -90,8 +92,9 @@ def load_diffusers(path: str | Path, levels: int = 256) -> DiffusionModel:
     want = 2 * channels if conventions["var_type"] == "learned_range" else channels
     if unet.config.out_channels != want:
         raise ValueError(
-            f"the UNet has {unet.config.out_channels} output channels but variance_type={config.get('variance_type')!r} "
-            f"needs {want}; the scheduler config does not belong to this UNet"
+            f"the UNet has {unet.config.out_channels} output channels but "
+            f"variance_type={config.get('variance_type')!r} needs {want}; the scheduler config does not belong to "
+            "this UNet"
         )
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]

@@ -136,7 +136,8 @@ def check_gamma(gamma: Tensor, T: int) -> Tensor:
     bad = known[~torch.isfinite(known) | (known < 0)]
     if bad.numel():
         raise ValueError(
-            f"Gamma_t = {bad[0].item()} is negative or not finite; Gamma_t = E||eps_theta||^2 / D must be a finite value >= 0"
+            f"Gamma_t = {bad[0].item()} is negative or not finite; Gamma_t = E||eps_theta||^2 / D must be a finite "
+            "value >= 0"
         )
     return gamma
 

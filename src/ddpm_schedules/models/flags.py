@@ -58,13 +58,15 @@ def resolve_flags(flags: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(flags) - set(IMPROVED_DIFFUSION_DEFAULTS))
     if unknown:
         raise ValueError(
-            f"unknown improved-diffusion flag(s) {', '.join(map(repr, unknown))}; valid flags: {', '.join(IMPROVED_DIFFUSION_DEFAULTS)}"
+            f"unknown improved-diffusion flag(s) {', '.join(map(repr, unknown))}; valid flags: "
+            f"{', '.join(IMPROVED_DIFFUSION_DEFAULTS)}"
         )
     f = {**IMPROVED_DIFFUSION_DEFAULTS, **{k: _coerce(k, v) for k, v in flags.items()}}
     if f["timestep_respacing"]:
         raise ValueError(
-            f"timestep_respacing={f['timestep_respacing']!r} is not supported: load the full T-step model (leave it empty) "
-            "and pass the schedule to this package instead, e.g. respaced_schedule(T, 'ddim50') or optimal_schedules(...)"
+            f"timestep_respacing={f['timestep_respacing']!r} is not supported: load the full T-step model (leave it "
+            "empty) and pass the schedule to this package instead, e.g. respaced_schedule(T, 'ddim50') or "
+            "optimal_schedules(...)"
         )
     return f
 

@@ -1,5 +1,6 @@
 """DiffusionModel: a network ``net(x, timesteps)`` plus the conventions that turn its output into x0_hat
-and the variance of p(x_s | x_t) for any pair. The pair tables are in models/pairs.py, the terms in costs/terms.py, the samplers in sampling/."""
+and the variance of p(x_s | x_t) for any pair. The pair tables are in models/pairs.py, the terms in costs/terms.py,
+the samplers in sampling/."""
 
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ class DiffusionModel(nn.Module):
             )
         if var_type == "learned_range" and not self.learn_sigma:
             raise ValueError(
-                "var_type = 'learned_range' needs a network that outputs variance channels (learn_sigma); this one does not"
+                "var_type = 'learned_range' needs a network that outputs variance channels (learn_sigma); this one "
+                "does not"
             )
         self.var_type = var_type
         self.gamma = None if gamma is None else dm.check_gamma(gamma, self.T)
@@ -168,7 +170,8 @@ class DiffusionModel(nn.Module):
                 ~torch.isfinite(out).flatten(1).all(1)
             ]  # the examples' own t when several timesteps share the call
             raise ValueError(
-                f"the network produced NaN or Inf at t = {_describe(bad)}; check the checkpoint, its flags and the input scaling"
+                f"the network produced NaN or Inf at t = {_describe(bad)}; check the checkpoint, its flags and the "
+                "input scaling"
             )
         return self.prediction(x_t, t_vec, out)
 
@@ -188,8 +191,8 @@ class DiffusionModel(nn.Module):
         want = 2 * channels if self.learn_sigma else channels
         if out.shape[1] != want:
             raise ValueError(
-                f"the network returned {out.shape[1]} channels for {channels}-channel input; var_type={self.var_type!r} "
-                f"needs {want} (learn_sigma / var_type mismatch?)"
+                f"the network returned {out.shape[1]} channels for {channels}-channel input; "
+                f"var_type={self.var_type!r} needs {want} (learn_sigma / var_type mismatch?)"
             )
         if not self.learn_sigma:
             return out, None

@@ -50,7 +50,8 @@ def example_noise(seed: int, start: int, count: int, t: int, shape: tuple[int, .
 
 
 def shard(n: int, rank: int, world: int) -> tuple[int, int]:
-    """The contiguous slice [lo, hi) of n examples that process ``rank`` of ``world`` takes; its lo is its start_index."""
+    """The contiguous slice [lo, hi) of n examples that process ``rank`` of ``world`` takes; its lo is its
+    start_index."""
     return rank * n // world, (rank + 1) * n // world
 
 

@@ -55,7 +55,8 @@ class UNetModel(nn.Module):
         super().__init__()
         if model_channels <= 0 or model_channels % NORM_GROUPS:
             raise ValueError(
-                f"model_channels (num_channels) must be a positive multiple of {NORM_GROUPS} for GroupNorm(32), got {model_channels}"
+                f"model_channels (num_channels) must be a positive multiple of {NORM_GROUPS} for GroupNorm(32), got "
+                f"{model_channels}"
             )
         if num_res_blocks < 1 or not channel_mult:
             raise ValueError(
@@ -121,13 +122,19 @@ class UNetModel(nn.Module):
         """[N, C, ...] noisy input and [N] timesteps (and [N] labels if class-conditional) -> [N, out_channels, ...]."""
         if (y is None) != (self.num_classes is None):
             raise ValueError(
-                f"this UNet is {'class-conditional: pass labels y' if self.num_classes is not None else 'unconditional: do not pass y'}"
-                " (y must be given if and only if num_classes is set / class_cond=True)"
+                "this UNet is "
+                + (
+                    "class-conditional: pass labels y"
+                    if self.num_classes is not None
+                    else "unconditional: do not pass y"
+                )
+                + " (y must be given if and only if num_classes is set / class_cond=True)"
             )
         factor = 2 ** (len(self.channel_mult) - 1)
         if any(n % factor for n in x.shape[2 + (self.dims == 3) :]):
             raise ValueError(
-                f"spatial size {tuple(x.shape[2:])} must be divisible by {factor} for {len(self.channel_mult)} UNet levels"
+                f"spatial size {tuple(x.shape[2:])} must be divisible by {factor} for {len(self.channel_mult)} UNet "
+                "levels"
             )
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         if y is not None:

@@ -1,1 +1,2 @@
-"""Presentation: results tables, figures, sample grids and logger output; estimates nothing. Imports costs/ and below."""
+"""Presentation: results tables, figures, sample grids and logger output; estimates nothing. Imports costs/ and
+below."""

@@ -1,4 +1,5 @@
-"""What evaluate.py shows: results tables, figures (cost matrix, schedules, bits/dim against K), sample grids, logging."""
+"""What evaluate.py shows: results tables, figures (cost matrix, schedules, bits/dim against K), sample grids,
+logging."""
 
 from __future__ import annotations
 
@@ -103,8 +104,8 @@ def results_table(doc: dict[str, Any]) -> str:
             eta = f", eta = {fid['ddim_eta']}" if sampler == "ddim" else ""
             lines += [
                 "",
-                f"Fréchet distance ± bootstrap standard error, {sampler} sampler{eta}: {fid['samples']} samples against "
-                f"{fid['reference_examples']} {fid['reference_split']} images, {fid['features']}",
+                f"Fréchet distance ± bootstrap standard error, {sampler} sampler{eta}: {fid['samples']} samples "
+                f"against {fid['reference_examples']} {fid['reference_split']} images, {fid['features']}",
                 "",
             ]
             cells = {
@@ -116,8 +117,8 @@ def results_table(doc: dict[str, Any]) -> str:
         if any(q["teacher_distance"] is not None for q in rows):
             lines += [
                 "",
-                f"mean L2 distance of {sampler} samples to the {fid['teacher']['steps']}-step DDIM teacher's from the same x_T "
-                f"({fid['teacher_samples']} samples)",
+                f"mean L2 distance of {sampler} samples to the {fid['teacher']['steps']}-step DDIM teacher's from the "
+                f"same x_T ({fid['teacher_samples']} samples)",
                 "",
             ]
             lines += _table(

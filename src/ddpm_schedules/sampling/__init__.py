@@ -1,1 +1,2 @@
-"""Samplers along a schedule (ancestral, DDIM, DPM-Solver++), sample quality and Fréchet features. Imports schedules/ and below."""
+"""Samplers along a schedule (ancestral, DDIM, DPM-Solver++), sample quality and Fréchet features. Imports schedules/
+and below."""

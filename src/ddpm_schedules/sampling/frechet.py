@@ -77,8 +77,9 @@ def load_digits_features(path: str | Path) -> DigitsFeatures:
 def fid_feature_extractor(
     features: str, digits_weights: str | None = None, inception_weights: str | None = None
 ) -> nn.Module | None:
-    """The feature module for torchmetrics' FrechetInceptionDistance, checked before any heavy work: the digits classifier,
-    a TorchScript FID Inception, or None for torchmetrics' own Inception (torch-fidelity's weights file, or its download)."""
+    """The feature module for torchmetrics' FrechetInceptionDistance, checked before any heavy work: the digits
+    classifier, a TorchScript FID Inception, or None for torchmetrics' own Inception (torch-fidelity's weights file,
+    or its download)."""
     if features == "digits":
         return load_digits_features(digits_weights or "")
     if features == "inception":

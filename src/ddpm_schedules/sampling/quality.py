@@ -86,7 +86,8 @@ def draw_samples(
 def teacher_samples(
     model: DiffusionModel, teacher: Schedule, settings: QualitySettings, procs: Processes
 ) -> dict[int, Tensor]:
-    """DDIM (eta = 0) along the teacher's grid from the x_T of the first ``teacher_samples`` samples: {chunk: samples}."""
+    """DDIM (eta = 0) along the teacher's grid from the x_T of the first ``teacher_samples`` samples:
+    {chunk: samples}."""
     out, n = {}, min(settings.teacher_samples, settings.samples)
     for c in procs.chunks(n, settings.chunk):
         m = min(settings.chunk, settings.samples - c * settings.chunk)
@@ -124,8 +125,8 @@ def quality_stage(
     teacher: Schedule | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Tensor], Any]:
     """For every sampler and schedule: the Fréchet distance (with its bootstrap error) of ``settings.samples``
-    samples to ``reference`` (images, or their feature statistics (mu, sigma)), and for DDIM and DPM-Solver++ the mean L2 distance
-    of its first samples to the teacher's.
+    samples to ``reference`` (images, or their feature statistics (mu, sigma)), and for DDIM and DPM-Solver++ the
+    mean L2 distance of its first samples to the teacher's.
 
     Returns the entries (strategy, K, sampler, schedule, fid, fid_sem, teacher_distance), sample grids
     ``<strategy>_<sampler>_K<K>`` of this process's first samples, and the reference statistics (None without fid).

@@ -64,7 +64,8 @@ def as_schedule(model: DiffusionModel, schedule: Schedule | Sequence[int]) -> Sc
 def ddim_step(
     model: DiffusionModel, x_t: Tensor, x0_hat: Tensor, t: int, s: int, eta: float = 0.0, noise: Tensor | None = None
 ) -> Tensor:
-    """DDIM's update from t to s (Song et al. 2021, eq. 12): sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z.
+    """DDIM's update from t to s (Song et al. 2021, eq. 12):
+    sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z.
 
     eps_hat is recomputed from the (clipped) x0_hat, as improved-diffusion's ddim_sample; sigma^2 = eta^2 btil(s|t).
     """

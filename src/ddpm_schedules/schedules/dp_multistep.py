@@ -112,7 +112,8 @@ def optimal_multistep_schedules(
 
 
 def multistep_path_cost(costs: MultistepCosts, timesteps: Iterable[int]) -> float:
-    """What `optimal_multistep_paths` minimises, for any schedule on the grid: first-order first and last steps, 2M between."""
+    """What `optimal_multistep_paths` minimises, for any schedule on the grid: first-order first and last steps, 2M
+    between."""
     if costs.two_step is None:
         raise ValueError(
             "pricing a DPM-Solver++(2M) path needs the step costs: estimate the ode matrix with multistep=True"

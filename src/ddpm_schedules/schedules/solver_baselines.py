@@ -33,7 +33,8 @@ def sigmas_of(ns: NoiseSchedule) -> np.ndarray:
 
 
 def sigma_to_index(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """diffusers' `_sigma_to_t`: the fractional 0-based index whose log sigma is ``log(sigma)``, linear between neighbours."""
+    """diffusers' `_sigma_to_t`: the fractional 0-based index whose log sigma is ``log(sigma)``, linear between
+    neighbours."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, None]
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
@@ -48,12 +49,14 @@ def karras_sigmas(sigma_min: float, sigma_max: float, K: int, rho: float = 7.0) 
 
 
 def geometric_sigmas(sigma_min: float, sigma_max: float, K: int) -> np.ndarray:
-    """Uniform in log sigma, i.e. in log-SNR (DPM-Solver's 'logSNR' steps, diffusers' Lu lambdas and exponential sigmas)."""
+    """Uniform in log sigma, i.e. in log-SNR (DPM-Solver's 'logSNR' steps, diffusers' Lu lambdas and exponential
+    sigmas)."""
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), K))
 
 
 def beta_sigmas(sigma_min: float, sigma_max: float, K: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
-    """Lee et al. (2024), 'Beta sampling': sigma_min + (sigma_max - sigma_min) times the Beta(alpha, beta) quantiles of 1 - linspace(0, 1, K)."""
+    """Lee et al. (2024), 'Beta sampling': sigma_min + (sigma_max - sigma_min) times the Beta(alpha, beta)
+    quantiles of 1 - linspace(0, 1, K)."""
     return sigma_min + betaincinv(alpha, beta, 1 - np.linspace(0, 1, K)) * (sigma_max - sigma_min)
 
 
@@ -104,8 +107,9 @@ def beta_schedule(ns: NoiseSchedule, K: int) -> Schedule:
 
 
 def ays_schedule(ns: NoiseSchedule, K: int) -> Schedule:
-    """Align Your Steps' Stable Diffusion timesteps, log-linearly interpolated in Stable Diffusion's sigma to K levels (the
-    AYS paper's rule for other budgets), as fractions of its 1,000 steps on this model's T. Tuned for another model."""
+    """Align Your Steps' Stable Diffusion timesteps, log-linearly interpolated in Stable Diffusion's sigma to K
+    levels (the AYS paper's rule for other budgets), as fractions of its 1,000 steps on this model's T. Tuned for
+    another model."""
     T = ns.T
     if not 1 <= K <= T:
         raise ValueError(f"ays at K = {K}: a model with T = {T} gives at most {T} distinct timesteps; lower the budget")

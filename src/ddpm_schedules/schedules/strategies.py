@@ -265,7 +265,8 @@ def build_schedules(
     missing = sorted({s.objective for s in strategies if s.objective and s.objective not in matrices})
     if missing:
         raise ValueError(
-            f"no {', '.join(missing)} cost matrix for strategies {[s.name for s in strategies if s.objective in missing]}"
+            f"no {', '.join(missing)} cost matrix for strategies "
+            f"{[s.name for s in strategies if s.objective in missing]}"
         )
     some = next(iter(matrices.values()))
     return [sch for s in strategies for sch in s.build_all(matrices[s.objective] if s.objective else some, budgets)]

@@ -1,1 +1,2 @@
-"""Files: atomic, checksummed writes and fingerprints, memory-mapped arrays, resumable partial sums. Imports no other folder."""
+"""Files: atomic, checksummed writes and fingerprints, memory-mapped arrays, resumable partial sums. Imports no other
+folder."""

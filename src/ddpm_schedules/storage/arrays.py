@@ -19,7 +19,8 @@ import numpy as np
 
 CHUNK_BYTES = 1 << 26  # conversion copies 64 MB at a time
 _NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 }  # fmt: skip
@@ -170,7 +171,8 @@ def _open_cache(
     array = map_npy(cache)
     if list(array.shape) != have["shape"] or cache.stat().st_size != have.get("bytes"):
         raise ValueError(
-            f"cache {str(cache)!r} has {cache.stat().st_size} bytes, not the {have.get('bytes')} written; delete it to convert again"
+            f"cache {str(cache)!r} has {cache.stat().st_size} bytes, not the {have.get('bytes')} written; delete it to "
+            "convert again"
         )
     return array
 

@@ -77,7 +77,8 @@ def save_checked(obj: Any, path: str | Path) -> None:
 
 
 def load_checked(path: str | Path) -> Any:
-    """The object `save_checked` wrote (tensors on the CPU); ValueError if the file is missing, unreadable or altered."""
+    """The object `save_checked` wrote (tensors on the CPU); ValueError if the file is missing, unreadable or
+    altered."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{str(path)!r} does not exist")

@@ -70,7 +70,8 @@ def _converted(root: Path, name: str, files: list[Path], size: int) -> tuple[np.
     labels = np.load(labels_cache)
     if len(labels) != len(images):
         raise ValueError(
-            f"labels cache {str(labels_cache)!r} holds {len(labels)} labels for {len(images)} images; delete both to convert again"
+            f"labels cache {str(labels_cache)!r} holds {len(labels)} labels for {len(images)} images; delete both to "
+            "convert again"
         )
     return images, labels
 

@@ -105,7 +105,8 @@ class PartialSums:
     def tick(
         self, save: Callable[[], None], done: int, stop_requested: bool = False, force: bool = False, units: int = 1
     ) -> None:
-        """After each unit (or run of ``units``): call ``save`` when due (or ``force``); on a stop request save and raise `Preempted`."""
+        """After each unit (or run of ``units``): call ``save`` when due (or ``force``); on a stop request save and
+        raise `Preempted`."""
         self._unsaved += units
         due = self._unsaved >= self.every_units or time.monotonic() - self._last_save >= self.every_seconds
         if due or force or stop_requested:

@@ -47,9 +47,9 @@ def test_sampler_uses_the_pair_posterior():
     seen = []
     original = model.predict
 
-    def spy(x, tt):
+    def spy(x, tt, y=None):
         seen.append((tt, x.double().var().item()))
-        return original(x, tt)
+        return original(x, tt, y)
 
     model.predict = spy
     sample_ancestral(model, Schedule((s, t), 50), 64, generator=torch.Generator().manual_seed(0))

@@ -8,6 +8,7 @@ from ddpm_schedules.costs.options import EstimateOptions
 from ddpm_schedules.costs.terms import prior_nats, terms
 from ddpm_schedules.models.checkpoints import load_checkpoint, load_improved_diffusion
 from ddpm_schedules.models.diffusion import NoiseSchedule
+from ddpm_schedules.models.guided_flags import load_guided_diffusion
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.sampling.samplers import sample_ancestral, sample_ddim, sample_dpmpp
 from ddpm_schedules.schedules.dp import optimal_paths, optimal_schedules
@@ -43,6 +44,7 @@ __all__ = [
     "full_schedule",
     "load_checkpoint",
     "load_diffusers",
+    "load_guided_diffusion",
     "load_improved_diffusion",
     "load_schedules",
     "optimal_paths",

@@ -16,6 +16,7 @@ from ddpm_schedules.app.keys import config_keys
 from ddpm_schedules.app.run import run_evaluation
 from ddpm_schedules.app.settings import EvaluateSettings
 from ddpm_schedules.lightning.data import ImageDataModule
+from ddpm_schedules.models.conditioning import LabeledImages, check_labels
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import Processes
 from ddpm_schedules.reports import report
@@ -74,14 +75,28 @@ def build_model(node: DictConfig, settings: EvaluateSettings) -> DiffusionModel:
     return model
 
 
-def take(datamodule: ImageDataModule, split: str, examples: int | None, key: str) -> Tensor:
-    """The first ``examples`` images of a split, named by the config key that asked for them."""
+def take(
+    datamodule: ImageDataModule, split: str, examples: int | None, key: str, num_classes: int | None = None
+) -> Tensor | LabeledImages:
+    """The first ``examples`` images of a split, named by the config key that asked for them; with ``num_classes``
+    (a class-conditional model) with their labels, checked against the model's classes."""
     sizes = datamodule.split_sizes
     if split in sizes and examples is not None and examples > sizes[split]:
         raise ValueError(
             f"{key} = {examples} asks for {examples} {split} examples but the split has {sizes[split]}; lower it"
         )
-    return datamodule.tensor(split, examples)
+    images = datamodule.tensor(split, examples)
+    if num_classes is None:
+        return images
+    labels = datamodule.labels(split, examples)
+    if labels is None:
+        raise ValueError(
+            f"the model is class-conditional ({num_classes} classes) but data = {type(datamodule).__name__} has no "
+            "labels; use a labelled data set (digits, cifar10, imagenet64, an npz with a labels member)"
+        )
+    with config_keys(y="data"):
+        check_labels(labels, len(images), num_classes)
+    return LabeledImages(images, labels)
 
 
 def evaluation_data(
@@ -97,8 +112,8 @@ def evaluation_data(
             f"({tuple(model.image_shape)}, levels={model.levels}); evaluate the model on the data it was trained for"
         )
     cost, held, fid = settings.cost, settings.held_out, settings.fid
-    cost_data = take(datamodule, cost.split, cost.examples, "cost.examples")
-    eval_data = take(datamodule, held.split, held.examples, "eval.examples")
+    cost_data = take(datamodule, cost.split, cost.examples, "cost.examples", model.num_classes)
+    eval_data = take(datamodule, held.split, held.examples, "eval.examples", model.num_classes)
     if min(len(cost_data), len(eval_data)) < procs.world:
         raise ValueError(
             f"{procs.world} processes need at least {procs.world} examples each in cost.examples ({len(cost_data)}) "

@@ -12,6 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from omegaconf import ListConfig
+
 from ddpm_schedules.app.keys import ODE_KEYS, budgets, check_fabric, config_keys, count, flag, get, positive, seed
 from ddpm_schedules.app.settings import (
     CostSettings,
@@ -31,7 +33,8 @@ from ddpm_schedules.costs.refine import RefineSettings
 from ddpm_schedules.sampling.frechet import fid_feature_extractor, load_reference_stats
 from ddpm_schedules.sampling.inception import resolve_inception
 from ddpm_schedules.sampling.quality import QualitySettings
-from ddpm_schedules.sampling.samplers import check_eta, check_samplers
+from ddpm_schedules.sampling.samplers import check_samplers
+from ddpm_schedules.sampling.steps import check_eta
 from ddpm_schedules.schedules.strategies import check_strategy_names
 
 
@@ -109,7 +112,20 @@ def held_out_settings(cfg: Any) -> HeldOutSettings:
         strategies=strategies,
         full_chain=flag(cfg, "eval.full_chain"),
         seed=seed(cfg, "eval.seed"),
+        guidance=guidance_scales(get(cfg, "eval.guidance")),
     )
+
+
+def guidance_scales(value: Any) -> tuple[float, ...]:
+    """eval.guidance: a non-empty list of distinct numbers (the scales are checked against the model later)."""
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    try:
+        scales = tuple(float(v) for v in values if not isinstance(v, bool))
+    except (TypeError, ValueError):
+        scales = ()
+    if not values or len(scales) != len(values) or len(set(scales)) != len(scales):
+        raise ValueError(f"eval.guidance = {value!r} must be a non-empty list of distinct numbers, e.g. [1, 2, 4]")
+    return scales
 
 
 def frechet_settings(cfg: Any) -> FrechetSettings | None:

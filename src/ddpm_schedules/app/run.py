@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import Tensor
 
+from ddpm_schedules.app.guided import guided_schedules, unique
 from ddpm_schedules.app.keys import config_keys
 from ddpm_schedules.app.settings import EvaluateSettings, FrechetSettings, Labels
 from ddpm_schedules.app.stages import (
@@ -78,7 +79,11 @@ def result_rows(results: list[ScheduleResult], quality: list[dict[str, Any]], cm
     """One results.json entry per (strategy, K): bits/dim, ``predicted_bpd`` where every timestep is on the
     ELBO matrix's grid, and ``fid`` of the ancestral sampler (the chain the bits/dim belong to) where sampled."""
     grid = set(cm.grid.tolist())
-    ancestral = {(q["strategy"], tuple(q["schedule"])): q["fid"] for q in quality if q["sampler"] == "ancestral"}
+    ancestral = {
+        (q["strategy"], tuple(q["schedule"])): q["fid"]
+        for q in quality
+        if q["sampler"] == "ancestral" and q.get("guidance", 1.0) == 1
+    }
     return [
         {
             "strategy": r.schedule.strategy,
@@ -92,16 +97,6 @@ def result_rows(results: list[ScheduleResult], quality: list[dict[str, Any]], cm
         }
         for r in results
     ]
-
-
-def unique(schedules: Sequence[Schedule]) -> list[Schedule]:
-    """Schedules without repeats (a fixed strategy's schedule is built for every budget list)."""
-    seen, out = set(), []
-    for s in schedules:
-        if (s.strategy, s.timesteps) not in seen:
-            seen.add((s.strategy, s.timesteps))
-            out.append(s)
-    return out
 
 
 @config_keys(grid="cost.grid", gamma_file="model.gamma_file", samples="fid.samples")  # the stages' checks' parameters
@@ -181,9 +176,17 @@ def run_evaluation(
             if set(DETERMINISTIC) & set(quality.samplers)
             else None
         )
-        entries, grids, ref = quality_stage(
-            model, sampled, quality, procs, s.batch_size, fid, *_reference(ctx, fid, reference, labels), teacher
-        )
+        entries, grids, ref, guided, guided_sampled = [], {}, None, {}, []
+        for scale in held.guidance:  # s = 1: every strategy; another s: the teacher's DPs and the fixed ones
+            model.set_guidance(scale)
+            at = sampled if scale == 1 else guided_schedules(ctx, s, cost_seed, matrices, guided, scale)
+            guided_sampled += [] if scale == 1 else at
+            found, shown, ref = quality_stage(
+                model, at, quality, procs, s.batch_size, fid, *_reference(ctx, fid, reference, labels), teacher
+            )
+            entries += [{**e, "guidance": scale} for e in found]
+            grids |= {(k if scale == 1 or f"_s{scale:g}_" in k else f"{k}_s{scale:g}"): v for k, v in shown.items()}
+        model.set_guidance(1.0)
     elbo = costs["elbo"]
     result = EvaluationResult(
         model={
@@ -229,6 +232,14 @@ def run_evaluation(
             "sample_budgets": list(sample_budgets),
             "teacher_samples": quality.teacher_samples if teacher else None,
             "teacher": {"sampler": "ddim", "eta": 0.0, "steps": teacher.K} if teacher else None,
+            "guidance": list(held.guidance),
+            "guided_matrices": {f"{k:g}": v for k, v in guided.items()},
+            "guidance_note": (
+                "bits/dim and the dp / dp_mse schedules are the unguided model's (s = 1): the ELBO is defined for "
+                "it only; at other s the teacher is guided and so are its DPs"
+                if any(g != 1 for g in held.guidance)
+                else None
+            ),
         },
         results=result_rows(results, entries, elbo.matrix),
         sample_quality=entries,
@@ -240,7 +251,12 @@ def run_evaluation(
     if procs.rank == 0:
         with ctx.timed("report"):
             report.write_evaluation(
-                Path(s.out_dir), result.to_json(), elbo.matrix, unique(schedules + sampled), grids, logger
+                Path(s.out_dir),
+                result.to_json(),
+                elbo.matrix,
+                unique(schedules + sampled + guided_sampled),
+                grids,
+                logger,
             )
         if model.var_type == "analytic":
             save_gamma(Path(s.out_dir) / "gamma.pt", model.gamma, model)  # model.gamma_file= reuses it

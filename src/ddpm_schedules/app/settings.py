@@ -21,6 +21,7 @@ from ddpm_schedules.costs.grids import GridSpec, candidate_grid, full_grid
 from ddpm_schedules.costs.multistep import check_multistep_size
 from ddpm_schedules.costs.oss import check_oss_size
 from ddpm_schedules.costs.refine import RefineSettings, check_refine
+from ddpm_schedules.models.conditioning import check_guidance
 from ddpm_schedules.sampling.quality import QualitySettings
 from ddpm_schedules.schedules.schedule import check_budgets
 from ddpm_schedules.schedules.strategies import TEACHER, Strategy, parse_strategies
@@ -112,6 +113,7 @@ class HeldOutSettings:
     strategies: tuple[Any, ...] = ("dp", "even", "quadratic")  # names until `resolve`, then `Strategy` objects
     full_chain: bool = False
     seed: int = 1
+    guidance: tuple[float, ...] = (1.0,)  # classifier-free guidance scales sampled (models/conditioning.py)
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,7 @@ class EvaluateSettings:
             check_budgets(list(held.sample_budgets), limit, "eval.sample_budgets", name) if held.sample_budgets else []
         )
         _check_analytic(strategies, model, grid)
+        _check_guidance(held.guidance, strategies, model)
         refine = self.cost.refine
         if refine is not None:
             examples = self.cost.examples or 10**9  # null: the whole split, checked when the data is read
@@ -205,6 +208,20 @@ def auto_batch_size(image_shape: Sequence[int] | None) -> int:
     call), 341 CIFAR-10 images, 85 ImageNet-64 images. The activations, and so the memory, grow with it."""
     dims = math.prod(image_shape) if image_shape else 1
     return max(1, min(1000, AUTO_VALUES // dims))
+
+
+def _check_guidance(scales: Sequence[float], strategies: list[Strategy], model: Any) -> None:
+    """Every scale usable with the model (before any work); a data-objective strategy needs s = 1 among them: the
+    ELBO (and the paper's MSE) is defined for the unguided model only."""
+    with config_keys(scale="eval.guidance"):
+        for scale in scales:
+            check_guidance(scale, model.num_classes, model.null_class)
+    data = [s.name for s in strategies if s.objective in ("elbo", "mse") or s.name == "analytic_ot"]
+    if data and 1.0 not in scales:
+        raise ValueError(
+            f"eval.strategies has {', '.join(data)}, defined by the unguided model's ELBO, but eval.guidance = "
+            f"{list(scales)} has no 1; add 1 to eval.guidance or drop {', '.join(data)}"
+        )
 
 
 def _check_analytic(strategies: list[Strategy], model: Any, grid: list[int] | None) -> None:

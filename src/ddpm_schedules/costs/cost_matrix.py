@@ -68,7 +68,7 @@ def estimate_cost_matrices(
         )
     objectives = check_objectives(objectives, allowed=("elbo", "mse"))
     g = full_grid(grid, model.T)
-    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, opts.start_index)
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, opts.start_index, model.num_classes)
     shape = tuple(batches[0][1].shape[1:])
     device = model.device
     # analytic variance without a given Gamma: Gamma_t comes from the column's own passes, so the KL of s >= 1 is
@@ -91,19 +91,21 @@ def estimate_cost_matrices(
         config["objectives"] = objectives
     with resumable(model, metric, opts.partial_file(every=50), config) as (saver, done, stop_requested):
         bar = tqdm(desc="cost matrix", unit="col", disable=not opts.progress, initial=done, total=g.numel() - 1)
-        for group in call_groups(range(done + 1, g.numel()), max(len(x0) for _, x0 in batches), batch_size):
+        for group in call_groups(range(done + 1, g.numel()), max(len(b.x0) for b in batches), batch_size):
             tables = (
                 {j: pair_tables(model, int(g[j]), g[:1] if gamma_from_passes else g[:j], device) for j in group}
                 if "elbo" in objectives
                 else {}
             )
-            for start, x0 in batches:  # each column's updates in batch order, as one column at a time
+            for start, x0, y in batches:  # each column's updates in batch order, as one column at a time
                 x0 = x0.to(device)
                 x_ts = [
                     model.q_sample(x0, int(g[j]), example_noise(seed, start, x0.shape[0], int(g[j]), shape).to(device))
                     for j in group
                 ]
-                for j, x_t, pred in zip(group, x_ts, model.predict_many(x_ts, [int(g[j]) for j in group])):
+                for j, x_t, pred in zip(
+                    group, x_ts, model.predict_many(x_ts, [int(g[j]) for j in group], [y] * len(group))
+                ):
                     t = int(g[j])
                     terms = [
                         elbo_terms(model, x0, x_t, t, g[:j], pred, tables[j], gamma_from_passes)

@@ -108,7 +108,7 @@ def evaluate_schedules(
     for k, sch in enumerate(schedules):
         for step, (s, t) in enumerate(sch.pairs()):
             needs.setdefault(t, {}).setdefault(s, []).append((k, offsets[k] + step))
-    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, opts.start_index)
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, opts.start_index, model.num_classes)
     shape = tuple(batches[0][1].shape[1:])
     dims = math.prod(shape)
     device = model.device
@@ -133,7 +133,7 @@ def evaluate_schedules(
             disable=not opts.progress,
         ) as bar,
     ):
-        for b, (start, x0) in enumerate(batches[done:], start=done):
+        for b, (start, x0, y) in enumerate(batches[done:], start=done):
             x0 = x0.to(device)
             prior = prior_nats(model, x0)
             step_terms = torch.zeros(x0.shape[0], offsets[-1], dtype=torch.float64, device=device)
@@ -141,7 +141,7 @@ def evaluate_schedules(
                 x_ts = [
                     model.q_sample(x0, t, example_noise(seed, start, x0.shape[0], t, shape).to(device)) for t in group
                 ]
-                for t, x_t, pred in zip(group, x_ts, model.predict_many(x_ts, group)):
+                for t, x_t, pred in zip(group, x_ts, model.predict_many(x_ts, group, [y] * len(group))):
                     terms = pair_terms(model, x0, x_t, t, tables[t].s, pred, tables=tables[t])
                     for col, s_val in enumerate(tables[t].s.tolist()):
                         for _, flat in needs[t][s_val]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddpm_schedules.sampling.samplers import dpmpp_2m_coefficients
+from ddpm_schedules.sampling.steps import dpmpp_2m_coefficients
 from ddpm_schedules.storage.errors import ParameterError
 
 

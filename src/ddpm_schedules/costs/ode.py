@@ -27,9 +27,10 @@ from ddpm_schedules.costs.matrix import CostMatrix, CostMatrixMetric, MatrixSums
 from ddpm_schedules.costs.moments import empty_moments
 from ddpm_schedules.costs.multistep import check_multistep_size, multistep_distance_sums, trajectory_gram
 from ddpm_schedules.costs.options import EstimateOptions, estimate_options
+from ddpm_schedules.models.conditioning import balanced_labels
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import example_noise
-from ddpm_schedules.sampling.samplers import ddim_step
+from ddpm_schedules.sampling.steps import ddim_step
 from ddpm_schedules.storage.files import model_fingerprint
 from ddpm_schedules.storage.resume import resumable
 
@@ -39,7 +40,14 @@ def trajectory_noise(seed: int, start: int, count: int, shape: Sequence[int]) ->
     return example_noise(seed, start, count, 0, tuple(shape))
 
 
-def teacher_trajectory(model: DiffusionModel, x_T: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
+def trajectory_labels(model: DiffusionModel, start: int, count: int) -> Tensor | None:
+    """The labels of trajectories start..start+count-1 (class-balanced by global index; None: unconditional)."""
+    return balanced_labels(torch.arange(start, start + count), model.num_classes)
+
+
+def teacher_trajectory(
+    model: DiffusionModel, x_T: Tensor, grid: Tensor, y: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """DDIM (eta = 0) from x_T through every grid point: (x at grid[0..N], x0_hat at grid[1..N]), [N+1, B, ...] float64.
 
     x[N] is x_T and x[0] the teacher's final x0_hat; row 0 of the second tensor is unused.
@@ -50,7 +58,7 @@ def teacher_trajectory(model: DiffusionModel, x_T: Tensor, grid: Tensor) -> tupl
     xs[N] = x = x_T.to(model.device, torch.float64)
     for j in range(N, 0, -1):
         t, s = int(grid[j]), int(grid[j - 1])
-        x0s[j] = x0_hat = model.predict(x, t).x0_hat
+        x0s[j] = x0_hat = model.predict(x, t, y).x0_hat
         xs[j - 1] = x = ddim_step(model, x, x0_hat, t, s)  # s = 0: x0_hat itself
     return xs, x0s
 
@@ -148,7 +156,8 @@ def estimate_ode_matrix(
     ):
         for c, lo in enumerate(starts[done:], start=done):
             m = min(chunk, trajectories - lo)
-            xs, x0s = teacher_trajectory(model, trajectory_noise(seed, start_index + lo, m, model.image_shape), g)
+            x_T = trajectory_noise(seed, start_index + lo, m, model.image_shape)
+            xs, x0s = teacher_trajectory(model, x_T, g, trajectory_labels(model, start_index + lo, m))
             for j in range(1, g.numel()):
                 metric.update(jump_distances(model, xs, x0s, g, j), j)
             if multistep:

@@ -29,11 +29,11 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from ddpm_schedules.costs.grids import full_grid
-from ddpm_schedules.costs.ode import teacher_trajectory, trajectory_noise
+from ddpm_schedules.costs.ode import teacher_trajectory, trajectory_labels, trajectory_noise
 from ddpm_schedules.costs.options import EstimateOptions, estimate_options
 from ddpm_schedules.costs.oss_state import OssLevels, OssPaths, resume_levels
 from ddpm_schedules.models.model import DiffusionModel, call_groups
-from ddpm_schedules.sampling.samplers import dpmpp_2m_coefficients
+from ddpm_schedules.sampling.steps import dpmpp_2m_coefficients
 from ddpm_schedules.storage.errors import ParameterError
 from ddpm_schedules.storage.files import model_fingerprint
 from ddpm_schedules.storage.resume import PartialSums, sigterm_requests
@@ -177,7 +177,8 @@ def estimate_oss_paths(
     )
     resumed = resume_levels(saver, model.device)
     x_T = trajectory_noise(seed, start_index, trajectories, model.image_shape)
-    xs, x0s = teacher_trajectory(model, x_T, g)
+    y = trajectory_labels(model, start_index, trajectories)
+    xs, x0s = teacher_trajectory(model, x_T, g, y)
     teacher = xs.flatten(2)
     # level 0: x_T at N, whose x0_hat the teacher already computed
     dp = resumed if resumed is not None else OssLevels.start(N, budgets[-1], teacher[N], trajectories)
@@ -205,7 +206,9 @@ def estimate_oss_paths(
             todo = [j for j in targets if j not in x0]
             for group in call_groups(todo, trajectories, batch_size):
                 preds = model.predict_many(
-                    [states[j][0].view(-1, *model.image_shape) for j in group], [int(g[j]) for j in group]
+                    [states[j][0].view(-1, *model.image_shape) for j in group],
+                    [int(g[j]) for j in group],
+                    [y] * len(group),
                 )
                 x0.update({j: p.x0_hat.flatten(1) for j, p in zip(group, preds)})
             dp.passes += len(todo)

@@ -23,6 +23,7 @@ from ddpm_schedules.costs.evaluation import evaluate_schedules
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.costs.options import EstimateOptions, estimate_options
+from ddpm_schedules.models.conditioning import LabeledImages
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.schedules.dp import optimal_schedules
 from ddpm_schedules.storage.errors import ParameterError
@@ -79,7 +80,7 @@ def estimate_to_precision(
         {
             "what": "precision",
             "model": model_fingerprint(model),
-            "data": data_fingerprint([(0, data)]),
+            "data": data_fingerprint([(0, data.images, data.labels) if isinstance(data, LabeledImages) else (0, data)]),
             "grid": g.tolist(),
             "seed": seed,
             "target_sem": target_sem,

@@ -105,7 +105,7 @@ def refine_cost_matrices(
     T = model.T
     examples = len(data) if examples is None else examples
     check_refine(settings, T, examples, budgets)
-    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index)
+    batches = indexed_batches(data, batch_size, model.levels, model.image_shape, start_index, model.num_classes)
     partial = opts.partial_file(every=50)
     config = (
         {
@@ -214,11 +214,10 @@ def _estimate_columns(
     model.eval()
     try:
         bar = tqdm(total=len(columns), desc="refine", unit="col", disable=not progress)
-        for group in call_groups(
-            columns, max(len(x0) for _, x0 in batches), batch_size
-        ):  # several columns per network call
+        # several columns per network call
+        for group in call_groups(columns, max(len(b.x0) for b in batches), batch_size):
             stats, tables = {t: [] for t in group}, {t: stats_tables(model, t, model.device) for t in group}
-            for start, x0 in batches:
+            for start, x0, y in batches:
                 x0 = x0.to(model.device)
                 x_ts = [
                     model.q_sample(
@@ -226,7 +225,7 @@ def _estimate_columns(
                     )
                     for t in group
                 ]
-                for t, pred in zip(group, model.predict_many(x_ts, group)):
+                for t, pred in zip(group, model.predict_many(x_ts, group, [y] * len(group))):
                     stats[t].append(column_stats(model, x0, pred, t, tables=tables[t]))
             for t in group:
                 out[t] = stats[t]
@@ -258,7 +257,7 @@ def matrices_from_stats(
     for j in range(1, g.numel()):
         t = int(g[j])
         tables = pair_tables(model, t, g[:j], model.device) if "elbo" in objectives else None
-        for (_, x0), stats in zip(batches, kept[t]):
+        for (_, x0, _), stats in zip(batches, kept[t]):
             terms = [
                 stats_terms(model, stats, tables)
                 if o == "elbo"

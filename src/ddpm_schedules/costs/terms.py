@@ -146,15 +146,23 @@ def stats_terms(model: DiffusionModel, stats: ColumnStats, tables: PairTables) -
     return out
 
 
-def terms(model: DiffusionModel, x0: Tensor, t: int, s: Tensor | Sequence[int], noise: Tensor | None = None) -> Tensor:
-    """[B, S] nats: KL(q(x_s|x_t,x_0) || p(x_s|x_t)) for s >= 1, -log p(x_0|x_t) for s = 0; one pass at t."""
+def terms(
+    model: DiffusionModel,
+    x0: Tensor,
+    t: int,
+    s: Tensor | Sequence[int],
+    noise: Tensor | None = None,
+    y: Tensor | None = None,
+) -> Tensor:
+    """[B, S] nats: KL(q(x_s|x_t,x_0) || p(x_s|x_t)) for s >= 1, -log p(x_0|x_t) for s = 0; one pass at t
+    (with the examples' labels ``y`` for a class-conditional model)."""
     s = check_pairs(model, s, t)
     if noise is None:
         noise = torch.randn_like(x0)
     elif noise.shape != x0.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}; they must match")
     x_t = model.q_sample(x0, t, noise)
-    return pair_terms(model, x0, x_t, t, s, model.predict(x_t, t))
+    return pair_terms(model, x0, x_t, t, s, model.predict(x_t, t, y))
 
 
 def prior_nats(model: DiffusionModel, x0: Tensor) -> Tensor:
@@ -185,7 +193,12 @@ def step_terms(model: DiffusionModel, x0: Tensor, x_t: Tensor, t: Tensor, pred: 
 
 
 def full_chain_estimate(
-    model: DiffusionModel, x0: Tensor, generator: torch.Generator, exact_below: int = 10, strata: int = 8
+    model: DiffusionModel,
+    x0: Tensor,
+    generator: torch.Generator,
+    exact_below: int = 10,
+    strata: int = 8,
+    y: Tensor | None = None,
 ) -> Tensor:
     """[B] nats: an unbiased, low-variance estimate of each example's full-chain negative ELBO.
 
@@ -200,12 +213,12 @@ def full_chain_estimate(
     total = prior_nats(model, x0)
     for t in range(1, exact_below + 1):
         t_vec = torch.full((B,), t, dtype=torch.long, device=x0.device)
-        total = total + _step_at(model, x0, t_vec, generator)
+        total = total + _step_at(model, x0, t_vec, generator, y)
     edges = stratum_edges(exact_below, T, strata)
     for lo, hi in zip(edges, edges[1:]):
         if hi > lo:
             t_vec = torch.randint(lo + 1, hi + 1, (B,), generator=generator).to(x0.device)
-            total = total + (hi - lo) * _step_at(model, x0, t_vec, generator)
+            total = total + (hi - lo) * _step_at(model, x0, t_vec, generator, y)
     return total
 
 
@@ -222,10 +235,10 @@ def stratum_edges(start: int, T: int, strata: int) -> list[int]:
     return sorted({start, T} | {p for p in points[1:-1] if start < p < T})
 
 
-def _step_at(model: DiffusionModel, x0: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
+def _step_at(model: DiffusionModel, x0: Tensor, t: Tensor, generator: torch.Generator, y: Tensor | None) -> Tensor:
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
     x_t = model.q_sample(x0, t, noise).to(x0.dtype)
-    return step_terms(model, x0, x_t, t, model.predict(x_t, t))
+    return step_terms(model, x0, x_t, t, model.predict(x_t, t, y))
 
 
 def decoder_nll(

@@ -19,6 +19,7 @@ from ddpm_schedules.costs.grids import candidate_grid, full_grid
 from ddpm_schedules.costs.matrix import OBJECTIVES, CostMatrix, check_objectives
 from ddpm_schedules.costs.ode import estimate_ode_matrix
 from ddpm_schedules.costs.options import EstimateOptions
+from ddpm_schedules.models.conditioning import LabeledImages
 from ddpm_schedules.models.noise import shard
 from ddpm_schedules.reports.report import figure_array, plot_cost_matrix, plot_schedules
 from ddpm_schedules.schedules.dp_multistep import multistep_path_cost
@@ -138,6 +139,8 @@ class ScheduleMonitor(Callback):
     def monitor(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         model = pl_module.model
         data = trainer.datamodule.tensor("val", self.examples)
+        if model.num_classes is not None:  # the conditional ELBO: each validation image with its own label
+            data = LabeledImages(data, trainer.datamodule.labels("val", self.examples))
         lo, hi = shard(len(data), trainer.global_rank, trainer.world_size)
         options = EstimateOptions(
             seed=self.seed,
@@ -146,10 +149,7 @@ class ScheduleMonitor(Callback):
             start_index=lo,
         )
         grid = self.timesteps(model.T)
-        if self.objective in (
-            "ode",
-            "dpmpp",
-        ):  # trajectories from noise: as many as the examples the other objectives use
+        if self.objective in ("ode", "dpmpp"):  # trajectories from noise: as many as the other objectives' examples
             cm = estimate_ode_matrix(model, hi - lo, grid, multistep=self.objective == "dpmpp", options=options)
         else:
             with variance_rule(model, self.var_type):

@@ -24,11 +24,17 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Split:
-    """The rows ``index`` of an integer image array [N, C, H, W] (in memory or memory-mapped) and its labels [N]."""
+    """The rows ``index`` of an integer image array [N, C, H, W] (in memory or memory-mapped) and its labels [N]
+    (None: a data set without labels, read as zeros; ``labeled`` says which)."""
 
     images: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     index: np.ndarray
+    labeled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.labels is None:
+            self.labels, self.labeled = np.zeros(len(self.images), dtype=np.int64), False
 
     def __len__(self) -> int:
         return len(self.index)
@@ -43,7 +49,6 @@ class Split:
 
 
 def whole(images: np.ndarray, labels: np.ndarray | None = None, index: np.ndarray | None = None) -> Split:
-    labels = labels if labels is not None else np.zeros(len(images), dtype=np.int64)
     return Split(images, labels, np.arange(len(images)) if index is None else np.asarray(index))
 
 
@@ -150,6 +155,13 @@ class ImageDataModule(pl.LightningDataModule):
         if examples is not None and examples > len(part):
             raise ValueError(f"asked for {examples} {split} examples but the split has {len(part)}; lower the number")
         return to_unit_range(part.read(slice(0, len(part) if examples is None else examples))[0], self.levels)
+
+    def labels(self, split: str, examples: int | None = None) -> Tensor | None:
+        """The labels of `tensor`'s images (None when the data set has none)."""
+        self.setup()
+        part = self.splits[split]
+        rows = part.index[: len(part) if examples is None else examples]
+        return torch.from_numpy(np.asarray(part.labels[rows], dtype=np.int64)) if part.labeled else None
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         self.setup()

@@ -13,8 +13,8 @@ from PIL import Image
 
 from ddpm_schedules.lightning.data import SPLITS, ImageDataModule, Split, split_indices, whole
 from ddpm_schedules.storage.arrays import decompress_npz_member, load_pickle, map_npy, map_npz_member, npz_keys
-from ddpm_schedules.storage.imagenet import imagenet_batches
 from ddpm_schedules.storage.errors import ParameterError
+from ddpm_schedules.storage.imagenet import imagenet_batches
 
 
 def _require(path: Path, what: str) -> None:
@@ -99,8 +99,9 @@ class ImageFolderDataModule(ImageDataModule):
         return {k: whole(images, index=i) for k, i in zip(SPLITS, idx)}
 
 
-def open_images(path: Path, image_size: int, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images of an .npy or .npz file as a memory-mapped [N, C, S, S] view (never loaded whole), and labels.
+def open_images(path: Path, image_size: int, key: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 images of an .npy or .npz file as a memory-mapped [N, C, S, S] view (never loaded whole), and labels
+    (None without a ``labels`` member).
 
     Accepts [N, S, S, C], [N, C, S, S] or flattened [N, C*S*S] (downsampled ImageNet). A compressed .npz member
     is converted once into an .npy cache next to the file (`arrays.decompress_npz_member`).
@@ -138,7 +139,7 @@ def open_images(path: Path, image_size: int, key: str | None = None) -> tuple[np
         )
     if arr.dtype != np.uint8:
         raise ValueError(f"{str(path)!r} holds {arr.dtype} values; expected uint8 pixels 0..255")
-    return arr, labels if labels is not None else np.zeros(len(arr), dtype=np.int64)
+    return arr, labels
 
 
 class NpzDataModule(ImageDataModule):

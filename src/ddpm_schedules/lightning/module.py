@@ -12,6 +12,7 @@ from torch import Tensor
 from ddpm_schedules.costs.moments import MeanSem
 from ddpm_schedules.costs.terms import full_chain_estimate, step_terms
 from ddpm_schedules.lightning.data import to_unit_range
+from ddpm_schedules.models.conditioning import check_labels
 from ddpm_schedules.models.diffusion import nats_to_bpd
 from ddpm_schedules.models.flags import model_from_flags
 from ddpm_schedules.models.model import DiffusionModel
@@ -82,6 +83,11 @@ class DiffusionModule(pl.LightningModule):
     standard error over the validation examples.
     Keep an EMA of the weights with Lightning's `EMAWeightAveraging` callback: it validates and
     checkpoints with the averaged weights.
+
+    A class-conditional model (``class_cond``) trains on the batches' labels; with ``label_dropout`` p > 0 (which
+    needs the ``null_class`` flag) each label is replaced by the null class with probability p, so the one network
+    is also the unconditional model that classifier-free guidance needs (Ho & Salimans 2021; p = 0.1 to 0.2 there).
+    Validation's ``val/bpd`` is the conditional ELBO, each example with its own label.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class DiffusionModule(pl.LightningModule):
         val_seed: int = 0,
         val_exact_below: int = 10,
         val_strata: int = 8,
+        label_dropout: float = 0.0,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -104,6 +111,14 @@ class DiffusionModule(pl.LightningModule):
         self.model: DiffusionModel = model_from_flags(dict(flags), levels=levels)
         if loss == "hybrid" and self.model.var_type != "learned_range":
             raise ValueError("loss 'hybrid' trains the variances: set learn_sigma=true, or use loss=simple")
+        if not 0 <= label_dropout < 1:
+            raise ParameterError("{label_dropout} = {value!r} must be in [0, 1)", value=label_dropout)
+        if label_dropout and self.model.null_class is None:
+            raise ParameterError(
+                "{label_dropout} = {value!r} needs a class-conditional UNet with a null class: set "
+                "{unet.class_cond}=true and {unet.null_class}=true",
+                value=label_dropout,
+            )
         self.loss_name = loss
         self.sampler = LossSecondMomentSampler(self.model.T, sampler_history, uniform_prob) if loss == "vlb" else None
         self.val_bpd = MeanSem()
@@ -112,14 +127,15 @@ class DiffusionModule(pl.LightningModule):
     def dims(self) -> int:
         return math.prod(self.model.image_shape)
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.model.net(x_t, self.model.net_timesteps(t))
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        args = (x_t, self.model.net_timesteps(t))
+        return self.model.net(*args) if y is None else self.model.net(*args, y)
 
-    def losses(self, x0: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
-        """Per-example loss terms at the given t (1..T): 'loss', and 'mse' / 'vb' (bits/dim) where used."""
+    def losses(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None = None) -> dict[str, Tensor]:
+        """Per-example loss terms at the given t (1..T) (and labels y): 'loss', and 'mse' / 'vb' (bits/dim)."""
         m = self.model
         x_t = m.q_sample(x0, t, noise).to(x0.dtype)
-        out = self(x_t, t)
+        out = self(x_t, t, y)
         mean_out, v = m.split_output(out, x0.shape[1])
         terms: dict[str, Tensor] = {}
         if self.loss_name in ("simple", "hybrid"):
@@ -143,6 +159,16 @@ class DiffusionModule(pl.LightningModule):
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         return to_unit_range(x0, self.model.levels)
 
+    def labels(self, batch: Any, dropout: float = 0.0) -> Tensor | None:
+        """A conditional model's labels (checked), each replaced by the null class with probability ``dropout``."""
+        if self.model.num_classes is None:
+            return None
+        y = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+        y = check_labels(y, self.images(batch).shape[0] if y is None else y.shape[0], self.model.num_classes)
+        if dropout:
+            y = torch.where(torch.rand(y.shape, device=y.device) < dropout, self.model.null_class, y)
+        return y
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0 = self.images(batch)
         B = x0.shape[0]
@@ -150,7 +176,7 @@ class DiffusionModule(pl.LightningModule):
             t, weights = self.sampler.sample(B, x0.device)
         else:
             t, weights = torch.randint(1, self.model.T + 1, (B,), device=x0.device), torch.ones(B, device=x0.device)
-        terms = self.losses(x0, t, torch.randn_like(x0))
+        terms = self.losses(x0, t, torch.randn_like(x0), self.labels(batch, self.hparams.label_dropout))
         if self.sampler is not None:
             gathered_t, gathered_loss = self.all_gather(t), self.all_gather(terms["loss"].detach())
             self.sampler.update(gathered_t.reshape(-1).cpu(), gathered_loss.reshape(-1).cpu())
@@ -171,7 +197,9 @@ class DiffusionModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x0 = self.images(batch)
         g = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx + 1_000_000 * self.global_rank)
-        nats = full_chain_estimate(self.model, x0, g, self.hparams.val_exact_below, self.hparams.val_strata)
+        nats = full_chain_estimate(
+            self.model, x0, g, self.hparams.val_exact_below, self.hparams.val_strata, y=self.labels(batch)
+        )
         self.val_bpd.update(nats_to_bpd(nats, self.dims))
 
     def on_validation_epoch_end(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_schedules.models.flags import UNET_FLAGS, model_from_flags, resolve_flags
+from ddpm_schedules.models.flags import GUIDED_UNET_FLAGS, UNET_FLAGS, model_from_flags, resolve_flags
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.unet import NUM_CLASSES, UNetModel
 from ddpm_schedules.storage.errors import ParameterError
@@ -187,7 +187,10 @@ def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], f
     structural = [k for k in missing + unexpected if not k.startswith("label_emb.")]
     block_shapes = [k for k in shapes if k.startswith(blocks) and not k.startswith("input_blocks.0.0.")]
     ratios = {shapes[k][0][0] / shapes[k][1][0] for k in block_shapes}
-    if (
+    updown = _updown_hint(missing, unexpected, "resblock_updown" in flags)
+    if updown and not block_shapes:
+        hint(updown)
+    elif (
         block_shapes
         and not structural
         and all(".emb_layers.1." in k for k in block_shapes)
@@ -214,8 +217,28 @@ def _mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], f
         listed = [f"{k} checkpoint {ck} vs model {ours}" for k, (ck, ours) in list(shapes.items())[:MAX_LISTED]]
         more = f", ... {len(shapes) - MAX_LISTED} more" if len(shapes) > MAX_LISTED else ""
         parts.append(f"{len(shapes)} shape mismatches ({', '.join(listed)}{more})")
-    given = {k: flags[k] for k in UNET_FLAGS}
+    given = {k: flags[k] for k in (*UNET_FLAGS, *GUIDED_UNET_FLAGS) if k in flags}
     return f"{'; '.join(parts)}; flags that probably differ: {', '.join(hints)} (model flags used: {given})"
+
+
+RESAMPLER = re.compile(r"((?:input|output)_blocks\.\d+\.\d+)\.(?:op|conv)\.(?:weight|bias)")
+
+
+def _updown_hint(missing: list[str], unexpected: list[str], guided: bool) -> str:
+    """The resblock_updown hint when the only differences are resamplers: convolutions vs ResBlocks; '' if not."""
+    for convs, blocks, ckpt_uses in ((missing, unexpected, True), (unexpected, missing, False)):
+        found = [RESAMPLER.fullmatch(k) for k in convs]
+        prefixes = {m.group(1) for m in found if m}
+        if not (found and all(found) and blocks and {k.rsplit(".", 3)[0] for k in blocks} <= prefixes):
+            continue
+        if guided:
+            kind = "ResBlocks" if ckpt_uses else "convolutions"
+            return f"resblock_updown (the checkpoint resamples with {kind}: resblock_updown={ckpt_uses})"
+        if ckpt_uses:  # only guided-diffusion has the flag
+            return (
+                "resblock_updown (the checkpoint resamples with ResBlocks: load_guided_diffusion, resblock_updown=True)"
+            )
+    return ""
 
 
 def export_checkpoint(

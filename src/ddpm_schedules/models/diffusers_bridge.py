@@ -29,14 +29,36 @@ def _require_diffusers():
 
 
 class UNetOutput(nn.Module):
-    """A diffusers UNet2DModel as ``net(x, timesteps) -> tensor`` (diffusers feeds the 0-based index)."""
+    """A diffusers UNet2DModel as ``net(x, timesteps[, y]) -> tensor`` (diffusers feeds the 0-based index; a
+    class-conditional UNet takes the labels as ``class_labels``)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: Tensor, timesteps: Tensor) -> Tensor:
-        return self.unet(x, timesteps).sample
+    def forward(self, x: Tensor, timesteps: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.unet(x, timesteps, class_labels=y).sample
+
+
+def class_conventions(config: Any, null_class: int | None) -> dict[str, int | None]:
+    """num_classes and null_class of a UNet2DModel config: a class-conditional UNet has ``num_class_embeds`` rows of a
+    label lookup (``class_embed_type`` null); with ``null_class`` (its last row) it was trained with label dropout."""
+    rows = config.get("num_class_embeds")
+    if config.get("class_embed_type") is not None:
+        raise ValueError(
+            f"the UNet's class_embed_type={config['class_embed_type']!r} takes no integer labels; only the label "
+            "lookup of num_class_embeds (class_embed_type null) is supported"
+        )
+    if rows is None:
+        if null_class is not None:
+            raise ValueError(f"model.null_class = {null_class} but the UNet is unconditional (no num_class_embeds)")
+        return {"num_classes": None, "null_class": None}
+    if null_class is not None and null_class != rows - 1:
+        raise ValueError(
+            f"model.null_class = {null_class} must be the label lookup's last row, {rows - 1} (num_class_embeds = "
+            f"{rows}), or null for a UNet trained without label dropout"
+        )
+    return {"num_classes": rows if null_class is None else rows - 1, "null_class": null_class}
 
 
 def scheduler_conventions(config: dict[str, Any]) -> dict[str, Any]:
@@ -68,8 +90,10 @@ def scheduler_conventions(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def load_diffusers(path: str | Path, levels: int = 256) -> DiffusionModel:
-    """A local diffusers folder (``unet/`` + ``scheduler/``, e.g. a saved DDPMPipeline) as a `DiffusionModel`."""
+def load_diffusers(path: str | Path, levels: int = 256, null_class: int | None = None) -> DiffusionModel:
+    """A local diffusers folder (``unet/`` + ``scheduler/``, e.g. a saved DDPMPipeline) as a `DiffusionModel`; a
+    class-conditional UNet (``num_class_embeds``) takes labels, and ``null_class`` names the "no label" row its
+    training dropped labels to (classifier-free guidance: models/conditioning.py)."""
     diffusers = _require_diffusers()
     path = Path(path)
     if not (path / "unet").is_dir() or not (path / "scheduler").is_dir():
@@ -105,4 +129,5 @@ def load_diffusers(path: str | Path, levels: int = 256) -> DiffusionModel:
         levels=levels,
         image_shape=(channels, size, size),
         **conventions,
+        **class_conventions(unet.config, null_class),
     ).eval()

@@ -6,9 +6,10 @@ from typing import Any
 
 from ddpm_schedules.models.diffusion import NoiseSchedule
 from ddpm_schedules.models.model import DiffusionModel
-from ddpm_schedules.models.unet import create_unet
+from ddpm_schedules.models.unet import NUM_CLASSES, create_unet
 
-# improved-diffusion's model_and_diffusion_defaults(), plus this package's channel_mult and in_channels
+# improved-diffusion's model_and_diffusion_defaults(), plus this package's channel_mult, in_channels, num_classes
+# (improved-diffusion's NUM_CLASSES) and null_class (an extra "no label" class for label dropout: conditioning.py)
 IMPROVED_DIFFUSION_DEFAULTS: dict[str, Any] = dict(
     image_size=64,
     num_channels=128,
@@ -31,18 +32,26 @@ IMPROVED_DIFFUSION_DEFAULTS: dict[str, Any] = dict(
     use_scale_shift_norm=True,
     channel_mult="",
     in_channels=3,
+    num_classes=NUM_CLASSES,
+    null_class=False,
 )
 UNET_FLAGS = (
     "image_size", "num_channels", "num_res_blocks", "channel_mult", "attention_resolutions", "num_heads",
     "num_heads_upsample", "use_scale_shift_norm", "dropout", "learn_sigma", "class_cond", "in_channels",
+    "num_classes", "null_class",
 )  # fmt: skip
+GUIDED_UNET_FLAGS = ("num_head_channels", "resblock_updown", "use_new_attention_order", "use_fp16")  # guided_flags.py
 
 
 def model_from_flags(flags: dict[str, Any], levels: int = 256) -> DiffusionModel:
     """A freshly initialised improved-DDPM model (UNet + conventions) from improved-diffusion's flags."""
-    f = resolve_flags(flags)
+    return model_from_resolved(resolve_flags(flags), levels)
+
+
+def model_from_resolved(f: dict[str, Any], levels: int = 256) -> DiffusionModel:
+    """The model of a complete flag set (`resolve_flags`; guided-diffusion's UNet flags used where present)."""
     return DiffusionModel(
-        create_unet(**{k: f[k] for k in UNET_FLAGS}),
+        create_unet(**{k: f[k] for k in (*UNET_FLAGS, *GUIDED_UNET_FLAGS) if k in f}),
         NoiseSchedule.named(f["noise_schedule"], f["diffusion_steps"]),
         mean_type="x0" if f["predict_xstart"] else "eps",
         var_type="learned_range" if f["learn_sigma"] else ("fixed_small" if f["sigma_small"] else "fixed_large"),
@@ -50,18 +59,21 @@ def model_from_flags(flags: dict[str, Any], levels: int = 256) -> DiffusionModel
         clip_denoised=True,
         levels=levels,
         image_shape=(f["in_channels"], f["image_size"], f["image_size"]),
+        num_classes=f["num_classes"] if f["class_cond"] else None,
+        null_class=f["num_classes"] if f["class_cond"] and f["null_class"] else None,  # released ones have none
     )
 
 
-def resolve_flags(flags: dict[str, Any]) -> dict[str, Any]:
+def resolve_flags(
+    flags: dict[str, Any], defaults: dict[str, Any] = IMPROVED_DIFFUSION_DEFAULTS, source: str = "improved-diffusion"
+) -> dict[str, Any]:
     """Defaults + given flags, with unknown names rejected and shell-style strings ("True", "128") coerced."""
-    unknown = sorted(set(flags) - set(IMPROVED_DIFFUSION_DEFAULTS))
+    unknown = sorted(set(flags) - set(defaults))
     if unknown:
         raise ValueError(
-            f"unknown improved-diffusion flag(s) {', '.join(map(repr, unknown))}; valid flags: "
-            f"{', '.join(IMPROVED_DIFFUSION_DEFAULTS)}"
+            f"unknown {source} flag(s) {', '.join(map(repr, unknown))}; valid flags: {', '.join(defaults)}"
         )
-    f = {**IMPROVED_DIFFUSION_DEFAULTS, **{k: _coerce(k, v) for k, v in flags.items()}}
+    f = {**defaults, **{k: _coerce(k, v, defaults[k]) for k, v in flags.items()}}
     if f["timestep_respacing"]:
         raise ValueError(
             f"timestep_respacing={f['timestep_respacing']!r} is not supported: load the full T-step model (leave it "
@@ -71,11 +83,11 @@ def resolve_flags(flags: dict[str, Any]) -> dict[str, Any]:
     return f
 
 
-def _coerce(name: str, value: Any) -> Any:
-    default = IMPROVED_DIFFUSION_DEFAULTS[name]
+def _coerce(name: str, value: Any, default: Any) -> Any:
     if name in ("attention_resolutions", "channel_mult") and not isinstance(value, str):
-        try:
-            return ",".join(str(int(v)) for v in ([value] if isinstance(value, int) else value))
+        try:  # a float channel_mult stays one (guided-diffusion's 512 model starts at 0.5)
+            items = [value] if isinstance(value, (int, float)) else value
+            return ",".join(str(v) if isinstance(v, float) and not v.is_integer() else str(int(v)) for v in items)
         except (TypeError, ValueError):
             raise ValueError(f"flag {name} must be comma-separated integers like '16,8', got {value!r}") from None
     if isinstance(default, bool):

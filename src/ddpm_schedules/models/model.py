@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpm_schedules.models import diffusion as dm
+from ddpm_schedules.models.conditioning import check_guidance, check_labels, guided_output
 from ddpm_schedules.models.diffusion import NoiseSchedule, VarType
 from ddpm_schedules.storage.errors import ParameterError
 
@@ -41,6 +42,10 @@ class DiffusionModel(nn.Module):
     - ``levels``: the number of values per dimension of the data (256 for 8-bit images).
     - ``precision``: ``"32"``, ``"bf16"`` or ``"16"``: autocast around the network pass only; everything
       after it (x0_hat, variances, terms) is float64 whatever the network computed in.
+    - ``num_classes``: a class-conditional network ``net(x, timesteps, y)`` with labels 0..num_classes-1;
+      ``null_class``: the label it was trained to read as "no label" (label dropout), which guidance needs.
+      ``guidance``: the classifier-free guidance scale s of every prediction (`set_guidance`; 1: none).
+      models/conditioning.py states the conventions.
     """
 
     def __init__(
@@ -55,6 +60,8 @@ class DiffusionModel(nn.Module):
         levels: int = 256,
         image_shape: Sequence[int] | None = None,
         learn_sigma: bool | None = None,
+        num_classes: int | None = None,
+        null_class: int | None = None,
     ):
         super().__init__()
         if mean_type not in MEAN_TYPES:
@@ -75,6 +82,17 @@ class DiffusionModel(nn.Module):
         self.levels = levels
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.precision = "32"
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
+        if null_class is not None and (num_classes is None or not 0 <= null_class <= num_classes):
+            raise ValueError(f"null_class = {null_class!r} needs a conditional model, 0 <= null_class <= num_classes")
+        self.num_classes, self.null_class = num_classes, null_class
+        self.guidance = 1.0
+
+    def set_guidance(self, scale: float) -> "DiffusionModel":
+        """Classifier-free guidance scale s of every prediction from now on (1: the conditional model unguided)."""
+        self.guidance = check_guidance(scale, self.num_classes, self.null_class)
+        return self
 
     def set_precision(self, precision: str | int) -> "DiffusionModel":
         """The network pass's precision: 32, bf16 or 16 (autocast; the terms stay float64)."""
@@ -148,6 +166,8 @@ class DiffusionModel(nn.Module):
             + (  # in cache keys: 32 keeps the old ones
                 f", learn_sigma={self.learn_sigma}" if self.learn_sigma != (self.var_type == "learned_range") else ""
             )
+            + (f", num_classes={self.num_classes}, null_class={self.null_class}" if self.num_classes else "")
+            + (f", guidance={self.guidance}" if self.guidance != 1 else "")
         )
 
     def net_timesteps(self, t: Tensor) -> Tensor:
@@ -160,11 +180,25 @@ class DiffusionModel(nn.Module):
         ab_t = self._ab(t, x0)
         return ab_t.sqrt() * x0.double() + (1 - ab_t).sqrt() * noise.double()
 
-    def predict(self, x_t: Tensor, t: int | Tensor) -> Prediction:
-        """One forward pass at t: x0_hat (and the variance fraction for learned_range)."""
+    def predict(self, x_t: Tensor, t: int | Tensor, y: Tensor | None = None) -> Prediction:
+        """One forward pass at t: x0_hat (and the variance fraction for learned_range); ``y``: the examples' labels
+        (class-conditional models), guided by ``guidance`` (one call of twice the batch: with y and with null)."""
         t_vec = self._t_vec(t, x_t)
+        y = check_labels(y, x_t.shape[0], self.num_classes)
+        guided = y is not None and self.guidance != 1
+        if guided:
+            x_in, t_in, y = (
+                torch.cat([x_t, x_t]),
+                torch.cat([t_vec, t_vec]),
+                torch.cat([y, torch.full_like(y, self.null_class)]),
+            )
+        else:
+            x_in, t_in = x_t, t_vec
         with torch.autocast(self.device.type, dtype=AUTOCAST[self.precision], enabled=self.precision != "32"):
-            out = self.net(x_t.to(self.input_dtype), self.net_timesteps(t_vec))  # read in float64 by `prediction`
+            args = (x_in.to(self.input_dtype), self.net_timesteps(t_in))
+            out = self.net(*args) if y is None else self.net(*args, y.to(x_t.device))  # read in float64 by `prediction`
+        if guided:
+            out = guided_output(*out.double().chunk(2), self.guidance, x_t.shape[1])
         if not torch.isfinite(out).all():
             bad = t_vec[
                 ~torch.isfinite(out).flatten(1).all(1)
@@ -175,14 +209,19 @@ class DiffusionModel(nn.Module):
             )
         return self.prediction(x_t, t_vec, out)
 
-    def predict_many(self, x_ts: Sequence[Tensor], ts: Sequence[int]) -> list[Prediction]:
-        """`predict` of several (x_t, t) in one network call. Examples do not interact in the network, so each part
-        equals its own call's; one large call keeps a CPU's cores busier than several small ones on small images."""
+    def predict_many(
+        self, x_ts: Sequence[Tensor], ts: Sequence[int], ys: Sequence[Tensor | None] | None = None
+    ) -> list[Prediction]:
+        """`predict` of several (x_t, t) (with labels ``ys``) in one network call. Examples do not interact in the
+        network, so each part equals its own call's up to float rounding; one large call keeps a CPU's cores busier
+        than several small ones on small images."""
+        ys = [None] * len(x_ts) if ys is None else list(ys)
         if len(x_ts) == 1:
-            return [self.predict(x_ts[0], ts[0])]
+            return [self.predict(x_ts[0], ts[0], ys[0])]
         sizes = [x.shape[0] for x in x_ts]
         t_vec = torch.cat([torch.full((n,), int(t), dtype=torch.long) for n, t in zip(sizes, ts)])
-        pred = self.predict(torch.cat(list(x_ts)), t_vec.to(x_ts[0].device))
+        y = None if ys[0] is None else torch.cat(list(ys))
+        pred = self.predict(torch.cat(list(x_ts)), t_vec.to(x_ts[0].device), y)
         parts = [v.split(sizes) if v is not None else [None] * len(sizes) for v in (pred.x0_hat, pred.frac, pred.eps)]
         return [Prediction(*p) for p in zip(*parts)]
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
+
+from ddpm_schedules.models.conditioning import LabeledImages, check_labels
+from ddpm_schedules.storage.errors import ParameterError
 
 _MASK = (1 << 64) - 1
 _NOISE_BLOCK_VALUES = 1 << 12  # normals drawn per generator seeding
@@ -74,30 +77,53 @@ class Processes:
         return f".rank{self.rank}.partial.pt" if self.world > 1 else ".partial.pt"
 
 
+class IndexedBatch(NamedTuple):
+    """A batch of data: the global index of its first example, x0 [B, C, H, W] and (conditional models) labels."""
+
+    start: int
+    x0: Tensor
+    y: Tensor | None = None
+
+
 def indexed_batches(
-    data: Tensor | Iterable,
+    data: Tensor | LabeledImages | Iterable,
     batch_size: int = 64,
     levels: int | None = None,
     image_shape: tuple[int, ...] | None = None,
     start_index: int = 0,
-) -> list[tuple[int, Tensor]]:
-    """[(global index of the first example, x0 [B, C, H, W])] from a tensor or an iterable of batches.
+    num_classes: int | None = None,
+) -> list[IndexedBatch]:
+    """[IndexedBatch(global index of the first example, x0, labels)] from a tensor, `LabeledImages` or an iterable
+    of batches (tensors or (tensor, labels) pairs).
 
-    ``start_index`` is the global index of the first example (a process's shard starts there).
-    Batches of an iterable may be tensors or (tensor, label) pairs. Every batch is checked: 4-D,
-    finite, within [-1, 1], on the grid of ``levels`` values and of ``image_shape``.
+    ``start_index`` is the global index of the first example (a process's shard starts there). Every batch is
+    checked: 4-D, finite, within [-1, 1], on the grid of ``levels`` values and of ``image_shape``. With
+    ``num_classes`` (a class-conditional model) every batch must carry labels in 0..num_classes-1; without it
+    labels are dropped (an unconditional model ignores them).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if torch.is_tensor(data):
-        source: Iterator = iter(data.split(batch_size)) if data.ndim else iter([data])
+    if isinstance(data, LabeledImages):
+        source: Iterator = iter(data.split(batch_size))
+    elif torch.is_tensor(data):
+        source = iter(data.split(batch_size)) if data.ndim else iter([data])
     else:
         source = iter(data)
     out, start = [], start_index
     for batch in source:
-        x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
+        pair = isinstance(batch, (tuple, list))
+        x0 = batch[0] if pair else batch
         _check_batch(x0, levels, image_shape)
-        out.append((start, x0))
+        y = None
+        if num_classes is not None:
+            if not (pair and len(batch) > 1 and torch.is_tensor(batch[1])):
+                raise ParameterError(
+                    "this model is class-conditional ({num_classes} classes) but the data has no labels: pass "
+                    "LabeledImages(images, labels) or batches of (images, labels)",
+                    num_classes=num_classes,
+                )
+            y = check_labels(batch[1], x0.shape[0], num_classes)
+        out.append(IndexedBatch(start, x0, y))
         start += x0.shape[0]
     if not out:
         raise ValueError("the data holds no examples; pass a tensor [N, C, H, W] or an iterable of batches")

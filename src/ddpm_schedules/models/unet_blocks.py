@@ -1,7 +1,8 @@
-"""The building blocks of improved-diffusion's UNet: embeddings, GroupNorm32, ResBlock, attention, resampling.
+"""The building blocks of improved-diffusion's UNet: embeddings, GroupNorm32, ResBlock, resampling.
 
-Names, shapes and numerics are improved-diffusion's (see unet.py): GroupNorm computed in float32,
-attention with the legacy head layout, softmax(q.k / sqrt(ch)) through scaled_dot_product_attention.
+Names, shapes and numerics are improved-diffusion's and guided-diffusion's (see unet.py): GroupNorm
+computed in float32, ResBlocks that can resample (guided-diffusion's ``resblock_updown``). Attention
+is in unet_attention.py.
 """
 
 from __future__ import annotations
@@ -36,6 +37,24 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.detach().zero_()
     return module
+
+
+def convert_convs(module: nn.Module, src: torch.dtype, dst: torch.dtype) -> None:
+    """Cast the parameters of ``module``'s convolutions that are ``src`` to ``dst`` in place (guided-diffusion's
+    ``convert_module_to_f16`` / ``_f32``: only convolutions change, GroupNorm and Linear layers keep theirs)."""
+    for conv in module.modules():
+        if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            for p in (conv.weight, conv.bias):
+                if p is not None and p.dtype == src:
+                    p.data = p.data.to(dst)
+
+
+def float32_state(module: nn.Module, state: dict[str, Tensor], prefix: str, local_metadata: dict) -> None:
+    """A state-dict hook: while ``module.torso_fp16``, its float16 tensors are saved as float32 (as loaded)."""
+    if getattr(module, "torso_fp16", False):
+        for key, value in state.items():
+            if key.startswith(prefix) and value.dtype == torch.float16 and not isinstance(value, nn.Parameter):
+                state[key] = value.float()
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -102,7 +121,12 @@ class Downsample(nn.Module):
 
 
 class ResBlock(TimestepBlock):
-    """Residual block conditioned on the timestep embedding (additive or scale-shift norm)."""
+    """Residual block conditioned on the timestep embedding (additive or scale-shift norm).
+
+    ``up`` / ``down``: the block also resamples x2 (guided-diffusion's ``resblock_updown``): nearest
+    upsampling or average pooling of both paths, the main one between its first activation and its
+    first convolution. The resamplers ``h_upd`` and ``x_upd`` hold no parameters.
+    """
 
     def __init__(
         self,
@@ -112,13 +136,21 @@ class ResBlock(TimestepBlock):
         out_channels: int | None = None,
         use_scale_shift_norm: bool = False,
         dims: int = 2,
+        up: bool = False,
+        down: bool = False,
     ):
         super().__init__()
+        if up and down:
+            raise ValueError("a ResBlock resamples up or down, not both")
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
             normalization(channels), nn.SiLU(), conv_nd(dims, channels, out_channels, 3, padding=1)
         )
+        self.updown = up or down
+        if self.updown:
+            resample = Upsample if up else Downsample
+            self.h_upd, self.x_upd = resample(channels, False, dims), resample(channels, False, dims)
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         )
@@ -131,7 +163,11 @@ class ResBlock(TimestepBlock):
         self.skip_connection = nn.Identity() if out_channels == channels else conv_nd(dims, channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x)
+        if self.updown:
+            h = self.in_layers[2](self.h_upd(self.in_layers[:2](x)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - emb_out.ndim)))
         if self.use_scale_shift_norm:
@@ -141,35 +177,3 @@ class ResBlock(TimestepBlock):
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
-
-
-def qkv_attention(qkv: Tensor) -> Tensor:
-    """improved-diffusion's QKVAttention: [N, 3C, L] -> [N, C, L], softmax(q.k / sqrt(C)) v, one fused kernel.
-
-    improved-diffusion scales q and k each by C^-1/4 and takes the softmax in float32; SDPA's scale
-    1/sqrt(C) is the same product, and its CPU and CUDA kernels accumulate half inputs in float32.
-    """
-    ch = qkv.shape[1] // 3
-    q, k, v = (part.transpose(1, 2) for part in qkv.split(ch, dim=1))
-    return F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(ch)).transpose(1, 2)
-
-
-class AttentionBlock(nn.Module):
-    """Multi-head self-attention over all spatial positions, with a residual connection."""
-
-    def __init__(self, channels: int, num_heads: int = 1):
-        super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"attention over {channels} channels cannot be split into num_heads = {num_heads} heads")
-        self.num_heads = num_heads
-        self.norm = normalization(channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(x))
-        h = qkv_attention(qkv.reshape(b * self.num_heads, -1, qkv.shape[2]))
-        h = self.proj_out(h.reshape(b, -1, h.shape[-1]))
-        return (x + h).reshape(b, c, *spatial)

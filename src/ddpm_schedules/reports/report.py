@@ -19,6 +19,7 @@ from PIL import Image  # noqa: E402
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
 from ddpm_schedules.costs.matrix import CostMatrix
+from ddpm_schedules.reports.guidance import plot_schedules_vs_guidance  # noqa: E402
 from ddpm_schedules.schedules.schedule import Schedule  # noqa: E402
 from ddpm_schedules.storage.files import atomic_write_json  # noqa: E402
 
@@ -98,13 +99,16 @@ def results_table(doc: dict[str, Any]) -> str:
         lines += ["", f"full chain (K = {fc['K']}): {fc['bpd']:.3f} ± {fc['bpd_sem']:.3f} bits/dim"]
     quality = doc.get("sample_quality") or []
     fid = doc["fid"]
-    for sampler in dict.fromkeys(q["sampler"] for q in quality):
-        rows = [q for q in quality if q["sampler"] == sampler]
+    for label in dict.fromkeys(sampler_label(q) for q in quality):
+        rows = [q for q in quality if sampler_label(q) == label]
+        sampler, scale = rows[0]["sampler"], rows[0].get("guidance", 1.0)
+        guided = f", guidance s = {scale:g}" if scale != 1 else ""
         if fid["features"]:
             eta = f", eta = {fid['ddim_eta']}" if sampler == "ddim" else ""
             lines += [
                 "",
-                f"Fréchet distance ± bootstrap standard error, {sampler} sampler{eta}: {fid['samples']} samples "
+                f"Fréchet distance ± bootstrap standard error, {sampler} sampler{eta}{guided}: {fid['samples']} "
+                "samples "
                 f"against {fid['reference_examples']} {fid['reference_split']} images, {fid['features']}",
                 "",
             ]
@@ -117,19 +121,27 @@ def results_table(doc: dict[str, Any]) -> str:
         if any(q["teacher_distance"] is not None for q in rows):
             lines += [
                 "",
-                f"mean L2 distance of {sampler} samples to the {fid['teacher']['steps']}-step DDIM teacher's from the "
-                f"same x_T ({fid['teacher_samples']} samples)",
+                f"mean L2 distance of {sampler} samples{f' (guidance s = {scale:g})' if guided else ''} to the "
+                f"{fid['teacher']['steps']}-step DDIM teacher's "
+                f"from the same x_T ({fid['teacher_samples']} samples)",
                 "",
             ]
             lines += _table(
                 {
                     (q["strategy"], q["K"]): f"{q['teacher_distance']:.3f}"
+                    + (f" ± {q['teacher_distance_sem']:.3f}" if q.get("teacher_distance_sem") is not None else "")
                     for q in rows
                     if q["teacher_distance"] is not None
                 },
                 sorted({q["K"] for q in rows}),
             )
     return "\n".join(lines)
+
+
+def sampler_label(entry: dict[str, Any]) -> str:
+    """A sample-quality entry's sampler, with its guidance scale when it is not 1 (``ddim_s2``)."""
+    scale = entry.get("guidance", 1.0)
+    return entry["sampler"] if scale == 1 else f"{entry['sampler']}_s{scale:g}"
 
 
 def _table(cells: dict[tuple[str, int], str], ks: Sequence[int]) -> list[str]:
@@ -143,7 +155,7 @@ def plot_fd_vs_budget(quality: Sequence[dict[str, Any]], sampler: str, features:
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
     for name in dict.fromkeys(q["strategy"] for q in quality):
         rows = sorted(
-            (q for q in quality if q["strategy"] == name and q["sampler"] == sampler and q["fid"] is not None),
+            (q for q in quality if q["strategy"] == name and sampler_label(q) == sampler and q["fid"] is not None),
             key=lambda q: q["K"],
         )
         if rows:
@@ -156,7 +168,7 @@ def plot_fd_vs_budget(quality: Sequence[dict[str, Any]], sampler: str, features:
                 label=name,
             )
     ax.set_xscale("log", base=2)
-    _log_y_if_wide(ax, [q["fid"] for q in quality if q["sampler"] == sampler and q["fid"] is not None])
+    _log_y_if_wide(ax, [q["fid"] for q in quality if sampler_label(q) == sampler and q["fid"] is not None])
     ax.set_xlabel("steps K")
     ax.set_ylabel("Fréchet distance")
     ax.set_title(f"{sampler} sampler, {features}", fontsize=9)
@@ -207,8 +219,10 @@ def write_evaluation(
         "schedules": plot_schedules([s for s in schedules if s.K <= 256]),
     }
     if doc["fid"]["features"]:
-        for sampler in dict.fromkeys(q["sampler"] for q in doc.get("sample_quality") or []):
+        for sampler in dict.fromkeys(sampler_label(q) for q in doc.get("sample_quality") or []):
             figures[f"fd_vs_K_{sampler}"] = plot_fd_vs_budget(doc["sample_quality"], sampler, doc["fid"]["features"])
+    if len(doc["fid"].get("guidance") or [1]) > 1:
+        figures["schedules_vs_guidance"] = plot_schedules_vs_guidance(doc.get("sample_quality") or [])
     for name, fig in figures.items():
         fig.savefig(out_dir / f"{name}.png")
     images = {}
@@ -231,9 +245,9 @@ def log_evaluation(logger, doc: dict[str, Any], figures: dict, grids: dict) -> N
     for q in doc.get("sample_quality") or []:
         for key, value in (("fid", q["fid"]), ("fid_sem", q["fid_sem"])):
             if value is not None:
-                metrics[f"{key}/{q['strategy']}/{q['sampler']}/K{q['K']}"] = value
+                metrics[f"{key}/{q['strategy']}/{sampler_label(q)}/K{q['K']}"] = value
         if q["teacher_distance"] is not None:
-            metrics[f"teacher_distance/{q['strategy']}/{q['sampler']}/K{q['K']}"] = q["teacher_distance"]
+            metrics[f"teacher_distance/{q['strategy']}/{sampler_label(q)}/K{q['K']}"] = q["teacher_distance"]
     if doc.get("full_chain"):
         metrics["bpd/full_chain"] = doc["full_chain"]["bpd"]
     if isinstance(logger, WandbLogger):
@@ -244,9 +258,11 @@ def log_evaluation(logger, doc: dict[str, Any], figures: dict, grids: dict) -> N
             for r in doc["results"]
         ]
         logger.log_table("results", columns=columns, data=rows)
-        columns = ["strategy", "K", "sampler", "fid", "fid_sem", "teacher_distance", "schedule"]
+        columns = ["strategy", "K", "sampler", "guidance", "fid", "fid_sem", "teacher_distance", "teacher_distance_sem"]
+        columns += ["schedule"]
         rows = [
-            [q[c] if c != "schedule" else json.dumps(q[c]) for c in columns] for q in doc.get("sample_quality") or []
+            [json.dumps(q[c]) if c == "schedule" else q.get(c, 1.0 if c == "guidance" else None) for c in columns]
+            for q in doc.get("sample_quality") or []
         ]
         logger.log_table("sample_quality", columns=columns, data=rows)
         for name, fig in figures.items():

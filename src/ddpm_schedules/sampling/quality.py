@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ddpm_schedules.models.conditioning import balanced_labels
 from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.models.noise import Processes, mix
 from ddpm_schedules.sampling.frechet import (
@@ -78,7 +79,8 @@ def draw_samples(
         sizes = [len(x_T) for x_T, _ in starts]
         x_T = torch.cat([x for x, _ in starts])
         draws = chunk_draws(starts)
-        samples = SAMPLERS[sampler](model, schedule, x_T, noise=draws, batch_size=batch_size, **extra).cpu()
+        y = chunk_labels(model, settings, group, sizes)
+        samples = SAMPLERS[sampler](model, schedule, x_T, noise=draws, batch_size=batch_size, y=y, **extra).cpu()
         out += list(zip(group, samples.split(sizes)))
     return out
 
@@ -92,8 +94,20 @@ def teacher_samples(
     for c in procs.chunks(n, settings.chunk):
         m = min(settings.chunk, settings.samples - c * settings.chunk)
         k = min(m, n - c * settings.chunk)
-        out[c] = sample_ddim(model, teacher, chunk_noise(model, settings.seed, c, m)[0][:k]).cpu()
+        x_T = chunk_noise(model, settings.seed, c, m)[0][:k]
+        out[c] = sample_ddim(model, teacher, x_T, y=chunk_labels(model, settings, [c], [k])).cpu()
     return out
+
+
+def chunk_labels(
+    model: DiffusionModel, settings: QualitySettings, chunks: list[int], sizes: list[int]
+) -> Tensor | None:
+    """The labels of the samples of ``chunks`` (``sizes`` each): class-balanced by the sample's global index, so a
+    sample has the same (x_T, y) for every schedule, sampler and process count (None: unconditional)."""
+    if model.num_classes is None:
+        return None
+    index = torch.cat([torch.arange(c * settings.chunk, c * settings.chunk + n) for c, n in zip(chunks, sizes)])
+    return balanced_labels(index, model.num_classes)
 
 
 def gather_chunks(parts: list[tuple[int, Tensor]], width: int) -> Tensor:
@@ -150,6 +164,7 @@ def quality_stage(
             "fid": None,
             "fid_sem": None,
             "teacher_distance": None,
+            "teacher_distance_sem": None,
         }
         if network is not None:
             feats = gather_chunks([(c, features_of(network, x)) for c, x in parts], ref[0].numel())
@@ -164,7 +179,9 @@ def quality_stage(
                 for c, x in parts
                 if c in targets
             ]
-            entry["teacher_distance"] = float(gather_chunks(dist, 1).mean())
+            d = gather_chunks(dist, 1)[:, 0]  # one distance per sample
+            entry["teacher_distance"] = float(d.mean())
+            entry["teacher_distance_sem"] = float(d.std() / len(d) ** 0.5) if len(d) > 1 else None
         entries.append(entry)
         if parts:
             grids[f"{sch.strategy}_{sampler}_K{sch.K}"] = torch.cat([x for _, x in parts])[: settings.grid_size]

@@ -10,7 +10,8 @@ Every sampler walks x_T ~ N(0, I) -> x_{tau_{K-1}} -> ... -> x0_hat along the sc
 
 The three samplers share one signature (as k-diffusion's samplers do)::
 
-    sample_<name>(model, schedule, x_T, *, generator=None, noise=None, batch_size=None, trajectory=None, **options)
+    sample_<name>(model, schedule, x_T, *, generator=None, noise=None, batch_size=None, trajectory=None, y=None,
+                  **options)
 
 - ``schedule``: a `Schedule` ending at the model's T, or its timesteps (tau_1, ..., tau_K);
 - ``x_T``: the start, a tensor [n, C, H, W], or a number of samples n (x_T then drawn from ``generator`` first);
@@ -22,6 +23,7 @@ The three samplers share one signature (as k-diffusion's samplers do)::
   are the same for any batch size up to the network's rounding;
 - ``trajectory``: a list that receives x at every schedule point (x_T first, x_{tau_1} last) and then the final
   unquantized x0_hat;
+- ``y``: the samples' class labels [n] for a class-conditional model (guided by ``model.guidance``);
 - ``options``: the sampler's own keywords (`sample_ddim`'s ``eta``); another keyword is a TypeError.
 
 They return [n, C, H, W] float32 on the model's ``levels``. ``SAMPLERS`` maps the names ``eval.samplers`` takes
@@ -37,8 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from ddpm_schedules.models import diffusion as dm
+from ddpm_schedules.models.conditioning import check_labels
 from ddpm_schedules.models.model import DiffusionModel, Prediction
 from ddpm_schedules.models.pairs import pair_tables
+from ddpm_schedules.sampling.steps import check_eta, ddim_step, dpmpp_2m_coefficients
 from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.storage.errors import ParameterError, check_count
 
@@ -61,22 +65,6 @@ def as_schedule(model: DiffusionModel, schedule: Schedule | Sequence[int]) -> Sc
     return schedule
 
 
-def ddim_step(
-    model: DiffusionModel, x_t: Tensor, x0_hat: Tensor, t: int, s: int, eta: float = 0.0, noise: Tensor | None = None
-) -> Tensor:
-    """DDIM's update from t to s (Song et al. 2021, eq. 12):
-    sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z.
-
-    eps_hat is recomputed from the (clipped) x0_hat, as improved-diffusion's ddim_sample; sigma^2 = eta^2 btil(s|t).
-    """
-    ab = model.schedule.ab
-    ab_s, ab_t = float(ab[s]), float(ab[t])
-    eps = (x_t - ab_t**0.5 * x0_hat) / (1 - ab_t) ** 0.5
-    sigma2 = eta**2 * float(dm.btil(ab[s], ab[t])) if s > 0 else 0.0
-    out = ab_s**0.5 * x0_hat + max(1 - ab_s - sigma2, 0.0) ** 0.5 * eps
-    return out + sigma2**0.5 * noise if sigma2 > 0 and noise is not None else out
-
-
 def _start(
     model: DiffusionModel,
     schedule: Schedule | Sequence[int],
@@ -84,9 +72,10 @@ def _start(
     generator: torch.Generator | None,
     noise: Iterable[Tensor] | None,
     batch_size: int | None,
-) -> tuple[Schedule, Tensor, Draw]:
-    """The checked schedule, x_T in float64 on the model's device (drawn from ``generator`` for an int n) and the draw
-    of each later step's noise: the next tensor of ``noise``, or else ``generator``'s next draw."""
+    y: Tensor | None,
+) -> tuple[Schedule, Tensor, Draw, Tensor | None]:
+    """The checked schedule, x_T in float64 on the model's device (drawn from ``generator`` for an int n), the draw
+    of each later step's noise (the next tensor of ``noise``, or else ``generator``'s next draw) and the labels."""
     schedule = as_schedule(model, schedule)
     check_count(batch_size, "batch_size", "all samples in one call")
     device = generator.device if generator is not None else torch.device("cpu")
@@ -103,12 +92,14 @@ def _start(
         want = ", ".join(map(str, model.image_shape))
         raise ValueError(f"x_T must have shape [n, {want}] with n >= 1, got {tuple(x_T.shape)}")
     shape = tuple(x_T.shape)
+    y = check_labels(y, shape[0], model.num_classes)
+    y = None if y is None else y.to(model.device)
     if noise is None:
 
         def drawn() -> Tensor:
             return torch.randn(shape, generator=generator, device=device, dtype=torch.float64).to(model.device)
 
-        return schedule, x_T.to(model.device, torch.float64), drawn
+        return schedule, x_T.to(model.device, torch.float64), drawn, y
     rule = f"tensors of shape {shape}, one per noisy step after x_T"
     if isinstance(noise, Sequence) and (len(noise) != schedule.K - 1 or any(tuple(z.shape) != shape for z in noise)):
         got = ", ".join(str(tuple(z.shape)) for z in noise) or "none"
@@ -121,14 +112,15 @@ def _start(
             raise ValueError(f"noise must give {rule}")
         return z.to(model.device, torch.float64)
 
-    return schedule, x_T.to(model.device, torch.float64), draw
+    return schedule, x_T.to(model.device, torch.float64), draw, y
 
 
-def _predict(model: DiffusionModel, x: Tensor, t: int, batch_size: int | None) -> Prediction:
-    """`DiffusionModel.predict` in network calls of at most ``batch_size`` samples."""
+def _predict(model: DiffusionModel, x: Tensor, t: int, batch_size: int | None, y: Tensor | None) -> Prediction:
+    """`DiffusionModel.predict` (with labels ``y``) in network calls of at most ``batch_size`` samples."""
     if not batch_size or len(x) <= batch_size:
-        return model.predict(x, t)
-    parts = [model.predict(chunk, t) for chunk in x.split(batch_size)]
+        return model.predict(x, t, y)
+    ys = [None] * len(x.split(batch_size)) if y is None else y.split(batch_size)
+    parts = [model.predict(chunk, t, yc) for chunk, yc in zip(x.split(batch_size), ys)]
     fields = zip(*((p.x0_hat, p.frac, p.eps) for p in parts))
     return Prediction(*(None if v[0] is None else torch.cat(v) for v in fields))
 
@@ -154,16 +146,17 @@ def sample_ancestral(
     noise: Iterable[Tensor] | None = None,
     batch_size: int | None = None,
     trajectory: list[Tensor] | None = None,
+    y: Tensor | None = None,
 ) -> Tensor:
     """Ancestral sampling through p(x_s | x_t) of every schedule pair (docs/design.md §1): [n, C, H, W] on ``levels``.
 
     One noise draw per step to s >= 1 (K - 1); the last step returns x0_hat. The arguments: the module's docstring.
     """
-    schedule, x, draw = _start(model, schedule, x_T, generator, noise, batch_size)
+    schedule, x, draw, y = _start(model, schedule, x_T, generator, noise, batch_size, y)
     for s, t in _steps(schedule):
         if trajectory is not None:
             trajectory.append(x)
-        pred = _predict(model, x, t, batch_size)
+        pred = _predict(model, x, t, batch_size, y)
         if s == 0:
             return _finish(model, pred.x0_hat, trajectory)
         p = pair_tables(model, t, [s], model.device).kl
@@ -183,6 +176,7 @@ def sample_ddim(
     noise: Iterable[Tensor] | None = None,
     batch_size: int | None = None,
     trajectory: list[Tensor] | None = None,
+    y: Tensor | None = None,
     eta: float = 0.0,
 ) -> Tensor:
     """DDIM along the schedule (`ddim_step` for every pair; the last step returns x0_hat): [n, C, H, W] on ``levels``.
@@ -191,40 +185,15 @@ def sample_ddim(
     The other arguments: the module's docstring.
     """
     check_eta(eta)
-    schedule, x, draw = _start(model, schedule, x_T, generator, noise, batch_size)
+    schedule, x, draw, y = _start(model, schedule, x_T, generator, noise, batch_size, y)
     for s, t in _steps(schedule):
         if trajectory is not None:
             trajectory.append(x)
-        x0_hat = _predict(model, x, t, batch_size).x0_hat
+        x0_hat = _predict(model, x, t, batch_size, y).x0_hat
         if s == 0:
             return _finish(model, x0_hat, trajectory)
         x = ddim_step(model, x, x0_hat, t, s, eta, draw() if eta > 0 else None)
     raise AssertionError("unreachable: every schedule starts from s = 0")
-
-
-def dpmpp_2m_coefficients(
-    ab: Tensor, p: Tensor | int | None, c: Tensor | int, n: Tensor | int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(a, b, d) of DPM-Solver++(2M)'s update x_n = a x_c + b x0_hat(c) + d x0_hat(p) (Lu et al. 2022, Alg. 2, in
-    diffusers' midpoint form), float64: with lambda = log(alpha / sigma), h = lambda_n - lambda_c, r = (lambda_c -
-    lambda_p) / h and phi = alpha_n (1 - e^-h): a = sigma_n / sigma_c, b = phi (1 + 1 / 2r), d = -phi / 2r. Without p
-    (the first step) or to n = 0 (the last) it is the first-order update, DDIM's: b = phi, d = 0."""
-    ab = ab.double()
-    c, n = torch.as_tensor(c), torch.as_tensor(n)
-    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
-    lam = torch.log(alpha) - torch.log(sigma)  # +inf at t = 0
-    h = lam[n] - lam[c]
-    a = sigma[n] / sigma[c]
-    phi = -alpha[n] * torch.expm1(-h)
-    if p is None:
-        return a, phi, torch.zeros_like(phi)
-    half_over_r = 0.5 * h / (lam[c] - lam[torch.as_tensor(p)])
-    last = n == 0
-    return (
-        a,
-        torch.where(last, phi, phi * (1 + half_over_r)),
-        torch.where(last, torch.zeros_like(phi), -phi * half_over_r),
-    )
 
 
 @torch.no_grad()
@@ -237,6 +206,7 @@ def sample_dpmpp(
     noise: Iterable[Tensor] | None = None,
     batch_size: int | None = None,
     trajectory: list[Tensor] | None = None,
+    y: Tensor | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) on the model's (clipped) x0_hat as its data prediction, at the schedule's
     timesteps: `dpmpp_2m_coefficients` for every step, first order for the first and the last (to t = 0, as
@@ -244,23 +214,16 @@ def sample_dpmpp(
 
     Deterministic: it draws nothing after x_T. The arguments: the module's docstring.
     """
-    schedule, x, _ = _start(model, schedule, x_T, generator, noise, batch_size)
+    schedule, x, _, y = _start(model, schedule, x_T, generator, noise, batch_size, y)
     prev = None
     for s, t in _steps(schedule):
         if trajectory is not None:
             trajectory.append(x)
-        x0_hat = _predict(model, x, t, batch_size).x0_hat
+        x0_hat = _predict(model, x, t, batch_size, y).x0_hat
         a, b, d = (float(v) for v in dpmpp_2m_coefficients(model.schedule.ab, None if prev is None else prev[0], t, s))
         x = a * x + b * x0_hat + (d * prev[1] if prev is not None else 0.0)
         prev = (t, x0_hat)
     return _finish(model, x, trajectory)
-
-
-def check_eta(eta: float) -> None:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ParameterError(
-            "{eta} = {value!r}; DDIM's eta must be a number >= 0 (0 = deterministic, 1 = DDPM-like noise)", value=eta
-        )
 
 
 SAMPLERS = {"ancestral": sample_ancestral, "ddim": sample_ddim, "dpmpp": sample_dpmpp}

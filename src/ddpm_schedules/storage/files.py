@@ -135,12 +135,14 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(batches: Iterable[tuple[int, torch.Tensor]]) -> str:
-    """sha256 of indexed batches: the examples, their values and their global indices."""
+def data_fingerprint(batches: Iterable[tuple]) -> str:
+    """sha256 of indexed batches (start, x0[, labels]): the examples, their values, labels and global indices."""
     h = hashlib.sha256()
-    for start, x0 in batches:
+    for start, x0, *labels in batches:
         h.update(str((start, tuple(x0.shape))).encode())
         h.update(x0.detach().cpu().contiguous().numpy().tobytes())
+        if labels and labels[0] is not None:  # a conditional model's labels (unlabelled data keeps its old hash)
+            h.update(labels[0].detach().cpu().long().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

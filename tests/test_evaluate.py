@@ -104,9 +104,9 @@ def test_end_to_end_files_schema_wandb_and_cache(tmp_path, tiny_ckpt, monkeypatc
         saved["results"]
     )
     quality_table = json.loads(tables["sample"].read_text())
-    assert quality_table["columns"][:4] == ["strategy", "K", "sampler", "fid"] and len(quality_table["data"]) == len(
-        quality
-    )
+    assert quality_table["columns"][:5] == ["strategy", "K", "sampler", "guidance", "fid"] and len(
+        quality_table["data"]
+    ) == len(quality)
     # a rerun takes the cached matrix and the cached reference statistics: no forward pass for either
     import ddpm_schedules.app.stages as cost_stages
     import ddpm_schedules.sampling.frechet as frechet

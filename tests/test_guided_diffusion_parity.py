@@ -215,8 +215,11 @@ def test_unknown_flag_lists_the_valid_ones():
 def test_the_improved_diffusion_loader_points_to_this_one():
     """improved-diffusion has no guided flags; an ADM checkpoint loaded as improved-diffusion's is named as ADM."""
     flags = {k: v for k, v in FLAGS.items() if k not in ("num_head_channels", "resblock_updown")}
-    _raises_one_line(r"unknown improved-diffusion flag\(s\) 'use_fp16', 'use_new_attention_order'", flags=flags,
-                     loader=load_improved_diffusion)  # fmt: skip
+    _raises_one_line(
+        r"unknown improved-diffusion flag\(s\) 'use_fp16', 'use_new_attention_order'",
+        flags=flags,
+        loader=load_improved_diffusion,
+    )
     plain = {k: v for k, v in flags.items() if k not in ("use_fp16", "use_new_attention_order")}
     _raises_one_line(r"resblock_updown \(.*load_guided_diffusion", flags=plain, loader=load_improved_diffusion)
 

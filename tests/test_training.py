@@ -64,7 +64,7 @@ def test_train_resume_and_monitor_with_wandb_offline(tmp_path, monkeypatch):
     # a run whose loss turns NaN stops without replacing the last good checkpoint
     good = ckpt.read_bytes()
     monkeypatch.setattr(
-        DiffusionModule, "losses", lambda self, x0, t, noise: {"loss": torch.full((len(x0),), math.nan)}
+        DiffusionModule, "losses", lambda self, x0, t, noise, y=None: {"loss": torch.full((len(x0),), math.nan)}
     )
     with pytest.raises(ValueError, match="the training loss is nan at step 12"):
         train(

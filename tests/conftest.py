@@ -174,3 +174,12 @@ def run_on_gloo_processes(tmp_path: Path, name: str, body: str, suffix: str, dev
     for d, out in zip(devices, outs):
         subprocess.run([sys.executable, str(script), str(d), str(out)], check=True, env=env, timeout=300, cwd=tmp_path)
     return outs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny UNets' ops are too small to split: extra intra-op threads only add sync stalls on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 
+from ddpm_schedules.models import diffusion as dm
 from ddpm_schedules.schedules.dp import Paths, check_budgets_on_grid, check_costs
 
 
@@ -82,3 +84,25 @@ def brute_force_multistep_paths(
                 best = (path, total)
         out[K] = best
     return out
+
+
+def tanh_normal_cdf(x):
+    """improved-diffusion's and guided-diffusion's approximation of the standard normal CDF (Page 1977)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def tanh_cdf_decoder_bits(model, x0, x_t, y=None):
+    """[B] bits/dim of the decoder at t = 1 as improved-diffusion's and guided-diffusion's code computes it (their
+    tanh CDF), from our x0_hat and decoder variance: a learned-range model's reference for their vb_bits at t = 1."""
+    pred = model.predict(x_t, 1, y)
+    ns = model.schedule
+    log_var = dm.learned_log_variance(pred.frac, ns.decoder_log_variance_floor(), torch.log(1 - ns.ab[1]))
+    inv_std, half_bin = torch.exp(-0.5 * log_var), 1.0 / 255
+    cdf_plus = tanh_normal_cdf(inv_std * (x0 - pred.x0_hat + half_bin))
+    cdf_min = tanh_normal_cdf(inv_std * (x0 - pred.x0_hat - half_bin))
+    log_p = torch.where(
+        x0 < -0.999,
+        cdf_plus.clamp(min=1e-12).log(),
+        torch.where(x0 > 0.999, (1 - cdf_min).clamp(min=1e-12).log(), (cdf_plus - cdf_min).clamp(min=1e-12).log()),
+    )
+    return -log_p.flatten(1).mean(1) / math.log(2)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURE as IMPROVED
+from references import tanh_cdf_decoder_bits
 
 from ddpm_schedules import DiffusionModel, load_guided_diffusion, load_improved_diffusion
 from ddpm_schedules.costs.terms import prior_nats, terms
-from ddpm_schedules.models import diffusion as dm
 from ddpm_schedules.models.guided_flags import guided_model_from_flags
 from ddpm_schedules.models.unet import UNetModel
 from ddpm_schedules.models.unet_attention import qkv_attention
@@ -28,13 +28,7 @@ T = FLAGS["diffusion_steps"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run pytest -m gpu on a GPU machine")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet's ops are too small to split: extra intra-op threads only add sync stalls on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -118,27 +112,12 @@ def test_terms_with_labels_reproduce_vb_bits(loaded, ref):
         assert_bits_close(bits, ref["vb_bits"][t], rtol=1e-6 if t > 1 else 2e-3, msg=f"t = {t}")
 
 
-def tanh_normal_cdf(x):
-    """guided-diffusion's approximation of the standard normal CDF (Page 1977), used by its decoder."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
 @torch.no_grad()
 def test_decoder_differs_only_by_the_tanh_cdf(loaded, ref):
     """t = 1: with guided-diffusion's tanh CDF put back, our x0_hat and decoder variance give its vb_bits."""
     x0, x_t = ref["x0"].double(), ref["x_t"][1]
-    pred = loaded.predict(x_t, 1, ref["y"])
-    ns = loaded.schedule
-    log_var = dm.learned_log_variance(pred.frac, ns.decoder_log_variance_floor(), torch.log(1 - ns.ab[1]))
-    inv_std, half_bin = torch.exp(-0.5 * log_var), 1.0 / 255
-    cdf_plus = tanh_normal_cdf(inv_std * (x0 - pred.x0_hat + half_bin))
-    cdf_min = tanh_normal_cdf(inv_std * (x0 - pred.x0_hat - half_bin))
-    log_p = torch.where(
-        x0 < -0.999,
-        cdf_plus.clamp(min=1e-12).log(),
-        torch.where(x0 > 0.999, (1 - cdf_min).clamp(min=1e-12).log(), (cdf_plus - cdf_min).clamp(min=1e-12).log()),
-    )
-    assert_bits_close(-log_p.flatten(1).mean(1) / math.log(2), ref["vb_bits"][1], rtol=1e-5)
+    bits = tanh_cdf_decoder_bits(loaded, x0, x_t, ref["y"])
+    assert_bits_close(bits, ref["vb_bits"][1], rtol=1e-5)
 
 
 def test_prior_matches(loaded, ref):

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 from conftest import FIXTURE
+from references import tanh_cdf_decoder_bits
 from torch import nn
 
 from ddpm_schedules import DiffusionModel, NoiseSchedule
 from ddpm_schedules.costs.terms import prior_nats, terms
-from ddpm_schedules.models import diffusion as dm
 
 FLAGS = json.loads((FIXTURE / "flags.json").read_text())
 T = FLAGS["diffusion_steps"]
@@ -61,28 +61,12 @@ def test_full_chain_terms_match_vb_bits(reference):
         assert_bits_close(bits, reference["vb_bits"][t], rtol=1e-5 if t > 1 else 2e-3)
 
 
-def tanh_normal_cdf(x):
-    """improved-diffusion's approximation of the standard normal CDF (Page 1977), used by its decoder."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
 def test_decoder_inputs_match_improved_diffusion_exactly(reference):
     """The decoder term at t = 1 differs from improved-diffusion only by its tanh CDF: with that CDF
     put back, our x0_hat and decoder variance reproduce its vb_bits to float32 rounding."""
     model = fixture_model(reference["model_out"], reference["x_t"])
     x0, x_t = reference["x0"].double(), reference["x_t"][1]
-    pred = model.predict(x_t, 1)
-    ns = model.schedule
-    log_var = dm.learned_log_variance(pred.frac, ns.decoder_log_variance_floor(), torch.log(1 - ns.ab[1]))
-    inv_std, half_bin = torch.exp(-0.5 * log_var), 1.0 / 255
-    cdf_plus = tanh_normal_cdf(inv_std * (x0 - pred.x0_hat + half_bin))
-    cdf_min = tanh_normal_cdf(inv_std * (x0 - pred.x0_hat - half_bin))
-    log_p = torch.where(
-        x0 < -0.999,
-        cdf_plus.clamp(min=1e-12).log(),
-        torch.where(x0 > 0.999, (1 - cdf_min).clamp(min=1e-12).log(), (cdf_plus - cdf_min).clamp(min=1e-12).log()),
-    )
-    bits = -log_p.flatten(1).mean(1) / math.log(2)
+    bits = tanh_cdf_decoder_bits(model, x0, x_t)
     assert_bits_close(bits, reference["vb_bits"][1], rtol=1e-5)
     ours = to_bits(terms(model, reference["x0"], 1, [0], reference["noise"][1])[:, 0], reference["x0"])
     assert not torch.allclose(ours, bits, rtol=1e-6, atol=0)  # our exact CDF is a different number

@@ -33,9 +33,9 @@ def load_improved_diffusion(
     for 8-bit images). The file is read as data (``weights_only=True``): a released checkpoint is a
     plain state dict. Returns the model in eval mode on the CPU.
     """
-    flags = {**_plain_flags(flags), **more_flags}
+    flags = {**plain_flags(flags), **more_flags}
     model = model_from_flags(flags, levels=int(levels))
-    _load_weights(model.net, Path(path), resolve_flags(flags))
+    load_weights(model.net, Path(path), resolve_flags(flags))
     return model.eval()
 
 
@@ -87,7 +87,7 @@ def load_checkpoint(path: str | Path, trust_checkpoint: bool = False, trust_hint
     return _model_from_checkpoint(path, _read_ours(path, trust_checkpoint, trust_hint))
 
 
-def _plain_flags(flags: Mapping[str, Any] | None) -> dict[str, Any]:
+def plain_flags(flags: Mapping[str, Any] | None) -> dict[str, Any]:
     """A flags mapping (a dict or an OmegaConf node) as a plain dict."""
     if flags is None:
         return {}
@@ -114,7 +114,7 @@ def _read_ours(path: Path, trust_checkpoint: bool, trust_hint: str | None) -> di
 
 def _model_from_checkpoint(path: Path, ckpt: dict[str, Any]) -> DiffusionModel:
     hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
-    flags = _plain_flags(hp["flags"])
+    flags = plain_flags(hp["flags"])
     model = model_from_flags(flags, levels=int(hp.get("levels", 256)))
     net_state = {k[len("model.net.") :]: v for k, v in state.items() if k.startswith("model.net.")}
     problem = _mismatch(model.net.state_dict(), net_state, resolve_flags(flags))
@@ -124,7 +124,7 @@ def _model_from_checkpoint(path: Path, ckpt: dict[str, Any]) -> DiffusionModel:
     return model.eval()
 
 
-def _load_weights(net: UNetModel, path: Path, flags: dict[str, Any]) -> None:
+def load_weights(net: UNetModel, path: Path, flags: dict[str, Any]) -> None:
     if not path.is_file():
         raise ValueError(f"checkpoint file {str(path)!r} is missing (no such file)")
     try:
@@ -257,7 +257,7 @@ def export_checkpoint(
     ckpt = _read_ours(src, trust_checkpoint, trust_hint)
     _model_from_checkpoint(src, ckpt)  # fails clearly on anything that is not one of ours
     hp = {
-        "flags": _plain(_plain_flags(ckpt["hyper_parameters"]["flags"])),
+        "flags": _plain(plain_flags(ckpt["hyper_parameters"]["flags"])),
         "levels": int(ckpt["hyper_parameters"].get("levels", 256)),
     }
     state = {

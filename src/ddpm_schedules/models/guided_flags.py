@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from ddpm_schedules.models.checkpoints import _load_weights, _plain_flags
+from ddpm_schedules.models.checkpoints import load_weights, plain_flags
 from ddpm_schedules.models.flags import model_from_resolved, resolve_flags
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.unet import NUM_CLASSES
@@ -84,7 +84,7 @@ def load_guided_diffusion(
     ``y`` (``predict(x_t, t, y)``, ``terms(..., y=y)``). The file is read as data
     (``weights_only=True``). Returns the model in eval mode on the CPU.
     """
-    f = resolve_guided_flags({**_plain_flags(flags), **more_flags})
+    f = resolve_guided_flags({**plain_flags(flags), **more_flags})
     model = model_from_resolved(f, levels=int(levels))
-    _load_weights(model.net, Path(path), f)
+    load_weights(model.net, Path(path), f)
     return model.eval()

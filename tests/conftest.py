@@ -109,10 +109,10 @@ class CountingNet(nn.Module):
         self.net = net
         self.calls: dict[int, int] = {}
 
-    def forward(self, x, timesteps):
+    def forward(self, x, timesteps, *labels):
         for t in timesteps.tolist():
             self.calls[int(t)] = self.calls.get(int(t), 0) + 1
-        return self.net(x, timesteps)
+        return self.net(x, timesteps, *labels)
 
 
 def quantized_data(n: int, shape=(1, 4, 4), levels: int = 17, seed: int = 0) -> torch.Tensor:
@@ -146,6 +146,24 @@ def tiny_model(
         levels=levels,
         image_shape=shape,
     )
+
+
+COND = {**TINY, "class_cond": True, "num_classes": 10, "null_class": True}  # 11 label rows, null label 10
+SHAPE = (1, 8, 8)
+
+
+def cond_model(flags: dict = COND, seed: int = 0, clip: bool = True, dtype=torch.float64) -> DiffusionModel:
+    """The tiny conditional UNet with every parameter perturbed (a fresh UNet's zero output convs make it output 0,
+    which would make every label, and guidance, look the same), in float64 unless told."""
+    torch.manual_seed(seed)
+    from ddpm_schedules.models.flags import model_from_flags
+
+    model = model_from_flags(flags, levels=17)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.clip_denoised = clip
+    return model.to(dtype).eval()
 
 
 @pytest.fixture(scope="session")

@@ -2,34 +2,36 @@
 independent reference: per-example terms, the guidance formula written out, diffusers' own combination, per-example
 sampler calls, the bad inputs of evaluate.py and label dropout in training."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import TINY, eval_cfg, quantized_data, save_tiny_checkpoint
+from conftest import (
+    COND,
+    DIGITS_FEATURES,
+    ROOT,
+    SHAPE,
+    SMALL,
+    TINY,
+    cond_model,
+    eval_cfg,
+    quantized_data,
+    run_on_gloo_processes,
+    save_tiny_checkpoint,
+)
 
-from ddpm_schedules import Schedule, estimate_cost_matrix
+from ddpm_schedules import CostMatrix, Schedule, estimate_cost_matrix
 from ddpm_schedules.costs.terms import terms
 from ddpm_schedules.models.conditioning import LabeledImages, balanced_labels, check_labels
 from ddpm_schedules.models.flags import model_from_flags
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import example_noise
 from ddpm_schedules.sampling.samplers import sample_ancestral, sample_ddim, sample_dpmpp
-
-COND = {**TINY, "class_cond": True, "num_classes": 10, "null_class": True}  # 11 label rows, null label 10
-SHAPE = (1, 8, 8)
-
-
-def cond_model(flags: dict = COND, seed: int = 0, clip: bool = True, dtype=torch.float64) -> DiffusionModel:
-    """The tiny conditional UNet with every parameter perturbed (a fresh UNet's zero output convs make it output 0,
-    which would make every label, and guidance, look the same), in float64 unless told."""
-    torch.manual_seed(seed)
-    model = model_from_flags(flags, levels=17)
-    with torch.no_grad():
-        for p in model.net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.clip_denoised = clip
-    return model.to(dtype).eval()
+from ddpm_schedules.schedules.schedule import even_schedule
 
 
 def perturbed_state(flags: dict, seed: int = 0) -> dict:
@@ -467,3 +469,99 @@ def test_lightning_trains_a_conditional_model_with_label_dropout():
     after = module.state_dict()
     emb = next(k for k in after if k.endswith("label_emb.weight"))
     assert not torch.equal(after[emb][10], before[emb][10])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. processes: 1 and 2 gloo processes give the same guided ODE matrix, the same guided samples and the same evaluation
+
+GUIDED_BODY = """
+from conftest import cond_model
+from ddpm_schedules.costs.ode import estimate_ode_matrix
+from ddpm_schedules.models.noise import Processes
+from ddpm_schedules.sampling.quality import QualitySettings, draw_samples, gather_chunks
+from ddpm_schedules.schedules.schedule import even_schedule
+model = cond_model().set_guidance(2.0)
+lo, hi = shard(10, fabric.global_rank, fabric.world_size)
+cm = estimate_ode_matrix(model, hi - lo, seed=5, batch_size=3, progress=False, start_index=lo, multistep=True)
+procs, settings = Processes(fabric.global_rank, fabric.world_size), QualitySettings(samples=10, chunk=3, seed=4)
+samples = {s: gather_chunks(draw_samples(model, s, even_schedule(20, 4), settings, procs, 6), 64)
+           for s in ("ancestral", "ddim", "dpmpp")}
+if fabric.global_rank == 0:
+    torch.save({"mean": cm.mean, "two_step": cm.two_step, "count": cm.count, **samples}, out)
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_one_process_guided_matrix_and_samples(tmp_path):
+    # The network is float64; the two runs differ only in which examples share a batch and in the order the sums
+    # are added, so they differ by a few float64 roundings (measured: matrices 1e-15 relative, samples 1e-15).
+    # rtol 1e-9 / atol 1e-10 leave six orders of margin and still catch one mislabelled example (>= 1e-4, §1).
+    one, two = (torch.load(f, weights_only=True) for f in run_on_gloo_processes(tmp_path, "guided", GUIDED_BODY, ".pt"))
+    assert one["count"] == two["count"] == 10
+    upper = torch.ones_like(one["mean"], dtype=torch.bool).triu(1)
+    torch.testing.assert_close(two["mean"][upper], one["mean"][upper], rtol=1e-9, atol=0)
+    torch.testing.assert_close(two["two_step"], one["two_step"], rtol=1e-9, atol=1e-12)
+    for sampler in ("ancestral", "ddim", "dpmpp"):
+        assert one[sampler].shape == (10, 64)
+        torch.testing.assert_close(two[sampler], one[sampler], rtol=0, atol=1e-10)
+    unguided = cond_model()
+    x_T = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(3)
+    assert not torch.allclose(  # guidance moves the samples by far more than the tolerance
+        sample_ddim(unguided, even_schedule(20, 4), x_T, y=y),
+        sample_ddim(cond_model().set_guidance(2.0), even_schedule(20, 4), x_T, y=y),
+        atol=1e-4,
+    )
+
+
+@pytest.mark.slow
+def test_two_process_guided_evaluation_equals_one_process(tmp_path, ckpts):
+    # A float32 network: with the same batches under 1 and 2 processes, only the order of the float64 sums differs
+    # (measured 2e-16 relative), hence rtol 1e-9. With batch_size=8 the guided call (2B rows) ran as 8 rows under
+    # one process and 4 under two, and this CPU's float32 kernels rounded them apart by 4e-6 relative: a kernel
+    # property, not a sharding one, so the test holds the batches equal.
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    docs = {}
+    for devices in (1, 2):
+        cmd = [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            f"model.path={ckpts['cond']}",
+            *(o for o in SMALL if not o.startswith("batch_size=")),
+            "batch_size=2",  # the same batches under 1 and 2 processes: float32 kernels round other batch sizes otherwise
+            "data=digits",
+            "eval.guidance=[1,2]",
+            "eval.samplers=[ddim,dpmpp]",
+            "eval.strategies=[dp,dp_ode,even]",
+            "eval.sample_budgets=[4]",
+            "eval.teacher_samples=8",
+            "logger=none",
+            "fabric.accelerator=cpu",
+            f"fabric.devices={devices}",
+            f"cache_dir={tmp_path / f'cache{devices}'}",
+            f"hydra.run.dir={tmp_path / f'run{devices}'}",
+            f"fid.digits_weights={DIGITS_FEATURES}",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+        docs[devices] = json.loads((tmp_path / f"run{devices}" / "results.json").read_text())
+    caches = [sorted((tmp_path / f"cache{d}").glob("cost_matrix_*.pt")) for d in (1, 2)]
+    assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and len(caches[0]) == 3  # elbo, ode s=1, s=2
+    for a, b in zip(*caches):
+        one, two = CostMatrix.load(a), CostMatrix.load(b)
+        valid = torch.isfinite(one.mean)
+        torch.testing.assert_close(two.mean[valid], one.mean[valid], rtol=1e-9, atol=0)
+    for a, b in zip(docs[1]["results"], docs[2]["results"], strict=True):
+        assert a["schedule"] == b["schedule"] and a["bpd"] == pytest.approx(b["bpd"], rel=1e-9)
+    rows = list(zip(docs[1]["sample_quality"], docs[2]["sample_quality"], strict=True))
+    assert {a["guidance"] for a, _ in rows} == {1.0, 2.0}
+    for a, b in rows:
+        assert (a["strategy"], a["K"], a["sampler"], a["guidance"]) == (
+            b["strategy"],
+            b["K"],
+            b["sampler"],
+            b["guidance"],
+        )
+        assert a["schedule"] == b["schedule"]
+        for key in ("fid", "fid_sem", "teacher_distance"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), (key, a[key], b[key])

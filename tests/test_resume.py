@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CountingNet, quantized_data, tiny_model
-from estimate_script import make_data, make_model
+from estimate_script import make_cond_data, make_cond_model, make_data, make_model
 
 from ddpm_schedules import (
     Schedule,
@@ -67,13 +67,15 @@ def counted_model():
     return model, counter
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
-def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
-    partial = tmp_path / "cm.partial.pt"
+def interrupt(partial: Path, how: int, *args: str, columns: int) -> tuple[int, subprocess.CompletedProcess]:
+    """Run estimate_script.py (``args`` after the partial path), send ``how`` once 4 columns are saved: the columns
+    saved and the stopped process."""
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{HERE.parent / 'src'}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "estimate_script.py"), str(partial)], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(HERE / "estimate_script.py"), str(partial), *args],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 120
     while done_in(partial) < 4 and time.time() < deadline and proc.poll() is None:
@@ -81,9 +83,17 @@ def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
     os.kill(proc.pid, how)
     _, stderr = proc.communicate(timeout=60)
     saved = done_in(partial)
-    assert 4 <= saved < 12, f"the run should be stopped mid-way, saved {saved}: {stderr[-500:]}"
+    assert 4 <= saved < columns, f"the run should be stopped mid-way, saved {saved}: {stderr[-500:]}"
+    return saved, subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
+    partial = tmp_path / "cm.partial.pt"
+    saved, proc = interrupt(partial, how, columns=12)
     if how == signal.SIGTERM:
-        assert proc.returncode == 143 and "partial sums saved" in stderr and "Traceback" not in stderr
+        assert proc.returncode == 143 and "partial sums saved" in proc.stderr and "Traceback" not in proc.stderr
     else:
         assert proc.returncode == -signal.SIGKILL
     model, counter = counted_model()
@@ -95,6 +105,33 @@ def test_interrupted_estimation_resumes_to_the_same_matrix(tmp_path, how):
     assert not partial.exists()
     fresh = estimate_cost_matrix(make_model(), make_data(), seed=3, batch_size=4, progress=False)
     assert_same_matrix(resumed, fresh)
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_conditional_estimate_resumes_to_the_same_matrix(tmp_path, caplog):
+    """The conditional ELBO (each example with its own label): a rerun after kill -9 replays only the columns after
+    the saved ones and equals the uninterrupted run bit for bit; the labels are part of the partial file's
+    configuration, so a rerun with other labels starts afresh."""
+    partial = tmp_path / "cond.partial.pt"
+    saved, proc = interrupt(partial, signal.SIGKILL, "cond", columns=20)
+    assert proc.returncode == -signal.SIGKILL
+    shuffled = tmp_path / "shuffled.partial.pt"
+    shuffled.write_bytes(partial.read_bytes())
+    model = make_cond_model()
+    model.net = counter = CountingNet(model.net)
+    resumed = estimate_cost_matrix(
+        model, make_cond_data(), seed=3, batch_size=4, progress=False, partial=PartialFile(partial, every=1)
+    )
+    assert sum(counter.calls.values()) == (20 - saved) * 10 and not partial.exists()
+    fresh = estimate_cost_matrix(make_cond_model(), make_cond_data(), seed=3, batch_size=4, progress=False)
+    assert_same_matrix(resumed, fresh)
+    counter.calls.clear()
+    with caplog.at_level("WARNING", logger="ddpm_schedules.storage.resume"):
+        other = estimate_cost_matrix(
+            model, make_cond_data(seed=1), seed=3, batch_size=4, progress=False, partial=PartialFile(shuffled, every=1)
+        )
+    assert "another configuration" in caplog.text and sum(counter.calls.values()) == 20 * 10  # every column again
+    assert not torch.equal(other.mean[torch.isfinite(other.mean)], fresh.mean[torch.isfinite(fresh.mean)])
 
 
 @pytest.mark.parametrize("batch_size,stops,units", [(9, 3, 3), (27, 2, 6)])  # one column per network call, or three

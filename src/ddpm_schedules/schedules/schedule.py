@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ddpm_schedules.models.diffusion import NoiseSchedule
 from ddpm_schedules.storage.errors import ParameterError
-from ddpm_schedules.storage.files import atomic_write_json
+from ddpm_schedules.storage.files import atomic_write_json, betas_digest
 
 
 @dataclass(frozen=True)
@@ -18,17 +19,21 @@ class Schedule:
     """An inference time schedule (tau_1, ..., tau_K) in the paper's 1-based convention; tau_0 = 0 is implicit.
 
     ``predicted_nats`` is set on DP schedules: the negative ELBO per example (prior included) that
-    the cost matrix predicts for it.
+    the cost matrix predicts for it. ``fingerprint`` is set on schedules read from a file that names the model it
+    was made for (schedules/files.py): {"T", "betas_sha256", "weights_sha256"}, plain data, not part of `to_dict`.
     """
 
     timesteps: tuple[int, ...]
     T: int
     strategy: str = "custom"
     predicted_nats: float | None = field(default=None, compare=False)
+    fingerprint: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         ts = tuple(int(t) for t in self.timesteps)
         object.__setattr__(self, "timesteps", ts)
+        if self.fingerprint is not None:
+            object.__setattr__(self, "fingerprint", check_fingerprint(self.fingerprint, f"schedule {self.strategy!r}"))
         if not ts:
             raise ValueError("a schedule needs at least one timestep; it must end at T")
         bad = [b for a, b in zip((0,) + ts, ts) if b <= a]
@@ -70,7 +75,13 @@ class Schedule:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Schedule":
         try:
-            return cls(tuple(d["timesteps"]), int(d["T"]), d.get("strategy", "custom"), d.get("predicted_nats"))
+            return cls(
+                tuple(d["timesteps"]),
+                int(d["T"]),
+                d.get("strategy", "custom"),
+                d.get("predicted_nats"),
+                d.get("fingerprint"),
+            )
         except KeyError as e:
             raise ValueError(f"a schedule needs the keys 'timesteps' and 'T'; {e.args[0]!r} is missing") from None
 
@@ -80,6 +91,46 @@ class Schedule:
     @classmethod
     def from_json(cls, text: str) -> "Schedule":
         return cls.from_dict(json.loads(text))
+
+
+def check_fingerprint(fingerprint: Any, source: str) -> dict[str, Any]:
+    """A schedule file's ``fingerprint`` as a plain dict, checked: an int ``T``, a hex ``betas_sha256`` and a hex or
+    null ``weights_sha256``; else a one-line ValueError naming ``source``."""
+    ok = isinstance(fingerprint, Mapping)
+    if ok:
+        T, betas, weights = (fingerprint.get(k) for k in ("T", "betas_sha256", "weights_sha256"))
+        ok = (
+            isinstance(T, int)
+            and not isinstance(T, bool)
+            and _is_digest(betas)
+            and (weights is None or _is_digest(weights))
+        )
+    if not ok:
+        raise ValueError(
+            f"{source} has a malformed fingerprint {fingerprint!r}; it needs T (an int), betas_sha256 and "
+            "weights_sha256 (sha256 hex digests, weights may be null): rewrite it with write_schedule_files() or "
+            "drop the key"
+        )
+    return {"T": T, "betas_sha256": betas, "weights_sha256": weights}
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def check_noise_fingerprint(fingerprint: Mapping[str, Any] | None, noise: NoiseSchedule, source: str) -> None:
+    """Refuse a schedule made for another noise schedule than ``noise`` (another T or other betas) in one line naming
+    both; no fingerprint (an older file) passes unchecked."""
+    if fingerprint is None:
+        return
+    fingerprint = check_fingerprint(fingerprint, source)
+    T, betas = noise.T, betas_digest(noise.betas)
+    if fingerprint["T"] != T or fingerprint["betas_sha256"] != betas:
+        raise ValueError(
+            f"{source} was made for a noise schedule with T = {fingerprint['T']}, betas sha256 "
+            f"{fingerprint['betas_sha256'][:8]}...; this model has T = {T}, betas {betas[:8]}...; find schedules for "
+            "this model's noise schedule (evaluate.py writes them)"
+        )
 
 
 def check_budgets(

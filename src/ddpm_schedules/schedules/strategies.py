@@ -2,7 +2,8 @@
 
 A name is parsed once, before any heavy work (a ``file:`` schedule is read then, a ``respace:`` spec
 is checked then); the same objects later build the schedules. Adding a strategy is one class and
-one line in ``STRATEGIES`` (or ``PREFIXED`` for a ``name:<argument>`` strategy).
+one line in ``STRATEGIES`` (or ``PREFIXED`` for a ``name:<argument>`` strategy, a function of the argument, T and
+the model's noise schedule or None).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ddpm_schedules.schedules.dp import PairCosts, optimal_schedules
 from ddpm_schedules.schedules.dp_multistep import MultistepCosts, optimal_multistep_schedules
 from ddpm_schedules.schedules.schedule import (
     Schedule,
+    check_noise_fingerprint,
     even_schedule,
     load_schedules,
     quadratic_schedule,
@@ -165,16 +167,19 @@ class FixedStrategy(Strategy):
         return list(self.schedules)
 
 
-def respace(spec: str, T: int) -> FixedStrategy:
-    """``respace:<spec>``: an improved-diffusion respacing string, e.g. ``respace:ddim50``."""
+def respace(spec: str, T: int, noise: NoiseSchedule | None = None) -> FixedStrategy:
+    """``respace:<spec>``: an improved-diffusion respacing string, e.g. ``respace:ddim50`` (``noise`` is not needed)."""
     return FixedStrategy(f"respace:{spec}", schedules=(respaced_schedule(T, spec),))
 
 
-def from_file(path: str, T: int) -> FixedStrategy:
-    """``file:<path>``: the schedules of a JSON file (read once, here)."""
+def from_file(path: str, T: int, noise: NoiseSchedule | None = None) -> FixedStrategy:
+    """``file:<path>``: the schedules of a JSON file (read once, here). With the model's ``noise``, a file whose
+    fingerprint names another noise schedule is refused (schedules/files.py; files without one are not checked)."""
     name = f"file:{Path(path).stem}"
     out = []
     for sch in load_schedules(path):
+        if noise is not None:
+            check_noise_fingerprint(sch.fingerprint, noise, f"schedule file {path!r}")
         if sch.T != T:
             raise ValueError(f"schedule file {path!r} holds a schedule for T = {sch.T}; the model has T = {T}")
         out.append(sch if sch.strategy != "custom" else replace(sch, strategy=name))
@@ -242,7 +247,7 @@ def parse_strategy(name: str, T: int, noise: NoiseSchedule | None = None) -> Str
     prefix, sep, argument = name.partition(":")
     if sep and prefix in PREFIXED:
         try:
-            return PREFIXED[prefix](argument, T)
+            return PREFIXED[prefix](argument, T, noise)
         except ValueError as e:
             raise ParameterError("{strategies} has {name!r}: {error}", name=name, error=str(e)) from None
     known = [*STRATEGIES, *SOLVER_BASELINES, *(f"{p}:<{'spec' if p == 'respace' else 'path'}>" for p in PREFIXED)]

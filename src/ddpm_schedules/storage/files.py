@@ -23,7 +23,7 @@ import torch
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "save_checked", "load_checked",
-    "hash_parts", "file_digest", "model_fingerprint", "data_fingerprint", "cache_key",
+    "hash_parts", "file_digest", "model_fingerprint", "data_fingerprint", "cache_key", "network_digest", "betas_digest",
 ]  # fmt: skip
 
 
@@ -122,6 +122,27 @@ def weights_fingerprint(model) -> str:
     _hash_weights(h, model, shapes=False)
     h.update(model.schedule.betas.numpy().tobytes())
     return h.hexdigest()
+
+
+def network_digest(model) -> str | None:
+    """sha256 of a DiffusionModel's network weights only (shapes and values in order, floats as float64): which
+    weights a schedule file was made with. A lossless cast (float32 -> float64) keeps it; None for a network with no
+    tensors to hash (a plain function)."""
+    net = model.net
+    state = net.state_dict() if isinstance(net, torch.nn.Module) else {}
+    if not state:
+        return None
+    h = hashlib.sha256()
+    for value in state.values():
+        value = value.detach().cpu()
+        h.update(str(tuple(value.shape)).encode())
+        h.update((value.double() if value.is_floating_point() else value).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def betas_digest(betas: torch.Tensor) -> str:
+    """sha256 of the betas as float64 bytes: which noise schedule a schedule file was made for."""
+    return _sha256(torch.as_tensor(betas).detach().cpu().double().contiguous().numpy().tobytes())
 
 
 def model_fingerprint(model) -> str:

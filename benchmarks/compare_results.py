@@ -4,6 +4,9 @@
 
 ``--fields`` also lists every results.json field that differs, leaving out timings and paths (cache files);
 rows are matched by (strategy, K, sampler), and rows that only one run has are listed as such.
+
+For a whole Hydra multirun (means and standard errors over seeds, per group of overrides) use
+``python -m ddpm_schedules.app.sweep multirun/evaluate/<date>_<time>`` instead (docs/evaluate.md, Sweeps).
 """
 
 from __future__ import annotations

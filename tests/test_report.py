@@ -4,7 +4,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ddpm_schedules.reports.report import plot_bpd_vs_budget, plot_fd_vs_budget  # noqa: E402
+from ddpm_schedules.reports.plots import plot_bpd_vs_budget, plot_fd_vs_budget  # noqa: E402
 
 
 def _quality(fids: dict[str, dict[int, float]]) -> list[dict]:

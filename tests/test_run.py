@@ -38,7 +38,17 @@ def test_stages_compose_into_the_results_of_the_library_calls(tmp_path):
     )
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     assert doc == json.loads(json.dumps(result.to_json()))
-    assert set(doc) == {"model", "data", "cost_matrix", "full_chain", "fid", "results", "sample_quality", "timings"}
+    assert set(doc) == {
+        "run",
+        "model",
+        "data",
+        "cost_matrix",
+        "full_chain",
+        "fid",
+        "results",
+        "sample_quality",
+        "timings",
+    }
     assert doc["fid"]["features"] is None and [q["fid"] for q in doc["sample_quality"]] == [None] * 4
     assert [(q["strategy"], q["sampler"]) for q in doc["sample_quality"]] == [
         ("dp", "ancestral"),

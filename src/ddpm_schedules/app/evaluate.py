@@ -10,7 +10,7 @@ from lightning_fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from ddpm_schedules.app.build import build, build_logger, finish_wandb
+from ddpm_schedules.app.build import build, build_logger, finish_wandb, hydra_job, provenance
 from ddpm_schedules.app.evaluate_config import evaluate_settings
 from ddpm_schedules.app.keys import config_keys
 from ddpm_schedules.app.run import run_evaluation
@@ -31,6 +31,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     Every setting is checked before the model or the data is loaded; results.json is written last and atomically.
     """
+    exit_code = 1  # a crash or a stop marks the W&B run failed, with what it had logged
     try:
         settings = evaluate_settings(cfg)
         procs = launch_processes(settings.fabric)
@@ -38,14 +39,24 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         settings = settings.resolve(model)
         cost_data, eval_data, reference = evaluation_data(cfg.data, settings, model, procs)
         model.set_precision(settings.model.precision).compile_network(settings.model.compile)
-        logger = build_logger(cfg.get("logger")) if procs.rank == 0 else None
-        result = run_evaluation(model, cost_data, eval_data, settings, reference=reference, procs=procs, logger=logger)
+        logger = build_logger(cfg.get("logger"), "evaluate", cfg) if procs.rank == 0 else None
+        result = run_evaluation(
+            model,
+            cost_data,
+            eval_data,
+            settings,
+            reference=reference,
+            procs=procs,
+            logger=logger,
+            provenance=provenance(),
+        )
+        exit_code = 0
         if procs.rank != 0:
             return {}
         print(report.results_table(result.to_json()))
         return result.to_json()
     finally:
-        finish_wandb()
+        finish_wandb(exit_code)
 
 
 def launch_processes(fabric: dict[str, Any]) -> Processes:
@@ -58,9 +69,13 @@ def launch_processes(fabric: dict[str, Any]) -> Processes:
 
 
 def device_for(procs: Processes) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", procs.rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    """This process's device: rank r of a DDP run takes visible GPU r mod n; otherwise job j of a Hydra multirun
+    (joblib runs several at once on one machine) takes GPU j mod n. CUDA_VISIBLE_DEVICES chooses which are visible:
+    one device there pins every job to it."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = procs.rank if procs.world > 1 else (hydra_job().get("num") or 0)
+    return torch.device("cuda", index % torch.cuda.device_count())
 
 
 def build_model(node: DictConfig, settings: EvaluateSettings) -> DiffusionModel:

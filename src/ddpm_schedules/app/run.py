@@ -9,7 +9,7 @@ and the sums combine into the one-process result.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ddpm_schedules.app.guided import guided_schedules, unique
 from ddpm_schedules.app.keys import config_keys
+from ddpm_schedules.app.outputs import EvaluationResult, result_rows, write_outputs
 from ddpm_schedules.app.settings import EvaluateSettings, FrechetSettings, Labels
 from ddpm_schedules.app.stages import (
     Context,
@@ -28,37 +29,15 @@ from ddpm_schedules.app.stages import (
 )
 from ddpm_schedules.costs.evaluation import ScheduleResult, evaluate_schedules
 from ddpm_schedules.costs.grids import full_grid
-from ddpm_schedules.costs.matrix import CostMatrix
 from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import Processes
-from ddpm_schedules.reports import report
-from ddpm_schedules.sampling.frechet import load_reference_stats, save_reference_stats
+from ddpm_schedules.reports import live_views
+from ddpm_schedules.reports.live import LiveLog
+from ddpm_schedules.sampling.frechet import load_reference_stats
 from ddpm_schedules.sampling.quality import DETERMINISTIC, quality_stage
-from ddpm_schedules.schedules.analytic import save_gamma
 from ddpm_schedules.schedules.schedule import Schedule, full_schedule
 from ddpm_schedules.schedules.strategies import TEACHER, build_schedules, objectives_of
-from ddpm_schedules.storage.files import atomic_write_json, file_digest, hash_parts
-
-
-@dataclass
-class EvaluationResult:
-    """What evaluate.py reports; ``to_json()`` is results.json."""
-
-    model: dict[str, Any]
-    data: dict[str, Any]
-    cost_matrix: dict[str, Any]
-    full_chain: dict[str, Any] | None
-    fid: dict[str, Any]
-    results: list[dict[str, Any]]
-    sample_quality: list[dict[str, Any]]
-    timings: dict[str, float]
-    matrices: dict[str, CostMatrix] = field(default_factory=dict, repr=False)
-    schedules: list[Schedule] = field(default_factory=list, repr=False)
-    grids: dict[str, Tensor] = field(default_factory=dict, repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        keys = ("model", "data", "cost_matrix", "full_chain", "fid", "results", "sample_quality", "timings")
-        return {k: getattr(self, k) for k in keys}
+from ddpm_schedules.storage.files import file_digest, hash_parts
 
 
 def held_out_stage(
@@ -75,30 +54,6 @@ def held_out_stage(
     return results[: len(schedules)], (results[-1] if extra else None)
 
 
-def result_rows(results: list[ScheduleResult], quality: list[dict[str, Any]], cm: CostMatrix) -> list[dict[str, Any]]:
-    """One results.json entry per (strategy, K): bits/dim, ``predicted_bpd`` where every timestep is on the
-    ELBO matrix's grid, and ``fid`` of the ancestral sampler (the chain the bits/dim belong to) where sampled."""
-    grid = set(cm.grid.tolist())
-    ancestral = {
-        (q["strategy"], tuple(q["schedule"])): q["fid"]
-        for q in quality
-        if q["sampler"] == "ancestral" and q.get("guidance", 1.0) == 1
-    }
-    return [
-        {
-            "strategy": r.schedule.strategy,
-            "K": r.schedule.K,
-            "schedule": list(r.schedule.timesteps),
-            "bpd": r.bpd,
-            "bpd_sem": r.bpd_sem,
-            "predicted_bpd": cm.bpd(cm.schedule_nats(r.schedule)) if set(r.schedule.timesteps) <= grid else None,
-            "fid": ancestral.get((r.schedule.strategy, r.schedule.timesteps)),
-            "terms_bpd": r.terms_bpd,
-        }
-        for r in results
-    ]
-
-
 @config_keys(grid="cost.grid", gamma_file="model.gamma_file", samples="fid.samples")  # the stages' checks' parameters
 def run_evaluation(
     model: DiffusionModel,
@@ -109,8 +64,25 @@ def run_evaluation(
     reference: Tensor | None = None,
     procs: Processes = Processes(),
     logger: Any = None,
+    provenance: dict[str, Any] | None = None,
 ) -> EvaluationResult:
-    """Every stage in order; process 0 writes the reports and, last and atomically, results.json."""
+    """Every stage in order, each logged live as it ends (process 0); process 0 writes the reports and, last and
+    atomically, results.json. ``provenance`` (overrides, version, commit) heads results.md and results.json."""
+    with LiveLog(logger if procs.rank == 0 else None).watching() as live:
+        return _run_stages(model, cost_data, eval_data, settings, reference, procs, logger, live, provenance or {})
+
+
+def _run_stages(
+    model: DiffusionModel,
+    cost_data: Tensor,
+    eval_data: Tensor,
+    settings: EvaluateSettings,
+    reference: Tensor | None,
+    procs: Processes,
+    logger: Any,
+    live: LiveLog,
+    provenance: dict[str, Any],
+) -> EvaluationResult:
     s = settings.resolve(model)
     cost, held, quality, fid, labels, ode = s.cost, s.held_out, s.quality, s.fid, s.labels, s.cost.ode
     grid, budgets, sample_budgets, strategies, ode_grid = (
@@ -146,16 +118,19 @@ def run_evaluation(
             costs = ({"elbo": precise} if precise else {}) | (
                 data_matrices_stage(ctx, cost_data, grid, cost_seed, labels, others) if others else {}
             )
+    live.stage("cost_matrix", ctx.timings["cost_matrix"], *live_views.matrices(costs))
     if {"ode", "dpmpp"} & set(
         objectives
     ):  # dp_dpmpp's step costs come from dp_ode's teacher trajectories, with no extra pass
         with ctx.timed("ode_matrix"):
             costs["ode"] = ode_matrix_stage(ctx, cost_seed, ode, ode_grid, multistep="dpmpp" in objectives)
+        live.stage("ode_matrix", ctx.timings["ode_matrix"], *live_views.matrices({"ode": costs["ode"]}))
     if (
         "oss" in objectives
     ):  # the same teacher, then a pass at every state the sampler reaches (about K N per trajectory)
         with ctx.timed("oss_paths"):
             costs["oss"] = oss_stage(ctx, cost_seed, ode, ode_grid, s.all_budgets)
+        live.stage("oss_paths", ctx.timings["oss_paths"])
     matrices = {o: c.matrix for o, c in costs.items()} | (
         {"dpmpp": costs["ode"].matrix} if "dpmpp" in objectives else {}
     )
@@ -166,10 +141,12 @@ def run_evaluation(
     with ctx.timed("dp_and_schedules"):
         schedules = build_schedules(strategies, matrices, budgets)
         sampled = unique(build_schedules(strategies, matrices, sample_budgets)) if sample_budgets else []
+    live.stage("schedules", ctx.timings["dp_and_schedules"], tables=live_views.schedules(unique(schedules + sampled)))
     with ctx.timed("held_out_bpd"):
         results, full = held_out_stage(
             ctx, eval_data, schedules, held.seed, costs["elbo"].key, labels.eval_split, held.full_chain
         )
+    live.stage("held_out_bpd", ctx.timings["held_out_bpd"], live_views.bpd(results, full))
     with ctx.timed("sample_quality"):
         teacher = (
             Schedule(tuple(full_grid(ode_grid, model.T)[1:].tolist()), model.T, "teacher")
@@ -178,6 +155,7 @@ def run_evaluation(
         )
         entries, grids, ref, guided, guided_sampled = [], {}, None, {}, []
         for scale in held.guidance:  # s = 1: every strategy; another s: the teacher's DPs and the fixed ones
+            started = time.perf_counter()
             model.set_guidance(scale)
             at = sampled if scale == 1 else guided_schedules(ctx, s, cost_seed, matrices, guided, scale)
             guided_sampled += [] if scale == 1 else at
@@ -185,7 +163,11 @@ def run_evaluation(
                 model, at, quality, procs, s.batch_size, fid, *_reference(ctx, fid, reference, labels), teacher
             )
             entries += [{**e, "guidance": scale} for e in found]
-            grids |= {(k if scale == 1 or f"_s{scale:g}_" in k else f"{k}_s{scale:g}"): v for k, v in shown.items()}
+            named = {(k if scale == 1 or f"_s{scale:g}_" in k else f"{k}_s{scale:g}"): v for k, v in shown.items()}
+            grids |= named
+            live.stage(
+                f"sample_quality_s{scale:g}", time.perf_counter() - started, *live_views.quality(found, scale, named)
+            )
         model.set_guidance(1.0)
     elbo = costs["elbo"]
     result = EvaluationResult(
@@ -244,25 +226,17 @@ def run_evaluation(
         results=result_rows(results, entries, elbo.matrix),
         sample_quality=entries,
         timings=ctx.timings,
+        run=provenance,
         matrices=matrices,
         schedules=schedules,
         grids=grids,
     )
     if procs.rank == 0:
-        with ctx.timed("report"):
-            report.write_evaluation(
-                Path(s.out_dir),
-                result.to_json(),
-                elbo.matrix,
-                unique(schedules + sampled + guided_sampled),
-                grids,
-                logger,
-            )
-        if model.var_type == "analytic":
-            save_gamma(Path(s.out_dir) / "gamma.pt", model.gamma, model)  # model.gamma_file= reuses it
-        if ref is not None:  # pytorch-fid's layout: fid.reference_stats= reuses it, and other tools read it
-            save_reference_stats(Path(s.out_dir) / "fid_reference_stats.npz", *ref)
-        atomic_write_json(Path(s.out_dir) / "results.json", result.to_json())
+        write_outputs(
+            Path(s.out_dir), model, result, elbo.matrix, unique(schedules + sampled + guided_sampled), logger, ref,
+            propagate=ode.propagate, artifact=f"{Path(str(labels.model_path or labels.model_source)).stem}-"
+            f"{labels.data_name}", matrix_files=[c.file for c in costs.values()], timed=ctx.timed,
+        )  # fmt: skip
     return result
 
 

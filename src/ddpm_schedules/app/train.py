@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ddpm_schedules.app.build import build, build_logger, finish_wandb
+from ddpm_schedules.app.build import build, build_logger, finish_wandb, hydra_job
 from ddpm_schedules.app.keys import config_keys, count, flag, get, seed
 from ddpm_schedules.lightning.callbacks import ScheduleMonitor
 from ddpm_schedules.lightning.data import ImageDataModule
@@ -74,18 +75,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_data_matches_model(datamodule, s.flags)
     with config_keys("module"):
         module = build(s.module, flags=s.flags, levels=datamodule.levels)
-    trainer: pl.Trainer = build(s.trainer, callbacks=build_callbacks(s.callbacks), logger=build_logger(s.logger))
+    logger = build_logger(s.logger, "train", cfg)
+    trainer: pl.Trainer = build(
+        s.trainer, callbacks=build_callbacks(s.callbacks), logger=logger, **job_devices(s.trainer)
+    )
+    exit_code = 1  # a crash or a stop marks the W&B run failed, with what it had logged
     try:
         with config_keys(**fit_keys(s.callbacks)):
             trainer.fit(module, datamodule=datamodule, ckpt_path=s.ckpt_path, weights_only=not s.trust_checkpoint)
+        exit_code = 0
     except SIGTERMException:
         last = s.output_dir / "checkpoints" / "last.ckpt"
         message = f"stopped by SIGTERM at step {trainer.global_step}; resume with ckpt_path={last}"
         log.warning(message)
         raise Preempted(message) from None
     finally:
-        finish_wandb()
+        finish_wandb(exit_code)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def job_devices(trainer: Any) -> dict[str, Any]:
+    """Job j of a Hydra multirun on one machine with n visible GPUs (joblib) trains on GPU j mod n when the trainer
+    asks for one GPU; {} otherwise (Lightning's own choice)."""
+    num = hydra_job().get("num")
+    if num is None or not torch.cuda.is_available() or trainer.get("accelerator") not in ("gpu", "cuda", "auto"):
+        return {}
+    if trainer.get("devices") not in (1, "1", None) or trainer.get("num_nodes", 1) != 1:
+        return {}
+    return {"devices": [num % torch.cuda.device_count()]}
 
 
 def build_callbacks(nodes: Mapping[str, Any]) -> list[pl.Callback]:

@@ -12,7 +12,6 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.matrix import CostMatrix, CostMatrixMetric, check_objectives, from_moments
@@ -23,6 +22,7 @@ from ddpm_schedules.models.diffusion import btil, c0, fixed_variance_kl
 from ddpm_schedules.models.model import DiffusionModel, Prediction, call_groups
 from ddpm_schedules.models.noise import example_noise, indexed_batches
 from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
+from ddpm_schedules.storage.progress import tqdm
 from ddpm_schedules.storage.resume import resumable
 
 

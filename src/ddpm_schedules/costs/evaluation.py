@@ -9,7 +9,6 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from tqdm.auto import tqdm
 
 from ddpm_schedules.costs.moments import batch_moments, empty_moments, mean_sem, merge_moments
 from ddpm_schedules.costs.options import EstimateOptions, estimate_options
@@ -19,6 +18,7 @@ from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.models.noise import example_noise, indexed_batches
 from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
+from ddpm_schedules.storage.progress import tqdm
 from ddpm_schedules.storage.resume import resumable
 
 

@@ -20,7 +20,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.matrix import CostMatrix, CostMatrixMetric, MatrixSums, from_moments
@@ -32,6 +31,7 @@ from ddpm_schedules.models.model import DiffusionModel
 from ddpm_schedules.models.noise import example_noise
 from ddpm_schedules.sampling.steps import ddim_step
 from ddpm_schedules.storage.files import model_fingerprint
+from ddpm_schedules.storage.progress import tqdm
 from ddpm_schedules.storage.resume import resumable
 
 

@@ -26,7 +26,6 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from tqdm.auto import tqdm
 
 from ddpm_schedules.costs.grids import full_grid
 from ddpm_schedules.costs.ode import teacher_trajectory, trajectory_labels, trajectory_noise
@@ -36,6 +35,7 @@ from ddpm_schedules.models.model import DiffusionModel, call_groups
 from ddpm_schedules.sampling.steps import dpmpp_2m_coefficients
 from ddpm_schedules.storage.errors import ParameterError
 from ddpm_schedules.storage.files import model_fingerprint
+from ddpm_schedules.storage.progress import tqdm
 from ddpm_schedules.storage.resume import PartialSums, sigterm_requests
 
 PROPAGATE = ("ddim", "dpmpp")  # deterministic samplers whose own states can be carried

@@ -20,7 +20,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ddpm_schedules.costs.grids import GridSpec, candidate_grid, full_grid
 from ddpm_schedules.costs.matrix import CostMatrix, CostMatrixMetric, from_moments
@@ -33,6 +32,7 @@ from ddpm_schedules.models.noise import example_noise, indexed_batches
 from ddpm_schedules.schedules.dp import optimal_schedules
 from ddpm_schedules.storage.errors import ParameterError, check_count, parameter_names
 from ddpm_schedules.storage.files import data_fingerprint, model_fingerprint
+from ddpm_schedules.storage.progress import tqdm
 from ddpm_schedules.storage.resume import PartialSums, sigterm_requests
 
 

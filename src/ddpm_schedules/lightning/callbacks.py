@@ -21,7 +21,7 @@ from ddpm_schedules.costs.ode import estimate_ode_matrix
 from ddpm_schedules.costs.options import EstimateOptions
 from ddpm_schedules.models.conditioning import LabeledImages
 from ddpm_schedules.models.noise import shard
-from ddpm_schedules.reports.report import figure_array, plot_cost_matrix, plot_schedules
+from ddpm_schedules.reports.plots import figure_array, plot_cost_matrix, plot_schedules
 from ddpm_schedules.schedules.dp_multistep import multistep_path_cost
 from ddpm_schedules.schedules.schedule import Schedule, check_budgets
 from ddpm_schedules.schedules.strategies import Strategy, build_schedules, parse_strategies
@@ -171,13 +171,16 @@ class ScheduleMonitor(Callback):
         atomic_write_json(out / f"step_{step}.json", record)
         cm.save(out / f"cost_matrix_step_{step}.pt")
         schedules = [Schedule(tuple(r["schedule"]), cm.T, r["strategy"]) for r in record["results"]]
-        figures = {"cost_matrix": plot_cost_matrix(cm), "schedules": plot_schedules(schedules)}
+        grid = set(cm.grid.tolist())
+        paths = [s for s in schedules if s.strategy == "dp" and s.K <= 64 and set(s.timesteps) <= grid]
+        ab = trainer.lightning_module.model.schedule.ab
+        figures = {"cost_matrix": plot_cost_matrix(cm, paths), "schedules": plot_schedules(schedules, ab)}
         for name, fig in figures.items():
             fig.savefig(out / f"{name}_step_{step}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 name = f"predicted_{record['unit']}"
-                rows = [[r["strategy"], r["K"], r[name], str(r["schedule"])] for r in record["results"]]
+                rows = [[r["strategy"], r["K"], r[name], list(r["schedule"])] for r in record["results"]]
                 logger.log_table("schedules/table", columns=["strategy", "K", name, "timesteps"], data=rows, step=step)
                 for name, fig in figures.items():
                     logger.log_image(f"schedules/{name}", images=[figure_array(fig)], step=step)

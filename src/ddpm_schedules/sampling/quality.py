@@ -14,7 +14,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ddpm_schedules.models.conditioning import balanced_labels
 from ddpm_schedules.models.model import DiffusionModel, call_groups
@@ -28,6 +27,7 @@ from ddpm_schedules.sampling.frechet import (
 )
 from ddpm_schedules.sampling.samplers import SAMPLERS, sample_ddim
 from ddpm_schedules.schedules.schedule import Schedule
+from ddpm_schedules.storage.progress import tqdm
 
 DETERMINISTIC = ("ddim", "dpmpp")  # samplers whose samples are compared with the teacher's from the same x_T
 

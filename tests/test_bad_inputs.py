@@ -292,7 +292,8 @@ def test_dpmpp_needs_no_diffusers(monkeypatch):
     from conftest import tiny_model
 
     from ddpm_schedules import even_schedule
-    from ddpm_schedules.sampling.samplers import check_samplers, sample_dpmpp
+    from ddpm_schedules.sampling.registry import check_samplers
+    from ddpm_schedules.sampling.samplers import sample_dpmpp
 
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if it were not installed
     assert check_samplers(["ddim", "dpmpp"]) == ["ddim", "dpmpp"]

@@ -23,7 +23,7 @@ from ddpm_schedules.costs.cost_matrix import estimate_cost_matrices
 from ddpm_schedules.costs.ode import estimate_ode_matrix
 from ddpm_schedules.costs.refine import RefineSettings, refine_cost_matrices
 from ddpm_schedules.lightning.data import DigitsDataModule
-from ddpm_schedules.sampling.samplers import SAMPLERS
+from ddpm_schedules.sampling.registry import SAMPLERS
 from ddpm_schedules.schedules.schedule import even_schedule
 
 STAND_IN = os.environ.get("DDPM_GPU_TESTS") == "cpu"

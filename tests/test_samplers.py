@@ -7,13 +7,8 @@ import torch
 from conftest import tiny_model
 
 from ddpm_schedules import Schedule, even_schedule, full_schedule
-from ddpm_schedules.sampling.samplers import (
-    SAMPLERS,
-    check_samplers,
-    quantize,
-    sample_ddim,
-    sample_dpmpp,
-)
+from ddpm_schedules.sampling.registry import SAMPLERS, check_samplers
+from ddpm_schedules.sampling.samplers import quantize, sample_ddim, sample_dpmpp
 
 
 @torch.no_grad()
@@ -105,8 +100,10 @@ def test_dpmpp_steps_as_diffusers_dpm_solver_multistep_scheduler():
 
 
 def test_sampler_names_and_eta_are_checked():
-    assert list(SAMPLERS) == ["ancestral", "ddim", "dpmpp"]
-    with pytest.raises(ValueError, match="unknown sampler 'euler' in samplers; use ancestral, ddim, dpmpp"):
+    assert list(SAMPLERS) == ["ancestral", "ddim", "dpmpp", "ipndm", "unipc"]
+    with pytest.raises(
+        ValueError, match="unknown sampler 'euler' in samplers; use ancestral, ddim, dpmpp, ipndm, unipc"
+    ):
         check_samplers(["ddim", "euler"])
     with pytest.raises(ValueError, match="^samplers is empty"):
         check_samplers([])
@@ -115,7 +112,9 @@ def test_sampler_names_and_eta_are_checked():
     assert math.isfinite(float(sample_ddim(tiny_model("fixed_large", T=5), even_schedule(5, 2), 2).sum()))
 
 
-@pytest.mark.parametrize("sampler,eta", [("ancestral", 0.0), ("ddim", 0.5), ("dpmpp", 0.0)])
+@pytest.mark.parametrize(
+    "sampler,eta", [("ancestral", 0.0), ("ddim", 0.5), ("dpmpp", 0.0), ("ipndm", 0.0), ("unipc", 0.0)]
+)
 def test_chunks_sharing_network_calls_draw_what_each_chunk_draws_alone(sampler, eta):
     """quality.draw_samples packs chunks into one batch: each chunk keeps its x_T and its generator's step noise."""
     from ddpm_schedules.models.noise import Processes

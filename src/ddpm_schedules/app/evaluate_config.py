@@ -33,7 +33,7 @@ from ddpm_schedules.costs.refine import RefineSettings
 from ddpm_schedules.sampling.frechet import fid_feature_extractor, load_reference_stats
 from ddpm_schedules.sampling.inception import resolve_inception
 from ddpm_schedules.sampling.quality import QualitySettings
-from ddpm_schedules.sampling.samplers import check_samplers
+from ddpm_schedules.sampling.registry import check_samplers
 from ddpm_schedules.sampling.steps import check_eta
 from ddpm_schedules.schedules.strategies import check_strategy_names
 

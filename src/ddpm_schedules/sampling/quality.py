@@ -25,11 +25,10 @@ from ddpm_schedules.sampling.frechet import (
     gather_rows,
     reference_moments,
 )
-from ddpm_schedules.sampling.samplers import SAMPLERS, sample_ddim
+from ddpm_schedules.sampling.registry import DETERMINISTIC, SAMPLERS
+from ddpm_schedules.sampling.samplers import sample_ddim
 from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.storage.progress import tqdm
-
-DETERMINISTIC = ("ddim", "dpmpp")  # samplers whose samples are compared with the teacher's from the same x_T
 
 
 @dataclass(frozen=True)

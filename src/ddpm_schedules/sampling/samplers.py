@@ -26,8 +26,8 @@ The three samplers share one signature (as k-diffusion's samplers do)::
 - ``y``: the samples' class labels [n] for a class-conditional model (guided by ``model.guidance``);
 - ``options``: the sampler's own keywords (`sample_ddim`'s ``eta``); another keyword is a TypeError.
 
-They return [n, C, H, W] float32 on the model's ``levels``. ``SAMPLERS`` maps the names ``eval.samplers`` takes
-to these functions: one call form for all.
+They return [n, C, H, W] float32 on the model's ``levels``. ``registry.SAMPLERS`` maps the names ``eval.samplers``
+takes to these functions and to solvers.py's iPNDM and UniPC: one call form for all.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from ddpm_schedules.models.model import DiffusionModel, Prediction
 from ddpm_schedules.models.pairs import pair_tables
 from ddpm_schedules.sampling.steps import check_eta, ddim_step, dpmpp_2m_coefficients
 from ddpm_schedules.schedules.schedule import Schedule
-from ddpm_schedules.storage.errors import ParameterError, check_count
+from ddpm_schedules.storage.errors import check_count
 
 Draw = Callable[[], Tensor]  # the next step's standard normal tensor [n, C, H, W]
 
@@ -224,22 +224,6 @@ def sample_dpmpp(
         x = a * x + b * x0_hat + (d * prev[1] if prev is not None else 0.0)
         prev = (t, x0_hat)
     return _finish(model, x, trajectory)
-
-
-SAMPLERS = {"ancestral": sample_ancestral, "ddim": sample_ddim, "dpmpp": sample_dpmpp}
-
-
-def check_samplers(names: Sequence[str]) -> list[str]:
-    """Sampler names checked before any work; the errors are `ParameterError`s naming the list ``samplers``."""
-    names = list(names)
-    if not names:
-        raise ParameterError("{samplers} is empty; use e.g. [ancestral, ddim]")
-    for name in names:
-        if name not in SAMPLERS:
-            raise ParameterError(
-                "unknown sampler {name!r} in {samplers}; use {known}", name=name, known=", ".join(SAMPLERS)
-            )
-    return names
 
 
 @torch.no_grad()

@@ -338,3 +338,37 @@ def test_strategy_target_and_record_arguments_are_checked(model):
     digest = network_digest(model)  # computed once, written as given
     other_weights = tiny_model("learned_range", T=T, schedule="linear", seed=1)
     assert schedule_record(sch, other_weights, weights=digest)["fingerprint"]["weights_sha256"] == digest
+
+
+@pytest.mark.slow
+def test_evaluate_writes_files_that_know_their_model_and_reads_them_back(tmp_path, tiny_ckpt):
+    from conftest import TINY, eval_cfg, save_tiny_checkpoint
+
+    from ddpm_schedules.app.evaluate import evaluate
+    from ddpm_schedules.models.checkpoints import load_checkpoint
+
+    first = evaluate(eval_cfg(tmp_path / "a", tiny_ckpt, "logger=none", "eval.strategies=[dp,dp_ode,even]"))
+    files = tmp_path / "a" / "run" / "schedules"
+    listed = json.loads((files / "schedules.json").read_text())
+    model = load_checkpoint(tiny_ckpt)
+    by_name = {(r["strategy"], r["K"]): r for r in listed}
+    for r in first["results"]:
+        record = by_name[(r["strategy"], r["K"])]
+        assert record["timesteps"] == r["schedule"] and record == json.loads(
+            (files / f"{r['strategy']}_K{r['K']}.json").read_text()
+        )
+        ab = model.schedule.ab[list(reversed(r["schedule"]))]
+        assert record["alphas_cumprod"] == pytest.approx(ab.tolist(), rel=1e-15)
+        assert record["sigmas"] == pytest.approx((((1 - ab) / ab).sqrt().tolist()) + [0.0], rel=1e-15)
+        assert record["fingerprint"] == {**noise_fingerprint(model), "weights_sha256": network_digest(model)}
+    assert (by_name[("dp", 4)]["objective"], by_name[("dp", 4)]["sampler"]) == ("elbo", "ancestral")
+    assert (by_name[("dp_ode", 2)]["objective"], by_name[("dp_ode", 2)]["sampler"]) == ("ode", "ddim")
+    assert (by_name[("even", 4)]["objective"], by_name[("even", 4)]["sampler"]) == (None, None)
+    strategy = f"eval.strategies=[even,file:{files / 'dp_K4.json'}]"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the model it was made for: silent
+        again = evaluate(eval_cfg(tmp_path / "b", tiny_ckpt, "logger=none", strategy))
+    assert [r["schedule"] for r in again["results"] if r["strategy"] == "dp"] == [by_name[("dp", 4)]["timesteps"]]
+    retrained = save_tiny_checkpoint(tmp_path / "retrained.ckpt", TINY, seed=1)  # the same betas, other weights
+    with pytest.warns(UserWarning, match=r"was made with other weights"):
+        evaluate(eval_cfg(tmp_path / "c", retrained, "logger=none", strategy))

@@ -67,12 +67,12 @@ def hydra_job() -> dict[str, Any]:
 
 
 def run_identity(job_type: str | None) -> dict[str, Any]:
-    """W&B's name (the override string), group (the sweep directory), tags (the overrides) and job type."""
+    """W&B's name (the override string), group (the sweep directory's name), tags (the overrides) and job type."""
     job = hydra_job()
     out: dict[str, Any] = {"job_type": job_type}
     if job:
         out["name"] = job["override_dirname"] or Path(job["output_dir"]).name
-        out["group"] = job["sweep_dir"]
+        out["group"] = Path(job["sweep_dir"]).name if job["sweep_dir"] else None  # as app.sweep's summary run
         out["tags"] = [o[:64] for o in job["overrides"]][:50] or None  # W&B's limits: 64 characters a tag
     return out
 

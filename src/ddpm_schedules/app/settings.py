@@ -23,6 +23,7 @@ from ddpm_schedules.costs.oss import check_oss_size
 from ddpm_schedules.costs.refine import RefineSettings, check_refine
 from ddpm_schedules.models.conditioning import check_guidance
 from ddpm_schedules.sampling.quality import QualitySettings
+from ddpm_schedules.schedules.files import check_schedule_for
 from ddpm_schedules.schedules.schedule import check_budgets
 from ddpm_schedules.schedules.strategies import TEACHER, Strategy, parse_strategies
 
@@ -167,6 +168,8 @@ class EvaluateSettings:
         with config_keys(grid="cost.grid"):
             grid = candidate_grid(self.cost.grid, T)
         strategies = parse_strategies([str(s) for s in held.strategies], T, noise=model.schedule)
+        for sch in (sch for st in strategies for sch in getattr(st, "schedules", ())):
+            check_schedule_for(sch, model)  # file: schedules made with other weights warn (another noise: refused)
         sizes = {"the cost grid's size": full_grid(grid, T).numel() - 1}
         resolved = replace(self, T=T, cost=replace(self.cost, grid=grid))
         if any(s.objective in TEACHER for s in strategies):

@@ -13,11 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from ddpm_schedules.costs.matrix import CostMatrix  # noqa: E402
 from ddpm_schedules.schedules.schedule import Schedule  # noqa: E402
 
 DPI = 110
+PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
+SPARSE = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else "")  # over decades: 20, 50, 200, ...
 
 
 def plot_cost_matrix(cm: CostMatrix, paths: Sequence[Schedule] = ()) -> Figure:
@@ -82,7 +85,7 @@ def plot_bpd_vs_budget(
         ax.errorbar(ks, [by_k[k] for k in ks], yerr=err, marker="o", capsize=3, label=name)
     if full_chain is not None:
         ax.axhline(full_chain, color="k", linestyle="--", linewidth=1, label="full chain")
-    ax.set_xscale("log", base=2)
+    _k_axis(ax, [k for by_k in bpd.values() for k in by_k])
     _log_y_if_wide(
         ax, [v for by_k in bpd.values() for v in by_k.values()] + ([full_chain] if full_chain is not None else [])
     )
@@ -110,7 +113,7 @@ def plot_fd_vs_budget(quality: Sequence[dict[str, Any]], sampler: str, features:
                 capsize=3,
                 label=name,
             )
-    ax.set_xscale("log", base=2)
+    _k_axis(ax, [q["K"] for q in quality if sampler_label(q) == sampler] or [1])
     _log_y_if_wide(ax, [q["fid"] for q in quality if sampler_label(q) == sampler and q["fid"] is not None])
     ax.set_xlabel("steps K")
     ax.set_ylabel("Fréchet distance (± bootstrap SE)")
@@ -129,6 +132,15 @@ def _log_y_if_wide(ax, values: Sequence[float], ratio: float = 4.0) -> None:
     # one poor baseline (karras at K = 8: 10 bits/dim, FD 600) would flatten every other line on a linear axis
     if values and min(values) > 0 and max(values) / min(values) > ratio:
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(PLAIN)  # 2, 3, 4, 6 rather than 2 x 10^0
+        ax.yaxis.set_minor_formatter(PLAIN if max(values) / min(values) < 20 else SPARSE)
+
+
+def _k_axis(ax, ks: Sequence[int]) -> None:
+    """A log2 axis of K with the budgets themselves as its ticks."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(ks)), [str(k) for k in sorted(set(ks))])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def figure_array(fig: Figure) -> np.ndarray:

@@ -122,7 +122,7 @@ def load_diffusers(path: str | Path, levels: int = 256, null_class: int | None =
         )
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
-    return DiffusionModel(
+    model = DiffusionModel(
         UNetOutput(unet),
         NoiseSchedule(betas),
         rescale_timesteps=False,
@@ -131,3 +131,6 @@ def load_diffusers(path: str | Path, levels: int = 256, null_class: int | None =
         **conventions,
         **class_conventions(unet.config, null_class),
     ).eval()
+    if unet.config.get("time_embedding_type", "positional") == "learned":  # an nn.Embedding of the step index
+        model.timestep_input = "index"
+    return model

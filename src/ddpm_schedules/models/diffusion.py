@@ -65,6 +65,21 @@ class NoiseSchedule:
     def T(self) -> int:
         return self.betas.numel()
 
+    def alpha_bar_at(self, t: Tensor) -> Tensor:
+        """alpha_bar at continuous t in [1, T] (float64, differentiable in t): the log-SNR log(ab / (1 - ab)) linear
+        between the integer steps, ab = sigmoid of it. At an integer t it is the table's value exactly (written as
+        table + (sigmoid(lambda(t)) - sigmoid(lambda(floor t))), whose second term is then exactly 0)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if not bool(((t >= 1) & (t <= self.T)).all()):
+            bad = t[~((t >= 1) & (t <= self.T))].reshape(-1)[0].item()
+            raise ValueError(f"continuous t = {bad} is outside [1, T = {self.T}]; the last step to t = 0 is exact")
+        lam = torch.log(self.ab) - torch.log1p(-self.ab)  # +inf at t = 0, never used here
+        lo = t.detach().floor().long()  # t = T: lo = hi = T, frac = 0
+        hi = (lo + 1).clamp(max=self.T)
+        frac = t - lo
+        lam_t = lam[lo] + frac * (lam[hi] - lam[lo])
+        return self.ab[lo] + (torch.sigmoid(lam_t) - torch.sigmoid(lam[lo] + 0 * frac))
+
     def __repr__(self) -> str:
         return f"NoiseSchedule(T={self.T}, ab_T={self.ab[-1].item():.3e})"
 

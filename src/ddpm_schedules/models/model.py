@@ -88,6 +88,7 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"null_class = {null_class!r} needs a conditional model, 0 <= null_class <= num_classes")
         self.num_classes, self.null_class = num_classes, null_class
         self.guidance = 1.0
+        self.timestep_input = "continuous"  # "index": a lookup embedding, which refuses fractional timesteps
 
     def set_guidance(self, scale: float) -> "DiffusionModel":
         """Classifier-free guidance scale s of every prediction from now on (1: the conditional model unguided)."""
@@ -184,18 +185,18 @@ class DiffusionModel(nn.Module):
         """One forward pass at t: x0_hat (and the variance fraction for learned_range); ``y``: the examples' labels
         (class-conditional models), guided by ``guidance`` (one call of twice the batch: with y and with null)."""
         t_vec = self._t_vec(t, x_t)
+        return self.prediction(x_t, t_vec, self._forward(x_t, t_vec, self.net_timesteps(t_vec), y))
+
+    def _forward(self, x_t: Tensor, t_vec: Tensor, t_net: Tensor, y: Tensor | None) -> Tensor:
+        """The raw network output at network timesteps ``t_net`` (``t_vec``: the examples' t, for errors), guided."""
         y = check_labels(y, x_t.shape[0], self.num_classes)
         guided = y is not None and self.guidance != 1
         if guided:
-            x_in, t_in, y = (
-                torch.cat([x_t, x_t]),
-                torch.cat([t_vec, t_vec]),
-                torch.cat([y, torch.full_like(y, self.null_class)]),
-            )
+            x_in, y = torch.cat([x_t, x_t]), torch.cat([y, torch.full_like(y, self.null_class)])
         else:
-            x_in, t_in = x_t, t_vec
+            x_in = x_t
         with torch.autocast(self.device.type, dtype=AUTOCAST[self.precision], enabled=self.precision != "32"):
-            args = (x_in.to(self.input_dtype), self.net_timesteps(t_in))
+            args = (x_in.to(self.input_dtype), torch.cat([t_net, t_net]) if guided else t_net)
             out = self.net(*args) if y is None else self.net(*args, y.to(x_t.device))  # read in float64 by `prediction`
         if guided:
             out = guided_output(*out.double().chunk(2), self.guidance, x_t.shape[1])
@@ -207,7 +208,7 @@ class DiffusionModel(nn.Module):
                 f"the network produced NaN or Inf at t = {_describe(bad)}; check the checkpoint, its flags and the "
                 "input scaling"
             )
-        return self.prediction(x_t, t_vec, out)
+        return out
 
     def predict_many(
         self, x_ts: Sequence[Tensor], ts: Sequence[int], ys: Sequence[Tensor | None] | None = None
@@ -242,8 +243,11 @@ class DiffusionModel(nn.Module):
 
         ``clip`` overrides ``clip_denoised`` (training losses do not clip, as improved-diffusion).
         """
+        return self._interpret(x_t, self._ab(self._t_vec(t, x_t), x_t), out, clip)
+
+    def _interpret(self, x_t: Tensor, ab_t: Tensor, out: Tensor, clip: bool | None = None) -> Prediction:
+        """`prediction` with alpha_bar given ([B, 1, ...]: integer or continuous t)."""
         mean_out, v = self.split_output(out.double(), x_t.shape[1])
-        ab_t = self._ab(self._t_vec(t, x_t), x_t)
         x_t = x_t.double()
         if self.mean_type == "eps":
             x0_hat = (x_t - (1 - ab_t).sqrt() * mean_out) / ab_t.sqrt()

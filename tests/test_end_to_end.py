@@ -1,0 +1,106 @@
+"""End-to-end schedule optimisation: the differentiable samplers at integer timesteps against the discrete ones, the
+parameterisation against its inverse, the loss's gradient against finite differences, and the optimiser never ending
+worse than its start on the training draws."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from ddpm_schedules import Schedule, even_schedule
+from ddpm_schedules.costs.end_to_end import (
+    OptSettings,
+    distance,
+    optimize_schedule,
+    params_from_schedule,
+    round_schedule,
+    schedule_from_params,
+    t_from_log_snr,
+    teacher_samples,
+)
+from ddpm_schedules.sampling.continuous import CONTINUOUS_SAMPLERS
+from ddpm_schedules.sampling.samplers import sample_ddim, sample_dpmpp
+from ddpm_schedules.sampling.solvers import sample_ipndm
+
+T = 50
+DISCRETE = {"ddim": sample_ddim, "dpmpp": sample_dpmpp, "ipndm": sample_ipndm}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("learned_range", T=T, schedule="cosine", shape=(1, 4, 4))
+
+
+@pytest.fixture(scope="module")
+def x_T():
+    return torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("sampler", list(CONTINUOUS_SAMPLERS))
+def test_continuous_samplers_at_integer_timesteps_are_the_discrete_ones(model, x_T, sampler):
+    for sch in (Schedule((1, 4, 13, 29, 50), T), even_schedule(T, 3), Schedule((50,), T)):
+        trajectory = []
+        DISCRETE[sampler](model, sch, x_T, trajectory=trajectory)
+        got = CONTINUOUS_SAMPLERS[sampler](model, torch.tensor(sch.timesteps, dtype=torch.float64), x_T)
+        # the same network outputs; the coefficients from tensors instead of Python floats: rounding only
+        torch.testing.assert_close(got, trajectory[-1], rtol=1e-12, atol=1e-12)
+
+
+def test_the_parameterisation_inverts_and_stays_a_schedule(model):
+    noise = model.schedule
+    lam = torch.tensor([-3.0, 0.1, 2.5], dtype=torch.float64)
+    ab = noise.alpha_bar_at(t_from_log_snr(noise, lam))
+    torch.testing.assert_close(torch.log(ab / (1 - ab)), lam, rtol=1e-12, atol=1e-12)
+    start = Schedule((3, 9, 22, 37, 50), T)
+    torch.testing.assert_close(
+        schedule_from_params(noise, params_from_schedule(noise, start)), torch.tensor(start.timesteps).double(),
+        rtol=1e-9, atol=1e-9,
+    )  # fmt: skip
+    for seed in range(5):  # any u is a strictly increasing schedule in [1, T] ending at T
+        ts = schedule_from_params(noise, torch.randn(6, generator=torch.Generator().manual_seed(seed)).double() * 3)
+        assert bool((ts[1:] > ts[:-1]).all()) and ts[0] >= 1 and ts[-1] == T
+    assert round_schedule(torch.tensor([1.2, 1.4, 1.45, 50.0]), T, "x").timesteps == (1, 2, 3, 50)
+
+
+@pytest.mark.parametrize("sampler", list(CONTINUOUS_SAMPLERS))
+def test_the_loss_gradient_in_the_timesteps_matches_finite_differences(model, x_T, sampler):
+    noise, run = model.schedule, CONTINUOUS_SAMPLERS[sampler]
+    target = teacher_samples(model, even_schedule(T, 25), x_T, None)
+    u0 = params_from_schedule(noise, Schedule((4, 11, 26, 50), T)) + torch.tensor([0.11, -0.07, 0.05, -0.03]).double()
+    # (off the integers: the log-SNR is linear between integer steps, so the slope has a kink at each)
+
+    def loss(u):
+        return distance(run(model, schedule_from_params(noise, u), x_T), target)
+
+    u = u0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(u), u)
+    h = 1e-6  # float64 end to end: central differences to ~1e-9 while no timestep crosses an integer
+    numeric = torch.stack([(loss(u0 + h * e) - loss(u0 - h * e)) / (2 * h) for e in torch.eye(len(u0)).double()])
+    torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-8)
+    assert grad.abs().max() > 1e-4  # the timesteps matter
+
+
+@pytest.mark.parametrize("radius", [0.0, 0.1])
+def test_opt_never_ends_worse_than_its_start_on_the_training_draws(model, radius):
+    settings = OptSettings(steps=25, lr=0.01, train_samples=16, heldout_samples=16, check_every=5, radius=radius)
+    start = Schedule((3, 17, 34, 50), T)
+    result = optimize_schedule(model, "ddim", start, even_schedule(T, 25), settings)
+    d = result.distances
+    assert d["train_best"] <= d["train_start"] and d["best"] <= d["start"]
+    assert result.start == start and result.schedule.K == 4 and result.schedule.strategy == "opt_ddim"
+    assert len(result.history) == 6 and result.network_calls > 0 and result.seconds > 0
+    assert d["best"] < d["start"]  # on this model 25 steps do move the even schedule closer to the teacher
+    ts = torch.tensor(result.schedule.timesteps, dtype=torch.float64)
+    with torch.no_grad():
+        x, y = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64), None
+        assert torch.isfinite(CONTINUOUS_SAMPLERS["ddim"](model, ts, x, y)).all()
+
+
+def test_bad_optimiser_settings_and_samplers(model):
+    with pytest.raises(ValueError, match=r"^steps = 0; it must be an integer >= 1"):
+        OptSettings(steps=0)
+    with pytest.raises(ValueError, match=r"^train_samples = -3; it must be an integer >= 1"):
+        OptSettings(train_samples=-3)
+    with pytest.raises(ValueError, match=r"^radius = -0\.1; the teacher-forcing radius must be >= 0"):
+        OptSettings(radius=-0.1)
+    with pytest.raises(ValueError, match=r"^opt_ancestral needs a differentiable sampler; 'ancestral' has none"):
+        optimize_schedule(model, "ancestral", even_schedule(T, 4), even_schedule(T, 25))

@@ -104,3 +104,54 @@ def test_bad_optimiser_settings_and_samplers(model):
         OptSettings(radius=-0.1)
     with pytest.raises(ValueError, match=r"^opt_ancestral needs a differentiable sampler; 'ancestral' has none"):
         optimize_schedule(model, "ancestral", even_schedule(T, 4), even_schedule(T, 25))
+
+
+OPT_SMALL = ["cost.opt.steps=10", "cost.opt.check_every=5", "cost.opt.train_samples=8", "cost.opt.heldout_samples=8"]
+
+
+@pytest.mark.slow
+def test_opt_strategies_run_through_evaluate_and_are_cached(tmp_path, monkeypatch):
+    import json
+
+    from conftest import TINY, eval_cfg, save_tiny_checkpoint
+    from test_conditioning import perturbed_state
+
+    from ddpm_schedules.app import opt_stage
+    from ddpm_schedules.app.evaluate import evaluate
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.ckpt", TINY, perturbed_state(TINY))
+    overrides = ["logger=none", "eval.samplers=[ddim]", "eval.strategies=[dp_ode,opt_ddim,opt_dpmpp,even]", *OPT_SMALL]
+    doc = evaluate(eval_cfg(tmp_path, ckpt, *overrides))
+    opt = doc["cost_matrix"]["opt"]
+    assert set(opt) == {"opt_ddim/K2", "opt_dpmpp/K2"}
+    dp_ode = next(q["schedule"] for q in doc["sample_quality"] if q["strategy"] == "dp_ode")
+    assert opt["opt_ddim/K2"]["start"] == dp_ode and opt["opt_ddim/K2"]["start_strategy"] == "dp_ode"
+    assert opt["opt_dpmpp/K2"]["start_strategy"] == "dp_dpmpp"
+    for found in opt.values():
+        d = found["distances"]
+        assert d["train_best"] <= d["train_start"] and d["best"] <= d["start"] and not found["cached"]
+    assert {r["strategy"] for r in doc["results"]} == {"dp_ode", "even"}  # opt is for sampling, not bits/dim
+    record = json.loads((tmp_path / "run" / "schedules" / "opt_ddim_K2.json").read_text())
+    assert (record["objective"], record["sampler"]) == ("end_to_end", "ddim")
+    calls = []
+    monkeypatch.setattr(opt_stage, "optimize_schedule", lambda *a, **k: calls.append(a))
+    again = evaluate(eval_cfg(tmp_path, ckpt, *overrides))
+    assert calls == [] and all(found["cached"] for found in again["cost_matrix"]["opt"].values())
+    assert again["sample_quality"] == doc["sample_quality"]
+
+
+def test_bad_opt_inputs_of_evaluate_are_one_line(tmp_path, tiny_ckpt):
+    from conftest import eval_cfg
+
+    from ddpm_schedules.app.evaluate import evaluate
+
+    cases = [
+        (["eval.strategies=[opt_unipc]"], r"^eval\.strategies has 'opt_unipc': unipc has no differentiable"),
+        (["eval.strategies=[opt_ddim]", "cost.opt.steps=0"], r"^cost\.opt\.steps = 0; it must be an integer >= 1"),
+        (["eval.strategies=[opt_ddim]", "cost.opt.radius=-1"], r"^cost\.opt\.radius = -1(\.0)?; the teacher-forcing"),
+        (["eval.strategies=[opt_ddim]", "cost.opt.start=dp_mse"], r"^cost\.opt\.start = 'dp_mse'; use dp"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message) as e:
+            evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", *overrides))
+        assert "\n" not in str(e.value)

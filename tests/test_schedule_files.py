@@ -325,9 +325,11 @@ def test_strategy_target_and_record_arguments_are_checked(model):
     with pytest.raises(ValueError, match="^strategy name '' must be a non-empty string"):
         strategy_target("")
     sch = even_schedule(T, 3)
-    with pytest.raises(ValueError, match="^objective = 'bpd'; use one of elbo, mse, ode, dpmpp, oss or None"):
+    with pytest.raises(
+        ValueError, match="^objective = 'bpd'; use one of elbo, mse, ode, dpmpp, oss, end_to_end or None"
+    ):
         schedule_record(sch, model, objective="bpd")
-    with pytest.raises(ValueError, match="^sampler = 'euler'; use one of ancestral, ddim, dpmpp or None"):
+    with pytest.raises(ValueError, match="^sampler = 'euler'; use one of ancestral, ddim, dpmpp, ipndm, unipc or None"):
         schedule_record(sch, model, sampler="euler")
     with pytest.raises(ValueError, match="^guidance = nan; use the classifier-free guidance scale"):
         schedule_record(sch, model, guidance=float("nan"))

@@ -61,8 +61,12 @@ def test_file_schedules_are_read_once(cm, tmp_path, monkeypatch):
 
 def test_one_dp_pass_serves_every_budget(cm, monkeypatch):
     calls = []
-    real = st.optimal_schedules
-    monkeypatch.setattr(st, "optimal_schedules", lambda c, budgets: calls.append(list(budgets)) or real(c, budgets))
+    from ddpm_schedules.schedules import strategy_types
+
+    real = strategy_types.optimal_schedules
+    monkeypatch.setattr(
+        strategy_types, "optimal_schedules", lambda c, budgets: calls.append(list(budgets)) or real(c, budgets)
+    )
     out = st.parse_strategy("dp", 20).build_all(cm, [2, 4, 8])
     assert calls == [[2, 4, 8]] and [s.K for s in out] == [2, 4, 8]
 
@@ -87,7 +91,7 @@ def test_a_new_strategy_is_one_class_and_one_registry_line(cm, monkeypatch):
         (
             "optimal",
             "unknown strategy 'optimal' in strategies; use dp, dp_mse, dp_ode, dp_dpmpp, dp_ode_oss, analytic_ot, "
-            "even, quadratic, karras, logsnr, exponential, beta, ays, respace:<spec>, file:<path>",
+            "even, quadratic, opt_ddim, opt_dpmpp, opt_ipndm, karras, logsnr, exponential, beta, ays, respace:<spec>, file:<path>",
         ),
         ("respace:every7", "respacing 'every7'"),
         ("file:/nope/s.json", "does not exist"),

@@ -68,7 +68,11 @@ class OfflineRun:
                 self.summary |= {_key(i): json.loads(i.value_json) for i in r.summary.update}
             elif kind == "artifact":
                 self.artifacts.append(
-                    {"name": r.artifact.name, "type": r.artifact.type, "files": [m.path for m in r.artifact.manifest.contents]}
+                    {
+                        "name": r.artifact.name,
+                        "type": r.artifact.type,
+                        "files": [m.path for m in r.artifact.manifest.contents],
+                    }
                 )
             elif kind == "exit":
                 self.exit_code = r.exit.exit_code

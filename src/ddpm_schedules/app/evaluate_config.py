@@ -26,6 +26,7 @@ from ddpm_schedules.app.settings import (
     PrecisionSettings,
     ResumeSettings,
 )
+from ddpm_schedules.costs.end_to_end import OptSettings
 from ddpm_schedules.costs.grids import check_spec
 from ddpm_schedules.costs.oss import check_propagate
 from ddpm_schedules.costs.precision import check_target_sem
@@ -89,6 +90,12 @@ def cost_settings(cfg: Any) -> CostSettings:
         )
     with config_keys(grid="cost.grid"):
         grid = check_spec(get(cfg, "cost.grid"))
+    opt_node = dict(get(cfg, "cost.opt"))
+    opt_start = str(opt_node.pop("start"))
+    if opt_start != "dp" and opt_start not in ("even", "quadratic", "karras", "logsnr", "exponential", "beta", "ays"):
+        raise ValueError(f"cost.opt.start = {opt_start!r}; use dp (the sampler's exact DP) or a baseline: even, logsnr")
+    with config_keys(**{k: f"cost.opt.{k}" for k in opt_node}):
+        opt = OptSettings(**opt_node)
     precision = PrecisionSettings(target_sem=target, first=count(cfg, "cost.first_round"))
     return CostSettings(
         split=str(get(cfg, "cost.split")),
@@ -98,6 +105,8 @@ def cost_settings(cfg: Any) -> CostSettings:
         precision=precision,
         refine=refine,
         ode=ode,
+        opt=opt,
+        opt_start=opt_start,
     )
 
 

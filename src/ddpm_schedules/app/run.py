@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ddpm_schedules.app.guided import guided_schedules, unique
 from ddpm_schedules.app.keys import config_keys
+from ddpm_schedules.app.opt_stage import opt_base, opt_stage
 from ddpm_schedules.app.outputs import EvaluationResult, result_rows, write_outputs
 from ddpm_schedules.app.settings import EvaluateSettings, FrechetSettings, Labels
 from ddpm_schedules.app.stages import (
@@ -36,7 +37,7 @@ from ddpm_schedules.reports.live import LiveLog
 from ddpm_schedules.sampling.frechet import load_reference_stats
 from ddpm_schedules.sampling.quality import DETERMINISTIC, quality_stage
 from ddpm_schedules.schedules.schedule import Schedule, full_schedule
-from ddpm_schedules.schedules.strategies import TEACHER, build_schedules, objectives_of
+from ddpm_schedules.schedules.strategies import OPT, TEACHER, build_schedules, objectives_of
 from ddpm_schedules.storage.files import file_digest, hash_parts
 
 
@@ -139,7 +140,7 @@ def _run_stages(
     ):  # Gamma of the cost examples serves held-out bits/dim and sampling
         model.use_variance("analytic", matrices["elbo"].gamma)
     with ctx.timed("dp_and_schedules"):
-        schedules = build_schedules(strategies, matrices, budgets)
+        schedules = build_schedules([st for st in strategies if st.name not in OPT], matrices, budgets)  # opt: sampled
         sampled = unique(build_schedules(strategies, matrices, sample_budgets)) if sample_budgets else []
     live.stage("schedules", ctx.timings["dp_and_schedules"], tables=live_views.schedules(unique(schedules + sampled)))
     with ctx.timed("held_out_bpd"):
@@ -148,17 +149,18 @@ def _run_stages(
         )
     live.stage("held_out_bpd", ctx.timings["held_out_bpd"], live_views.bpd(results, full))
     with ctx.timed("sample_quality"):
-        teacher = (
-            Schedule(tuple(full_grid(ode_grid, model.T)[1:].tolist()), model.T, "teacher")
-            if set(DETERMINISTIC) & set(quality.samplers)
-            else None
-        )
-        entries, grids, ref, guided, guided_sampled = [], {}, None, {}, []
+        teacher_grid = Schedule(tuple(full_grid(ode_grid, model.T)[1:].tolist()), model.T, "teacher")
+        teacher = teacher_grid if set(DETERMINISTIC) & set(quality.samplers) else None
+        entries, grids, ref, guided, guided_sampled, optimised = [], {}, None, {}, [], {}
         for scale in held.guidance:  # s = 1: every strategy; another s: the teacher's DPs and the fixed ones
             started = time.perf_counter()
             model.set_guidance(scale)
             at = sampled if scale == 1 else guided_schedules(ctx, s, cost_seed, matrices, guided, scale)
-            guided_sampled += [] if scale == 1 else at
+            if any(opt_base(x.strategy) for x in at):
+                with ctx.timed(f"opt_s{scale:g}"):
+                    at, found = opt_stage(ctx, at, teacher_grid, cost.opt, cost.opt_start)
+                optimised |= found
+            guided_sampled += at if scale != 1 or optimised else []
             found, shown, ref = quality_stage(
                 model, at, quality, procs, s.batch_size, fid, *_reference(ctx, fid, reference, labels), teacher
             )
@@ -201,6 +203,7 @@ def _run_stages(
             "refine": refine.__dict__ if refine else None,
             "rounds": rounds,
             "refine_rounds": refine_rounds,
+            "opt": optimised or None,
         },
         full_chain={"K": model.T, "bpd": full.bpd, "bpd_sem": full.bpd_sem} if full else None,
         fid={

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ddpm_schedules.app.keys import ODE_KEYS, config_keys
+from ddpm_schedules.costs.end_to_end import OptSettings
 from ddpm_schedules.costs.grids import GridSpec, candidate_grid, full_grid
 from ddpm_schedules.costs.multistep import check_multistep_size
 from ddpm_schedules.costs.oss import check_oss_size
@@ -101,6 +102,8 @@ class CostSettings:
     precision: PrecisionSettings = PrecisionSettings()
     refine: RefineSettings | None = None
     ode: OdeSettings = OdeSettings()
+    opt: OptSettings = OptSettings()  # opt_<sampler>: end-to-end optimisation (costs/end_to_end.py)
+    opt_start: str = "dp"  # dp (the sampler's exact DP: dp_ode, dp_dpmpp), or a baseline: even, logsnr, ...
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from ddpm_schedules.sampling.continuous import CONTINUOUS_SAMPLERS
 from ddpm_schedules.sampling.samplers import sample_ddim
 from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.storage.errors import ParameterError
+from ddpm_schedules.storage.progress import tqdm
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,12 @@ def check_sampler(sampler: str) -> None:
 
 
 def optimize_schedule(
-    model: DiffusionModel, sampler: str, start: Schedule, teacher: Schedule, settings: OptSettings = OptSettings()
+    model: DiffusionModel,
+    sampler: str,
+    start: Schedule,
+    teacher: Schedule,
+    settings: OptSettings = OptSettings(),
+    progress: bool = False,
 ) -> OptResult:
     """``start`` (K steps) optimised end to end for ``sampler`` against ``teacher``'s samples (module docstring)."""
     check_sampler(sampler)
@@ -174,7 +180,7 @@ def optimize_schedule(
     history = [check(0)]
     best, best_u = history[0], u.detach().clone()
     calls += 2 * K
-    for step in range(1, settings.steps + 1):
+    for step in tqdm(range(1, settings.steps + 1), desc=f"opt_{sampler} K={K}", unit="step", disable=not progress):
         optimizer.zero_grad()
         loss = distance(run(model, schedule_from_params(noise, u), x_train + delta, y_train), target_train)
         loss.backward()

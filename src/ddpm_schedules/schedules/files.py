@@ -35,8 +35,8 @@ from ddpm_schedules.schedules.schedule import (
 from ddpm_schedules.schedules.strategies import STRATEGIES
 from ddpm_schedules.storage.files import atomic_write_json, betas_digest, network_digest
 
-OBJECTIVES = ("elbo", "mse", "ode", "dpmpp", "oss")  # costs/matrix.py's OBJECTIVES (a stage above this one)
-SAMPLER_NAMES = ("ancestral", "ddim", "dpmpp")  # sampling/samplers.py's SAMPLERS (a stage above this one)
+OBJECTIVES = ("elbo", "mse", "ode", "dpmpp", "oss", "end_to_end")  # costs/'s objectives (a stage above this one)
+SAMPLER_NAMES = ("ancestral", "ddim", "dpmpp", "ipndm", "unipc")  # sampling/registry.py's SAMPLERS (above)
 # the sampler each objective's schedule is chosen for: the ELBO and its MSE reweighting price ancestral steps, the
 # ODE teacher's one-step jumps are DDIM's, dp_dpmpp prices DPM-Solver++(2M)'s own steps
 OBJECTIVE_SAMPLER = {"elbo": "ancestral", "mse": "ancestral", "ode": "ddim", "dpmpp": "dpmpp"}
@@ -56,6 +56,8 @@ def strategy_target(strategy_name: str, *, propagate: str = "ddim") -> tuple[str
     if name not in STRATEGIES and guided and guided["base"] in STRATEGIES:
         name = guided["base"]
     strategy = STRATEGIES.get(name)
+    if strategy is not None and name.startswith("opt_"):  # the distance to the teacher, through the sampler
+        return "end_to_end", strategy.sampler
     objective = strategy.objective if strategy is not None else None
     if objective is None:
         return None, None

@@ -1,8 +1,8 @@
 """Strategies: names in ``eval.strategies`` -> objects that build a Schedule for a budget K.
 
 A name is parsed once, before any heavy work (a ``file:`` schedule is read then, a ``respace:`` spec
-is checked then); the same objects later build the schedules. Adding a strategy is one class and
-one line in ``STRATEGIES`` (or ``PREFIXED`` for a ``name:<argument>`` strategy, a function of the argument, T and
+is checked then); the same objects later build the schedules. Adding a strategy is one class
+(strategy_types.py) and one line in ``STRATEGIES`` (or ``PREFIXED`` for a ``name:<argument>`` strategy, a function of the argument, T and
 the model's noise schedule or None).
 """
 
@@ -10,161 +10,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar, Mapping, Protocol, Sequence
-
-from torch import Tensor
+from typing import Mapping, Sequence
 
 from ddpm_schedules.models.diffusion import NoiseSchedule
-from ddpm_schedules.schedules.analytic import analytic_ot_schedule
-from ddpm_schedules.schedules.dp import PairCosts, optimal_schedules
-from ddpm_schedules.schedules.dp_multistep import MultistepCosts, optimal_multistep_schedules
+from ddpm_schedules.schedules.dp import PairCosts
 from ddpm_schedules.schedules.schedule import (
     Schedule,
     check_noise_fingerprint,
-    even_schedule,
     load_schedules,
-    quadratic_schedule,
     respaced_schedule,
 )
 from ddpm_schedules.schedules.solver_baselines import SOLVER_BASELINES
+from ddpm_schedules.schedules.strategy_types import (  # noqa: F401 (the classes are this module's API too)
+    AnalyticCosts,
+    AnalyticOtStrategy,
+    DpmppStrategy,
+    ElboStrategy,
+    EvenStrategy,
+    FixedStrategy,
+    MseStrategy,
+    OdeStrategy,
+    OptDdimStrategy,
+    OptDpmppStrategy,
+    OptimalStrategy,
+    OptIpndmStrategy,
+    OptStrategy,
+    OssStrategy,
+    PathsByBudget,
+    QuadraticStrategy,
+    Strategy,
+)
 from ddpm_schedules.storage.errors import ParameterError
-
-
-class AnalyticCosts(PairCosts, Protocol):
-    """A cost matrix that carries Analytic-DPM's Gamma (one value per t) and the betas it was estimated with."""
-
-    gamma: Tensor | None
-    betas: Tensor
-    dims: int
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """A way to choose a schedule for each budget K; ``fixed`` strategies ignore K.
-
-    ``objective`` names the cost matrix it is built from (None: it needs none).
-    """
-
-    name: str
-    fixed: ClassVar[bool] = False
-    objective: ClassVar[str | None] = None
-
-    def build(self, cost_matrix: PairCosts, K: int) -> Schedule:
-        raise NotImplementedError
-
-    def build_all(self, cost_matrix: PairCosts, budgets: Sequence[int]) -> list[Schedule]:
-        """One schedule per budget (fixed strategies: their own schedules, once)."""
-        return [self.build(cost_matrix, K) for K in budgets]
-
-
-@dataclass(frozen=True)
-class OptimalStrategy(Strategy):
-    """Watson et al.'s DP on a cost matrix: the schedule with the least cost for each K."""
-
-    def build(self, cost_matrix: PairCosts, K: int) -> Schedule:
-        return self.build_all(cost_matrix, [K])[0]
-
-    def build_all(self, cost_matrix: PairCosts, budgets: Sequence[int]) -> list[Schedule]:
-        by_k = optimal_schedules(cost_matrix, budgets)  # one DP pass serves every budget
-        return [replace(by_k[K], strategy=self.name) for K in budgets]
-
-
-@dataclass(frozen=True)
-class ElboStrategy(OptimalStrategy):
-    """``dp``: the ELBO-optimal schedules (Watson et al.)."""
-
-    objective: ClassVar[str] = "elbo"
-
-
-@dataclass(frozen=True)
-class MseStrategy(OptimalStrategy):
-    """``dp_mse``: the paper's MSE reweighting, (t - s) ||x_0 - x0_hat(x_t, t)||^2."""
-
-    objective: ClassVar[str] = "mse"
-
-
-@dataclass(frozen=True)
-class OdeStrategy(OptimalStrategy):
-    """``dp_ode``: the least deviation of one-step DDIM jumps from a DDIM teacher (GITS)."""
-
-    objective: ClassVar[str] = "ode"
-
-
-@dataclass(frozen=True)
-class DpmppStrategy(Strategy):
-    """``dp_dpmpp``: the exact DP over DPM-Solver++(2M)'s steps (dp_multistep.py) on the ODE teacher's step costs."""
-
-    objective: ClassVar[str] = "dpmpp"
-
-    def build(self, cost_matrix: MultistepCosts, K: int) -> Schedule:
-        return self.build_all(cost_matrix, [K])[0]
-
-    def build_all(self, cost_matrix: MultistepCosts, budgets: Sequence[int]) -> list[Schedule]:
-        by_k = optimal_multistep_schedules(cost_matrix, budgets, self.name)
-        return [by_k[K] for K in budgets]
-
-
-class PathsByBudget(Protocol):
-    """Paths chosen for every budget at once (costs/oss.py's `OssPaths`)."""
-
-    T: int
-
-    def schedule(self, K: int, strategy: str) -> Schedule: ...
-
-
-@dataclass(frozen=True)
-class OssStrategy(Strategy):
-    """``dp_ode_oss``: Optimal Stepsize Distillation's DP over the sampler's own states (costs/oss.py)."""
-
-    objective: ClassVar[str] = "oss"
-
-    def build(self, cost_matrix: PathsByBudget, K: int) -> Schedule:
-        return cost_matrix.schedule(K, self.name)
-
-
-@dataclass(frozen=True)
-class AnalyticOtStrategy(Strategy):
-    """``analytic_ot``: Analytic-DPM's optimal trajectory from Gamma alone (no per-pair Monte Carlo; analytic.py).
-
-    It reads Gamma from the ELBO matrix of a ``model.var_type=analytic`` run.
-    """
-
-    objective: ClassVar[str] = "elbo"
-
-    def build(self, cost_matrix: AnalyticCosts, K: int) -> Schedule:
-        if cost_matrix.gamma is None:
-            raise ValueError(
-                "the analytic_ot strategy needs Gamma: estimate the ELBO matrix under the analytic "
-                "variance rule (DiffusionModel.use_variance('analytic'))"
-            )
-        return analytic_ot_schedule(NoiseSchedule(cost_matrix.betas), cost_matrix.gamma, K, cost_matrix.dims)
-
-
-@dataclass(frozen=True)
-class EvenStrategy(Strategy):
-    """improved-diffusion's even respacing (`even_schedule`)."""
-
-    def build(self, cost_matrix: PairCosts, K: int) -> Schedule:
-        return even_schedule(cost_matrix.T, K)
-
-
-@dataclass(frozen=True)
-class QuadraticStrategy(Strategy):
-    """DDIM's quadratic spacing (`quadratic_schedule`)."""
-
-    def build(self, cost_matrix: PairCosts, K: int) -> Schedule:
-        return quadratic_schedule(cost_matrix.T, K)
-
-
-@dataclass(frozen=True)
-class FixedStrategy(Strategy):
-    """Schedules fixed in advance (a respacing string or a schedules file): the same for every budget."""
-
-    schedules: tuple[Schedule, ...] = ()
-    fixed: ClassVar[bool] = True
-
-    def build_all(self, cost_matrix: PairCosts, budgets: Sequence[int]) -> list[Schedule]:
-        return list(self.schedules)
 
 
 def respace(spec: str, T: int, noise: NoiseSchedule | None = None) -> FixedStrategy:
@@ -215,7 +91,11 @@ STRATEGIES = {
     "analytic_ot": AnalyticOtStrategy,
     "even": EvenStrategy,
     "quadratic": QuadraticStrategy,
+    "opt_ddim": OptDdimStrategy,
+    "opt_dpmpp": OptDpmppStrategy,
+    "opt_ipndm": OptIpndmStrategy,
 }
+OPT = tuple(n for n in STRATEGIES if n.startswith("opt_"))
 PREFIXED = {"respace": respace, "file": from_file}
 
 
@@ -242,6 +122,14 @@ def parse_strategy(name: str, T: int, noise: NoiseSchedule | None = None) -> Str
     name = str(name)
     if name in STRATEGIES:
         return STRATEGIES[name](name)
+    if name.startswith("opt_"):
+        raise ParameterError(
+            "{strategies} has {name!r}: {sampler} has no differentiable implementation to optimise through; use "
+            "{known}",
+            name=name,
+            sampler=name[4:],
+            known=", ".join(OPT),
+        )
     if name in SOLVER_BASELINES:
         return solver_baseline(name, T, noise)
     prefix, sep, argument = name.partition(":")

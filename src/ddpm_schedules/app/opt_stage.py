@@ -1,0 +1,72 @@
+"""evaluate.py's opt stage: every ``opt_<sampler>`` start schedule (its exact DP's, or ``cost.opt.start``'s
+baseline) optimised end to end against the ODE teacher's samples (costs/end_to_end.py), cached like a matrix."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+from ddpm_schedules.app.stages import Context
+from ddpm_schedules.costs.end_to_end import OptSettings, optimize_schedule
+from ddpm_schedules.schedules.files import GUIDED
+from ddpm_schedules.schedules.schedule import Schedule
+from ddpm_schedules.schedules.strategies import OPT, STRATEGIES, parse_strategy
+from ddpm_schedules.storage.files import atomic_write_json, cache_key
+
+
+def opt_base(name: str) -> str | None:
+    """The opt strategy a schedule belongs to (``opt_ddim``, also at a guidance scale: ``opt_ddim_s2``), or None."""
+    guided = GUIDED.match(name)
+    base = guided["base"] if guided and guided["base"] in OPT else name
+    return base if base in OPT else None
+
+
+def opt_stage(
+    ctx: Context, schedules: Sequence[Schedule], teacher: Schedule, settings: OptSettings, start: str
+) -> tuple[list[Schedule], dict[str, Any]]:
+    """``schedules`` with each opt start replaced by its optimised (rounded) schedule; what each run found."""
+    out, found = [], {}
+    for sch in schedules:
+        base = opt_base(sch.strategy)
+        if base is None:
+            out.append(sch)
+            continue
+        origin = sch
+        if start != "dp":  # the baseline's schedule at this K instead of the DP's, to measure what the DP start gives
+            baseline = parse_strategy(start, ctx.model.T, ctx.model.schedule)
+            origin = replace(baseline.build(SimpleNamespace(T=ctx.model.T), sch.K), strategy=sch.strategy)
+        key = cache_key(
+            ctx.model,
+            opt=asdict(settings),
+            sampler=STRATEGIES[base].sampler,
+            start=origin.timesteps,
+            teacher=teacher.timesteps,
+            guidance=ctx.model.guidance,
+        )
+        file = ctx.cache_dir / f"opt_{key[:20]}.json"
+        cached = file.is_file()
+        if cached:
+            record = json.loads(file.read_text())
+        else:
+            result = optimize_schedule(
+                ctx.model, STRATEGIES[base].sampler, origin, teacher, settings, progress=ctx.progress
+            )
+            record = {
+                "timesteps": list(result.schedule.timesteps),
+                "continuous": result.continuous,
+                "start": list(origin.timesteps),
+                "start_strategy": "dp_dpmpp"
+                if base == "opt_dpmpp" and start == "dp"
+                else ("dp_ode" if start == "dp" else start),
+                "distances": result.distances,
+                "history": result.history,
+                "seconds": result.seconds,
+                "network_calls": result.network_calls,
+            }
+            if ctx.procs.rank == 0:
+                atomic_write_json(file, record)
+        found[f"{sch.strategy}/K{sch.K}"] = {**record, "file": str(file), "cached": cached}
+        out.append(Schedule(tuple(record["timesteps"]), sch.T, sch.strategy))
+    return out, found

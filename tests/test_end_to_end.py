@@ -8,6 +8,7 @@ from conftest import tiny_model
 
 from ddpm_schedules import Schedule, even_schedule
 from ddpm_schedules.costs.end_to_end import (
+    OptResult,
     OptSettings,
     distance,
     optimize_schedule,
@@ -138,6 +139,18 @@ def test_opt_strategies_run_through_evaluate_and_are_cached(tmp_path, monkeypatc
     again = evaluate(eval_cfg(tmp_path, ckpt, *overrides))
     assert calls == [] and all(found["cached"] for found in again["cost_matrix"]["opt"].values())
     assert again["sample_quality"] == doc["sample_quality"]
+
+    def moved(model, sampler, start, teacher, settings, progress=False):  # an optimum away from the start
+        sch = Schedule((start.timesteps[0] - 1, *start.timesteps[1:]), start.T, f"opt_{sampler}")
+        distances = {"start": 1.0, "best": 0.5, "rounded": 0.6, "train_start": 1.0, "train_best": 0.5}
+        return OptResult(sch, [float(t) for t in sch.timesteps], start, distances, [], 1.0, 10)
+
+    monkeypatch.setattr(opt_stage, "optimize_schedule", moved)
+    third = evaluate(eval_cfg(tmp_path / "moved", ckpt, *overrides))
+    want = [opt["opt_ddim/K2"]["start"][0] - 1, opt["opt_ddim/K2"]["start"][1]]
+    assert [q["schedule"] for q in third["sample_quality"] if q["strategy"] == "opt_ddim"] == [want]
+    written = json.loads((tmp_path / "moved" / "run" / "schedules" / "opt_ddim_K2.json").read_text())
+    assert written["timesteps"] == want  # the optimised schedule is written, not its start
 
 
 def test_bad_opt_inputs_of_evaluate_are_one_line(tmp_path, tiny_ckpt):

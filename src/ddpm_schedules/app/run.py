@@ -236,7 +236,7 @@ def _run_stages(
     )
     if procs.rank == 0:
         write_outputs(
-            Path(s.out_dir), model, result, elbo.matrix, unique(schedules + sampled + guided_sampled), logger, ref,
+            Path(s.out_dir), model, result, elbo.matrix, unique(schedules + [x for x in sampled if not opt_base(x.strategy)] + guided_sampled), logger, ref,
             propagate=ode.propagate, artifact=f"{Path(str(labels.model_path or labels.model_source)).stem}-"
             f"{labels.data_name}", matrix_files=[c.file for c in costs.values()], timed=ctx.timed,
         )  # fmt: skip

@@ -168,3 +168,14 @@ def test_bad_opt_inputs_of_evaluate_are_one_line(tmp_path, tiny_ckpt):
         with pytest.raises(ValueError, match=message) as e:
             evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", *overrides))
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_only_opt_strategies_sample_without_a_bits_per_dim_pass(tmp_path, tiny_ckpt):
+    from conftest import eval_cfg
+
+    from ddpm_schedules.app.evaluate import evaluate
+
+    doc = evaluate(eval_cfg(tmp_path, tiny_ckpt, "logger=none", "eval.strategies=[opt_ddim]", *OPT_SMALL))
+    assert doc["results"] == [] and {q["strategy"] for q in doc["sample_quality"]} == {"opt_ddim"}
+    assert (tmp_path / "run" / "schedules" / "opt_ddim_K2.json").is_file()

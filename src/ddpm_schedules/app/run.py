@@ -144,8 +144,10 @@ def _run_stages(
         sampled = unique(build_schedules(strategies, matrices, sample_budgets)) if sample_budgets else []
     live.stage("schedules", ctx.timings["dp_and_schedules"], tables=live_views.schedules(unique(schedules + sampled)))
     with ctx.timed("held_out_bpd"):
-        results, full = held_out_stage(
-            ctx, eval_data, schedules, held.seed, costs["elbo"].key, labels.eval_split, held.full_chain
+        results, full = (  # only opt strategies: nothing has bits/dim to report
+            held_out_stage(ctx, eval_data, schedules, held.seed, costs["elbo"].key, labels.eval_split, held.full_chain)
+            if schedules or held.full_chain
+            else ([], None)
         )
     live.stage("held_out_bpd", ctx.timings["held_out_bpd"], live_views.bpd(results, full))
     with ctx.timed("sample_quality"):

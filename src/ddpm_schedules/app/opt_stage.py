@@ -8,6 +8,8 @@ from dataclasses import asdict, replace
 from types import SimpleNamespace
 from typing import Any, Sequence
 
+import torch.distributed
+
 from ddpm_schedules.app.stages import Context
 from ddpm_schedules.costs.end_to_end import OptSettings, optimize_schedule
 from ddpm_schedules.schedules.files import GUIDED
@@ -46,27 +48,33 @@ def opt_stage(
             guidance=ctx.model.guidance,
         )
         file = ctx.cache_dir / f"opt_{key[:20]}.json"
-        cached = file.is_file()
-        if cached:
-            record = json.loads(file.read_text())
-        else:
-            result = optimize_schedule(
-                ctx.model, STRATEGIES[base].sampler, origin, teacher, settings, progress=ctx.progress
-            )
-            record = {
-                "timesteps": list(result.schedule.timesteps),
-                "continuous": result.continuous,
-                "start": list(origin.timesteps),
-                "start_strategy": "dp_dpmpp"
-                if base == "opt_dpmpp" and start == "dp"
-                else ("dp_ode" if start == "dp" else start),
-                "distances": result.distances,
-                "history": result.history,
-                "seconds": result.seconds,
-                "network_calls": result.network_calls,
-            }
-            if ctx.procs.rank == 0:
+        cached, record = None, None
+        if ctx.procs.rank == 0:  # process 0 optimises (or reads the cache); the others take what it found
+            cached = file.is_file()
+            record = json.loads(file.read_text()) if cached else _optimise(ctx, base, origin, teacher, settings, start)
+            if not cached:
                 atomic_write_json(file, record)
+        if ctx.procs.world > 1:  # one schedule for every process (GPUs may round an optimisation differently)
+            shared = [(cached, record)]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            cached, record = shared[0]
         found[f"{sch.strategy}/K{sch.K}"] = {**record, "file": str(file), "cached": cached}
         out.append(Schedule(tuple(record["timesteps"]), sch.T, sch.strategy))
     return out, found
+
+
+def _optimise(
+    ctx: Context, base: str, origin: Schedule, teacher: Schedule, settings: OptSettings, start: str
+) -> dict[str, Any]:
+    """One optimisation as its cache record."""
+    result = optimize_schedule(ctx.model, STRATEGIES[base].sampler, origin, teacher, settings, progress=ctx.progress)
+    return {
+        "timesteps": list(result.schedule.timesteps),
+        "continuous": result.continuous,
+        "start": list(origin.timesteps),
+        "start_strategy": ("dp_dpmpp" if base == "opt_dpmpp" else "dp_ode") if start == "dp" else start,
+        "distances": result.distances,
+        "history": result.history,
+        "seconds": result.seconds,
+        "network_calls": result.network_calls,
+    }

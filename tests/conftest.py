@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import subprocess
@@ -192,6 +193,23 @@ def run_on_gloo_processes(tmp_path: Path, name: str, body: str, suffix: str, dev
     for d, out in zip(devices, outs):
         subprocess.run([sys.executable, str(script), str(d), str(out)], check=True, env=env, timeout=300, cwd=tmp_path)
     return outs
+
+
+def evaluate_on_processes(tmp_path: Path, ckpt: Path, *overrides: str, devices=(1, 2)) -> dict[int, dict]:
+    """evaluate.py on CPU (gloo) processes, once per number of processes, each with its own cache and run dir:
+    {devices: results.json}. The overrides follow the SMALL sizes."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    docs = {}
+    for d in devices:
+        cmd = [
+            sys.executable, str(ROOT / "evaluate.py"), f"model.path={ckpt}", *SMALL, "logger=none",
+            "fabric.accelerator=cpu", f"fid.digits_weights={DIGITS_FEATURES}", *overrides, f"fabric.devices={d}",
+            f"cache_dir={tmp_path / f'cache{d}'}", f"hydra.run.dir={tmp_path / f'run{d}'}",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+        docs[d] = json.loads((tmp_path / f"run{d}" / "results.json").read_text())
+    return docs
 
 
 @pytest.fixture(scope="module")

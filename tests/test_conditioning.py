@@ -2,23 +2,17 @@
 independent reference: per-example terms, the guidance formula written out, diffusers' own combination, per-example
 sampler calls, the bad inputs of evaluate.py and label dropout in training."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import (
     COND,
-    DIGITS_FEATURES,
-    ROOT,
     SHAPE,
-    SMALL,
     TINY,
     cond_model,
     eval_cfg,
+    evaluate_on_processes,
     quantized_data,
     run_on_gloo_processes,
     save_tiny_checkpoint,
@@ -520,31 +514,17 @@ def test_two_process_guided_evaluation_equals_one_process(tmp_path, ckpts):
     # (measured 2e-16 relative), hence rtol 1e-9. With batch_size=8 the guided call (2B rows) ran as 8 rows under
     # one process and 4 under two, and this CPU's float32 kernels rounded them apart by 4e-6 relative: a kernel
     # property, not a sharding one, so the test holds the batches equal.
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    docs = {}
-    for devices in (1, 2):
-        cmd = [
-            sys.executable,
-            str(ROOT / "evaluate.py"),
-            f"model.path={ckpts['cond']}",
-            *(o for o in SMALL if not o.startswith("batch_size=")),
-            "batch_size=2",  # the same batches under 1 and 2 processes: float32 kernels round other batch sizes otherwise
-            "data=digits",
-            "eval.guidance=[1,2]",
-            "eval.samplers=[ddim,dpmpp]",
-            "eval.strategies=[dp,dp_ode,even]",
-            "eval.sample_budgets=[4]",
-            "eval.teacher_samples=8",
-            "logger=none",
-            "fabric.accelerator=cpu",
-            f"fabric.devices={devices}",
-            f"cache_dir={tmp_path / f'cache{devices}'}",
-            f"hydra.run.dir={tmp_path / f'run{devices}'}",
-            f"fid.digits_weights={DIGITS_FEATURES}",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
-        docs[devices] = json.loads((tmp_path / f"run{devices}" / "results.json").read_text())
+    docs = evaluate_on_processes(
+        tmp_path,
+        ckpts["cond"],
+        "batch_size=2",  # the same batches under 1 and 2 processes: float32 kernels round other batch sizes otherwise
+        "data=digits",
+        "eval.guidance=[1,2]",
+        "eval.samplers=[ddim,dpmpp]",
+        "eval.strategies=[dp,dp_ode,even]",
+        "eval.sample_budgets=[4]",
+        "eval.teacher_samples=8",
+    )
     caches = [sorted((tmp_path / f"cache{d}").glob("cost_matrix_*.pt")) for d in (1, 2)]
     assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and len(caches[0]) == 3  # elbo, ode s=1, s=2
     for a, b in zip(*caches):

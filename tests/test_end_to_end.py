@@ -183,27 +183,11 @@ def test_only_opt_strategies_sample_without_a_bits_per_dim_pass(tmp_path, tiny_c
 
 @pytest.mark.slow
 def test_two_gloo_processes_sample_the_one_process_opt_schedules(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from conftest import DIGITS_FEATURES, ROOT, SMALL, TINY, save_tiny_checkpoint
+    from conftest import TINY, evaluate_on_processes, save_tiny_checkpoint
     from test_conditioning import perturbed_state
 
     ckpt = save_tiny_checkpoint(tmp_path / "tiny.ckpt", TINY, perturbed_state(TINY))
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    docs = {}
-    for devices in (1, 2):
-        cmd = [
-            sys.executable, str(ROOT / "evaluate.py"), f"model.path={ckpt}", *SMALL, *OPT_SMALL,
-            "eval.strategies=[opt_ddim,even]", "eval.samplers=[ddim]", "logger=none", "fabric.accelerator=cpu",
-            f"fabric.devices={devices}", f"cache_dir={tmp_path / f'cache{devices}'}",
-            f"hydra.run.dir={tmp_path / f'run{devices}'}", f"fid.digits_weights={DIGITS_FEATURES}",
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        docs[devices] = json.loads((tmp_path / f"run{devices}" / "results.json").read_text())
+    docs = evaluate_on_processes(tmp_path, ckpt, *OPT_SMALL, "eval.strategies=[opt_ddim,even]", "eval.samplers=[ddim]")
     one, two = (docs[d]["cost_matrix"]["opt"]["opt_ddim/K2"] for d in (1, 2))
     assert one["timesteps"] == two["timesteps"] and one["distances"] == pytest.approx(two["distances"], rel=1e-9)
     rows = [[(q["strategy"], q["schedule"]) for q in docs[d]["sample_quality"]] for d in (1, 2)]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DIGITS_FEATURES, ROOT, SMALL, eval_cfg
+from conftest import DIGITS_FEATURES, ROOT, SMALL, eval_cfg, evaluate_on_processes
 from hydra import compose, initialize_config_dir
 
 from ddpm_schedules import CostMatrix, Schedule
@@ -176,24 +176,7 @@ def _close(a: float | None, b: float | None, rel: float) -> bool:
 
 @pytest.mark.slow
 def test_two_process_ddp_evaluation_equals_one_process(tmp_path, tiny_ckpt):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    docs = {}
-    for devices in (1, 2):
-        cmd = [
-            sys.executable,
-            str(ROOT / "evaluate.py"),
-            f"model.path={tiny_ckpt}",
-            *SMALL,
-            "logger=none",
-            "fabric.accelerator=cpu",
-            f"fabric.devices={devices}",
-            f"cache_dir={tmp_path / f'cache{devices}'}",
-            f"hydra.run.dir={tmp_path / f'run{devices}'}",
-            f"fid.digits_weights={DIGITS_FEATURES}",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
-        docs[devices] = json.loads((tmp_path / f"run{devices}" / "results.json").read_text())
+    docs = evaluate_on_processes(tmp_path, tiny_ckpt)
     one, two = (CostMatrix.load(next((tmp_path / f"cache{d}").glob("cost_matrix_*.pt"))) for d in (1, 2))
     valid = torch.isfinite(one.mean)
     torch.testing.assert_close(two.mean[valid], one.mean[valid], rtol=1e-9, atol=0)

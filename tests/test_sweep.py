@@ -6,7 +6,6 @@ import json
 import math
 import os
 import statistics
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import yaml
 from conftest import DIGITS_FEATURES, ROOT, SMALL
 from PIL import Image
+from wandb_records import OfflineRun
 
 from ddpm_schedules.app.sweep import main
 from ddpm_schedules.reports.sweep import aggregate
@@ -146,36 +146,14 @@ def test_a_train_sweep_reads_the_monitors_last_record(tmp_path):
     assert r.sem == pytest.approx(statistics.stdev([4.0, 4.4]) / math.sqrt(2), rel=REL)
 
 
-def wandb_records(run_file: Path) -> list:
-    """The protobuf records of a .wandb file: LevelDB-log framing (32 KiB blocks, 7-byte chunk headers) after
-    W&B's 7-byte file header, each record a wandb_internal Record."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, block = run_file.read_bytes(), 32768
-    assert data[:4] == b":W&B"
-    pos, chunk, records = 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = chunk + data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):  # FULL or LAST: a record is complete
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunk)
-            records.append(record)
-            chunk = b""
-    return records
-
-
 def test_the_wandb_summary_run_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     sweep = synthetic_sweep(tmp_path / "2026-12-08_10-00-00")
     assert main([str(sweep)]) == 0
     (run_dir,) = (sweep / "wandb").glob("offline-run-*")
-    (run,) = [r.run for r in wandb_records(next(run_dir.glob("*.wandb"))) if r.WhichOneof("record_type") == "run"]
-    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    offline = OfflineRun(run_dir)
+    run, config = offline.run, offline.config
     assert (run.display_name, run.run_group, run.job_type) == (sweep.name, sweep.name, "sweep")
     assert config["grouping"] == ["eval.strategies"] and config["seed_keys"] == ["cost.seed"]
     assert config["common"] == {"model.path": "m.ckpt"} and config["sweep_dir"] == str(sweep)

@@ -67,15 +67,10 @@ class OptResult:
     network_calls: int = 0
 
 
-def log_snr(noise: NoiseSchedule) -> Tensor:
-    """lambda = log(ab / (1 - ab)) at t = 0..T (float64; +inf at 0)."""
-    return torch.log(noise.ab) - torch.log1p(-noise.ab)
-
-
 def t_from_log_snr(noise: NoiseSchedule, lam: Tensor) -> Tensor:
     """The continuous t in [1, T] whose interpolated log-SNR is ``lam`` (differentiable; the inverse of
     `NoiseSchedule.alpha_bar_at`'s linear pieces)."""
-    table = log_snr(noise)[1:]  # t = 1..T, decreasing
+    table = noise.log_snr[1:]  # t = 1..T, decreasing
     rising = -table
     i = torch.searchsorted(rising, -lam.detach()).clamp(1, noise.T - 1)  # the piece [i, i + 1] (0-based) holds lam
     lo, hi = table[i - 1], table[i]
@@ -85,7 +80,7 @@ def t_from_log_snr(noise: NoiseSchedule, lam: Tensor) -> Tensor:
 def params_from_schedule(noise: NoiseSchedule, schedule: Schedule, floor: float = 1e-3) -> Tensor:
     """u whose softmax gives the schedule's log-SNR gaps (a gap of 0, tau_1 = 1, is raised to ``floor`` of the
     range)."""
-    lam = log_snr(noise)
+    lam = noise.log_snr
     points = [lam[t] for t in reversed(schedule.timesteps)] + [lam[1]]  # lambda(T), ..., lambda(tau_1), lambda(1)
     gaps = torch.stack([b - a for a, b in zip(points, points[1:])]) / (lam[1] - lam[noise.T])
     return torch.log(gaps.clamp_min(floor))
@@ -93,7 +88,7 @@ def params_from_schedule(noise: NoiseSchedule, schedule: Schedule, floor: float 
 
 def schedule_from_params(noise: NoiseSchedule, u: Tensor) -> Tensor:
     """Ascending continuous timesteps tau_1 < ... < tau_K = T from u [K]."""
-    lam = log_snr(noise)
+    lam = noise.log_snr
     fractions = torch.cumsum(torch.softmax(u, 0), 0)[:-1]  # of the way from lambda(T) to lambda(1), K - 1 points
     inner = t_from_log_snr(noise, lam[noise.T] + fractions * (lam[1] - lam[noise.T]))
     return torch.cat([inner.flip(0), torch.tensor([float(noise.T)], dtype=torch.float64)])

@@ -49,6 +49,7 @@ class NoiseSchedule:
             raise ValueError(f"every beta must lie in (0, 1], got {bad}; check the beta schedule")
         self.betas = betas
         self.ab = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+        self.log_snr = torch.log(self.ab) - torch.log1p(-self.ab)  # lambda = log(ab / (1 - ab)); +inf at t = 0
 
     @classmethod
     def named(cls, name: str, T: int) -> "NoiseSchedule":
@@ -73,7 +74,7 @@ class NoiseSchedule:
         if not bool(((t >= 1) & (t <= self.T)).all()):
             bad = t[~((t >= 1) & (t <= self.T))].reshape(-1)[0].item()
             raise ValueError(f"continuous t = {bad} is outside [1, T = {self.T}]; the last step to t = 0 is exact")
-        lam = torch.log(self.ab) - torch.log1p(-self.ab)  # +inf at t = 0, never used here
+        lam = self.log_snr
         lo = t.detach().floor().long()  # t = T: lo = hi = T, frac = 0
         hi = (lo + 1).clamp(max=self.T)
         frac = t - lo

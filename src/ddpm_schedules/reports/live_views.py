@@ -7,7 +7,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ddpm_schedules.costs.matrix import CostMatrix
-from ddpm_schedules.reports.plots import plot_cost_matrix, sample_grid, sampler_label
+from ddpm_schedules.reports.plots import plot_cost_matrix, sample_grid
+from ddpm_schedules.reports.report import quality_metrics
 from ddpm_schedules.schedules.schedule import Schedule
 
 SCHEDULE_COLUMNS = ("strategy", "K", "schedule", "predicted_nats")
@@ -48,10 +49,5 @@ def quality(
     entries: Sequence[Mapping[str, Any]], scale: float, grids: Mapping[str, Any]
 ) -> tuple[dict[str, float], None, None, dict[str, np.ndarray]]:
     """fid/, fid_sem/ and teacher_distance/<strategy>/<sampler>/K<K> of one guidance scale, and its sample grids."""
-    values = {}
-    for q in entries:
-        label = sampler_label({**q, "guidance": scale})
-        for key in ("fid", "fid_sem", "teacher_distance"):
-            if q.get(key) is not None:
-                values[f"{key}/{q['strategy']}/{label}/K{q['K']}"] = q[key]
+    values = quality_metrics([{**q, "guidance": scale} for q in entries])
     return values, None, None, {f"samples/{name}": sample_grid(x) for name, x in grids.items()}

@@ -92,7 +92,8 @@ def plot_bpd_vs_budget(
     ax.set_xlabel("steps K")
     ax.set_ylabel("bits/dim (± 1 SE)")
     ax.set_title(title, fontsize=10)
-    fig.legend(loc="outside right upper", fontsize=8)
+    if bpd or full_chain is not None:  # a run of opt strategies alone has no bits/dim
+        fig.legend(loc="outside right upper", fontsize=8)
     return fig
 
 

@@ -175,13 +175,20 @@ QUALITY_COLUMNS += ["teacher_distance_sem", "schedule"]
 def summary_metrics(doc: dict[str, Any]) -> dict[str, float]:
     """bpd/<strategy>/K<K>, fid/<strategy>/<sampler>/K<K> (and _sem), teacher_distance/<strategy>/<sampler>/K<K>."""
     metrics = {f"bpd/{r['strategy']}/K{r['K']}": r["bpd"] for r in doc["results"]}
-    for q in doc.get("sample_quality") or []:
-        for key in ("fid", "fid_sem", "teacher_distance"):
-            if q.get(key) is not None:
-                metrics[f"{key}/{q['strategy']}/{sampler_label(q)}/K{q['K']}"] = q[key]
+    metrics |= quality_metrics(doc.get("sample_quality") or [])
     if doc.get("full_chain"):
         metrics["bpd/full_chain"] = doc["full_chain"]["bpd"]
     return metrics
+
+
+def quality_metrics(entries: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """fid/, fid_sem/ and teacher_distance/<strategy>/<sampler label>/K<K> of sample-quality entries."""
+    return {
+        f"{key}/{q['strategy']}/{sampler_label(q)}/K{q['K']}": q[key]
+        for q in entries
+        for key in ("fid", "fid_sem", "teacher_distance")
+        if q.get(key) is not None
+    }
 
 
 def log_evaluation(logger, doc: dict[str, Any], figures: dict) -> None:

@@ -125,8 +125,8 @@ def sample_unipc(
             "{order} = {value!r}; UniPC's order must be 1, 2 or 3 (2: diffusers' default)", value=order
         )
     schedule, x, _, y = _start(model, schedule, x_T, generator, noise, batch_size, y)
-    ab = model.schedule.ab.double()
-    lam = (0.5 * (ab.log() - (1 - ab).log())).tolist()  # log(alpha / sigma); +inf at t = 0
+    ab = model.schedule.ab
+    lam = (0.5 * model.schedule.log_snr).tolist()  # log(alpha / sigma); +inf at t = 0
     points, K = _points(schedule), schedule.K
     models: list[Tensor] = []
     lams: list[float] = []

@@ -183,11 +183,20 @@ fabric.launch()
 """
 
 
+# gloo's threads can abort the interpreter at exit ("terminate called without an active exception") when a process
+# leaves while its peer still holds the group: both meet at a barrier and close the group first
+GLOO_END = """
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+"""
+
+
 def run_on_gloo_processes(tmp_path: Path, name: str, body: str, suffix: str, devices=(1, 2)) -> list[Path]:
     """Run ``body`` (it sees fabric, shard, tiny_model and writes to ``out``) under each number of CPU (gloo) processes;
     the files it wrote, one per number."""
     script = tmp_path / f"{name}_script.py"
-    script.write_text(GLOO_PREAMBLE.format(tests=str(Path(__file__).parent)) + body)
+    script.write_text(GLOO_PREAMBLE.format(tests=str(Path(__file__).parent)) + body + GLOO_END)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     outs = [tmp_path / f"{name}{d}{suffix}" for d in devices]
     for d, out in zip(devices, outs):

@@ -20,10 +20,10 @@ from ddpm_schedules.costs.end_to_end import (
 )
 from ddpm_schedules.sampling.continuous import CONTINUOUS_SAMPLERS
 from ddpm_schedules.sampling.samplers import sample_ddim, sample_dpmpp
-from ddpm_schedules.sampling.solvers import sample_ipndm
+from ddpm_schedules.sampling.solvers import sample_ipndm, sample_unipc
 
 T = 50
-DISCRETE = {"ddim": sample_ddim, "dpmpp": sample_dpmpp, "ipndm": sample_ipndm}
+DISCRETE = {"ddim": sample_ddim, "dpmpp": sample_dpmpp, "ipndm": sample_ipndm, "unipc": sample_unipc}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,16 @@ def test_continuous_samplers_at_integer_timesteps_are_the_discrete_ones(model, x
         got = CONTINUOUS_SAMPLERS[sampler](model, torch.tensor(sch.timesteps, dtype=torch.float64), x_T)
         # the same network outputs; the coefficients from tensors instead of Python floats: rounding only
         torch.testing.assert_close(got, trajectory[-1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_continuous_unipc_of_other_orders_at_integer_timesteps_is_the_discrete_one(model, x_T, order):
+    from ddpm_schedules.sampling.continuous import unipc_continuous
+
+    sch, trajectory = Schedule((1, 4, 13, 29, 50), T), []
+    sample_unipc(model, sch, x_T, trajectory=trajectory, order=order)
+    got = unipc_continuous(model, torch.tensor(sch.timesteps, dtype=torch.float64), x_T, order=order)
+    torch.testing.assert_close(got, trajectory[-1], rtol=1e-12, atol=1e-12)
 
 
 def test_the_parameterisation_inverts_and_stays_a_schedule(model):
@@ -159,7 +169,10 @@ def test_bad_opt_inputs_of_evaluate_are_one_line(tmp_path, tiny_ckpt):
     from ddpm_schedules.app.evaluate import evaluate
 
     cases = [
-        (["eval.strategies=[opt_unipc]"], r"^eval\.strategies has 'opt_unipc': unipc has no differentiable"),
+        (
+            ["eval.strategies=[opt_ancestral]"],
+            r"^eval\.strategies has 'opt_ancestral': ancestral has no differentiable",
+        ),
         (["eval.strategies=[opt_ddim]", "cost.opt.steps=0"], r"^cost\.opt\.steps = 0; it must be an integer >= 1"),
         (["eval.strategies=[opt_ddim]", "cost.opt.radius=-1"], r"^cost\.opt\.radius = -1(\.0)?; the teacher-forcing"),
         (["eval.strategies=[opt_ddim]", "cost.opt.start=dp_mse"], r"^cost\.opt\.start = 'dp_mse'; use dp"),

@@ -66,10 +66,19 @@ class NoiseSchedule:
     def T(self) -> int:
         return self.betas.numel()
 
+    def log_snr_at(self, t: Tensor) -> Tensor:
+        """log(ab / (1 - ab)) at continuous t in [1, T] (float64, differentiable in t): linear between the integer
+        steps; at an integer t the table's value exactly."""
+        return self._log_snr_at(t)[0]
+
     def alpha_bar_at(self, t: Tensor) -> Tensor:
         """alpha_bar at continuous t in [1, T] (float64, differentiable in t): the log-SNR log(ab / (1 - ab)) linear
         between the integer steps, ab = sigmoid of it. At an integer t it is the table's value exactly (written as
         table + (sigmoid(lambda(t)) - sigmoid(lambda(floor t))), whose second term is then exactly 0)."""
+        lam_t, lo, frac = self._log_snr_at(t)
+        return self.ab[lo] + (torch.sigmoid(lam_t) - torch.sigmoid(self.log_snr[lo] + 0 * frac))
+
+    def _log_snr_at(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         t = torch.as_tensor(t, dtype=torch.float64)
         if not bool(((t >= 1) & (t <= self.T)).all()):
             bad = t[~((t >= 1) & (t <= self.T))].reshape(-1)[0].item()
@@ -78,8 +87,7 @@ class NoiseSchedule:
         lo = t.detach().floor().long()  # t = T: lo = hi = T, frac = 0
         hi = (lo + 1).clamp(max=self.T)
         frac = t - lo
-        lam_t = lam[lo] + frac * (lam[hi] - lam[lo])
-        return self.ab[lo] + (torch.sigmoid(lam_t) - torch.sigmoid(lam[lo] + 0 * frac))
+        return lam[lo] + frac * (lam[hi] - lam[lo]), lo, frac
 
     def __repr__(self) -> str:
         return f"NoiseSchedule(T={self.T}, ab_T={self.ab[-1].item():.3e})"

@@ -1,5 +1,5 @@
-"""Differentiable samplers at continuous timesteps: DDIM (eta = 0), DPM-Solver++(2M) and iPNDM as in samplers.py and
-solvers.py, but with the timesteps a float64 tensor that gradients flow into (models/continuous.py's alpha_bar and
+"""Differentiable samplers at continuous timesteps: DDIM (eta = 0), DPM-Solver++(2M), iPNDM and UniPC-bh2 as in
+samplers.py and solvers.py, but with the timesteps a float64 tensor that gradients flow into (models/continuous.py's alpha_bar and
 fractional network timesteps). At integer timesteps they give the discrete samplers' x0 before quantization."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ddpm_schedules.models.continuous import predict_continuous
 from ddpm_schedules.models.model import DiffusionModel
-from ddpm_schedules.sampling.solvers import IPNDM
+from ddpm_schedules.sampling.solvers import IPNDM, unipc_update
 
 ContinuousSampler = Callable[[DiffusionModel, Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -77,8 +77,31 @@ def ipndm_continuous(model: DiffusionModel, timesteps: Tensor, x_T: Tensor, y: T
     raise AssertionError("unreachable")
 
 
+def unipc_continuous(
+    model: DiffusionModel, timesteps: Tensor, x_T: Tensor, y: Tensor | None = None, order: int = 2
+) -> Tensor:
+    """UniPC-bh2 (solvers.sample_unipc, its order and warm-up) along continuous ``timesteps``: the last x0_hat
+    (the final order-1 step to t = 0 lands on it), unquantized."""
+    x, points, K = x_T.double(), _points(timesteps), len(timesteps)
+    noise = model.schedule
+    abs_, lams = [noise.alpha_bar_at(t) for t in points], [0.5 * noise.log_snr_at(t) for t in points]
+    models: list[Tensor] = []
+    last_x, last_order = x, 0
+    for i, t in enumerate(points):
+        m = predict_continuous(model, x, t, y).x0_hat
+        if i == K - 1:
+            return m
+        if models:  # UniC: the step just taken, corrected with the new x0_hat
+            x = unipc_update(last_x, models, lams[max(0, i - order) : i], lams[i], abs_[i - 1], abs_[i], last_order, m)
+        models = (models + [m])[-order:]
+        last_x, last_order = x, min(order, i + 1, K - i)
+        x = unipc_update(x, models, lams[max(0, i + 1 - order) : i + 1], lams[i + 1], abs_[i], abs_[i + 1], last_order)
+    raise AssertionError("unreachable")
+
+
 CONTINUOUS_SAMPLERS: dict[str, ContinuousSampler] = {
     "ddim": ddim_continuous,
     "dpmpp": dpmpp_continuous,
     "ipndm": ipndm_continuous,
+    "unipc": unipc_continuous,
 }

@@ -35,6 +35,7 @@ from ddpm_schedules.schedules.strategy_types import (  # noqa: F401 (the classes
     OptimalStrategy,
     OptIpndmStrategy,
     OptStrategy,
+    OptUnipcStrategy,
     OssStrategy,
     PathsByBudget,
     QuadraticStrategy,
@@ -94,6 +95,7 @@ STRATEGIES = {
     "opt_ddim": OptDdimStrategy,
     "opt_dpmpp": OptDpmppStrategy,
     "opt_ipndm": OptIpndmStrategy,
+    "opt_unipc": OptUnipcStrategy,
 }
 OPT = tuple(n for n in STRATEGIES if n.startswith("opt_"))
 PREFIXED = {"respace": respace, "file": from_file}

@@ -155,6 +155,11 @@ class OptIpndmStrategy(OptStrategy):
 
 
 @dataclass(frozen=True)
+class OptUnipcStrategy(OptStrategy):
+    sampler: ClassVar[str] = "unipc"
+
+
+@dataclass(frozen=True)
 class EvenStrategy(Strategy):
     """improved-diffusion's even respacing (`even_schedule`)."""
 

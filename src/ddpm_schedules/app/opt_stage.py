@@ -10,12 +10,14 @@ from typing import Any, Sequence
 
 import torch.distributed
 
+from ddpm_schedules.app.settings import FrechetSettings
 from ddpm_schedules.app.stages import Context
-from ddpm_schedules.costs.end_to_end import OptSettings, optimize_schedule
+from ddpm_schedules.costs.end_to_end import Features, OptSettings, optimize_schedule
+from ddpm_schedules.sampling.frechet import differentiable_features
 from ddpm_schedules.schedules.files import GUIDED
 from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.schedules.strategies import OPT, STRATEGIES, parse_strategy
-from ddpm_schedules.storage.files import atomic_write_json, cache_key
+from ddpm_schedules.storage.files import atomic_write_json, cache_key, file_digest
 
 
 def opt_base(name: str) -> str | None:
@@ -26,10 +28,22 @@ def opt_base(name: str) -> str | None:
 
 
 def opt_stage(
-    ctx: Context, schedules: Sequence[Schedule], teacher: Schedule, settings: OptSettings, start: str
+    ctx: Context,
+    schedules: Sequence[Schedule],
+    teacher: Schedule,
+    settings: OptSettings,
+    start: str,
+    fid: FrechetSettings | None = None,
 ) -> tuple[list[Schedule], dict[str, Any]]:
-    """``schedules`` with each opt start replaced by its optimised (rounded) schedule; what each run found."""
+    """``schedules`` with each opt start replaced by its optimised (rounded) schedule; what each run found. With
+    ``settings.distance = "features"`` the distance is in ``fid``'s feature network (checked by the settings)."""
     out, found = [], {}
+    features, network = None, None
+    if settings.distance == "features":
+        assert fid is not None, "evaluate_settings refuses a feature distance without fid"
+        weights = fid.digits_weights if fid.features == "digits" else fid.inception_weights
+        network = {"features": fid.features, "weights": file_digest(weights)}
+        features = differentiable_features(fid.features, fid.digits_weights, fid.inception_weights)
     for sch in schedules:
         base = opt_base(sch.strategy)
         if base is None:
@@ -46,12 +60,17 @@ def opt_stage(
             start=origin.timesteps,
             teacher=teacher.timesteps,
             guidance=ctx.model.guidance,
+            **({"network": network} if network else {}),
         )
         file = ctx.cache_dir / f"opt_{key[:20]}.json"
         cached, record = None, None
         if ctx.procs.rank == 0:  # process 0 optimises (or reads the cache); the others take what it found
             cached = file.is_file()
-            record = json.loads(file.read_text()) if cached else _optimise(ctx, base, origin, teacher, settings, start)
+            record = (
+                json.loads(file.read_text())
+                if cached
+                else _optimise(ctx, base, origin, teacher, settings, start, features)
+            )
             if not cached:
                 atomic_write_json(file, record)
         if ctx.procs.world > 1:  # one schedule for every process (GPUs may round an optimisation differently)
@@ -64,15 +83,23 @@ def opt_stage(
 
 
 def _optimise(
-    ctx: Context, base: str, origin: Schedule, teacher: Schedule, settings: OptSettings, start: str
+    ctx: Context,
+    base: str,
+    origin: Schedule,
+    teacher: Schedule,
+    settings: OptSettings,
+    start: str,
+    features: Features | None,
 ) -> dict[str, Any]:
     """One optimisation as its cache record."""
-    result = optimize_schedule(ctx.model, STRATEGIES[base].sampler, origin, teacher, settings, progress=ctx.progress)
+    sampler = STRATEGIES[base].sampler
+    result = optimize_schedule(ctx.model, sampler, origin, teacher, settings, ctx.progress, features)
     return {
         "timesteps": list(result.schedule.timesteps),
         "continuous": result.continuous,
         "start": list(origin.timesteps),
         "start_strategy": ("dp_dpmpp" if base == "opt_dpmpp" else "dp_ode") if start == "dp" else start,
+        "distance": settings.distance,
         "distances": result.distances,
         "history": result.history,
         "seconds": result.seconds,

@@ -160,7 +160,7 @@ def _run_stages(
             at = sampled if scale == 1 else guided_schedules(ctx, s, cost_seed, matrices, guided, scale)
             if any(opt_base(x.strategy) for x in at):
                 with ctx.timed(f"opt_s{scale:g}"):
-                    at, found = opt_stage(ctx, at, teacher_grid, cost.opt, cost.opt_start)
+                    at, found = opt_stage(ctx, at, teacher_grid, cost.opt, cost.opt_start, fid)
                 optimised |= found
             guided_sampled += at if scale != 1 or optimised else []
             found, shown, ref = quality_stage(

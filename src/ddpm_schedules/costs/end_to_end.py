@@ -1,5 +1,7 @@
 """End-to-end schedule optimisation (LD3-style, Tong et al. 2024): the K timesteps of a sampler as parameters,
 Adam on the distance between the K-step sampler's output and the teacher's from the same x_T, through the sampler.
+The distance is L2 in pixels or in a feature network's features (the FD network: the digits classifier's
+penultimate layer, or the FID Inception's pool3 on RGB without the uint8 rounding; LPIPS needs torchvision).
 
 Parameterisation: tau_K = T fixed; the K gaps in log-SNR lambda between T, tau_{K-1}, ..., tau_1 and t = 1 are
 softmax(u) times lambda(1) - lambda(T), so every u is a strictly increasing schedule in [1, T]; t from lambda by
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -28,10 +31,14 @@ from ddpm_schedules.schedules.schedule import Schedule
 from ddpm_schedules.storage.errors import ParameterError
 from ddpm_schedules.storage.progress import tqdm
 
+DISTANCES = ("l2", "features")
+Features = Callable[[Tensor], Tensor]  # x in [-1, 1] -> [n, F], differentiable (frechet.differentiable_features)
+
 
 @dataclass(frozen=True)
 class OptSettings:
-    """Adam steps and rate, training and held-out x_T draws, the teacher-forcing radius, how often to check."""
+    """Adam steps and rate, training and held-out x_T draws, the teacher-forcing radius, how often to check, the
+    distance (``l2`` in pixels or ``features``) and the draws per forward-backward pass (None: all at once)."""
 
     steps: int = 100
     lr: float = 0.05
@@ -40,12 +47,20 @@ class OptSettings:
     radius: float = 0.0
     check_every: int = 10
     seed: int = 0
+    distance: str = "l2"
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        for key in ("steps", "train_samples", "heldout_samples", "check_every"):
+        for key in ("steps", "train_samples", "heldout_samples", "check_every", "batch_size"):
             value = getattr(self, key)
+            if value is None and key == "batch_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ParameterError("{%s} = {value!r}; it must be an integer >= 1" % key, value=value)
+        if self.distance not in DISTANCES:
+            raise ParameterError(
+                "{distance} = {value!r}; use l2 (pixels) or features (the FD network's)", value=self.distance
+            )
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ParameterError("{lr} = {value!r}; Adam's learning rate must be > 0", value=self.lr)
         if not (isinstance(self.radius, (int, float)) and self.radius >= 0):
@@ -109,6 +124,19 @@ def distance(x: Tensor, teacher: Tensor) -> Tensor:
     return (x - teacher).flatten(1).norm(dim=1).mean()
 
 
+def _embedding(settings: OptSettings, features: Features | None) -> Callable[[Tensor], Tensor]:
+    if settings.distance == "l2":
+        return lambda x: x.flatten(1)
+    if features is None:
+        raise ParameterError("{distance} = 'features' needs a feature network (the FD network); none was given")
+    return lambda x: features(x).double()
+
+
+def _chunks(n: int, size: int | None) -> list[slice]:
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def _draws(model: DiffusionModel, seed: int, n: int) -> tuple[Tensor, Tensor | None]:
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn(n, *model.image_shape, generator=gen, dtype=torch.float64).to(model.device)
@@ -140,21 +168,32 @@ def optimize_schedule(
     teacher: Schedule,
     settings: OptSettings = OptSettings(),
     progress: bool = False,
+    features: Features | None = None,
 ) -> OptResult:
-    """``start`` (K steps) optimised end to end for ``sampler`` against ``teacher``'s samples (module docstring)."""
+    """``start`` (K steps) optimised end to end for ``sampler`` against ``teacher``'s samples (module docstring);
+    ``features`` embeds samples for ``settings.distance = "features"``."""
     check_sampler(sampler)
     run = CONTINUOUS_SAMPLERS[sampler]
+    embed = _embedding(settings, features)
     began, noise, K = time.perf_counter(), model.schedule, start.K
     x_train, y_train = _draws(model, mix(settings.seed, 1), settings.train_samples)
     x_held, y_held = _draws(model, mix(settings.seed, 2), settings.heldout_samples)
-    target_train = teacher_samples(model, teacher, x_train, y_train)
-    target_held = teacher_samples(model, teacher, x_held, y_held)
+    parts_train = _chunks(len(x_train), settings.batch_size)
+    parts_held = _chunks(len(x_held), settings.batch_size)
+
+    @torch.no_grad()
+    def targets(x: Tensor, y: Tensor | None, parts: list[slice]) -> Tensor:
+        return torch.cat([embed(teacher_samples(model, teacher, x[p], _at(y, p))) for p in parts])
+
+    @torch.no_grad()
+    def mean_distance(ts: Tensor, x: Tensor, y: Tensor | None, target: Tensor, parts: list[slice]) -> float:
+        norms = [(embed(run(model, ts, x[p], _at(y, p))) - target[p]).norm(dim=1) for p in parts]
+        return float(torch.cat(norms).mean())
+
+    target_train, target_held = targets(x_train, y_train, parts_train), targets(x_held, y_held, parts_held)
     calls = teacher.K * 2
     if K == 1:  # nothing to optimise: tau_1 = T
-        with torch.no_grad():
-            d = float(
-                distance(run(model, torch.tensor([float(model.T)], dtype=torch.float64), x_held, y_held), target_held)
-            )
+        d = mean_distance(torch.tensor([float(model.T)], dtype=torch.float64), x_held, y_held, target_held, parts_held)
         return OptResult(
             replace_strategy(start, sampler), [float(model.T)], start, {"start": d, "best": d, "rounded": d}
         )
@@ -163,13 +202,12 @@ def optimize_schedule(
     optimizer = torch.optim.Adam([u, delta] if settings.radius > 0 else [u], lr=settings.lr)
     bound = settings.radius * math.sqrt(x_train[0].numel())
 
-    @torch.no_grad()
     def check(step: int) -> dict[str, float]:
-        ts = schedule_from_params(noise, u)
+        ts = schedule_from_params(noise, u.detach())
         return {
             "step": step,
-            "train": float(distance(run(model, ts, x_train, y_train), target_train)),
-            "heldout": float(distance(run(model, ts, x_held, y_held), target_held)),
+            "train": mean_distance(ts, x_train, y_train, target_train, parts_train),
+            "heldout": mean_distance(ts, x_held, y_held, target_held, parts_held),
         }
 
     history = [check(0)]
@@ -177,8 +215,9 @@ def optimize_schedule(
     calls += 2 * K
     for step in tqdm(range(1, settings.steps + 1), desc=f"opt_{sampler} K={K}", unit="step", disable=not progress):
         optimizer.zero_grad()
-        loss = distance(run(model, schedule_from_params(noise, u), x_train + delta, y_train), target_train)
-        loss.backward()
+        for p in parts_train:  # the mean over all draws, its gradient summed over chunks (memory: one chunk's graph)
+            x = run(model, schedule_from_params(noise, u), x_train[p] + delta[p], _at(y_train, p))
+            ((embed(x) - target_train[p]).norm(dim=1).sum() / len(x_train)).backward()
         optimizer.step()
         calls += 2 * K  # forward and backward through K network calls
         if settings.radius > 0:
@@ -193,10 +232,8 @@ def optimize_schedule(
                 best, best_u = now, u.detach().clone()
     continuous = schedule_from_params(noise, best_u).detach()
     rounded = round_schedule(continuous, model.T, f"opt_{sampler}")
-    with torch.no_grad():
-        d_round = float(
-            distance(run(model, torch.tensor(rounded.timesteps, dtype=torch.float64), x_held, y_held), target_held)
-        )
+    integer = torch.tensor(rounded.timesteps, dtype=torch.float64)
+    d_round = mean_distance(integer, x_held, y_held, target_held, parts_held)
     calls += K
     return OptResult(
         rounded,
@@ -213,6 +250,10 @@ def optimize_schedule(
         time.perf_counter() - began,
         calls,
     )
+
+
+def _at(y: Tensor | None, part: slice) -> Tensor | None:
+    return None if y is None else y[part]
 
 
 def replace_strategy(schedule: Schedule, sampler: str) -> Schedule:

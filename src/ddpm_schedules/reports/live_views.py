@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ddpm_schedules.costs.matrix import CostMatrix
-from ddpm_schedules.reports.plots import plot_cost_matrix, sample_grid
+from ddpm_schedules.reports.plots import plot_cost_matrix, plot_opt_history, sample_grid
 from ddpm_schedules.reports.report import quality_metrics
 from ddpm_schedules.schedules.schedule import Schedule
 
@@ -43,6 +43,27 @@ def bpd(results: Sequence[Any], full: Any = None) -> dict[str, float]:
     if full is not None:
         out["bpd/full_chain"] = full.bpd
     return out
+
+
+OPT_COLUMNS = ("strategy", "K", "start_strategy", "start", "schedule", "continuous", "distance", "start_distance")
+OPT_COLUMNS += ("best_distance", "rounded_distance", "seconds", "network_calls", "cached")
+
+
+def opt(found: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
+    """opt/<strategy>/K<K>/{start,best,rounded} (held-out distances) and seconds; the history figure; a table."""
+    values, rows = {}, []
+    for name, rec in found.items():
+        d = rec["distances"]
+        for key in ("start", "best", "rounded"):
+            values[f"opt/{name}/{key}"] = d.get(key)
+        values[f"opt/{name}/seconds"] = rec["seconds"]
+        strategy, k = name.rsplit("/K", 1)
+        rows.append([
+            strategy, int(k), rec["start_strategy"], rec["start"], rec["timesteps"], rec["continuous"],
+            rec.get("distance", "l2"), d.get("start"), d.get("best"), d.get("rounded"), rec["seconds"],
+            rec["network_calls"], bool(rec["cached"]),
+        ])  # fmt: skip
+    return values, {"history": plot_opt_history(found)}, {"opt": (OPT_COLUMNS, rows)}
 
 
 def quality(

@@ -99,26 +99,56 @@ def plot_bpd_vs_budget(
 
 def plot_fd_vs_budget(quality: Sequence[dict[str, Any]], sampler: str, features: str) -> Figure:
     """Fréchet distance against K for one sampler label, one line per strategy, with bootstrap error bars."""
+    return plot_quality_vs_budget(quality, sampler, "fid", "Fréchet distance (± bootstrap SE)", features)
+
+
+def plot_teacher_distance_vs_budget(quality: Sequence[dict[str, Any]], sampler: str) -> Figure:
+    """The mean L2 distance to the teacher's samples from the same x_T against K, ± SE, one line per strategy."""
+    return plot_quality_vs_budget(
+        quality, sampler, "teacher_distance", "distance to the teacher (± SE)", "same x_T as the teacher"
+    )
+
+
+def plot_quality_vs_budget(
+    quality: Sequence[dict[str, Any]], sampler: str, key: str, ylabel: str, subtitle: str
+) -> Figure:
+    """``key`` (``<key>_sem`` its error bar) against K for one sampler label, one line per strategy."""
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=DPI, layout="constrained")
+    mine = [q for q in quality if sampler_label(q) == sampler]
     for name in dict.fromkeys(q["strategy"] for q in quality):
-        rows = sorted(
-            (q for q in quality if q["strategy"] == name and sampler_label(q) == sampler and q["fid"] is not None),
-            key=lambda q: q["K"],
-        )
+        rows = sorted((q for q in mine if q["strategy"] == name and q.get(key) is not None), key=lambda q: q["K"])
         if rows:
             ax.errorbar(
                 [q["K"] for q in rows],
-                [q["fid"] for q in rows],
-                yerr=[q["fid_sem"] or 0 for q in rows],
+                [q[key] for q in rows],
+                yerr=[q.get(f"{key}_sem") or 0 for q in rows],
                 marker="o",
                 capsize=3,
                 label=name,
             )
-    _k_axis(ax, [q["K"] for q in quality if sampler_label(q) == sampler] or [1])
-    _log_y_if_wide(ax, [q["fid"] for q in quality if sampler_label(q) == sampler and q["fid"] is not None])
+    _k_axis(ax, [q["K"] for q in mine] or [1])
+    _log_y_if_wide(ax, [q[key] for q in mine if q.get(key) is not None])
     ax.set_xlabel("steps K")
-    ax.set_ylabel("Fréchet distance (± bootstrap SE)")
-    ax.set_title(f"{sampler} sampler, {features}", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{sampler} sampler, {subtitle}", fontsize=9)
+    fig.legend(loc="outside right upper", fontsize=8)
+    return fig
+
+
+def plot_opt_history(found: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """The end-to-end optimiser's distance to the teacher against its Adam step: held-out (solid, the draws it
+    selects on) and training (dashed), one colour per opt strategy and K, the kept iterate marked."""
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=DPI, layout="constrained")
+    for i, (name, rec) in enumerate(sorted(found.items())):
+        steps = [h["step"] for h in rec["history"]]
+        colour = f"C{i % 10}"
+        ax.plot(steps, [h["heldout"] for h in rec["history"]], color=colour, marker=".", label=name)
+        ax.plot(steps, [h["train"] for h in rec["history"]], color=colour, linestyle="--", linewidth=0.8)
+        kept = next(h for h in rec["history"] if h["heldout"] == rec["distances"]["best"])
+        ax.plot([kept["step"]], [kept["heldout"]], color=colour, marker="*", markersize=10, linestyle="none")
+    ax.set_xlabel("Adam step")
+    ax.set_ylabel(f"distance to the teacher ({next(iter(found.values())).get('distance', 'l2')})")
+    ax.set_title("opt: held-out (solid; star: the kept iterate's) and training (dashed) distance", fontsize=9)
     fig.legend(loc="outside right upper", fontsize=8)
     return fig
 

@@ -20,7 +20,9 @@ from ddpm_schedules.reports.plots import (
     plot_bpd_vs_budget,
     plot_cost_matrix,
     plot_fd_vs_budget,
+    plot_opt_history,
     plot_schedules,
+    plot_teacher_distance_vs_budget,
     sample_grid,
     sampler_label,
 )
@@ -142,8 +144,8 @@ def write_evaluation(
 def evaluation_figures(
     doc: dict[str, Any], cm: CostMatrix, schedules: Sequence[Schedule], ab: torch.Tensor | None
 ) -> dict[str, Any]:
-    """bpd_vs_K (± SE), the cost matrix with the ELBO DP's paths, the schedules by K, FD against K per sampler and
-    the schedules against the guidance scale."""
+    """bpd_vs_K (± SE), the cost matrix with the ELBO DP's paths, the schedules by K, FD and the teacher distance
+    against K per sampler, the end-to-end optimiser's history and the schedules against the guidance scale."""
     bpd: dict[str, dict[int, float]] = {}
     sem: dict[str, dict[int, float]] = {}
     for r in doc["results"]:
@@ -159,9 +161,14 @@ def evaluation_figures(
         "cost_matrix": plot_cost_matrix(cm, paths),
         "schedules": plot_schedules([s for s in schedules if s.K <= 256], ab),
     }
-    if doc["fid"]["features"]:
-        for sampler in dict.fromkeys(sampler_label(q) for q in doc.get("sample_quality") or []):
-            figures[f"fd_vs_K_{sampler}"] = plot_fd_vs_budget(doc["sample_quality"], sampler, doc["fid"]["features"])
+    quality = doc.get("sample_quality") or []
+    for sampler in dict.fromkeys(sampler_label(q) for q in quality):
+        if doc["fid"]["features"]:
+            figures[f"fd_vs_K_{sampler}"] = plot_fd_vs_budget(quality, sampler, doc["fid"]["features"])
+        if any(q.get("teacher_distance") is not None for q in quality if sampler_label(q) == sampler):
+            figures[f"teacher_distance_vs_K_{sampler}"] = plot_teacher_distance_vs_budget(quality, sampler)
+    if (doc.get("cost_matrix") or {}).get("opt"):
+        figures["opt_history"] = plot_opt_history(doc["cost_matrix"]["opt"])
     if len(doc["fid"].get("guidance") or [1]) > 1:
         figures["schedules_vs_guidance"] = plot_schedules_vs_guidance(doc.get("sample_quality") or [])
     return figures

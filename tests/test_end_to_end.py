@@ -94,7 +94,9 @@ def test_the_loss_gradient_in_the_timesteps_matches_finite_differences(model, x_
 
 @pytest.mark.parametrize("radius", [0.0, 0.1])
 def test_opt_never_ends_worse_than_its_start_on_the_training_draws(model, radius):
-    settings = OptSettings(steps=25, lr=0.01, train_samples=16, heldout_samples=16, check_every=5, radius=radius)
+    settings = OptSettings(
+        steps=25, lr=0.01, train_samples=16, heldout_samples=16, check_every=5, radius=radius, lr_decay="constant"
+    )
     start = Schedule((3, 17, 34, 50), T)
     result = optimize_schedule(model, "ddim", start, even_schedule(T, 25), settings)
     d = result.distances
@@ -202,6 +204,8 @@ def test_bad_optimiser_settings_and_samplers(model):
         OptSettings(distance="lpips")
     with pytest.raises(ValueError, match=r"^batch_size = 0; it must be an integer >= 1"):
         OptSettings(batch_size=0)
+    with pytest.raises(ValueError, match=r"^lr_decay = 'step'; use cosine"):
+        OptSettings(lr_decay="step")
     with pytest.raises(ValueError, match=r"^opt_ancestral needs a differentiable sampler; 'ancestral' has none"):
         optimize_schedule(model, "ancestral", even_schedule(T, 4), even_schedule(T, 25))
 

@@ -193,6 +193,27 @@ def test_the_differentiable_inception_features_equal_fid_s_on_the_uint8_grid():
     assert grad.abs().sum() > 0
 
 
+def test_of_several_starts_opt_begins_from_the_closest_on_the_training_draws(model):
+    teacher = even_schedule(T, 25)
+    starts = [Schedule((3, 17, 34, 50), T, "a"), Schedule((1, 2, 3, 50), T, "b"), Schedule((10, 20, 30, 50), T, "c")]
+    settings = OptSettings(steps=2, lr=0.01, train_samples=8, heldout_samples=8, check_every=1)
+    result = optimize_schedule(model, "ddim", starts, teacher, settings)
+    x, _ = _draws(model, mix(0, 1), 8)  # the training draws
+    target = teacher_samples(model, teacher, x, None)
+    with torch.no_grad():
+        want = {
+            s.strategy: float(
+                distance(CONTINUOUS_SAMPLERS["ddim"](model, torch.tensor(s.timesteps).double(), x), target)
+            )
+            for s in starts
+        }
+    assert result.candidates == pytest.approx(want, rel=1e-12)
+    assert result.start == min(starts, key=lambda s: want[s.strategy])
+    assert result.history[0]["train"] == pytest.approx(min(want.values()), rel=1e-12)
+    with pytest.raises(ValueError, match=r"^the starts must be one or more schedules of one K"):
+        optimize_schedule(model, "ddim", [starts[0], even_schedule(T, 3)], teacher, settings)
+
+
 def test_bad_optimiser_settings_and_samplers(model):
     with pytest.raises(ValueError, match=r"^steps = 0; it must be an integer >= 1"):
         OptSettings(steps=0)
@@ -243,7 +264,8 @@ def test_opt_strategies_run_through_evaluate_and_are_cached(tmp_path, monkeypatc
     assert calls == [] and all(found["cached"] for found in again["cost_matrix"]["opt"].values())
     assert again["sample_quality"] == doc["sample_quality"]
 
-    def moved(model, sampler, start, teacher, settings, progress=False, features=None):  # away from the start
+    def moved(model, sampler, starts, teacher, settings, progress=False, features=None):  # away from the start
+        (start,) = starts
         sch = Schedule((start.timesteps[0] - 1, *start.timesteps[1:]), start.T, f"opt_{sampler}")
         distances = {"start": 1.0, "best": 0.5, "rounded": 0.6, "train_start": 1.0, "train_best": 0.5}
         return OptResult(sch, [float(t) for t in sch.timesteps], start, distances, [], 1.0, 10)
@@ -254,6 +276,28 @@ def test_opt_strategies_run_through_evaluate_and_are_cached(tmp_path, monkeypatc
     assert [q["schedule"] for q in third["sample_quality"] if q["strategy"] == "opt_ddim"] == [want]
     written = json.loads((tmp_path / "moved" / "run" / "schedules" / "opt_ddim_K2.json").read_text())
     assert written["timesteps"] == want  # the optimised schedule is written, not its start
+
+
+@pytest.mark.slow
+def test_opt_starts_from_the_best_exact_dp_or_a_named_one(tmp_path):
+    from conftest import TINY, eval_cfg, save_tiny_checkpoint
+    from test_conditioning import perturbed_state
+
+    from ddpm_schedules.app.evaluate import evaluate
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.ckpt", TINY, perturbed_state(TINY))
+    base = ["logger=none", "eval.samplers=[ddim]", "eval.strategies=[dp_ode,dp_ode_oss,dp,opt_ddim]", *OPT_SMALL]
+    base += ["eval.sample_budgets=[3]", "cost.ode.propagate=ddim"]
+    doc = evaluate(eval_cfg(tmp_path, ckpt, *base, "cost.opt.start=best"))
+    found = doc["cost_matrix"]["opt"]["opt_ddim/K3"]
+    sampled = {q["strategy"]: q["schedule"] for q in doc["sample_quality"]}
+    assert "dp_ode" in found["candidates"] and set(found["candidates"]) <= {"dp_ode", "dp_ode_oss", "dp"}
+    assert len(found["candidates"]) >= 2  # at K = 3 of T = 20 the DPs differ
+    assert found["start_strategy"] == min(found["candidates"], key=found["candidates"].get)
+    assert found["start"] == sampled[found["start_strategy"]]
+    named = evaluate(eval_cfg(tmp_path / "named", ckpt, *base, "cost.opt.start=dp_ode_oss"))
+    found = named["cost_matrix"]["opt"]["opt_ddim/K3"]
+    assert (found["start_strategy"], found["start"], found["candidates"]) == ("dp_ode_oss", sampled["dp_ode_oss"], {})
 
 
 @pytest.mark.slow
@@ -286,7 +330,7 @@ def test_bad_opt_inputs_of_evaluate_are_one_line(tmp_path, tiny_ckpt):
         ),
         (["eval.strategies=[opt_ddim]", "cost.opt.steps=0"], r"^cost\.opt\.steps = 0; it must be an integer >= 1"),
         (["eval.strategies=[opt_ddim]", "cost.opt.radius=-1"], r"^cost\.opt\.radius = -1(\.0)?; the teacher-forcing"),
-        (["eval.strategies=[opt_ddim]", "cost.opt.start=dp_mse"], r"^cost\.opt\.start = 'dp_mse'; use dp"),
+        (["eval.strategies=[opt_ddim]", "cost.opt.start=dp_mse"], r"^cost\.opt\.start = 'dp_mse'; use dp \(the"),
         (["eval.strategies=[opt_ddim]", "cost.opt.distance=lpips"], r"^cost\.opt\.distance = 'lpips'; use l2"),
         (
             ["eval.strategies=[opt_ddim]", "cost.opt.distance=features", "fid.enabled=false"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import ListConfig
 
@@ -58,6 +58,7 @@ def evaluate_settings(cfg: Any) -> EvaluateSettings:
         eval_split=str(get(cfg, "eval.split")),
     )
     cost, held_out = cost_settings(cfg), held_out_settings(cfg)
+    check_opt_start(cost.opt_start, held_out.strategies)
     if cost.opt.distance == "features" and any(str(n).startswith("opt_") for n in held_out.strategies):
         if fid is None:
             raise ValueError(
@@ -101,8 +102,6 @@ def cost_settings(cfg: Any) -> CostSettings:
         grid = check_spec(get(cfg, "cost.grid"))
     opt_node = dict(get(cfg, "cost.opt"))
     opt_start = str(opt_node.pop("start"))
-    if opt_start != "dp" and opt_start not in ("even", "quadratic", "karras", "logsnr", "exponential", "beta", "ays"):
-        raise ValueError(f"cost.opt.start = {opt_start!r}; use dp (the sampler's exact DP) or a baseline: even, logsnr")
     with config_keys(**{k: f"cost.opt.{k}" for k in opt_node}):
         opt = OptSettings(**opt_node)
     precision = PrecisionSettings(target_sem=target, first=count(cfg, "cost.first_round"))
@@ -117,6 +116,19 @@ def cost_settings(cfg: Any) -> CostSettings:
         opt=opt,
         opt_start=opt_start,
     )
+
+
+OPT_BASELINES = ("even", "quadratic", "karras", "logsnr", "exponential", "beta", "ays")
+
+
+def check_opt_start(start: str, strategies: Sequence[str]) -> None:
+    """cost.opt.start: dp, best, a (non-opt) strategy of the run, or a baseline built without a matrix."""
+    named = [str(n) for n in strategies if not str(n).startswith("opt_")]
+    if start not in ("dp", "best", *OPT_BASELINES, *named):
+        raise ValueError(
+            f"cost.opt.start = {start!r}; use dp (the sampler's exact DP), best (the closest to the teacher of the "
+            f"run's exact DPs), a strategy of eval.strategies or a baseline: {', '.join(OPT_BASELINES)}"
+        )
 
 
 def held_out_settings(cfg: Any) -> HeldOutSettings:

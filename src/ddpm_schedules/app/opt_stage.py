@@ -49,15 +49,12 @@ def opt_stage(
         if base is None:
             out.append(sch)
             continue
-        origin = sch
-        if start != "dp":  # the baseline's schedule at this K instead of the DP's, to measure what the DP start gives
-            baseline = parse_strategy(start, ctx.model.T, ctx.model.schedule)
-            origin = replace(baseline.build(SimpleNamespace(T=ctx.model.T), sch.K), strategy=sch.strategy)
+        origins = _starts(ctx, sch, base, schedules, start)
         key = cache_key(
             ctx.model,
             opt=asdict(settings),
             sampler=STRATEGIES[base].sampler,
-            start=origin.timesteps,
+            start=[o.timesteps for o in origins],
             teacher=teacher.timesteps,
             guidance=ctx.model.guidance,
             **({"network": network} if network else {}),
@@ -67,9 +64,7 @@ def opt_stage(
         if ctx.procs.rank == 0:  # process 0 optimises (or reads the cache); the others take what it found
             cached = file.is_file()
             record = (
-                json.loads(file.read_text())
-                if cached
-                else _optimise(ctx, base, origin, teacher, settings, start, features)
+                json.loads(file.read_text()) if cached else _optimise(ctx, base, origins, teacher, settings, features)
             )
             if not cached:
                 atomic_write_json(file, record)
@@ -82,23 +77,46 @@ def opt_stage(
     return out, found
 
 
+def _base_name(name: str) -> str:
+    guided = GUIDED.match(name)
+    return guided["base"] if guided else name
+
+
+def _starts(ctx: Context, sch: Schedule, base: str, schedules: Sequence[Schedule], start: str) -> list[Schedule]:
+    """The start schedules of one opt schedule (``cost.opt.start``): the sampler's own DP (``dp``); it and every
+    other exact DP sampled at this K (``best``: the closest on the training draws wins); one strategy of the run;
+    or a baseline's schedule, to measure what the DP start gives."""
+    own = Schedule(sch.timesteps, sch.T, "dp_dpmpp" if base == "opt_dpmpp" else "dp_ode")
+    at_k = [s for s in schedules if s.K == sch.K and opt_base(s.strategy) is None]
+    if start == "dp":
+        return [own]
+    if start == "best":
+        dps = [s for s in at_k if _base_name(s.strategy).startswith("dp") and s.timesteps != own.timesteps]
+        return [own] + list({s.timesteps: s for s in dps}.values())
+    named = [s for s in at_k if _base_name(s.strategy) == start]
+    if named:
+        return named[:1]
+    baseline = parse_strategy(start, ctx.model.T, ctx.model.schedule)
+    return [replace(baseline.build(SimpleNamespace(T=ctx.model.T), sch.K), strategy=start)]
+
+
 def _optimise(
     ctx: Context,
     base: str,
-    origin: Schedule,
+    origins: list[Schedule],
     teacher: Schedule,
     settings: OptSettings,
-    start: str,
     features: Features | None,
 ) -> dict[str, Any]:
     """One optimisation as its cache record."""
     sampler = STRATEGIES[base].sampler
-    result = optimize_schedule(ctx.model, sampler, origin, teacher, settings, ctx.progress, features)
+    result = optimize_schedule(ctx.model, sampler, origins, teacher, settings, ctx.progress, features)
     return {
         "timesteps": list(result.schedule.timesteps),
         "continuous": result.continuous,
-        "start": list(origin.timesteps),
-        "start_strategy": ("dp_dpmpp" if base == "opt_dpmpp" else "dp_ode") if start == "dp" else start,
+        "start": list(result.start.timesteps),
+        "start_strategy": result.start.strategy,
+        "candidates": result.candidates,
         "distance": settings.distance,
         "distances": result.distances,
         "history": result.history,

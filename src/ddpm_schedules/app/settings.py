@@ -103,7 +103,9 @@ class CostSettings:
     refine: RefineSettings | None = None
     ode: OdeSettings = OdeSettings()
     opt: OptSettings = OptSettings()  # opt_<sampler>: end-to-end optimisation (costs/end_to_end.py)
-    opt_start: str = "dp"  # dp (the sampler's exact DP: dp_ode, dp_dpmpp), or a baseline: even, logsnr, ...
+    opt_start: str = (
+        "dp"  # dp (the sampler's exact DP), best (the closest of the run's DPs), a strategy of the run, a baseline
+    )
 
 
 @dataclass(frozen=True)

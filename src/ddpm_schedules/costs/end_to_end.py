@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -86,6 +86,7 @@ class OptResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per check: step, train, heldout
     seconds: float = 0.0
     network_calls: int = 0
+    candidates: dict[str, float] = field(default_factory=dict)  # start strategy -> its training-draw distance
 
 
 def t_from_log_snr(noise: NoiseSchedule, lam: Tensor) -> Tensor:
@@ -170,18 +171,22 @@ def check_sampler(sampler: str) -> None:
 def optimize_schedule(
     model: DiffusionModel,
     sampler: str,
-    start: Schedule,
+    start: Schedule | Sequence[Schedule],
     teacher: Schedule,
     settings: OptSettings = OptSettings(),
     progress: bool = False,
     features: Features | None = None,
 ) -> OptResult:
     """``start`` (K steps) optimised end to end for ``sampler`` against ``teacher``'s samples (module docstring);
-    ``features`` embeds samples for ``settings.distance = "features"``."""
+    several starts of one K: the one closest to the teacher on the training draws. ``features`` embeds samples for
+    ``settings.distance = "features"``."""
     check_sampler(sampler)
     run = CONTINUOUS_SAMPLERS[sampler]
     embed = _embedding(settings, features)
-    began, noise, K = time.perf_counter(), model.schedule, start.K
+    starts = [start] if isinstance(start, Schedule) else list(start)
+    if not starts or len({s.K for s in starts}) != 1:
+        raise ValueError(f"the starts must be one or more schedules of one K; got K = {[s.K for s in starts]}")
+    began, noise, K = time.perf_counter(), model.schedule, starts[0].K
     x_train, y_train = _draws(model, mix(settings.seed, 1), settings.train_samples)
     x_held, y_held = _draws(model, mix(settings.seed, 2), settings.heldout_samples)
     parts_train = _chunks(len(x_train), settings.batch_size)
@@ -198,6 +203,15 @@ def optimize_schedule(
 
     target_train, target_held = targets(x_train, y_train, parts_train), targets(x_held, y_held, parts_held)
     calls = teacher.K * 2
+    candidates = {}
+    if len(starts) > 1:  # on the training draws only: the held-out ones stay for selection and the report
+        for s in starts:
+            ts = torch.tensor(s.timesteps, dtype=torch.float64)
+            candidates[s.strategy] = mean_distance(ts, x_train, y_train, target_train, parts_train)
+            calls += K
+        start = starts[min(range(len(starts)), key=lambda i: candidates[starts[i].strategy])]
+    else:
+        start = starts[0]
     if K == 1:  # nothing to optimise: tau_1 = T
         d = mean_distance(torch.tensor([float(model.T)], dtype=torch.float64), x_held, y_held, target_held, parts_held)
         return OptResult(
@@ -261,6 +275,7 @@ def optimize_schedule(
         history,
         time.perf_counter() - began,
         calls,
+        candidates,
     )
 
 

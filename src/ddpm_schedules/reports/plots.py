@@ -140,16 +140,19 @@ def plot_opt_history(found: Mapping[str, Mapping[str, Any]]) -> Figure:
     selects on) and training (dashed), one colour per opt strategy and K, the kept iterate marked."""
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=DPI, layout="constrained")
     for i, (name, rec) in enumerate(sorted(found.items())):
+        if not rec["history"]:  # K = 1: nothing to optimise
+            continue
         steps = [h["step"] for h in rec["history"]]
         colour = f"C{i % 10}"
         ax.plot(steps, [h["heldout"] for h in rec["history"]], color=colour, marker=".", label=name)
         ax.plot(steps, [h["train"] for h in rec["history"]], color=colour, linestyle="--", linewidth=0.8)
-        kept = next(h for h in rec["history"] if h["heldout"] == rec["distances"]["best"])
-        ax.plot([kept["step"]], [kept["heldout"]], color=colour, marker="*", markersize=10, linestyle="none")
+        kept = [h for h in rec["history"] if h["heldout"] == rec["distances"]["best"]][:1]
+        ax.plot([h["step"] for h in kept], [h["heldout"] for h in kept], "*", color=colour, markersize=10)
     ax.set_xlabel("Adam step")
-    ax.set_ylabel(f"distance to the teacher ({next(iter(found.values())).get('distance', 'l2')})")
+    ax.set_ylabel(f"distance to the teacher ({next(iter(found.values()), {}).get('distance', 'l2')})")
     ax.set_title("opt: held-out (solid; star: the kept iterate's) and training (dashed) distance", fontsize=9)
-    fig.legend(loc="outside right upper", fontsize=8)
+    if ax.lines:
+        fig.legend(loc="outside right upper", fontsize=8)
     return fig
 
 

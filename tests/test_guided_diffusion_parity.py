@@ -142,7 +142,10 @@ def test_respaced_chain_matches(loaded, ref):
         out = loaded.net(step["x_t"], torch.full((4,), t - 1), y)
         torch.testing.assert_close(out, step["model_out"], rtol=1e-5, atol=1e-5, msg=f"t = {t}")
         bits = to_bits(terms(loaded, x0, t, [s], step["noise"], y=y)[:, 0], x0)
-        assert_bits_close(bits, step["vb_bits"], rtol=1e-6 if s > 0 else 2e-3, msg=f"(s, t) = ({s}, {t})")
+        # the terms are functions of the float32 network output, which agrees with guided-diffusion's only to the
+        # 1e-5 above (CPU kernels differ); the KL's squared-mean term doubles a relative error in it: rtol 2e-5
+        # (measured 1.8e-7 to 2.5e-6 on the CPUs here; the decoder's tanh-CDF at t = 1: 2e-3)
+        assert_bits_close(bits, step["vb_bits"], rtol=2e-5 if s > 0 else 2e-3, msg=f"(s, t) = ({s}, {t})")
 
 
 # --- (d) bad inputs and the flags ------------------------------------------------------------------

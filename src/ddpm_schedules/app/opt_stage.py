@@ -40,7 +40,8 @@ def opt_stage(
     out, found = [], {}
     features, network = None, None
     if settings.distance == "features":
-        assert fid is not None, "evaluate_settings refuses a feature distance without fid"
+        if fid is None:  # evaluate_settings refuses this first; the check is for callers of run_evaluation
+            raise ValueError("cost.opt.distance = 'features' needs the fid settings' feature network; fid is None")
         weights = fid.digits_weights if fid.features == "digits" else fid.inception_weights
         network = {"features": fid.features, "weights": file_digest(weights)}
         features = differentiable_features(fid.features, fid.digits_weights, fid.inception_weights)

@@ -62,7 +62,8 @@ def dpmpp_continuous(model: DiffusionModel, timesteps: Tensor, x_T: Tensor, y: T
 
 
 def ipndm_continuous(model: DiffusionModel, timesteps: Tensor, x_T: Tensor, y: Tensor | None = None) -> Tensor:
-    """iPNDM (solvers.sample_ipndm) along continuous ``timesteps``: the final x0', unquantized."""
+    """iPNDM (solvers.sample_ipndm) along continuous ``timesteps``: the final x0' clamped to [-1, 1] as the sampler's
+    quantization clamps it (x0' comes from the combined eps, not the clipped x0_hat), unquantized."""
     x, points, history = x_T.double(), _points(timesteps), []
     for i, t in enumerate(points):
         alpha_t, sigma_t = _alpha_sigma(model, t)
@@ -71,7 +72,7 @@ def ipndm_continuous(model: DiffusionModel, timesteps: Tensor, x_T: Tensor, y: T
         eps = sum(c * e for c, e in zip(IPNDM[len(history) - 1], history))
         x0 = (x - sigma_t * eps) / alpha_t
         if i == len(points) - 1:
-            return x0
+            return x0.clamp(-1, 1)  # what the user sees; unclamped, the loss chased pixels quantization removes
         alpha_s, sigma_s = _alpha_sigma(model, points[i + 1])
         x = alpha_s * x0 + sigma_s * eps
     raise AssertionError("unreachable")

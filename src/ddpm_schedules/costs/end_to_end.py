@@ -42,7 +42,7 @@ class OptSettings:
     learning rate's decay (cosine to 0 at the last step, or constant)."""
 
     steps: int = 100
-    lr: float = 0.05
+    lr: float = 0.03
     train_samples: int = 64
     heldout_samples: int = 64
     radius: float = 0.0

@@ -91,7 +91,7 @@ def test_a_new_strategy_is_one_class_and_one_registry_line(cm, monkeypatch):
         (
             "optimal",
             "unknown strategy 'optimal' in strategies; use dp, dp_mse, dp_ode, dp_dpmpp, dp_ode_oss, analytic_ot, "
-            "even, quadratic, opt_ddim, opt_dpmpp, opt_ipndm, karras, logsnr, exponential, beta, ays, respace:<spec>, file:<path>",
+            "even, quadratic, opt_ddim, opt_dpmpp, opt_ipndm, opt_unipc, karras, logsnr, exponential, beta, ays, respace:<spec>, file:<path>",
         ),
         ("respace:every7", "respacing 'every7'"),
         ("file:/nope/s.json", "does not exist"),
